@@ -1,0 +1,117 @@
+//! What this machine can do, measured in the same run as the kernels: the single-core f32 FMA
+//! peak and the memory read bandwidth. Figures are quoted as fractions of these, because
+//! absolute times on shared machines drift.
+
+use pulp::{Simd, WithSimd};
+use seq_macro::seq;
+use std::hint::black_box;
+use std::time::Instant;
+
+/// Independent FMA chains: enough to cover latency x throughput on AVX2 and AVX-512 without
+/// spilling AVX2's 16 registers.
+const CHAINS: usize = 12;
+
+struct FmaLoop {
+    iters: usize,
+}
+
+impl WithSimd for FmaLoop {
+    type Output = f32;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f32 {
+        let a = simd.splat_f32s(black_box(0.999_999));
+        let b = simd.splat_f32s(black_box(1e-6));
+        let mut acc = [simd.splat_f32s(black_box(1.0)); CHAINS];
+        for _ in 0..self.iters {
+            seq!(N in 0..12 {
+                acc[N] = simd.mul_add_e_f32s(acc[N], a, b);
+            });
+        }
+        let mut total = simd.splat_f32s(0.0);
+        for x in acc {
+            total = simd.add_f32s(total, x);
+        }
+        simd.reduce_sum_f32s(total)
+    }
+}
+
+struct Lanes;
+impl WithSimd for Lanes {
+    type Output = usize;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> usize {
+        S::F32_LANES
+    }
+}
+
+/// Peak single-thread f32 FMA throughput in GFLOP/s (best of several trials) on the widest
+/// vector unit the CPU has.
+pub fn fma_peak_gflops() -> f64 {
+    let arch = pulp::Arch::new();
+    let lanes = arch.dispatch(Lanes);
+    let iters = 20_000_000 / lanes.max(1);
+    black_box(arch.dispatch(FmaLoop { iters: iters / 10 }));
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        black_box(arch.dispatch(FmaLoop { iters }));
+        let secs = t.elapsed().as_secs_f64();
+        let flops = (iters * CHAINS * lanes * 2) as f64;
+        best = best.max(flops / secs / 1e9);
+    }
+    best
+}
+
+struct SumLoop<'a> {
+    data: &'a [f32],
+}
+
+impl WithSimd for SumLoop<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) -> f32 {
+        let (vecs, tail) = S::as_simd_f32s(self.data);
+        let mut acc = [simd.splat_f32s(0.0); 8];
+        let mut chunks = vecs.chunks_exact(8);
+        for c in &mut chunks {
+            seq!(N in 0..8 {
+                acc[N] = simd.add_f32s(acc[N], c[N]);
+            });
+        }
+        for &x in chunks.remainder() {
+            acc[0] = simd.add_f32s(acc[0], x);
+        }
+        let mut total = acc[0];
+        for &x in &acc[1..] {
+            total = simd.add_f32s(total, x);
+        }
+        simd.reduce_sum_f32s(total) + tail.iter().sum::<f32>()
+    }
+}
+
+/// Single-thread memory read bandwidth in GB/s: sums a buffer several times the L3 size.
+pub fn read_bandwidth_gbs() -> f64 {
+    let n = 256 << 20 >> 2; // 256 MiB of f32, well past the 32 MiB L3
+    let buf: Vec<f32> = (0..n).map(|i| (i & 7) as f32).collect();
+    let arch = pulp::Arch::new();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        black_box(arch.dispatch(SumLoop { data: black_box(&buf) }));
+        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// The CPU model, from /proc/cpuinfo where there is one.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}

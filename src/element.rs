@@ -1,0 +1,55 @@
+//! Storage element types.
+//!
+//! Tensors are stored as `f32` or `half::f16`; every kernel computes and accumulates in `f32`.
+//! The trait is sealed: each storage type needs matching kernels and reference conversions,
+//! so callers cannot add one the kernels do not know.
+
+/// The storage types a tensor may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum DType {
+    F32 = 0,
+    F16 = 1,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// A storage element: converted to `f32` on load and rounded once on store.
+pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::Debug + 'static {
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    /// Round to nearest even, as IEEE conversion does.
+    fn from_f32(x: f32) -> Self;
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self.to_f32() as f64
+    }
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}

@@ -1,0 +1,102 @@
+//! The one error type every public entry returns.
+//!
+//! Engines log these messages, so each variant names the argument and the values that were
+//! wrong; nothing here is a panic, and nothing a caller passes reaches a kernel unchecked.
+
+use core::fmt;
+
+/// Which tensor an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TensorName {
+    Q,
+    K,
+    V,
+    Out,
+    Bias,
+    Lse,
+}
+
+impl fmt::Display for TensorName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TensorName::Q => "q",
+            TensorName::K => "k",
+            TensorName::V => "v",
+            TensorName::Out => "out",
+            TensorName::Bias => "bias",
+            TensorName::Lse => "lse",
+        })
+    }
+}
+
+/// Why a call was rejected. Every variant is a caller error that was detected before any
+/// kernel ran; the output buffers are untouched when one is returned.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum AttnError {
+    /// A dimension that must be at least 1 was 0 (`head_dim`, `v_head_dim`, head counts).
+    ZeroDim { dim: &'static str },
+    /// `q_heads` is not a multiple of `kv_heads`.
+    HeadsNotDivisible { q_heads: usize, kv_heads: usize },
+    /// A slice's length does not cover the highest element its shape and strides reach.
+    BufferTooSmall { tensor: TensorName, needed: usize, len: usize },
+    /// Shape × stride arithmetic overflows `usize`.
+    SizeOverflow { tensor: TensorName },
+    /// An output's strides make two different elements share memory.
+    OverlappingOutput { tensor: TensorName, detail: String },
+    /// A per-batch or per-head slice has the wrong number of entries.
+    WrongLength { arg: &'static str, expected: usize, got: usize },
+    /// `kv_lens[batch]` is larger than the key sequence length.
+    KvLenOutOfRange { batch: usize, kv_len: usize, seq_kv: usize },
+    /// `scale` is NaN or infinite.
+    NonFiniteScale { scale: f32 },
+    /// `softcap` is not a finite positive number.
+    InvalidSoftcap { softcap: f32 },
+    /// A window bound is out of range (only reachable from the C ABI's signed bounds).
+    InvalidWindow { left: i64, right: i64 },
+    /// A per-head parameter (ALiBi slope or sink) has a value the contract does not allow.
+    InvalidValue { arg: &'static str, index: usize, value: f32, allowed: &'static str },
+}
+
+impl fmt::Display for AttnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use AttnError::*;
+        match self {
+            ZeroDim { dim } => write!(f, "{dim} must be at least 1, got 0"),
+            HeadsNotDivisible { q_heads, kv_heads } => write!(
+                f,
+                "q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})"
+            ),
+            BufferTooSmall { tensor, needed, len } => write!(
+                f,
+                "{tensor}: shape and strides reach {needed} elements but the slice holds {len}"
+            ),
+            SizeOverflow { tensor } => {
+                write!(f, "{tensor}: shape x strides overflows the address space")
+            }
+            OverlappingOutput { tensor, detail } => {
+                write!(f, "{tensor}: strides make distinct elements overlap ({detail})")
+            }
+            WrongLength { arg, expected, got } => {
+                write!(f, "{arg}: expected {expected} entries, got {got}")
+            }
+            KvLenOutOfRange { batch, kv_len, seq_kv } => write!(
+                f,
+                "kv_lens[{batch}] = {kv_len} exceeds the key sequence length {seq_kv}"
+            ),
+            NonFiniteScale { scale } => write!(f, "scale must be finite, got {scale}"),
+            InvalidSoftcap { softcap } => {
+                write!(f, "softcap must be finite and > 0, got {softcap}")
+            }
+            InvalidWindow { left, right } => write!(
+                f,
+                "window ({left}, {right}): each bound must be >= 0, or -1 for unbounded"
+            ),
+            InvalidValue { arg, index, value, allowed } => {
+                write!(f, "{arg}[{index}] = {value}: must be {allowed}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AttnError {}

@@ -1,0 +1,175 @@
+//! The portable flash kernel: plain Rust, no intrinsics.
+//!
+//! It is the fallback for CPUs the SIMD kernels do not cover and the baseline they are
+//! measured against. The loops are ordered so the compiler can vectorise them with the
+//! baseline ISA without reassociating sums: Q.K^T runs over a packed K^T tile (keys along the
+//! inner loop), P.V over V rows (head dim along the inner loop).
+
+use super::softmax::RowState;
+use crate::element::Element;
+use crate::plan::Tiles;
+use crate::problem::Problem;
+
+/// Buffers of one worker, sized once per call for its tiles and head dims.
+pub(crate) struct Scratch {
+    q: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    s: Vec<f32>,
+    /// Output rows of the current block; normalised when `query_block` returns.
+    pub acc: Vec<f32>,
+    /// LSE of the rows of the current block.
+    pub lse: Vec<f32>,
+    rows: Vec<RowState>,
+    intervals: Vec<(usize, usize)>,
+}
+
+impl Scratch {
+    pub fn new(tiles: &Tiles, head_dim: usize, v_head_dim: usize) -> Self {
+        let (br, bc) = (tiles.br, tiles.bc);
+        Self {
+            q: vec![0.0; br * head_dim],
+            kt: vec![0.0; head_dim * kt_pitch(bc)],
+            vt: vec![0.0; bc * v_head_dim],
+            s: vec![0.0; br * bc],
+            acc: vec![0.0; br * v_head_dim],
+            lse: vec![0.0; br],
+            rows: vec![RowState::start(f32::NEG_INFINITY); br],
+            intervals: vec![(0, 0); br],
+        }
+    }
+}
+
+/// Row pitch of the packed K^T tile: one cache line more than the block, so the rows of the
+/// tile (1 KiB apart for 256 keys) do not all fall into the same few L1 sets.
+fn kt_pitch(bc: usize) -> usize {
+    bc + 16
+}
+
+/// Scale, softcap, bias and ALiBi for row `i` over keys `j0..j0 + s.len()`.
+#[inline]
+fn score_terms<TQ, TKV>(p: &Problem<'_, TQ, TKV>, b: usize, h: usize, i: usize, j0: usize, s: &mut [f32]) {
+    let scale = p.scale;
+    s.iter_mut().for_each(|x| *x *= scale);
+    if let Some(c) = p.params.softcap {
+        let inv = 1.0 / c;
+        s.iter_mut().for_each(|x| *x = c * (*x * inv).tanh());
+    }
+    if let Some(bias) = &p.params.bias {
+        let o = bias.row(b, h, i) + j0;
+        let n = s.len();
+        s.iter_mut().zip(&bias.data[o..o + n]).for_each(|(x, &bb)| *x += bb);
+    }
+    if let Some(slopes) = p.params.alibi_slopes {
+        let slope = slopes[h];
+        // j - (i + off), as an exact integer before it becomes f32.
+        let pos = (i + p.kv_len(b)) as i64 - p.shape.seq_q as i64;
+        for (c, x) in s.iter_mut().enumerate() {
+            *x += slope * ((j0 + c) as i64 - pos) as f32;
+        }
+    }
+}
+
+/// Computes the rows `[i0, i1)` of batch `b`, query head `h` (`i1 - i0 <= tiles.br`) into
+/// `sc.acc` (normalised, `v_head_dim` per row) and `sc.lse`.
+pub(crate) fn query_block<TQ: Element, TKV: Element>(
+    p: &Problem<'_, TQ, TKV>,
+    tiles: &Tiles,
+    b: usize,
+    h: usize,
+    i0: usize,
+    i1: usize,
+    sc: &mut Scratch,
+) {
+    let (d, dv, bc) = (p.shape.head_dim, p.shape.v_head_dim, tiles.bc);
+    let pitch = kt_pitch(bc);
+    let rows = i1 - i0;
+    let hk = p.kv_head(h);
+    let kv_len = p.kv_len(b);
+    let keys = p.masker.block(kv_len, i0, i1);
+
+    for r in 0..rows {
+        let o = p.q.strides.offset(b, h, i0 + r);
+        for (dst, src) in sc.q[r * d..(r + 1) * d].iter_mut().zip(&p.q.data[o..o + d]) {
+            *dst = src.to_f32();
+        }
+        sc.rows[r] = RowState::start(p.sink(h));
+        sc.intervals[r] = p.masker.interval(kv_len, i0 + r);
+    }
+    sc.acc[..rows * dv].fill(0.0);
+
+    let mut j0 = keys.union.0;
+    while j0 < keys.union.1 {
+        let j1 = (j0 + bc).min(keys.union.1);
+        let n = j1 - j0;
+        // Transpose K in groups of 16 keys, so the writes of each group stay in a few lines.
+        for c0 in (0..n).step_by(16) {
+            for c in c0..(c0 + 16).min(n) {
+                let ko = p.k.strides.offset(b, hk, j0 + c);
+                for (t, x) in p.k.data[ko..ko + d].iter().enumerate() {
+                    sc.kt[t * pitch + c] = x.to_f32();
+                }
+            }
+        }
+        for c in 0..n {
+            let vo = p.v.strides.offset(b, hk, j0 + c);
+            for (dst, x) in sc.vt[c * dv..(c + 1) * dv].iter_mut().zip(&p.v.data[vo..vo + dv]) {
+                *dst = x.to_f32();
+            }
+        }
+        let all_visible = keys.all_visible(j0, j1);
+
+        for r in 0..rows {
+            let s = &mut sc.s[r * bc..r * bc + n];
+            s.fill(0.0);
+            for (t, &qv) in sc.q[r * d..(r + 1) * d].iter().enumerate() {
+                for (x, &kv) in s.iter_mut().zip(&sc.kt[t * pitch..t * pitch + n]) {
+                    *x += qv * kv;
+                }
+            }
+            score_terms(p, b, h, i0 + r, j0, s);
+            if !all_visible {
+                let (lo, hi) = sc.intervals[r];
+                for (c, x) in s.iter_mut().enumerate() {
+                    if !(lo..hi).contains(&(j0 + c)) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+
+            // Online softmax: rescale what was accumulated only when the max grows.
+            let st = &mut sc.rows[r];
+            let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = st.max.max(tile_max);
+            if new_max == f32::NEG_INFINITY {
+                continue; // nothing visible to this row yet
+            }
+            let mut tile_sum = 0.0;
+            for x in s.iter_mut() {
+                *x = (*x - new_max).exp();
+                tile_sum += *x;
+            }
+            let acc = &mut sc.acc[r * dv..(r + 1) * dv];
+            if new_max > st.max {
+                let alpha = (st.max - new_max).exp();
+                acc.iter_mut().for_each(|a| *a *= alpha);
+                st.sum *= alpha;
+            }
+            st.sum += tile_sum;
+            st.max = new_max;
+
+            for (c, &pc) in s.iter().enumerate() {
+                for (a, &vv) in acc.iter_mut().zip(&sc.vt[c * dv..(c + 1) * dv]) {
+                    *a += pc * vv;
+                }
+            }
+        }
+        j0 = j1;
+    }
+
+    for r in 0..rows {
+        let (inv, lse) = sc.rows[r].finish();
+        sc.acc[r * dv..(r + 1) * dv].iter_mut().for_each(|a| *a *= inv);
+        sc.lse[r] = lse;
+    }
+}

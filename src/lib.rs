@@ -1,0 +1,52 @@
+//! # simd-attn
+//!
+//! Fused, flash-style attention kernels for CPUs. One call computes
+//! `out = softmax(scale * Q K^T + bias, masked) V` for every batch entry and head with an
+//! online softmax over tiles of keys, never storing the score matrix.
+//!
+//! - Any layout through element strides ([`Strides`]): `[B, H, S, D]`, `[B, S, H, D]`, packed
+//!   QKV buffers, without copies; `v_head_dim` may differ from `head_dim`.
+//! - GQA / MQA, bottom-right-aligned causal masks, sliding windows, per-batch KV lengths, logit
+//!   softcap, additive bias / masks with broadcasting, ALiBi, attention sinks and LSE output,
+//!   all combinable ([`AttentionParams`] states the exact semantics).
+//! - An f64 reference ([`reference`]) that follows the contract literally; every kernel is
+//!   property-tested against it.
+//!
+//! Data flow: [`attention`] (api) → validate → plan (tiles) → kernel (per query block) → store.
+
+mod api;
+pub mod element;
+pub mod error;
+pub mod isa;
+pub mod layout;
+mod mask;
+pub mod params;
+pub mod plan;
+mod problem;
+pub mod reference;
+mod store;
+mod validate;
+mod kernel;
+
+pub use api::{attention, RunInfo};
+pub use element::{DType, Element};
+pub use error::{AttnError, TensorName};
+pub use isa::Isa;
+pub use layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
+pub use params::{AttentionParams, Window};
+pub use reference::{reference_attention, Reference, ReferenceOutput, ReferenceRow};
+
+/// FLOPs of one call as the benchmarks count them: `2 * (D + Dv)` per visible (row, key) pair
+/// of every query head (`4 * D` when `Dv == D`). Masked pairs are not counted.
+pub fn attention_flops(shape: &AttentionShape, params: &AttentionParams<'_>) -> f64 {
+    let masker = mask::RowMasker::new(shape, params);
+    let mut pairs = 0u128;
+    for b in 0..shape.batch {
+        let kv_len = params.kv_lens.map_or(shape.seq_kv, |l| l.get(b).copied().unwrap_or(0));
+        for i in 0..shape.seq_q {
+            let (lo, hi) = masker.interval(kv_len, i);
+            pairs += (hi - lo) as u128;
+        }
+    }
+    pairs as f64 * shape.q_heads as f64 * 2.0 * (shape.head_dim + shape.v_head_dim) as f64
+}

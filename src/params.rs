@@ -1,0 +1,94 @@
+//! The options of one attention call, all combinable.
+
+use crate::layout::BiasRef;
+
+/// A sliding window around each query's aligned position `i + off` (see [`AttentionParams`]):
+/// key `j` is visible iff `i + off - left <= j <= i + off + right`. `None` leaves that side
+/// unbounded. `Window { left: Some(w - 1), right: Some(0) }` is the usual causal window of
+/// `w` tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Window {
+    pub left: Option<usize>,
+    pub right: Option<usize>,
+}
+
+/// Everything about an attention call besides the tensors.
+///
+/// For batch `b`, query head `h`, query row `i` and key `j`, with
+/// `kv_len = kv_lens[b]` (or `seq_kv`) and `off = kv_len - seq_q` (may be negative):
+///
+/// 1. `s = scale * (q_i . k_j)`
+/// 2. `s = softcap * tanh(s / softcap)` if `softcap` is set
+/// 3. `s += bias[b, h, i, j] + alibi_slopes[h] * (j - (i + off))` for the options set
+/// 4. key `j` is *visible* iff `j < kv_len`, and (if `causal`) `j <= i + off`, and it lies
+///    inside `window`; invisible keys, and keys whose `s` is `-inf`, get weight 0
+/// 5. `p_j = exp(s_j - m) / (sum_visible exp(s_j - m) + exp(sink_h - m))`, the sink term only
+///    when `sinks` is set; `out_i = sum_j p_j v_j`, `lse_i = m + ln(denominator)`.
+///
+/// A row with nothing visible (and no finite sink) gets an all-zero output row and
+/// `lse = -inf`; it is never NaN.
+///
+/// Causal masking is aligned to the **bottom right** (`off = kv_len - seq_q`): the last query
+/// row sees every key, which is what decoding or chunked prefill against a KV cache needs.
+/// Libraries that align top-left (`j <= i`) agree only when `seq_q == kv_len`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttentionParams<'a> {
+    /// Multiplies `q . k`; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    pub causal: bool,
+    pub window: Option<Window>,
+    /// Valid keys per batch entry (`len == batch`, each `<= seq_kv`); `None` means `seq_kv`.
+    pub kv_lens: Option<&'a [usize]>,
+    /// Logit soft-capping (Gemma 2, Grok): `s -> c * tanh(s / c)`, before bias and masks.
+    pub softcap: Option<f32>,
+    /// Additive bias `[B, Hq, Sq, Skv]` with broadcasting strides; `-inf` masks.
+    pub bias: Option<BiasRef<'a>>,
+    /// ALiBi slope per query head (`len == q_heads`).
+    pub alibi_slopes: Option<&'a [f32]>,
+    /// Attention-sink logit per query head (`len == q_heads`): a virtual key with a zero
+    /// value that only joins the softmax denominator. `-inf` means no sink for that head.
+    pub sinks: Option<&'a [f32]>,
+}
+
+impl<'a> AttentionParams<'a> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    pub fn window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
+        self.window = Some(Window { left, right });
+        self
+    }
+    pub fn kv_lens(mut self, kv_lens: &'a [usize]) -> Self {
+        self.kv_lens = Some(kv_lens);
+        self
+    }
+    pub fn softcap(mut self, softcap: f32) -> Self {
+        self.softcap = Some(softcap);
+        self
+    }
+    pub fn bias(mut self, bias: BiasRef<'a>) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+    pub fn alibi_slopes(mut self, slopes: &'a [f32]) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+    pub fn sinks(mut self, sinks: &'a [f32]) -> Self {
+        self.sinks = Some(sinks);
+        self
+    }
+
+    /// The scale actually used for a head dim.
+    pub fn effective_scale(&self, head_dim: usize) -> f32 {
+        self.scale.unwrap_or_else(|| 1.0 / (head_dim as f32).sqrt())
+    }
+}

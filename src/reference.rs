@@ -1,0 +1,168 @@
+//! The naive f64 reference: the contract of [`AttentionParams`] followed literally.
+//!
+//! It materialises every score, tests every (row, key) pair against each mask rule as written
+//! in the docs, and accumulates in f64. It is slow on purpose and shares no code with the
+//! kernels beyond validation, so it can serve as the oracle for all of them. Engines can use
+//! it to check their integration (strides, GQA mapping, masks) on small shapes.
+
+use crate::element::Element;
+use crate::error::AttnError;
+use crate::layout::{AttentionShape, TensorRef};
+use crate::params::AttentionParams;
+use crate::validate::validate_inputs;
+
+/// A validated problem that computes reference rows on demand.
+pub struct Reference<'a, TQ, TKV> {
+    shape: AttentionShape,
+    q: TensorRef<'a, TQ>,
+    k: TensorRef<'a, TKV>,
+    v: TensorRef<'a, TKV>,
+    params: AttentionParams<'a>,
+    scale: f64,
+}
+
+/// One query row's reference result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReferenceRow {
+    /// `v_head_dim` values.
+    pub out: Vec<f64>,
+    /// Natural-log sum of exponentials (sink included); `-inf` when nothing is visible.
+    pub lse: f64,
+    /// How many real keys are visible (weight may still be 0 through a `-inf` bias).
+    pub visible: usize,
+}
+
+/// Every row: `out` is contiguous `[B, Hq, Sq, Dv]`, `lse` is `[B, Hq, Sq]`.
+#[derive(Clone, Debug)]
+pub struct ReferenceOutput {
+    pub shape: AttentionShape,
+    pub out: Vec<f64>,
+    pub lse: Vec<f64>,
+}
+
+impl ReferenceOutput {
+    fn row_index(&self, b: usize, h: usize, i: usize) -> usize {
+        (b * self.shape.q_heads + h) * self.shape.seq_q + i
+    }
+    pub fn out_row(&self, b: usize, h: usize, i: usize) -> &[f64] {
+        let dv = self.shape.v_head_dim;
+        let r = self.row_index(b, h, i);
+        &self.out[r * dv..(r + 1) * dv]
+    }
+    pub fn lse_at(&self, b: usize, h: usize, i: usize) -> f64 {
+        self.lse[self.row_index(b, h, i)]
+    }
+}
+
+impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
+    pub fn new(
+        shape: &AttentionShape,
+        q: TensorRef<'a, TQ>,
+        k: TensorRef<'a, TKV>,
+        v: TensorRef<'a, TKV>,
+        params: &AttentionParams<'a>,
+    ) -> Result<Self, AttnError> {
+        let scale = validate_inputs(shape, &q, &k, &v, params)? as f64;
+        Ok(Self { shape: *shape, q, k, v, params: *params, scale })
+    }
+
+    /// Whether key `j` is visible to row `i` of batch `b`, as the contract words it.
+    pub fn visible(&self, b: usize, i: usize, j: usize) -> bool {
+        let s = &self.shape;
+        let kv_len = self.params.kv_lens.map_or(s.seq_kv, |l| l[b]) as i128;
+        let (i, j) = (i as i128, j as i128);
+        let pos = i + kv_len - s.seq_q as i128; // i + off
+        let w = self.params.window.unwrap_or_default();
+        j < kv_len
+            && (!self.params.causal || j <= pos)
+            && w.left.is_none_or(|l| j >= pos - l as i128)
+            && w.right.is_none_or(|r| j <= pos + r as i128)
+    }
+
+    /// The result for batch `b`, query head `h`, row `i`; `None` if out of range.
+    pub fn row(&self, b: usize, h: usize, i: usize) -> Option<ReferenceRow> {
+        let s = &self.shape;
+        if b >= s.batch || h >= s.q_heads || i >= s.seq_q {
+            return None;
+        }
+        let p = &self.params;
+        let hk = h / s.group_size();
+        let kv_len = p.kv_lens.map_or(s.seq_kv, |l| l[b]) as f64;
+        let pos = i as f64 + kv_len - s.seq_q as f64;
+        let qo = self.q.strides.offset(b, h, i);
+        let q = &self.q.data[qo..qo + s.head_dim];
+
+        let mut scores = vec![f64::NEG_INFINITY; s.seq_kv];
+        let mut visible = 0;
+        for (j, score) in scores.iter_mut().enumerate() {
+            if !self.visible(b, i, j) {
+                continue;
+            }
+            visible += 1;
+            let ko = self.k.strides.offset(b, hk, j);
+            let k = &self.k.data[ko..ko + s.head_dim];
+            let dot: f64 = q.iter().zip(k).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+            let mut x = self.scale * dot;
+            if let Some(c) = p.softcap {
+                let c = c as f64;
+                x = c * (x / c).tanh();
+            }
+            if let Some(bias) = &p.bias {
+                x += bias.data[bias.row(b, h, i) + j] as f64;
+            }
+            if let Some(slopes) = p.alibi_slopes {
+                x += slopes[h] as f64 * (j as f64 - pos);
+            }
+            *score = x;
+        }
+        let sink = p.sinks.map_or(f64::NEG_INFINITY, |sk| sk[h] as f64);
+        let m = scores.iter().copied().fold(sink, f64::max);
+        let mut out = vec![0.0; s.v_head_dim];
+        if m == f64::NEG_INFINITY {
+            return Some(ReferenceRow { out, lse: f64::NEG_INFINITY, visible });
+        }
+        let mut denom = (sink - m).exp();
+        for (j, &x) in scores.iter().enumerate() {
+            if x == f64::NEG_INFINITY {
+                continue;
+            }
+            let w = (x - m).exp();
+            denom += w;
+            let vo = self.v.strides.offset(b, hk, j);
+            for (o, vv) in out.iter_mut().zip(&self.v.data[vo..vo + s.v_head_dim]) {
+                *o += w * vv.to_f64();
+            }
+        }
+        out.iter_mut().for_each(|o| *o /= denom);
+        Some(ReferenceRow { out, lse: m + denom.ln(), visible })
+    }
+
+    /// All rows.
+    pub fn compute(&self) -> ReferenceOutput {
+        let s = self.shape;
+        let rows = s.batch * s.q_heads * s.seq_q;
+        let mut out = Vec::with_capacity(rows * s.v_head_dim);
+        let mut lse = Vec::with_capacity(rows);
+        for b in 0..s.batch {
+            for h in 0..s.q_heads {
+                for i in 0..s.seq_q {
+                    let r = self.row(b, h, i).expect("indices are in range");
+                    out.extend_from_slice(&r.out);
+                    lse.push(r.lse);
+                }
+            }
+        }
+        ReferenceOutput { shape: s, out, lse }
+    }
+}
+
+/// Validate and compute every row of the reference.
+pub fn reference_attention<TQ: Element, TKV: Element>(
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    params: &AttentionParams<'_>,
+) -> Result<ReferenceOutput, AttnError> {
+    Ok(Reference::new(shape, q, k, v, params)?.compute())
+}

@@ -1,0 +1,182 @@
+//! Checks every argument before any kernel runs.
+//!
+//! After these pass, every index a kernel computes from the shape and strides lies inside the
+//! caller's slices, and no two output elements share memory; the kernels rely on exactly this.
+
+use crate::error::{AttnError, TensorName};
+use crate::layout::{AttentionShape, BiasRef, Strides, TensorMut, TensorRef};
+use crate::params::AttentionParams;
+
+/// One past the highest element index reachable through `dims` (size, stride) and a contiguous
+/// inner axis of `inner` elements; 0 when any size is 0.
+pub(crate) fn reach(
+    tensor: TensorName,
+    dims: &[(usize, usize)],
+    inner: usize,
+) -> Result<usize, AttnError> {
+    if inner == 0 || dims.iter().any(|&(n, _)| n == 0) {
+        return Ok(0);
+    }
+    let overflow = || AttnError::SizeOverflow { tensor };
+    let mut last = inner - 1;
+    for &(n, s) in dims {
+        let step = (n - 1).checked_mul(s).ok_or_else(overflow)?;
+        last = last.checked_add(step).ok_or_else(overflow)?;
+    }
+    last.checked_add(1).ok_or_else(overflow)
+}
+
+fn check_fits(
+    tensor: TensorName,
+    len: usize,
+    dims: &[(usize, usize)],
+    inner: usize,
+) -> Result<(), AttnError> {
+    let needed = reach(tensor, dims, inner)?;
+    if needed > len {
+        return Err(AttnError::BufferTooSmall { tensor, needed, len });
+    }
+    Ok(())
+}
+
+/// Distinct indices must address distinct memory: sorting the axes by stride, each stride must
+/// step past everything the faster axes span.
+pub(crate) fn check_no_overlap(
+    tensor: TensorName,
+    dims: &[(&'static str, usize, usize); 3],
+    inner: usize,
+) -> Result<(), AttnError> {
+    // A fixed-size copy: validation runs on every call and must not allocate.
+    let mut axes = *dims;
+    axes.sort_unstable_by_key(|&(_, _, s)| s);
+    let mut span = inner;
+    let mut span_name = "contiguous last axis";
+    for (name, n, s) in axes.into_iter().filter(|a| a.1 > 1) {
+        if s < span {
+            return Err(AttnError::OverlappingOutput {
+                tensor,
+                detail: format!("{name} stride {s} is smaller than the {span} elements the {span_name} spans"),
+            });
+        }
+        span = (n - 1)
+            .checked_mul(s)
+            .and_then(|x| x.checked_add(span))
+            .ok_or(AttnError::SizeOverflow { tensor })?;
+        span_name = name;
+    }
+    Ok(())
+}
+
+fn dims4(heads: usize, seq: usize, batch: usize, st: &Strides) -> [(usize, usize); 3] {
+    [(batch, st.batch), (heads, st.head), (seq, st.seq)]
+}
+
+fn check_len(arg: &'static str, expected: usize, got: usize) -> Result<(), AttnError> {
+    if expected != got {
+        return Err(AttnError::WrongLength { arg, expected, got });
+    }
+    Ok(())
+}
+
+/// Shape, input tensors and options. Returns the scale to use.
+pub(crate) fn validate_inputs<TQ, TKV>(
+    shape: &AttentionShape,
+    q: &TensorRef<'_, TQ>,
+    k: &TensorRef<'_, TKV>,
+    v: &TensorRef<'_, TKV>,
+    params: &AttentionParams<'_>,
+) -> Result<f32, AttnError> {
+    let s = shape;
+    for (dim, n) in [
+        ("head_dim", s.head_dim),
+        ("v_head_dim", s.v_head_dim),
+        ("q_heads", s.q_heads),
+        ("kv_heads", s.kv_heads),
+    ] {
+        if n == 0 {
+            return Err(AttnError::ZeroDim { dim });
+        }
+    }
+    if s.q_heads % s.kv_heads != 0 {
+        return Err(AttnError::HeadsNotDivisible { q_heads: s.q_heads, kv_heads: s.kv_heads });
+    }
+    check_fits(TensorName::Q, q.data.len(), &dims4(s.q_heads, s.seq_q, s.batch, &q.strides), s.head_dim)?;
+    check_fits(TensorName::K, k.data.len(), &dims4(s.kv_heads, s.seq_kv, s.batch, &k.strides), s.head_dim)?;
+    check_fits(TensorName::V, v.data.len(), &dims4(s.kv_heads, s.seq_kv, s.batch, &v.strides), s.v_head_dim)?;
+
+    let scale = params.effective_scale(s.head_dim);
+    if !scale.is_finite() {
+        return Err(AttnError::NonFiniteScale { scale });
+    }
+    if let Some(c) = params.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(AttnError::InvalidSoftcap { softcap: c });
+        }
+    }
+    if let Some(lens) = params.kv_lens {
+        check_len("kv_lens", s.batch, lens.len())?;
+        if let Some((batch, &kv_len)) = lens.iter().enumerate().find(|&(_, &l)| l > s.seq_kv) {
+            return Err(AttnError::KvLenOutOfRange { batch, kv_len, seq_kv: s.seq_kv });
+        }
+    }
+    if let Some(bias) = &params.bias {
+        validate_bias(s, bias)?;
+    }
+    if let Some(slopes) = params.alibi_slopes {
+        check_len("alibi_slopes", s.q_heads, slopes.len())?;
+        if let Some((index, &value)) = slopes.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(AttnError::InvalidValue { arg: "alibi_slopes", index, value, allowed: "finite" });
+        }
+    }
+    if let Some(sinks) = params.sinks {
+        check_len("sinks", s.q_heads, sinks.len())?;
+        if let Some((index, &value)) =
+            sinks.iter().enumerate().find(|(_, x)| x.is_nan() || **x == f32::INFINITY)
+        {
+            return Err(AttnError::InvalidValue {
+                arg: "sinks",
+                index,
+                value,
+                allowed: "finite or -inf",
+            });
+        }
+    }
+    Ok(scale)
+}
+
+fn validate_bias(s: &AttentionShape, bias: &BiasRef<'_>) -> Result<(), AttnError> {
+    let st = &bias.strides;
+    check_fits(
+        TensorName::Bias,
+        bias.data.len(),
+        &[(s.batch, st.batch), (s.q_heads, st.head), (s.seq_q, st.row)],
+        s.seq_kv,
+    )
+}
+
+/// The output tensor and the optional LSE buffer (`[B, Hq, Sq]`, contiguous).
+pub(crate) fn validate_outputs<TO>(
+    shape: &AttentionShape,
+    out: &TensorMut<'_, TO>,
+    lse: Option<&[f32]>,
+) -> Result<(), AttnError> {
+    let s = shape;
+    let st = &out.strides;
+    check_fits(TensorName::Out, out.data.len(), &dims4(s.q_heads, s.seq_q, s.batch, st), s.v_head_dim)?;
+    check_no_overlap(
+        TensorName::Out,
+        &[("batch", s.batch, st.batch), ("head", s.q_heads, st.head), ("seq", s.seq_q, st.seq)],
+        s.v_head_dim,
+    )?;
+    if let Some(lse) = lse {
+        let needed = s
+            .batch
+            .checked_mul(s.q_heads)
+            .and_then(|x| x.checked_mul(s.seq_q))
+            .ok_or(AttnError::SizeOverflow { tensor: TensorName::Lse })?;
+        if lse.len() < needed {
+            return Err(AttnError::BufferTooSmall { tensor: TensorName::Lse, needed, len: lse.len() });
+        }
+    }
+    Ok(())
+}
