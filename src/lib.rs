@@ -50,3 +50,8 @@ pub fn attention_flops(shape: &AttentionShape, params: &AttentionParams<'_>) -> 
     }
     pairs as f64 * shape.q_heads as f64 * 2.0 * (shape.head_dim + shape.v_head_dim) as f64
 }
+
+/// The README's examples are compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
