@@ -221,7 +221,15 @@ fn main() {
             .unwrap();
         }
     }
-    src.push_str("];\n");
+    src.push_str("];\n\n");
+    // The dispatch table: every SIMD family with its register tile and specialised head dims.
+    src.push_str("/// Calls `$m!` with one `[Isa, DType, MR, NRV, [head dims]]` entry per SIMD family.\n");
+    src.push_str("macro_rules! for_each_simd_family {\n    ($m:ident) => {\n        $m! {\n");
+    for f in families.iter().filter(|f| f.isa != "Portable") {
+        let dims: Vec<String> = f.head_dims.iter().map(|d| d.to_string()).collect();
+        writeln!(src, "            [{}, {}, {}, {}, [{}]]", f.isa, f.dtype, f.mr, f.nr_vectors, dims.join(", ")).unwrap();
+    }
+    src.push_str("        }\n    };\n}\n");
     let out = Path::new(&std::env::var("OUT_DIR").unwrap()).join("kernel_table.rs");
     std::fs::write(out, src).unwrap();
 }

@@ -54,6 +54,10 @@ pub enum AttnError {
     InvalidSoftcap { softcap: f32 },
     /// A window bound is out of range (only reachable from the C ABI's signed bounds).
     InvalidWindow { left: i64, right: i64 },
+    /// The requested instruction-set path cannot run on this machine.
+    IsaUnavailable { isa: crate::isa::Isa },
+    /// `SIMD_ATTN_ISA` names no path.
+    UnknownIsaName { name: String },
     /// A per-head parameter (ALiBi slope or sink) has a value the contract does not allow.
     InvalidValue { arg: &'static str, index: usize, value: f32, allowed: &'static str },
 }
@@ -91,6 +95,11 @@ impl fmt::Display for AttnError {
             InvalidWindow { left, right } => write!(
                 f,
                 "window ({left}, {right}): each bound must be >= 0, or -1 for unbounded"
+            ),
+            IsaUnavailable { isa } => write!(f, "the {isa} path cannot run on this machine"),
+            UnknownIsaName { name } => write!(
+                f,
+                "SIMD_ATTN_ISA={name:?} names no path (portable, scalar, avx2, avx512, neon, auto)"
             ),
             InvalidValue { arg, index, value, allowed } => {
                 write!(f, "{arg}[{index}] = {value}: must be {allowed}")

@@ -1,6 +1,9 @@
 //! Instruction-set paths a call can run on.
 
+use crate::error::AttnError;
 use core::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 /// A kernel path. `Portable` is the plain-Rust flash kernel (the fallback and the baseline);
 /// the others are the SIMD kernels, one per instruction set.
@@ -36,4 +39,74 @@ impl fmt::Display for Isa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+impl Isa {
+    /// Whether this CPU (and this build's target) can run the path.
+    pub fn is_available(self) -> bool {
+        crate::simd::supported(self)
+    }
+
+    /// The fastest path this CPU has: AVX-512, then AVX2+FMA, NEON, then the portable scalar
+    /// SIMD body.
+    pub fn best() -> Isa {
+        [Isa::Avx512, Isa::Avx2, Isa::Neon].into_iter().find(|i| i.is_available()).unwrap_or(Isa::Scalar)
+    }
+
+    /// Every path this machine can run, the portable kernel first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+}
+
+/// 0: no process-wide override; otherwise `Isa as u32 + 1`.
+static OVERRIDE: AtomicU32 = AtomicU32::new(0);
+
+/// Forces every later call in this process onto `isa` (`None` returns to automatic choice),
+/// taking precedence over the `SIMD_ATTN_ISA` environment variable. A per-call choice
+/// (`RunConfig::isa`) takes precedence over both. Fails if this machine cannot run `isa`.
+pub fn set_isa_override(isa: Option<Isa>) -> Result<(), AttnError> {
+    if let Some(i) = isa {
+        if !i.is_available() {
+            return Err(AttnError::IsaUnavailable { isa: i });
+        }
+    }
+    OVERRIDE.store(isa.map_or(0, |i| i as u32 + 1), Ordering::Relaxed);
+    Ok(())
+}
+
+/// The process-wide override set by [`set_isa_override`], if any.
+pub fn isa_override() -> Option<Isa> {
+    match OVERRIDE.load(Ordering::Relaxed) {
+        0 => None,
+        n => Isa::ALL.get(n as usize - 1).copied(),
+    }
+}
+
+/// `SIMD_ATTN_ISA=scalar|avx2|avx512|neon|portable|auto`, read once per process.
+fn env_isa() -> Result<Option<Isa>, AttnError> {
+    static ENV: OnceLock<Result<Option<Isa>, String>> = OnceLock::new();
+    let parsed = ENV.get_or_init(|| match std::env::var("SIMD_ATTN_ISA") {
+        Err(_) => Ok(None),
+        Ok(v) if v.trim().is_empty() || v.trim().eq_ignore_ascii_case("auto") => Ok(None),
+        Ok(v) => Isa::from_name(&v).map(Some).ok_or(v),
+    });
+    match parsed {
+        Ok(isa) => Ok(*isa),
+        Err(v) => Err(AttnError::UnknownIsaName { name: v.clone() }),
+    }
+}
+
+/// The path a call with `requested` (per call) would run: the per-call choice, else the
+/// process override, else `SIMD_ATTN_ISA`, else [`Isa::best`]. Errors if the chosen path is not
+/// available here or the variable names no path.
+pub fn resolve_isa(requested: Option<Isa>) -> Result<Isa, AttnError> {
+    let isa = match requested.or_else(isa_override) {
+        Some(i) => i,
+        None => env_isa()?.unwrap_or_else(Isa::best),
+    };
+    if !isa.is_available() {
+        return Err(AttnError::IsaUnavailable { isa });
+    }
+    Ok(isa)
 }

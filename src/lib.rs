@@ -27,11 +27,12 @@ pub mod reference;
 mod store;
 mod validate;
 mod kernel;
+mod simd;
 
-pub use api::{attention, RunInfo};
+pub use api::{attention, attention_with, RunConfig, RunInfo};
 pub use element::{DType, Element};
 pub use error::{AttnError, TensorName};
-pub use isa::Isa;
+pub use isa::{isa_override, resolve_isa, set_isa_override, Isa};
 pub use layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
 pub use params::{AttentionParams, Window};
 pub use reference::{reference_attention, Reference, ReferenceOutput, ReferenceRow};

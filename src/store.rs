@@ -3,8 +3,8 @@
 use crate::element::Element;
 use crate::layout::{AttentionShape, TensorMut};
 
-/// Rounds `rows` (contiguous, `v_head_dim` each, for query rows `i0..`) into `out` and their
-/// LSE into `lse` (`[B, Hq, Sq]`). Offsets were validated against the slices.
+/// Rounds `n` rows of `rows` (`pitch` apart, for query rows `i0..`) into `out` and their LSE
+/// into `lse` (`[B, Hq, Sq]`). Offsets were validated against the slices.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_rows<TO: Element>(
     shape: &AttentionShape,
@@ -14,10 +14,13 @@ pub(crate) fn store_rows<TO: Element>(
     h: usize,
     i0: usize,
     rows: &[f32],
+    pitch: usize,
+    n: usize,
     row_lse: &[f32],
 ) {
     let dv = shape.v_head_dim;
-    for (r, src) in rows.chunks_exact(dv).enumerate() {
+    for r in 0..n {
+        let src = &rows[r * pitch..r * pitch + dv];
         let o = out.strides.offset(b, h, i0 + r);
         for (dst, &x) in out.data[o..o + dv].iter_mut().zip(src) {
             *dst = TO::from_f32(x);

@@ -6,6 +6,7 @@
 //! inner loop), P.V over V rows (head dim along the inner loop).
 
 use super::softmax::RowState;
+use super::terms::{mask_outside, score_terms};
 use crate::element::Element;
 use crate::plan::Tiles;
 use crate::problem::Problem;
@@ -44,30 +45,6 @@ impl Scratch {
 /// tile (1 KiB apart for 256 keys) do not all fall into the same few L1 sets.
 fn kt_pitch(bc: usize) -> usize {
     bc + 16
-}
-
-/// Scale, softcap, bias and ALiBi for row `i` over keys `j0..j0 + s.len()`.
-#[inline]
-fn score_terms<TQ, TKV>(p: &Problem<'_, TQ, TKV>, b: usize, h: usize, i: usize, j0: usize, s: &mut [f32]) {
-    let scale = p.scale;
-    s.iter_mut().for_each(|x| *x *= scale);
-    if let Some(c) = p.params.softcap {
-        let inv = 1.0 / c;
-        s.iter_mut().for_each(|x| *x = c * (*x * inv).tanh());
-    }
-    if let Some(bias) = &p.params.bias {
-        let o = bias.row(b, h, i) + j0;
-        let n = s.len();
-        s.iter_mut().zip(&bias.data[o..o + n]).for_each(|(x, &bb)| *x += bb);
-    }
-    if let Some(slopes) = p.params.alibi_slopes {
-        let slope = slopes[h];
-        // j - (i + off), as an exact integer before it becomes f32.
-        let pos = (i + p.kv_len(b)) as i64 - p.shape.seq_q as i64;
-        for (c, x) in s.iter_mut().enumerate() {
-            *x += slope * ((j0 + c) as i64 - pos) as f32;
-        }
-    }
 }
 
 /// Computes the rows `[i0, i1)` of batch `b`, query head `h` (`i1 - i0 <= tiles.br`) into
@@ -127,14 +104,11 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
                     *x += qv * kv;
                 }
             }
+            let scale = p.scale;
+            s.iter_mut().for_each(|x| *x *= scale);
             score_terms(p, b, h, i0 + r, j0, s);
             if !all_visible {
-                let (lo, hi) = sc.intervals[r];
-                for (c, x) in s.iter_mut().enumerate() {
-                    if !(lo..hi).contains(&(j0 + c)) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
+                mask_outside(s, j0, sc.intervals[r]);
             }
 
             // Online softmax: rescale what was accumulated only when the max grows.

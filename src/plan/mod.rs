@@ -44,6 +44,7 @@ pub struct Specialisation {
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernel_table.rs"));
+pub(crate) use for_each_simd_family;
 
 impl Family {
     /// The family of an ISA and K/V storage type, if `kernels/` declares one.
