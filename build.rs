@@ -160,11 +160,18 @@ fn resolve(f: &Family) -> Resolved {
     if let Some(d) = r.head_dims.iter().find(|&&d| d == 0 || d % r.lanes != 0) {
         fail(format!("{at}: specialised head dim {d} must be a positive multiple of the {} lanes", r.lanes));
     }
+    if (r.nr_vectors * r.lanes) % r.mr != 0 {
+        fail(format!(
+            "{at}: a row tile of nr_vectors * lanes = {} rows must split into P.V tiles of mr = {} rows",
+            r.nr_vectors * r.lanes,
+            r.mr
+        ));
+    }
     if let Some(&d) = seen.last() {
         let panel = tile_rule::panel_bytes(d, r.nr_vectors * r.lanes);
         if 2 * panel > r.l1 {
             fail(format!(
-                "{at}: head dim {d} streams a {panel}-byte K panel per register tile; it must fit in half of l1_kib = {}",
+                "{at}: head dim {d} streams a {panel}-byte Q^T row tile per key group; it must fit in half of l1_kib = {}",
                 r.l1 / 1024
             ));
         }
@@ -211,8 +218,8 @@ fn main() {
     for f in &families {
         for &d in &f.head_dims {
             let nr = f.nr_vectors * f.lanes;
-            let bc = tile_rule::key_block(d, d, f.l2, nr);
-            let br = tile_rule::query_block(d, d, f.l2, f.mr);
+            let bc = tile_rule::key_block(d, d, f.l2, f.mr);
+            let br = tile_rule::query_block(d, d, f.l2, nr);
             writeln!(
                 src,
                 "    Specialisation {{ isa: Isa::{}, dtype: DType::{}, head_dim: {d}, tiles: Tiles {{ br: {br}, bc: {bc}, mr: {}, nr: {nr} }} }},",

@@ -1,12 +1,14 @@
 //! The SIMD flash kernel: one generic body for every ISA, specialised at compile time per head
 //! dim (`D`, 0 = the generic path with the head dim known only at run time) and per register
-//! tile (`MR` rows x `NRV` vectors of keys) from `kernels/`.
+//! tile (`MR` keys/rows x `NRV` vectors) from `kernels/`.
 //!
-//! Per query block (`br` rows of one batch entry and query head) and key block (`bc` keys):
-//! pack K^T into panels of `NRV * lanes` keys and V into padded rows (both converted to f32),
-//! then per register tile of `MR` rows: `qk_tile` over the panels, the optional score terms and
-//! the boundary masks, the online softmax in vectors (row max, `exp`, row sum), and `pv_tile`,
-//! which folds the rescale of the accumulator (only when a row's max grew) into its load.
+//! Query rows run along the vector lanes, in row tiles of `RT = NRV * lanes` rows. Per query
+//! block (`br` rows of one batch entry and query head): pack Q^T (pre-scaled) once. Per key
+//! block (`bc` keys): copy K and V rows into f32 scratch (a plain copy, or the f16 conversion),
+//! then per row tile: `qk_tile` gives S^T key-major, the optional score terms and boundary masks
+//! touch it, the online softmax runs down the keys with one running max and sum per lane (no
+//! horizontal reductions), and `pv_tile` accumulates P.V in sub-tiles of `MR` rows, folding the
+//! rescale (only when some row's max grew) into its accumulator load.
 
 use super::microkernel::{pv_tile, qk_tile};
 use super::softmax::RowState;
@@ -23,31 +25,39 @@ fn round_up(x: usize, m: usize) -> usize {
 
 /// Buffers of one worker, sized for one call's tiles, head dims and ISA width.
 pub(crate) struct Scratch {
-    q: Vec<f32>,
-    panels: Vec<f32>,
+    qt: Vec<f32>,
+    k: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
     /// Output rows of the current block (pitch `dv_pad`), normalised when a block returns.
     pub acc: Vec<f32>,
     pub lse: Vec<f32>,
-    rows: Vec<RowState>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    alpha: Vec<f32>,
+    row: Vec<f32>,
     intervals: Vec<(usize, usize)>,
     pub dv_pad: usize,
 }
 
 impl Scratch {
+    /// `lanes` is the ISA's f32 width; the row tile is `tiles.nr` rows.
     pub fn new(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> Self {
-        let br = round_up(tiles.br, tiles.mr);
-        let bc = round_up(tiles.bc, tiles.nr);
+        let rt = tiles.nr;
+        let br = round_up(tiles.br, rt);
+        let bc = round_up(tiles.bc, tiles.mr);
         let dv_pad = round_up(v_head_dim, lanes);
         Self {
-            q: vec![0.0; br * head_dim],
-            panels: vec![0.0; bc * head_dim],
+            qt: vec![0.0; br * head_dim],
+            k: vec![0.0; bc * head_dim],
             v: vec![0.0; bc * dv_pad],
-            s: vec![0.0; tiles.mr * bc],
+            s: vec![0.0; bc * rt],
             acc: vec![0.0; br * dv_pad],
             lse: vec![0.0; br],
-            rows: vec![RowState::start(f32::NEG_INFINITY); br],
+            max: vec![0.0; br],
+            sum: vec![0.0; br],
+            alpha: vec![0.0; rt],
+            row: vec![0.0; bc],
             intervals: vec![(0, 0); br],
             dv_pad,
         }
@@ -70,159 +80,184 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     let d = if D == 0 { p.shape.head_dim } else { D };
     let dv = p.shape.v_head_dim;
     let lanes = S::F32_LANES;
-    let nr = NRV * lanes;
-    let bc = round_up(tiles.bc, nr);
+    let rt = NRV * lanes;
+    let bc = round_up(tiles.bc, MR);
     let dv_pad = sc.dv_pad;
     let dvv = dv_pad / lanes;
     let rows = i1 - i0;
-    let rows_pad = round_up(rows, MR);
+    let rows_pad = round_up(rows, rt);
     let hk = p.kv_head(h);
     let kv_len = p.kv_len(b);
     let keys = p.masker.block(kv_len, i0, i1);
     let terms = any_terms(p);
 
-    // Q rows, pre-scaled so the scores come out as scale * q.k; padding rows are zero.
+    pack_qt(p, b, h, i0, rows, rows_pad, d, rt, &mut sc.qt);
     for r in 0..rows_pad {
-        let dst = &mut sc.q[r * d..(r + 1) * d];
-        if r < rows {
-            let o = p.q.strides.offset(b, h, i0 + r);
-            for (x, y) in dst.iter_mut().zip(&p.q.data[o..o + d]) {
-                *x = y.to_f32() * p.scale;
-            }
-            sc.rows[r] = RowState::start(p.sink(h));
-            sc.intervals[r] = p.masker.interval(kv_len, i0 + r);
-        } else {
-            dst.fill(0.0);
-            sc.rows[r] = RowState::start(f32::NEG_INFINITY);
-            sc.intervals[r] = (0, 0);
-        }
+        let st = if r < rows { RowState::start(p.sink(h)) } else { RowState::start(f32::NEG_INFINITY) };
+        sc.max[r] = st.max;
+        sc.sum[r] = st.sum;
+        sc.intervals[r] = if r < rows { p.masker.interval(kv_len, i0 + r) } else { (0, 0) };
     }
     sc.acc[..rows_pad * dv_pad].fill(0.0);
 
     let mut j0 = keys.union.0;
     while j0 < keys.union.1 {
         let n = bc.min(keys.union.1 - j0);
-        let n_pad = round_up(n, nr);
-        pack_k(p, b, hk, j0, n, n_pad, d, nr, &mut sc.panels);
-        pack_v(p, b, hk, j0, n, dv, dv_pad, &mut sc.v);
+        let n_pad = round_up(n, MR);
+        pack_rows(&p.k, b, hk, j0, n, n_pad, d, d, &mut sc.k);
+        pack_rows(&p.v, b, hk, j0, n, n, dv, dv_pad, &mut sc.v);
         let all_visible = keys.all_visible(j0, j0 + n);
-        let panels = S::as_simd_f32s(&sc.panels[..n_pad * d]).0;
         let vrows = S::as_simd_f32s(&sc.v[..n * dv_pad]).0;
 
-        for rt in (0..rows_pad).step_by(MR) {
-            // S = Q K^T for MR rows over the key block, one panel at a time.
+        for tile in 0..rows_pad / rt {
+            let r0 = tile * rt;
+            // S^T = K Q^T for the row tile, MR keys at a time.
             {
-                let s = S::as_mut_simd_f32s(&mut sc.s[..MR * bc]).0;
-                let q = &sc.q[rt * d..(rt + MR) * d];
-                for pi in 0..n_pad / nr {
-                    qk_tile::<S, MR, NRV>(simd, d, q, d, &panels[pi * d * NRV..(pi + 1) * d * NRV], &mut s[pi * NRV..], bc / lanes);
+                let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
+                let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
+                for g in 0..n_pad / MR {
+                    qk_tile::<S, MR, NRV>(simd, d, &sc.k[g * MR * d..], d, qt, &mut s[g * MR * NRV..]);
                 }
             }
-            // Score terms, masks and the online softmax, row by row.
-            let mut alpha = [1.0f32; MR];
-            let mut rescale = false;
-            for r in 0..MR {
-                let row = &mut sc.s[r * bc..r * bc + n_pad];
-                if rt + r >= rows {
-                    row.fill(0.0); // padding rows: weight nothing
-                    continue;
+            // Optional terms and boundary masks, row by row (strided: rows are lanes here).
+            if terms || !all_visible {
+                for r in 0..rt.min(rows.saturating_sub(r0)) {
+                    let row = &mut sc.row[..n];
+                    for (c, x) in row.iter_mut().enumerate() {
+                        *x = sc.s[c * rt + r];
+                    }
+                    if terms {
+                        score_terms(p, b, h, i0 + r0 + r, j0, row);
+                    }
+                    if !all_visible {
+                        mask_outside(row, j0, sc.intervals[r0 + r]);
+                    }
+                    for (c, &x) in row.iter().enumerate() {
+                        sc.s[c * rt + r] = x;
+                    }
                 }
-                if terms {
-                    score_terms(p, b, h, i0 + rt + r, j0, &mut row[..n]);
-                }
-                if !all_visible {
-                    mask_outside(&mut row[..n], j0, sc.intervals[rt + r]);
-                }
-                row[n..].fill(f32::NEG_INFINITY);
-                let st = &mut sc.rows[rt + r];
-                let new_max = st.max.max(row_max(simd, row));
-                // Nothing visible yet: exp(-inf - 0) keeps every weight 0.
-                let shift = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max };
-                let sum = exp_sum(simd, row, shift);
-                if new_max > st.max {
-                    let a = (st.max - new_max).exp();
-                    alpha[r] = a;
-                    rescale = true;
-                    st.sum *= a;
-                    st.max = new_max;
-                }
-                st.sum += sum;
             }
-            // O += P V, in chunks of NRV vectors of the value dim, then single vectors.
-            let acc = S::as_mut_simd_f32s(&mut sc.acc[rt * dv_pad..(rt + MR) * dv_pad]).0;
-            let mut x = 0;
-            while x + NRV <= dvv {
-                pv_tile::<S, MR, NRV>(simd, n, &sc.s, bc, &vrows[x..], dvv, &mut acc[x..], dvv, &alpha, rescale);
-                x += NRV;
-            }
-            while x < dvv {
-                pv_tile::<S, MR, 1>(simd, n, &sc.s, bc, &vrows[x..], dvv, &mut acc[x..], dvv, &alpha, rescale);
-                x += 1;
+            sc.s[n * rt..n_pad * rt].fill(f32::NEG_INFINITY);
+
+            let rescale = online_softmax::<S, NRV>(
+                simd,
+                &mut sc.s[..n * rt],
+                &mut sc.max[r0..r0 + rt],
+                &mut sc.sum[r0..r0 + rt],
+                &mut sc.alpha,
+            );
+
+            // O += P V in sub-tiles of MR rows and chunks of NRV vectors of the value dim.
+            let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
+            for sub in (0..rt).step_by(MR) {
+                let (p_sub, alpha) = (&sc.s[sub..], &sc.alpha[sub..sub + MR]);
+                let o = &mut acc[sub * dvv..];
+                let mut x = 0;
+                while x + NRV <= dvv {
+                    pv_tile::<S, MR, NRV>(simd, n, p_sub, rt, &vrows[x..], dvv, &mut o[x..], dvv, alpha, rescale);
+                    x += NRV;
+                }
+                while x < dvv {
+                    pv_tile::<S, MR, 1>(simd, n, p_sub, rt, &vrows[x..], dvv, &mut o[x..], dvv, alpha, rescale);
+                    x += 1;
+                }
             }
         }
         j0 += n;
     }
 
     for r in 0..rows {
-        let (inv, lse) = sc.rows[r].finish();
+        let (inv, lse) = RowState { max: sc.max[r], sum: sc.sum[r] }.finish();
         sc.acc[r * dv_pad..r * dv_pad + dv].iter_mut().for_each(|a| *a *= inv);
         sc.lse[r] = lse;
     }
 }
 
-/// K^T in panels of `nr` keys: `panels[(pi * d + t) * nr + c]` = key `j0 + pi * nr + c`,
-/// element `t`; keys past `n` are zero.
+/// One key block of the online softmax for a row tile, down the keys. `s` is key-major
+/// (`NRV` vectors of rows per key) and becomes the weights `exp(s - new_max)`; `max` / `sum`
+/// are the rows' running state and `alpha` receives each row's rescale factor. Returns whether
+/// any row's max grew (so the accumulator needs rescaling).
+#[inline(always)]
+fn online_softmax<S: SimdExt, const NRV: usize>(
+    simd: S,
+    s: &mut [f32],
+    max: &mut [f32],
+    sum: &mut [f32],
+    alpha: &mut [f32],
+) -> bool {
+    let lanes = S::F32_LANES;
+    let s = S::as_mut_simd_f32s(s).0;
+    let mut tile_max = [simd.splat_f32s(f32::NEG_INFINITY); NRV];
+    for key in s.chunks_exact(NRV) {
+        for v in 0..NRV {
+            tile_max[v] = simd.max_f32s(tile_max[v], key[v]);
+        }
+    }
+    let neg_inf = simd.splat_f32s(f32::NEG_INFINITY);
+    let mut shift = [simd.splat_f32s(0.0); NRV];
+    let mut alphas = [simd.splat_f32s(0.0); NRV];
+    for v in 0..NRV {
+        let old = simd.partial_load_f32s(&max[v * lanes..(v + 1) * lanes]);
+        let new = simd.max_f32s(old, tile_max[v]);
+        // A row that has seen nothing keeps max -inf; shifting by 0 keeps its weights 0
+        // (exp(-inf) = 0), and its alpha exp(-inf - 0) = 0 multiplies an all-zero state.
+        shift[v] = simd.select_f32s(simd.equal_f32s(new, neg_inf), simd.splat_f32s(0.0), new);
+        alphas[v] = simd.exp_f32s(simd.sub_f32s(old, shift[v]));
+        simd.partial_store_f32s(&mut max[v * lanes..(v + 1) * lanes], new);
+    }
+    let mut tile_sum = [simd.splat_f32s(0.0); NRV];
+    for key in s.chunks_exact_mut(NRV) {
+        for v in 0..NRV {
+            let e = simd.exp_f32s(simd.sub_f32s(key[v], shift[v]));
+            key[v] = e;
+            tile_sum[v] = simd.add_f32s(tile_sum[v], e);
+        }
+    }
+    for v in 0..NRV {
+        let l = simd.partial_load_f32s(&sum[v * lanes..(v + 1) * lanes]);
+        let l = simd.mul_add_e_f32s(l, alphas[v], tile_sum[v]);
+        simd.partial_store_f32s(&mut sum[v * lanes..(v + 1) * lanes], l);
+        simd.partial_store_f32s(&mut alpha[v * lanes..(v + 1) * lanes], alphas[v]);
+    }
+    alpha[..NRV * lanes].iter().any(|&a| a != 1.0)
+}
+
+/// Q^T of the block, pre-scaled, in row tiles: `qt[(tile * d + t) * rt + lane]` is element `t`
+/// of row `tile * rt + lane`; padding rows are zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_k<TQ, TKV: Element>(p: &Problem<'_, TQ, TKV>, b: usize, hk: usize, j0: usize, n: usize, n_pad: usize, d: usize, nr: usize, panels: &mut [f32]) {
-    for c in 0..n_pad {
-        let (pi, lane) = (c / nr, c % nr);
-        let panel = &mut panels[pi * d * nr..(pi + 1) * d * nr];
-        if c < n {
-            let o = p.k.strides.offset(b, hk, j0 + c);
-            for (t, x) in p.k.data[o..o + d].iter().enumerate() {
-                panel[t * nr + lane] = x.to_f32();
+fn pack_qt<TQ: Element, TKV>(p: &Problem<'_, TQ, TKV>, b: usize, h: usize, i0: usize, rows: usize, rows_pad: usize, d: usize, rt: usize, qt: &mut [f32]) {
+    for r in 0..rows_pad {
+        let (tile, lane) = (r / rt, r % rt);
+        let dst = &mut qt[tile * d * rt..(tile + 1) * d * rt];
+        if r < rows {
+            let o = p.q.strides.offset(b, h, i0 + r);
+            for (t, x) in p.q.data[o..o + d].iter().enumerate() {
+                dst[t * rt + lane] = x.to_f32() * p.scale;
             }
         } else {
             for t in 0..d {
-                panel[t * nr + lane] = 0.0;
+                dst[t * rt + lane] = 0.0;
             }
         }
     }
 }
 
-/// V rows of the key block, converted, each padded with zeros to `dv_pad`.
+/// Rows `j0..j0 + n` of K or V (head `hk` of batch `b`), converted to f32 at pitch `pitch`
+/// (zero-padded past `width`); rows `n..n_pad` are zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_v<TQ, TKV: Element>(p: &Problem<'_, TQ, TKV>, b: usize, hk: usize, j0: usize, n: usize, dv: usize, dv_pad: usize, v: &mut [f32]) {
-    for c in 0..n {
-        let o = p.v.strides.offset(b, hk, j0 + c);
-        let dst = &mut v[c * dv_pad..(c + 1) * dv_pad];
-        for (x, y) in dst.iter_mut().zip(&p.v.data[o..o + dv]) {
-            *x = y.to_f32();
+fn pack_rows<T: Element>(t: &crate::layout::TensorRef<'_, T>, b: usize, hk: usize, j0: usize, n: usize, n_pad: usize, width: usize, pitch: usize, dst: &mut [f32]) {
+    for c in 0..n_pad {
+        let row = &mut dst[c * pitch..(c + 1) * pitch];
+        if c < n {
+            let o = t.strides.offset(b, hk, j0 + c);
+            for (x, y) in row.iter_mut().zip(&t.data[o..o + width]) {
+                *x = y.to_f32();
+            }
+            row[width..].fill(0.0);
+        } else {
+            row.fill(0.0);
         }
-        dst[dv..].fill(0.0);
     }
-}
-
-#[inline(always)]
-fn row_max<S: SimdExt>(simd: S, row: &[f32]) -> f32 {
-    let mut m = simd.splat_f32s(f32::NEG_INFINITY);
-    for &x in S::as_simd_f32s(row).0 {
-        m = simd.max_f32s(m, x);
-    }
-    simd.reduce_max_f32s(m)
-}
-
-/// `row[c] = exp(row[c] - shift)` in place; returns the sum.
-#[inline(always)]
-fn exp_sum<S: SimdExt>(simd: S, row: &mut [f32], shift: f32) -> f32 {
-    let sh = simd.splat_f32s(shift);
-    let mut sum = simd.splat_f32s(0.0);
-    for x in S::as_mut_simd_f32s(row).0 {
-        let e = simd.exp_f32s(simd.sub_f32s(*x, sh));
-        *x = e;
-        sum = simd.add_f32s(sum, e);
-    }
-    simd.reduce_sum_f32s(sum)
 }

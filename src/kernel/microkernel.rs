@@ -1,73 +1,76 @@
 //! Register microkernels: the innermost loops, with every accumulator in a register.
 //!
-//! `qk_tile`: S[MR][NRV vectors of keys] = Q[MR][d] . Kpanel[d][keys], keys along the lanes
-//! (the K tile is packed so), one broadcast query element per row and step.
-//! `pv_tile`: O[MR][NV vectors of dims] (+)= P[MR][keys] . V[keys][dims], the head dim along
-//! the lanes (V's natural layout), one broadcast probability per row and key.
+//! Query rows run along the vector lanes (a row tile is `NRV` vectors of rows):
+//! - `qk_tile`: S^T[MR keys][row tile] = K[MR keys][d] . Q^T[d][row tile]. Q^T is packed once per
+//!   query block; each K element is broadcast straight from the row-major K block, so K needs
+//!   no transpose and the MR broadcasts share one base pointer at constant offsets.
+//! - `pv_tile`: O[MR rows][NV vectors of dims] (+)= P[MR rows][keys] . V[keys][dims], the head
+//!   dim along the lanes (V's natural layout); P is read key-major, as `qk_tile` left it.
 //!
-//! MR, NRV and NV are const generics from `kernels/` through the generated table; `d` and the
-//! key count become constants after inlining into a head-dim specialisation, so the loops have
-//! fixed trip counts. The d loop is unrolled 4x with `seq!`, as gemm's microkernels do.
+//! MR and NRV come from `kernels/` through the generated table; `d` and the pitches become
+//! constants after inlining into a head-dim specialisation. The d loop is unrolled 4x with
+//! `seq!`, as gemm's microkernels do.
 
 use crate::simd::SimdExt;
 use seq_macro::seq;
 
-/// `s[r * ld_s + v * lanes ..]` = sum over t < d of `q[r * ld_q + t] * panel[t * nrv * lanes + ..]`.
-#[inline(always)]
-pub(crate) fn qk_tile<S: SimdExt, const MR: usize, const NRV: usize>(
-    simd: S,
-    d: usize,
-    q: &[f32],
-    ld_q: usize,
-    panel: &[S::f32s],
-    s: &mut [S::f32s],
-    ld_s: usize,
-) {
-    let mut acc = [[simd.splat_f32s(0.0); NRV]; MR];
-    let q = &q[..(MR - 1) * ld_q + d];
-    let panel = &panel[..d * NRV];
-    let mut t = 0;
-    while t + 4 <= d {
-        seq!(U in 0..4 {
-            qk_step::<S, MR, NRV>(simd, &mut acc, q, ld_q, panel, t + U);
-        });
-        t += 4;
-    }
-    while t < d {
-        qk_step::<S, MR, NRV>(simd, &mut acc, q, ld_q, panel, t);
-        t += 1;
-    }
-    for r in 0..MR {
-        for v in 0..NRV {
-            s[r * ld_s + v] = acc[r][v];
-        }
-    }
-}
-
-/// One rank-1 update of the Q.K^T tile: NRV key vectors at depth `t`, one broadcast per row.
+/// One rank-1 update of the S^T tile at depth `t`: NRV vectors of Q^T, one broadcast per key.
 #[inline(always)]
 fn qk_step<S: SimdExt, const MR: usize, const NRV: usize>(
     simd: S,
     acc: &mut [[S::f32s; NRV]; MR],
-    q: &[f32],
-    ld_q: usize,
-    panel: &[S::f32s],
+    k: &[f32],
+    ld_k: usize,
+    qt: &[S::f32s],
     t: usize,
 ) {
-    let mut k = [simd.splat_f32s(0.0); NRV];
+    let mut q = [simd.splat_f32s(0.0); NRV];
     for v in 0..NRV {
-        k[v] = panel[t * NRV + v];
+        q[v] = qt[t * NRV + v];
     }
-    for r in 0..MR {
-        let qb = simd.splat_f32s(q[r * ld_q + t]);
+    for m in 0..MR {
+        let kb = simd.splat_f32s(k[m * ld_k + t]);
         for v in 0..NRV {
-            acc[r][v] = simd.mul_add_e_f32s(qb, k[v], acc[r][v]);
+            acc[m][v] = simd.mul_add_e_f32s(kb, q[v], acc[m][v]);
         }
     }
 }
 
-/// `o[r][..NV vectors]` = `o[r] * alpha[r]` + sum over c < n of `p[r * ld_p + c] * v[c * ld_v + ..]`.
-/// `o` and `v` are in vectors; `ld_o`, `ld_v` count vectors, `ld_p` counts floats.
+/// `s[m * NRV + v]` = sum over t < d of `k[m * ld_k + t] * qt[t * NRV + v]`, for MR keys.
+#[inline(always)]
+pub(crate) fn qk_tile<S: SimdExt, const MR: usize, const NRV: usize>(
+    simd: S,
+    d: usize,
+    k: &[f32],
+    ld_k: usize,
+    qt: &[S::f32s],
+    s: &mut [S::f32s],
+) {
+    let mut acc = [[simd.splat_f32s(0.0); NRV]; MR];
+    let k = &k[..(MR - 1) * ld_k + d];
+    let qt = &qt[..d * NRV];
+    let mut t = 0;
+    while t + 4 <= d {
+        seq!(U in 0..4 {
+            qk_step::<S, MR, NRV>(simd, &mut acc, k, ld_k, qt, t + U);
+        });
+        t += 4;
+    }
+    while t < d {
+        qk_step::<S, MR, NRV>(simd, &mut acc, k, ld_k, qt, t);
+        t += 1;
+    }
+    let s = &mut s[..MR * NRV];
+    for m in 0..MR {
+        for v in 0..NRV {
+            s[m * NRV + v] = acc[m][v];
+        }
+    }
+}
+
+/// `o[r][..NV vectors]` = `o[r] * alpha[r]` (when `rescale`) + sum over the keys c of
+/// `p[c * ld_p + r] * v[c * ld_v + ..]`, for MR rows. `o`, `v` and their pitches are in vectors,
+/// `p` and `ld_p` in floats; `n` keys.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
@@ -79,7 +82,7 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
     ld_v: usize,
     o: &mut [S::f32s],
     ld_o: usize,
-    alpha: &[f32; MR],
+    alpha: &[f32],
     rescale: bool,
 ) {
     let mut acc = [[simd.splat_f32s(0.0); NV]; MR];
@@ -91,7 +94,7 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
         }
     }
     if n > 0 {
-        let p = &p[..(MR - 1) * ld_p + n];
+        let p = &p[..(n - 1) * ld_p + MR];
         let v = &v[..(n - 1) * ld_v + NV];
         for c in 0..n {
             let mut vv = [simd.splat_f32s(0.0); NV];
@@ -99,7 +102,7 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
                 vv[x] = v[c * ld_v + x];
             }
             for r in 0..MR {
-                let pb = simd.splat_f32s(p[r * ld_p + c]);
+                let pb = simd.splat_f32s(p[c * ld_p + r]);
                 for x in 0..NV {
                     acc[r][x] = simd.mul_add_e_f32s(pb, vv[x], acc[r][x]);
                 }

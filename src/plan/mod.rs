@@ -14,9 +14,9 @@ pub struct Tiles {
     pub br: usize,
     /// Keys per key block.
     pub bc: usize,
-    /// Query rows per register tile.
+    /// Keys per Q.K^T register tile, and rows per P.V register tile.
     pub mr: usize,
-    /// Keys per register tile.
+    /// Query rows per row tile (`nr_vectors * lanes`: rows run along the lanes).
     pub nr: usize,
 }
 
@@ -63,8 +63,8 @@ impl Family {
             }
         }
         let nr = self.nr_vectors * self.lanes;
-        let bc = tile_rule::key_block(head_dim, v_head_dim, self.l2_bytes, nr);
-        let br = tile_rule::query_block(head_dim, v_head_dim, self.l2_bytes, self.mr);
+        let bc = tile_rule::key_block(head_dim, v_head_dim, self.l2_bytes, self.mr);
+        let br = tile_rule::query_block(head_dim, v_head_dim, self.l2_bytes, nr);
         Tiles { br, bc, mr: self.mr, nr }
     }
 }

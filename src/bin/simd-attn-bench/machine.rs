@@ -44,22 +44,33 @@ impl WithSimd for Lanes {
     }
 }
 
-/// Peak single-thread f32 FMA throughput in GFLOP/s (best of several trials) on the widest
-/// vector unit the CPU has.
-pub fn fma_peak_gflops() -> f64 {
-    let arch = pulp::Arch::new();
-    let lanes = arch.dispatch(Lanes);
-    let iters = 20_000_000 / lanes.max(1);
-    black_box(arch.dispatch(FmaLoop { iters: iters / 10 }));
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        black_box(arch.dispatch(FmaLoop { iters }));
-        let secs = t.elapsed().as_secs_f64();
-        let flops = (iters * CHAINS * lanes * 2) as f64;
-        best = best.max(flops / secs / 1e9);
+/// Peak single-thread f32 FMA throughput in GFLOP/s (best of several trials) with one vector
+/// width: `vector_bits` 512 (AVX-512), 256 (AVX2+FMA), or 0 for the widest the CPU has. `None`
+/// when the CPU lacks that width.
+pub fn fma_peak_gflops(vector_bits: u32) -> Option<f64> {
+    fn measure(run: impl Fn(FmaLoop) -> f32, lanes: usize) -> f64 {
+        let iters = 20_000_000 / lanes.max(1);
+        black_box(run(FmaLoop { iters: iters / 10 }));
+        let mut best = 0.0f64;
+        for _ in 0..5 {
+            let t = Instant::now();
+            black_box(run(FmaLoop { iters }));
+            let flops = (iters * CHAINS * lanes * 2) as f64;
+            best = best.max(flops / t.elapsed().as_secs_f64() / 1e9);
+        }
+        best
     }
-    best
+    match vector_bits {
+        #[cfg(target_arch = "x86_64")]
+        512 => pulp::x86::V4::try_new().map(|s| measure(|op| Simd::vectorize(s, op), Simd::vectorize(s, Lanes))),
+        #[cfg(target_arch = "x86_64")]
+        256 => pulp::x86::V3::try_new().map(|s| measure(|op| Simd::vectorize(s, op), Simd::vectorize(s, Lanes))),
+        0 => {
+            let arch = pulp::Arch::new();
+            Some(measure(|op| arch.dispatch(op), arch.dispatch(Lanes)))
+        }
+        _ => None,
+    }
 }
 
 struct SumLoop<'a> {

@@ -1,15 +1,20 @@
-//! `simd-attn-bench`: a sweep of standard attention shapes. For each row it prints the median
-//! time, GFLOP/s (visible pairs only), the fraction of this machine's FMA peak measured in the
-//! same run, the speedup over the unfused baseline, and the max error against the f64
-//! reference on sampled rows.
-//!
-//! Usage: simd-attn-bench [--set standard|seqlen|all] [--reps N] [--min-time SECONDS] [--no-check]
+//! `simd-attn-bench`: a sweep of standard attention shapes. For each shape and path it prints
+//! the median time and its spread, GFLOP/s (visible pairs only) at the median and at the best
+//! run, the fraction of this machine's FMA peak measured in the same run, K/V bytes per second,
+//! the speedup over the portable kernel and over an unfused baseline, and the max error against
+//! the f64 reference on sampled rows.
 
 mod machine;
 mod unfused;
 
-use simd_attn::{attention, attention_flops, AttentionParams, AttentionShape, Reference, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Isa, Reference, RunConfig, TensorMut, TensorRef};
 use std::time::Instant;
+
+const USAGE: &str = "simd-attn-bench [--set standard|seqlen|all] [--isa auto|all|LIST] [--case SUBSTRING]
+                [--reps N] [--min-time SECONDS] [--no-check]
+  --isa     paths to measure: auto (the best one, default), all (every available SIMD path),
+            or a comma list of portable, scalar, avx2, avx512, neon
+  --case    only the shapes whose name contains SUBSTRING";
 
 struct Case {
     name: &'static str,
@@ -17,6 +22,7 @@ struct Case {
     causal: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn case(name: &'static str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: usize, causal: bool) -> Case {
     Case { name, shape: AttentionShape::new(b, hq, hkv, sq, skv, d), causal }
 }
@@ -25,8 +31,9 @@ fn cases(set: &str) -> Vec<Case> {
     let standard = || {
         vec![
             case("prefill", 1, 8, 8, 1024, 1024, 128, false),
-            case("prefill", 1, 8, 8, 1024, 1024, 64, false),
+            case("prefill-d64", 1, 8, 8, 1024, 1024, 64, false),
             case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true),
+            case("generic-d96", 1, 8, 8, 1024, 1024, 96, false),
             case("small", 1, 8, 8, 128, 128, 128, false),
             case("decode", 1, 32, 8, 1, 4096, 128, true),
         ]
@@ -41,11 +48,13 @@ fn cases(set: &str) -> Vec<Case> {
         "standard" => standard(),
         "seqlen" => seqlen(),
         "all" => standard().into_iter().chain(seqlen()).collect(),
-        other => {
-            eprintln!("unknown --set {other} (standard | seqlen | all)");
-            std::process::exit(2);
-        }
+        other => fail(&format!("unknown --set {other}")),
     }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("{msg}\n\n{USAGE}");
+    std::process::exit(2);
 }
 
 /// Uniform values in [-1, 1) from a fixed seed: the same inputs in every run.
@@ -61,8 +70,8 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Median and spread (max/min - 1) of repeated runs after one warm-up.
-fn time(reps: usize, min_time: f64, mut f: impl FnMut()) -> (f64, f64) {
+/// Median, best and spread (max/min - 1) of repeated runs after one warm-up.
+fn time(reps: usize, min_time: f64, mut f: impl FnMut()) -> (f64, f64, f64) {
     f();
     let mut t = Vec::new();
     let start = Instant::now();
@@ -72,71 +81,93 @@ fn time(reps: usize, min_time: f64, mut f: impl FnMut()) -> (f64, f64) {
         t.push(s.elapsed().as_secs_f64());
     }
     t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (t[t.len() / 2], t[t.len() - 1] / t[0] - 1.0)
+    (t[t.len() / 2], t[0], t[t.len() - 1] / t[0] - 1.0)
+}
+
+fn parse_isas(spec: &str) -> Vec<Isa> {
+    match spec {
+        "auto" => vec![Isa::best()],
+        "all" => Isa::available().into_iter().filter(|&i| i != Isa::Portable).rev().collect(),
+        list => list
+            .split(',')
+            .map(|n| {
+                let isa = Isa::from_name(n).unwrap_or_else(|| fail(&format!("unknown ISA {n}")));
+                if !isa.is_available() {
+                    fail(&format!("{isa} cannot run on this machine"));
+                }
+                isa
+            })
+            .collect(),
+    }
 }
 
 fn main() {
-    let mut set = "standard".to_string();
-    let mut reps = 3;
-    let mut min_time = 0.5;
-    let mut check = true;
+    let (mut set, mut isas, mut filter) = ("standard".to_string(), "auto".to_string(), String::new());
+    let (mut reps, mut min_time, mut check) = (5usize, 0.5f64, true);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = |name: &str| args.next().unwrap_or_else(|| panic!("{name} needs a value"));
+        let mut val = |name: &str| args.next().unwrap_or_else(|| fail(&format!("{name} needs a value")));
         match a.as_str() {
             "--set" => set = val("--set"),
-            "--reps" => reps = val("--reps").parse().expect("--reps N"),
-            "--min-time" => min_time = val("--min-time").parse().expect("--min-time SECONDS"),
+            "--isa" => isas = val("--isa"),
+            "--case" => filter = val("--case"),
+            "--reps" => reps = val("--reps").parse().unwrap_or_else(|_| fail("--reps N")),
+            "--min-time" => min_time = val("--min-time").parse().unwrap_or_else(|_| fail("--min-time SECONDS")),
             "--no-check" => check = false,
             "-h" | "--help" => {
-                println!("simd-attn-bench [--set standard|seqlen|all] [--reps N] [--min-time SECONDS] [--no-check]");
+                println!("{USAGE}");
                 return;
             }
-            other => {
-                eprintln!("unknown argument {other}; see --help");
-                std::process::exit(2);
-            }
+            other => fail(&format!("unknown argument {other}")),
         }
     }
+    let isas = parse_isas(&isas);
 
-    let peak = machine::fma_peak_gflops();
-    println!("# simd-attn {} | {} | 1 thread", env!("CARGO_PKG_VERSION"), machine::cpu_model());
+    let peak = machine::fma_peak_gflops(0).unwrap_or(f64::NAN);
+    let peak256 = machine::fma_peak_gflops(256);
     let bw = machine::read_bandwidth_gbs();
-    println!("# measured: f32 FMA peak {peak:.1} GFLOP/s per core, memory read bandwidth {bw:.1} GB/s");
+    println!("# simd-attn {} | {} | 1 thread", env!("CARGO_PKG_VERSION"), machine::cpu_model());
+    print!("# measured: f32 FMA peak {peak:.1} GFLOP/s per core (widest vectors)");
+    if let Some(p) = peak256 {
+        print!(", {p:.1} with 256-bit vectors");
+    }
+    println!("; memory read bandwidth {bw:.1} GB/s");
+    println!("# %peak is of the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
     println!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:>9} {:>7} {:>7} {:>6} {:>6} {:>5} {:>8} {:>9}",
-        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "ms", "spread", "GFLOP/s", "%peak", "GB/s", "%bw", "x unfused", "max err"
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}",
+        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "isa", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "x portable", "x unfused", "max err"
     );
     let mut scores = Vec::new();
-    for c in cases(&set) {
+    for c in cases(&set).into_iter().filter(|c| c.name.contains(filter.as_str())) {
         let s = c.shape;
         let [qs, ks, vs, os] = s.bhsd_strides();
         let [nq, nk, nv, no] = s.bhsd_lens();
         let (q, k, v) = (random(nq, 1), random(nk, 2), random(nv, 3));
-        let mut out = vec![0.0f32; no];
         let params = AttentionParams::new().causal(c.causal);
         let flops = attention_flops(&s, &params);
-        let (t, spread) = time(reps, min_time, || {
-            attention(&s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), TensorMut::new(&mut out, os), None, &params)
-                .expect("valid problem");
-        });
-        let mut base_out = vec![0.0f32; no];
-        let (tb, _) = time(reps.min(3), 0.0, || unfused::attention(&s, c.causal, &q, &k, &v, &mut base_out, &mut scores));
-        let err = if check {
-            let r = Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), &params).unwrap();
-            max_error(&s, &r, &out)
-        } else {
-            f64::NAN
-        };
-        let gflops = flops / t / 1e9;
-        // K and V must be read at least once: what bounds decode.
         let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * (s.head_dim + s.v_head_dim) * 4) as f64;
-        let gbs = kv_bytes / t / 1e9;
-        println!(
-            "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:>9.3} {:>6.1}% {:>7.1} {:>5.1}% {:>6.1} {:>4.0}% {:>8.2}x {:>9.1e}",
-            c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.causal,
-            t * 1e3, spread * 100.0, gflops, 100.0 * gflops / peak, gbs, 100.0 * gbs / bw, tb / t, err
-        );
+        let mut out = vec![0.0f32; no];
+        let run = |isa: Isa, out: &mut Vec<f32>, reps: usize, min_time: f64| {
+            let config = RunConfig { isa: Some(isa) };
+            time(reps, min_time, || {
+                attention_with(&config, &s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), TensorMut::new(out, os), None, &params)
+                    .expect("valid problem");
+            })
+        };
+        let (t_portable, _, _) = run(Isa::Portable, &mut out, 3.min(reps), 0.0);
+        let mut base_out = vec![0.0f32; no];
+        let (t_unfused, _, _) = time(3.min(reps), 0.0, || unfused::attention(&s, c.causal, &q, &k, &v, &mut base_out, &mut scores));
+        let reference = check.then(|| Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), &params).unwrap());
+        for &isa in &isas {
+            let (t, best, spread) = if isa == Isa::Portable { run(isa, &mut out, 3.min(reps), 0.0) } else { run(isa, &mut out, reps, min_time) };
+            let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
+            println!(
+                "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>9.2}x {:>8.2}x {:>8.1e}",
+                c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.causal, isa.name(),
+                t * 1e3, spread * 100.0, flops / t / 1e9, flops / best / 1e9, 100.0 * flops / t / 1e9 / peak,
+                kv_bytes / t / 1e9, t_portable / t, t_unfused / t, err
+            );
+        }
     }
 }
 
