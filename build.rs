@@ -218,7 +218,7 @@ fn main() {
     for f in &families {
         for &d in &f.head_dims {
             let nr = f.nr_vectors * f.lanes;
-            let bc = tile_rule::key_block(d, d, f.l2, f.mr);
+            let bc = tile_rule::key_block(d, d, f.l1, f.l2, nr, f.mr);
             let br = tile_rule::query_block(d, d, f.l2, nr);
             writeln!(
                 src,

@@ -28,6 +28,9 @@ pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::De
     fn to_f64(self) -> f64 {
         self.to_f32() as f64
     }
+    /// The slice itself when the storage type is already `f32`, so kernels can read it in
+    /// place instead of converting a copy.
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]>;
 }
 
 impl Element for f32 {
@@ -40,6 +43,10 @@ impl Element for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
+    #[inline(always)]
+    fn as_f32_slice(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
 }
 
 impl Element for half::f16 {
@@ -51,5 +58,9 @@ impl Element for half::f16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         half::f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn as_f32_slice(_: &[half::f16]) -> Option<&[f32]> {
+        None
     }
 }

@@ -100,27 +100,74 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     }
     sc.acc[..rows_pad * dv_pad].fill(0.0);
 
-    let mut j0 = keys.union.0;
-    while j0 < keys.union.1 {
-        let n = bc.min(keys.union.1 - j0);
+    // Key blocks never straddle the edge of the keys every row sees, so interior blocks skip
+    // masking and the masked edges stay narrow.
+    let (u0, u1) = keys.union;
+    let (c0, c1) = (keys.common.0.clamp(u0, u1), keys.common.1.clamp(u0, u1));
+    let edges = if c0 < c1 { [c0, c1] } else { [u1, u1] };
+    let mut j0 = u0;
+    while j0 < u1 {
+        let seg_end = edges.into_iter().find(|&e| e > j0).unwrap_or(u1);
+        let n = bc.min(seg_end - j0);
         let n_pad = round_up(n, MR);
-        pack_rows(&p.k, b, hk, j0, n, n_pad, d, d, &mut sc.k);
-        pack_rows(&p.v, b, hk, j0, n, n, dv, dv_pad, &mut sc.v);
+        // K: read in place when stored as f32 (only a partial last group of MR keys is copied,
+        // zero-padded); otherwise converted into scratch.
+        let k_in_place = TKV::as_f32_slice(p.k.data);
+        let (k_src, k_off, ld_k, full_groups) = match k_in_place {
+            Some(k) => {
+                let tail = n - n % MR;
+                pack_rows(&p.k, b, hk, j0 + tail, n - tail, n_pad - tail, d, d, &mut sc.k);
+                (k, p.k.strides.offset(b, hk, j0), p.k.strides.seq, tail / MR)
+            }
+            None => {
+                pack_rows(&p.k, b, hk, j0, n, n_pad, d, d, &mut sc.k);
+                (&sc.k[..], 0, d, 0)
+            }
+        };
+        // V: read in place when f32 rows are whole vectors apart; otherwise a padded copy.
+        let v_in_place = TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq % lanes == 0);
+        let (vrows, ld_v) = match v_in_place {
+            Some(v) => {
+                let o = p.v.strides.offset(b, hk, j0);
+                (S::as_simd_f32s(&v[o..o + (n - 1) * p.v.strides.seq + dv]).0, p.v.strides.seq / lanes)
+            }
+            None => {
+                pack_rows(&p.v, b, hk, j0, n, n, dv, dv_pad, &mut sc.v);
+                (S::as_simd_f32s(&sc.v[..n * dv_pad]).0, dvv)
+            }
+        };
         let all_visible = keys.all_visible(j0, j0 + n);
-        let vrows = S::as_simd_f32s(&sc.v[..n * dv_pad]).0;
 
         for tile in 0..rows_pad / rt {
             let r0 = tile * rt;
+            // The keys of this block the tile's own rows can see: tiles below a causal
+            // diagonal stop early, tiles that see nothing here are skipped.
+            let (n, mask) = if all_visible {
+                (n, false)
+            } else {
+                let tk = p.masker.block(kv_len, i0 + r0, (i0 + r0 + rt).min(i1));
+                let n_tile = tk.union.1.saturating_sub(j0).min(n);
+                if n_tile == 0 || tk.union.0 >= j0 + n_tile {
+                    continue;
+                }
+                (n_tile, !tk.all_visible(j0, j0 + n_tile))
+            };
+            let n_pad = round_up(n, MR);
             // S^T = K Q^T for the row tile, MR keys at a time.
             {
                 let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
                 let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
                 for g in 0..n_pad / MR {
-                    qk_tile::<S, MR, NRV>(simd, d, &sc.k[g * MR * d..], d, qt, &mut s[g * MR * NRV..]);
+                    let (k, ld) = if g < full_groups {
+                        (&k_src[k_off + g * MR * ld_k..], ld_k)
+                    } else {
+                        (&sc.k[(g - full_groups) * MR * d..], d)
+                    };
+                    qk_tile::<S, MR, NRV>(simd, d, k, ld, qt, &mut s[g * MR * NRV..]);
                 }
             }
             // Optional terms and boundary masks, row by row (strided: rows are lanes here).
-            if terms || !all_visible {
+            if terms || mask {
                 for r in 0..rt.min(rows.saturating_sub(r0)) {
                     let row = &mut sc.row[..n];
                     for (c, x) in row.iter_mut().enumerate() {
@@ -129,7 +176,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                     if terms {
                         score_terms(p, b, h, i0 + r0 + r, j0, row);
                     }
-                    if !all_visible {
+                    if mask {
                         mask_outside(row, j0, sc.intervals[r0 + r]);
                     }
                     for (c, &x) in row.iter().enumerate() {
@@ -154,11 +201,11 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                 let o = &mut acc[sub * dvv..];
                 let mut x = 0;
                 while x + NRV <= dvv {
-                    pv_tile::<S, MR, NRV>(simd, n, p_sub, rt, &vrows[x..], dvv, &mut o[x..], dvv, alpha, rescale);
+                    pv_tile::<S, MR, NRV>(simd, n, p_sub, rt, &vrows[x..], ld_v, &mut o[x..], dvv, alpha, rescale);
                     x += NRV;
                 }
                 while x < dvv {
-                    pv_tile::<S, MR, 1>(simd, n, p_sub, rt, &vrows[x..], dvv, &mut o[x..], dvv, alpha, rescale);
+                    pv_tile::<S, MR, 1>(simd, n, p_sub, rt, &vrows[x..], ld_v, &mut o[x..], dvv, alpha, rescale);
                     x += 1;
                 }
             }

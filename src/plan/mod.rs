@@ -63,7 +63,7 @@ impl Family {
             }
         }
         let nr = self.nr_vectors * self.lanes;
-        let bc = tile_rule::key_block(head_dim, v_head_dim, self.l2_bytes, self.mr);
+        let bc = tile_rule::key_block(head_dim, v_head_dim, self.l1_bytes, self.l2_bytes, nr, self.mr);
         let br = tile_rule::query_block(head_dim, v_head_dim, self.l2_bytes, nr);
         Tiles { br, bc, mr: self.mr, nr }
     }

@@ -2,13 +2,28 @@
 // dims) and the crate (which applies it at run time for the generic head-dim path), so both
 // always agree. Plain `const fn`s over integers: no crate types, so build.rs can include it.
 
-/// Keys per key block. The K and V tiles (f32 after conversion) are re-read by every row tile
-/// of the query block, so together they fill at most a quarter of the L2 budget. Rounded down
-/// to whole key groups (`quantum` keys), at least one, at most 256: beyond that the score tile
-/// outgrows L1 and online-softmax rescales are already rare.
-pub const fn key_block(head_dim: usize, v_head_dim: usize, l2_bytes: usize, quantum: usize) -> usize {
-    let per_key = (head_dim + v_head_dim) * 4;
-    let mut bc = (l2_bytes / 4) / per_key;
+/// Keys per key block. Two limits, the tighter wins:
+/// - L2: the K and V tiles (f32) are re-read by every row tile of the query block, so together
+///   they take at most a quarter of the L2 budget;
+/// - L1: one row tile's scores (`bc` keys x `rows` f32) and its packed Q^T (`head_dim` x `rows`)
+///   are touched for every key group, so together they fit in the L1 budget.
+///
+/// Rounded down to whole key groups (`quantum` keys), at least one, at most 256 (beyond that
+/// online-softmax rescales are already rare).
+pub const fn key_block(
+    head_dim: usize,
+    v_head_dim: usize,
+    l1_bytes: usize,
+    l2_bytes: usize,
+    rows: usize,
+    quantum: usize,
+) -> usize {
+    let mut bc = (l2_bytes / 4) / ((head_dim + v_head_dim) * 4);
+    let q_tile = head_dim * rows * 4;
+    let l1_keys = if l1_bytes > q_tile { (l1_bytes - q_tile) / (rows * 4) } else { 0 };
+    if l1_keys < bc {
+        bc = l1_keys;
+    }
     if bc > 256 {
         bc = 256;
     }
