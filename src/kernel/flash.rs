@@ -194,20 +194,21 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                 &mut sc.alpha,
             );
 
-            // O += P V in sub-tiles of MR rows and chunks of NRV vectors of the value dim.
+            // O += P V in chunks of NRV vectors of the value dim (outer, so each chunk of the V
+            // rows stays in L1 while every sub-tile of MR rows uses it), then single vectors.
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
-            for sub in (0..rt).step_by(MR) {
-                let (p_sub, alpha) = (&sc.s[sub..], &sc.alpha[sub..sub + MR]);
-                let o = &mut acc[sub * dvv..];
-                let mut x = 0;
-                while x + NRV <= dvv {
-                    pv_tile::<S, MR, NRV>(simd, n, p_sub, rt, &vrows[x..], ld_v, &mut o[x..], dvv, alpha, rescale);
-                    x += NRV;
+            let mut x = 0;
+            while x < dvv {
+                let wide = x + NRV <= dvv;
+                for sub in (0..rt).step_by(MR) {
+                    let (p_sub, alpha, o) = (&sc.s[sub..], &sc.alpha[sub..sub + MR], &mut acc[sub * dvv + x..]);
+                    if wide {
+                        pv_tile::<S, MR, NRV>(simd, n, p_sub, rt, &vrows[x..], ld_v, o, dvv, alpha, rescale);
+                    } else {
+                        pv_tile::<S, MR, 1>(simd, n, p_sub, rt, &vrows[x..], ld_v, o, dvv, alpha, rescale);
+                    }
                 }
-                while x < dvv {
-                    pv_tile::<S, MR, 1>(simd, n, p_sub, rt, &vrows[x..], ld_v, &mut o[x..], dvv, alpha, rescale);
-                    x += 1;
-                }
+                x += if wide { NRV } else { 1 };
             }
         }
         j0 += n;

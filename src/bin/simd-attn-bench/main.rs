@@ -12,7 +12,7 @@ use std::time::Instant;
 
 const USAGE: &str = "simd-attn-bench [--set standard|seqlen|all] [--isa auto|all|LIST] [--case SUBSTRING]
                 [--reps N] [--min-time SECONDS] [--no-check]
-  --isa     paths to measure: auto (the best one, default), all (every available SIMD path),
+  --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
             or a comma list of portable, scalar, avx2, avx512, neon
   --case    only the shapes whose name contains SUBSTRING";
 
@@ -86,7 +86,7 @@ fn time(reps: usize, min_time: f64, mut f: impl FnMut()) -> (f64, f64, f64) {
 
 fn parse_isas(spec: &str) -> Vec<Isa> {
     match spec {
-        "auto" => vec![Isa::best()],
+        "auto" => vec![simd_attn::resolve_isa(None).unwrap_or_else(|e| fail(&e.to_string()))],
         "all" => Isa::available().into_iter().filter(|&i| i != Isa::Portable).rev().collect(),
         list => list
             .split(',')
