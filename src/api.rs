@@ -1,16 +1,18 @@
-//! The public entry points: validate, plan, run the kernel per query block, store.
+//! The public entry points: validate, plan (tiles, units, threads), run the kernel per unit,
+//! store.
 
-use crate::element::{DType, Element};
+use crate::element::Element;
 use crate::error::AttnError;
+use crate::exec::{run_units, tiles_and_scratch, with_thread_scratch, Job, Units, Workspace};
 use crate::isa::{resolve_isa, Isa};
-use crate::kernel::{flash, portable};
 use crate::layout::{AttentionShape, TensorMut, TensorRef};
 use crate::params::AttentionParams;
-use crate::plan::{for_each_simd_family, Family, Tiles};
+use crate::plan::work::WorkPlan;
+use crate::plan::Tiles;
 use crate::problem::Problem;
-use crate::simd::{run_avx2, run_avx512, run_neon, run_scalar, SimdExt, WithSimdExt};
-use crate::store::store_rows;
+use crate::store::OutRows;
 use crate::validate::validate_outputs;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// What a call ran on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,15 +21,41 @@ pub struct RunInfo {
     /// The compile-time specialised head dim that ran, or `None` for the generic path.
     pub specialised_head_dim: Option<usize>,
     pub tiles: Tiles,
+    /// Workers that ran (1 when the work was too small to split).
+    pub threads: usize,
 }
 
-/// How a call runs (not what it computes).
+/// How a call runs (not what it computes: results are bitwise identical for every setting
+/// but the ISA).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunConfig {
     /// Force an instruction-set path for this call; `None` follows [`crate::set_isa_override`],
     /// then `SIMD_ATTN_ISA`, then the best path the CPU has.
     pub isa: Option<Isa>,
+    /// Workers on the crate's pool for this call; `None` uses [`default_threads`]. Work too
+    /// small to pay for a second thread runs on fewer.
+    pub threads: Option<usize>,
 }
+
+/// 0: not set, i.e. every available core.
+static DEFAULT_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the thread count of calls whose [`RunConfig`] names none (0 restores the default: every
+/// core the OS reports).
+pub fn set_default_threads(threads: usize) {
+    DEFAULT_THREADS.store(threads, Ordering::Relaxed);
+}
+
+/// The thread count of calls whose [`RunConfig`] names none.
+pub fn default_threads() -> usize {
+    match DEFAULT_THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Below this many flops per extra worker, waking one costs more than it saves.
+const MIN_FLOPS_PER_THREAD: f64 = 4e6;
 
 /// Fused attention: `out = softmax(scale * Q K^T + bias, masked) V` for every batch entry and
 /// query head, without storing the score matrix. The semantics of every option are those of
@@ -68,7 +96,8 @@ pub fn attention<TQ: Element, TKV: Element, TO: Element>(
     attention_with(&RunConfig::default(), shape, q, k, v, out, lse, params)
 }
 
-/// [`attention`] with a [`RunConfig`] (e.g. a forced ISA path).
+/// [`attention`] with a [`RunConfig`]: a forced ISA path, a thread count. Scratch comes from a
+/// per-thread workspace that the crate keeps, so repeated calls do not allocate.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     config: &RunConfig,
@@ -76,108 +105,162 @@ pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     q: TensorRef<'_, TQ>,
     k: TensorRef<'_, TKV>,
     v: TensorRef<'_, TKV>,
-    mut out: TensorMut<'_, TO>,
+    out: TensorMut<'_, TO>,
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
+    let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
+    let Prepared { p, out, plan, tiles, isa, scratch_len } = &prepared;
+    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa };
+    let flops = crate::attention_flops(shape, params);
+    let threads = config
+        .threads
+        .unwrap_or_else(default_threads)
+        .min(plan.units())
+        .min((flops / MIN_FLOPS_PER_THREAD) as usize + 1)
+        .max(1);
+    let unavailable = || AttnError::IsaUnavailable { isa: *isa };
+    #[cfg(feature = "rayon")]
+    if threads > 1 {
+        let specialised = crate::exec::run_pool(job, threads, *scratch_len).map_err(|_| unavailable())?;
+        return Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads });
+    }
+    let specialised =
+        with_thread_scratch(*scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc)).map_err(|_| unavailable())?;
+    Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1 })
+}
+
+/// [`attention_with`] on the calling thread only, with the caller's [`Workspace`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
+    workspace: &mut Workspace,
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    out: TensorMut<'_, TO>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+) -> Result<RunInfo, AttnError> {
+    let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
+    let Prepared { p, out, plan, tiles, isa, scratch_len } = &prepared;
+    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa };
+    let specialised = run_units(job, Units::Share { ith: 0, nth: 1 }, workspace.get(*scratch_len))
+        .map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
+    Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1 })
+}
+
+/// A validated call, planned.
+struct Prepared<'a, 'o, TQ, TKV, TO> {
+    p: Problem<'a, TQ, TKV>,
+    out: OutRows<'o, TO>,
+    plan: WorkPlan,
+    tiles: Tiles,
+    isa: Isa,
+    scratch_len: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'a, TQ>,
+    k: TensorRef<'a, TKV>,
+    v: TensorRef<'a, TKV>,
+    out: TensorMut<'o, TO>,
+    lse: Option<&'o mut [f32]>,
+    params: &AttentionParams<'a>,
+) -> Result<Prepared<'a, 'o, TQ, TKV, TO>, AttnError> {
     let p = Problem::new(shape, q, k, v, params)?;
     validate_outputs(shape, &out, lse.as_deref())?;
     let isa = resolve_isa(config.isa)?;
-    if isa == Isa::Portable {
-        return Ok(run_portable(&p, &mut out, lse));
-    }
-    let call = Call { p: &p, out: &mut out, lse };
-    dispatch(isa, call).ok_or(AttnError::IsaUnavailable { isa })
+    let (tiles, scratch_len) = tiles_and_scratch(isa, TKV::DTYPE, shape.head_dim, shape.v_head_dim);
+    Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan: WorkPlan::new(shape, tiles.br), tiles, isa, scratch_len })
 }
 
-fn run_portable<TQ: Element, TKV: Element, TO: Element>(
-    p: &Problem<'_, TQ, TKV>,
-    out: &mut TensorMut<'_, TO>,
-    mut lse: Option<&mut [f32]>,
-) -> RunInfo {
-    let s = &p.shape;
-    let family = Family::find(Isa::Portable, DType::F32).expect("kernels/ declares the portable f32 family");
-    let tiles = family.tiles(s.head_dim, s.v_head_dim);
-    let mut scratch = portable::Scratch::new(&tiles, s.head_dim, s.v_head_dim);
-    for b in 0..s.batch {
-        for h in 0..s.q_heads {
-            for i0 in (0..s.seq_q).step_by(tiles.br) {
-                let i1 = (i0 + tiles.br).min(s.seq_q);
-                portable::query_block(p, &tiles, b, h, i0, i1, &mut scratch);
-                let rows = i1 - i0;
-                store_rows(s, out, lse.as_deref_mut(), b, h, i0, &scratch.acc, s.v_head_dim, rows, &scratch.lse[..rows]);
-            }
+/// Host-driven execution: the engine's own workers run the call. Create it once per call (this
+/// validates and plans), then worker `ith` of the `nth` given here calls [`HostPlan::run`]
+/// with its share number and its own scratch buffer of [`HostPlan::workspace_len`] elements.
+/// `run` neither allocates nor synchronises beyond claiming its share; the output is complete
+/// once every share has run (the engine's barrier), and bitwise identical to [`attention`]'s.
+///
+/// ```
+/// use simd_attn::{AttentionParams, AttentionShape, HostPlan, RunConfig, TensorMut, TensorRef};
+/// let shape = AttentionShape::new(1, 8, 2, 64, 64, 64);
+/// let [qs, ks, vs, os] = shape.bhsd_strides();
+/// let [nq, nk, nv, no] = shape.bhsd_lens();
+/// let (q, k, v) = (vec![0.1f32; nq], vec![0.2f32; nk], vec![0.3f32; nv]);
+/// let mut out = vec![0.0f32; no];
+/// let params = AttentionParams::new().causal(true);
+/// let plan = HostPlan::new(&RunConfig::default(), &shape, TensorRef::new(&q, qs), TensorRef::new(&k, ks),
+///     TensorRef::new(&v, vs), TensorMut::new(&mut out, os), None, &params, 3)?;
+/// std::thread::scope(|s| {
+///     for ith in 0..3 {
+///         let plan = &plan;
+///         s.spawn(move || {
+///             let mut scratch = vec![0.0f32; plan.workspace_len()]; // engines keep one per worker
+///             plan.run(ith, &mut scratch).unwrap();
+///         });
+///     }
+/// });
+/// drop(plan);
+/// assert!((out[0] - 0.3).abs() < 1e-6);
+/// # Ok::<(), simd_attn::AttnError>(())
+/// ```
+pub struct HostPlan<'a, 'o, TQ, TKV, TO> {
+    prepared: Prepared<'a, 'o, TQ, TKV, TO>,
+    nth: usize,
+    claimed: Vec<AtomicBool>,
+}
+
+impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, TO> {
+    /// Validates and plans a call for `nth` workers (`config.threads` is ignored).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &RunConfig,
+        shape: &AttentionShape,
+        q: TensorRef<'a, TQ>,
+        k: TensorRef<'a, TKV>,
+        v: TensorRef<'a, TKV>,
+        out: TensorMut<'o, TO>,
+        lse: Option<&'o mut [f32]>,
+        params: &AttentionParams<'a>,
+        nth: usize,
+    ) -> Result<Self, AttnError> {
+        if nth == 0 {
+            return Err(AttnError::ZeroDim { dim: "nth" });
         }
+        let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
+        Ok(Self { prepared, nth, claimed: (0..nth).map(|_| AtomicBool::new(false)).collect() })
     }
-    RunInfo { isa: Isa::Portable, specialised_head_dim: None, tiles }
-}
 
-/// One call's validated inputs and outputs, run by a SIMD specialisation.
-struct Call<'c, 'a, 'o, TQ, TKV, TO> {
-    p: &'c Problem<'a, TQ, TKV>,
-    out: &'c mut TensorMut<'o, TO>,
-    lse: Option<&'c mut [f32]>,
-}
+    /// f32 elements of scratch each worker passes to [`HostPlan::run`].
+    pub fn workspace_len(&self) -> usize {
+        self.prepared.scratch_len
+    }
 
-/// A [`Call`] bound to one specialisation: head dim `D` (0 = generic) and register tile
-/// `MR x NRV`.
-struct Specialised<'c, 'a, 'o, TQ, TKV, TO, const D: usize, const MR: usize, const NRV: usize> {
-    call: Call<'c, 'a, 'o, TQ, TKV, TO>,
-    isa: Isa,
-    tiles: Tiles,
-}
+    /// The plan (units and shares), for inspection.
+    pub fn plan(&self) -> &WorkPlan {
+        &self.prepared.plan
+    }
 
-impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdExt
-    for Specialised<'_, '_, '_, TQ, TKV, TO, D, MR, NRV>
-{
-    type Output = RunInfo;
-
-    #[inline(always)]
-    fn with_simd<S: SimdExt>(self, simd: S) -> RunInfo {
-        let Call { p, out, mut lse } = self.call;
-        let s = &p.shape;
-        let tiles = self.tiles;
-        let mut scratch = flash::Scratch::new(&tiles, S::F32_LANES, s.head_dim, s.v_head_dim);
-        for b in 0..s.batch {
-            for h in 0..s.q_heads {
-                for i0 in (0..s.seq_q).step_by(tiles.br) {
-                    let i1 = (i0 + tiles.br).min(s.seq_q);
-                    flash::query_block::<S, TQ, TKV, D, MR, NRV>(simd, p, &tiles, b, h, i0, i1, &mut scratch);
-                    let rows = i1 - i0;
-                    store_rows(s, out, lse.as_deref_mut(), b, h, i0, &scratch.acc, scratch.dv_pad, rows, &scratch.lse[..rows]);
-                }
-            }
+    /// Runs share `ith`. Each share runs at most once: a second call for the same `ith` is an
+    /// error (two workers writing the same rows would race).
+    pub fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
+        let pr = &self.prepared;
+        if ith >= self.nth {
+            return Err(AttnError::ShareOutOfRange { ith, nth: self.nth });
         }
-        RunInfo { isa: self.isa, specialised_head_dim: (D != 0).then_some(D), tiles }
+        if workspace.len() < pr.scratch_len {
+            return Err(AttnError::WorkspaceTooSmall { needed: pr.scratch_len, len: workspace.len() });
+        }
+        if self.claimed[ith].swap(true, Ordering::AcqRel) {
+            return Err(AttnError::ShareAlreadyRun { ith });
+        }
+        let job = Job { p: &pr.p, out: &pr.out, plan: pr.plan, tiles: pr.tiles, isa: pr.isa };
+        let specialised = run_units(job, Units::Share { ith, nth: self.nth }, &mut workspace[..pr.scratch_len])
+            .map_err(|_| AttnError::IsaUnavailable { isa: pr.isa })?;
+        Ok(RunInfo { isa: pr.isa, specialised_head_dim: specialised, tiles: pr.tiles, threads: self.nth })
     }
-}
-
-/// Picks the family of `isa` for the K/V storage type and, within it, the head-dim
-/// specialisation (or the generic path), as `kernels/` declares them.
-fn dispatch<TQ: Element, TKV: Element, TO: Element>(isa: Isa, call: Call<'_, '_, '_, TQ, TKV, TO>) -> Option<RunInfo> {
-    let (d, dv) = (call.p.shape.head_dim, call.p.shape.v_head_dim);
-    macro_rules! run_isa {
-        (Scalar, $op:expr) => { run_scalar($op) };
-        (Avx2, $op:expr) => { run_avx2($op) };
-        (Avx512, $op:expr) => { run_avx512($op) };
-        (Neon, $op:expr) => { run_neon($op) };
-    }
-    macro_rules! arms {
-        ($([$isa:ident, $dt:ident, $mr:literal, $nrv:literal, [$($hd:literal),*]])*) => {
-            $(
-                if isa == Isa::$isa && TKV::DTYPE == DType::$dt {
-                    let family = Family::find(isa, TKV::DTYPE).expect("generated from the same table");
-                    let tiles = family.tiles(d, dv);
-                    $(
-                        if d == $hd && dv == $hd {
-                            return run_isa!($isa, Specialised::<_, _, _, $hd, $mr, $nrv> { call, isa, tiles });
-                        }
-                    )*
-                    return run_isa!($isa, Specialised::<_, _, _, 0, $mr, $nrv> { call, isa, tiles });
-                }
-            )*
-        };
-    }
-    for_each_simd_family!(arms);
-    None
 }

@@ -54,6 +54,12 @@ pub enum AttnError {
     InvalidSoftcap { softcap: f32 },
     /// A window bound is out of range (only reachable from the C ABI's signed bounds).
     InvalidWindow { left: i64, right: i64 },
+    /// A host-driven share number is not below the share count.
+    ShareOutOfRange { ith: usize, nth: usize },
+    /// A host-driven share was run twice.
+    ShareAlreadyRun { ith: usize },
+    /// A caller-provided workspace is smaller than the call needs.
+    WorkspaceTooSmall { needed: usize, len: usize },
     /// The requested instruction-set path cannot run on this machine.
     IsaUnavailable { isa: crate::isa::Isa },
     /// `SIMD_ATTN_ISA` names no path.
@@ -96,6 +102,11 @@ impl fmt::Display for AttnError {
                 f,
                 "window ({left}, {right}): each bound must be >= 0, or -1 for unbounded"
             ),
+            ShareOutOfRange { ith, nth } => write!(f, "share {ith} does not exist: there are {nth} (0..{nth})"),
+            ShareAlreadyRun { ith } => write!(f, "share {ith} has already run; each share runs once"),
+            WorkspaceTooSmall { needed, len } => {
+                write!(f, "workspace holds {len} f32 elements but the call needs {needed}")
+            }
             IsaUnavailable { isa } => write!(f, "the {isa} path cannot run on this machine"),
             UnknownIsaName { name } => write!(
                 f,

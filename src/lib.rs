@@ -15,6 +15,7 @@
 //! Data flow: [`attention`] (api) → validate → plan (tiles) → kernel (per query block) → store.
 
 mod api;
+mod exec;
 pub mod element;
 pub mod error;
 pub mod isa;
@@ -29,7 +30,9 @@ mod validate;
 mod kernel;
 mod simd;
 
-pub use api::{attention, attention_with, RunConfig, RunInfo};
+pub use api::{attention, attention_in, attention_with, default_threads, set_default_threads, HostPlan, RunConfig, RunInfo};
+pub use exec::Workspace;
+pub use plan::work::{WorkPlan, WorkUnit};
 pub use element::{DType, Element};
 pub use error::{AttnError, TensorName};
 pub use isa::{isa_override, resolve_isa, set_isa_override, Isa};

@@ -1,33 +1,73 @@
-//! Writing finished rows into the caller's output: the only place that touches it.
+//! Writing finished rows into the caller's output: the only place that touches it, and the
+//! crate's one piece of shared mutable state across worker threads.
+//!
+//! Workers hold the output as raw pointers so that several can write at once. That is sound
+//! because (1) validation proved every offset the strides reach lies inside the slices and that
+//! no two output elements share memory, and (2) the work plan gives every output row (and LSE
+//! entry) to exactly one unit, and each unit runs once.
 
 use crate::element::Element;
-use crate::layout::{AttentionShape, TensorMut};
+use crate::layout::{AttentionShape, Strides, TensorMut};
+use core::marker::PhantomData;
 
-/// Rounds `n` rows of `rows` (`pitch` apart, for query rows `i0..`) into `out` and their LSE
-/// into `lse` (`[B, Hq, Sq]`). Offsets were validated against the slices.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn store_rows<TO: Element>(
-    shape: &AttentionShape,
-    out: &mut TensorMut<'_, TO>,
-    lse: Option<&mut [f32]>,
-    b: usize,
-    h: usize,
-    i0: usize,
-    rows: &[f32],
-    pitch: usize,
-    n: usize,
-    row_lse: &[f32],
-) {
-    let dv = shape.v_head_dim;
-    for r in 0..n {
-        let src = &rows[r * pitch..r * pitch + dv];
-        let o = out.strides.offset(b, h, i0 + r);
-        for (dst, &x) in out.data[o..o + dv].iter_mut().zip(src) {
-            *dst = TO::from_f32(x);
+/// The output tensor and LSE buffer of one call, shareable by the call's workers.
+pub(crate) struct OutRows<'a, TO> {
+    out: *mut TO,
+    out_len: usize,
+    strides: Strides,
+    lse: *mut f32,
+    lse_len: usize,
+    shape: AttentionShape,
+    _borrow: PhantomData<&'a mut TO>,
+}
+
+// SAFETY: see the module docs: workers write disjoint, validated elements.
+unsafe impl<TO: Send> Send for OutRows<'_, TO> {}
+unsafe impl<TO: Send> Sync for OutRows<'_, TO> {}
+
+impl<'a, TO: Element> OutRows<'a, TO> {
+    /// Takes the (validated) output and LSE for the duration of the call.
+    pub fn new(shape: &AttentionShape, out: TensorMut<'a, TO>, lse: Option<&'a mut [f32]>) -> Self {
+        let (lse, lse_len) = match lse {
+            Some(l) => (l.as_mut_ptr(), l.len()),
+            None => (core::ptr::null_mut(), 0),
+        };
+        Self {
+            out: out.data.as_mut_ptr(),
+            out_len: out.data.len(),
+            strides: out.strides,
+            lse,
+            lse_len,
+            shape: *shape,
+            _borrow: PhantomData,
         }
     }
-    if let Some(lse) = lse {
-        let at = (b * shape.q_heads + h) * shape.seq_q + i0;
-        lse[at..at + row_lse.len()].copy_from_slice(row_lse);
+
+    /// Rounds `n` rows of `rows` (`pitch` apart) for query rows `i0..i0 + n` of batch `b`, query
+    /// head `h` into the output, and their LSE into the LSE buffer if there is one.
+    ///
+    /// # Safety
+    /// No other thread may write these rows concurrently: the caller runs each unit of the
+    /// work plan once.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn store(&self, b: usize, h: usize, i0: usize, rows: &[f32], pitch: usize, n: usize, row_lse: &[f32]) {
+        let dv = self.shape.v_head_dim;
+        for r in 0..n {
+            let src = &rows[r * pitch..r * pitch + dv];
+            let o = self.strides.offset(b, h, i0 + r);
+            assert!(o + dv <= self.out_len, "validated offsets stay inside the output");
+            // SAFETY: in bounds (validated, checked above); disjoint from every other row.
+            let dst = unsafe { core::slice::from_raw_parts_mut(self.out.add(o), dv) };
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = TO::from_f32(x);
+            }
+        }
+        if !self.lse.is_null() {
+            let at = (b * self.shape.q_heads + h) * self.shape.seq_q + i0;
+            assert!(at + n <= self.lse_len, "validated LSE length");
+            // SAFETY: as above.
+            let dst = unsafe { core::slice::from_raw_parts_mut(self.lse.add(at), n) };
+            dst.copy_from_slice(&row_lse[..n]);
+        }
     }
 }

@@ -23,14 +23,14 @@ fn env_override_and_per_call_choice() {
     assert_eq!(isa_override(), Some(Isa::Scalar));
     assert_eq!(run(&RunConfig::default()).unwrap().isa, Isa::Scalar);
     // The per-call choice wins over both.
-    assert_eq!(run(&RunConfig { isa: Some(Isa::Portable) }).unwrap().isa, Isa::Portable);
+    assert_eq!(run(&RunConfig { isa: Some(Isa::Portable), ..RunConfig::default() }).unwrap().isa, Isa::Portable);
     set_isa_override(None).unwrap();
     assert_eq!(run(&RunConfig::default()).unwrap().isa, forced);
 
     // Paths this machine lacks are refused with a clear error, not silently replaced.
     for isa in Isa::ALL.into_iter().filter(|i| !i.is_available()) {
         assert_eq!(set_isa_override(Some(isa)), Err(AttnError::IsaUnavailable { isa }));
-        assert_eq!(run(&RunConfig { isa: Some(isa) }), Err(AttnError::IsaUnavailable { isa }));
+        assert_eq!(run(&RunConfig { isa: Some(isa), ..RunConfig::default() }), Err(AttnError::IsaUnavailable { isa }));
     }
 }
 

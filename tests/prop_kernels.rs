@@ -12,7 +12,7 @@ use simd_attn::{attention_with, DType, Isa, RunConfig, RunInfo};
 fn run_isa(case: &Case, isa: Isa) -> (Outcome, RunInfo) {
     let mut info = None;
     let got = run_typed::<f32, f32, f32>(case, |s, q, k, v, o, l, p| {
-        let r = attention_with(&RunConfig { isa: Some(isa) }, s, q, k, v, o, l, p);
+        let r = attention_with(&RunConfig { isa: Some(isa), threads: Some(1) }, s, q, k, v, o, l, p);
         info = r.as_ref().ok().copied();
         r
     });

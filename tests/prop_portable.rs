@@ -5,10 +5,12 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
+use simd_attn::{attention_with, Isa, RunConfig};
 
 fn run_portable(spec: &Spec) -> Result<(), TestCaseError> {
     let case = Case::build(spec);
-    let got = run_typed::<f32, f32, f32>(&case, simd_attn::attention);
+    let config = RunConfig { isa: Some(Isa::Portable), threads: Some(1) };
+    let got = run_typed::<f32, f32, f32>(&case, |s, q, k, v, o, l, p| attention_with(&config, s, q, k, v, o, l, p));
     check(&case, &got, 0.0)
 }
 

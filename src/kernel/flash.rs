@@ -23,44 +23,43 @@ fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
-/// Buffers of one worker, sized for one call's tiles, head dims and ISA width.
-pub(crate) struct Scratch {
-    qt: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    s: Vec<f32>,
+/// Buffers of one worker for one call, carved from its workspace (no allocation).
+pub(crate) struct Scratch<'w> {
+    qt: &'w mut [f32],
+    k: &'w mut [f32],
+    v: &'w mut [f32],
+    s: &'w mut [f32],
     /// Output rows of the current block (pitch `dv_pad`), normalised when a block returns.
-    pub acc: Vec<f32>,
-    pub lse: Vec<f32>,
-    max: Vec<f32>,
-    sum: Vec<f32>,
-    alpha: Vec<f32>,
-    row: Vec<f32>,
-    intervals: Vec<(usize, usize)>,
+    pub acc: &'w mut [f32],
+    pub lse: &'w mut [f32],
+    max: &'w mut [f32],
+    sum: &'w mut [f32],
+    alpha: &'w mut [f32],
+    row: &'w mut [f32],
     pub dv_pad: usize,
 }
 
-impl Scratch {
-    /// `lanes` is the ISA's f32 width; the row tile is `tiles.nr` rows.
-    pub fn new(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> Self {
-        let rt = tiles.nr;
-        let br = round_up(tiles.br, rt);
-        let bc = round_up(tiles.bc, tiles.mr);
-        let dv_pad = round_up(v_head_dim, lanes);
-        Self {
-            qt: vec![0.0; br * head_dim],
-            k: vec![0.0; bc * head_dim],
-            v: vec![0.0; bc * dv_pad],
-            s: vec![0.0; bc * rt],
-            acc: vec![0.0; br * dv_pad],
-            lse: vec![0.0; br],
-            max: vec![0.0; br],
-            sum: vec![0.0; br],
-            alpha: vec![0.0; rt],
-            row: vec![0.0; bc],
-            intervals: vec![(0, 0); br],
-            dv_pad,
-        }
+/// Sizes of the scratch buffers, in the order `Scratch` carves them.
+fn scratch_parts(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> [usize; 10] {
+    let rt = tiles.nr;
+    let br = round_up(tiles.br, rt);
+    let bc = round_up(tiles.bc, tiles.mr);
+    let dv_pad = round_up(v_head_dim, lanes);
+    [br * head_dim, bc * head_dim, bc * dv_pad, bc * rt, br * dv_pad, br, br, br, rt, bc]
+}
+
+impl<'w> Scratch<'w> {
+    /// f32 elements of workspace one worker needs.
+    pub fn len(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> usize {
+        scratch_parts(tiles, lanes, head_dim, v_head_dim).iter().sum()
+    }
+
+    /// `buf` holds at least [`Scratch::len`] elements; its contents do not matter (every
+    /// buffer is written before it is read).
+    pub fn new(mut buf: &'w mut [f32], tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> Self {
+        let [qt, k, v, s, acc, lse, max, sum, alpha, row] =
+            scratch_parts(tiles, lanes, head_dim, v_head_dim).map(|n| super::carve(&mut buf, n));
+        Self { qt, k, v, s, acc, lse, max, sum, alpha, row, dv_pad: round_up(v_head_dim, lanes) }
     }
 }
 
@@ -91,12 +90,11 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     let keys = p.masker.block(kv_len, i0, i1);
     let terms = any_terms(p);
 
-    pack_qt(p, b, h, i0, rows, rows_pad, d, rt, &mut sc.qt);
+    pack_qt(p, b, h, i0, rows, rows_pad, d, rt, sc.qt);
     for r in 0..rows_pad {
         let st = if r < rows { RowState::start(p.sink(h)) } else { RowState::start(f32::NEG_INFINITY) };
         sc.max[r] = st.max;
         sc.sum[r] = st.sum;
-        sc.intervals[r] = if r < rows { p.masker.interval(kv_len, i0 + r) } else { (0, 0) };
     }
     sc.acc[..rows_pad * dv_pad].fill(0.0);
 
@@ -116,11 +114,11 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
         let (k_src, k_off, ld_k, full_groups) = match k_in_place {
             Some(k) => {
                 let tail = n - n % MR;
-                pack_rows(&p.k, b, hk, j0 + tail, n - tail, n_pad - tail, d, d, &mut sc.k);
+                pack_rows(&p.k, b, hk, j0 + tail, n - tail, n_pad - tail, d, d, sc.k);
                 (k, p.k.strides.offset(b, hk, j0), p.k.strides.seq, tail / MR)
             }
             None => {
-                pack_rows(&p.k, b, hk, j0, n, n_pad, d, d, &mut sc.k);
+                pack_rows(&p.k, b, hk, j0, n, n_pad, d, d, sc.k);
                 (&sc.k[..], 0, d, 0)
             }
         };
@@ -132,7 +130,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                 (S::as_simd_f32s(&v[o..o + (n - 1) * p.v.strides.seq + dv]).0, p.v.strides.seq / lanes)
             }
             None => {
-                pack_rows(&p.v, b, hk, j0, n, n, dv, dv_pad, &mut sc.v);
+                pack_rows(&p.v, b, hk, j0, n, n, dv, dv_pad, sc.v);
                 (S::as_simd_f32s(&sc.v[..n * dv_pad]).0, dvv)
             }
         };
@@ -177,7 +175,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                         score_terms(p, b, h, i0 + r0 + r, j0, row);
                     }
                     if mask {
-                        mask_outside(row, j0, sc.intervals[r0 + r]);
+                        mask_outside(row, j0, p.masker.interval(kv_len, i0 + r0 + r));
                     }
                     for (c, &x) in row.iter().enumerate() {
                         sc.s[c * rt + r] = x;
@@ -191,7 +189,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                 &mut sc.s[..n * rt],
                 &mut sc.max[r0..r0 + rt],
                 &mut sc.sum[r0..r0 + rt],
-                &mut sc.alpha,
+                sc.alpha,
             );
 
             // O += P V in chunks of NRV vectors of the value dim (outer, so each chunk of the V

@@ -11,33 +11,35 @@ use crate::element::Element;
 use crate::plan::Tiles;
 use crate::problem::Problem;
 
-/// Buffers of one worker, sized once per call for its tiles and head dims.
-pub(crate) struct Scratch {
-    q: Vec<f32>,
-    kt: Vec<f32>,
-    vt: Vec<f32>,
-    s: Vec<f32>,
+/// Buffers of one worker for one call, carved from its workspace (no allocation).
+pub(crate) struct Scratch<'w> {
+    q: &'w mut [f32],
+    kt: &'w mut [f32],
+    vt: &'w mut [f32],
+    s: &'w mut [f32],
     /// Output rows of the current block; normalised when `query_block` returns.
-    pub acc: Vec<f32>,
+    pub acc: &'w mut [f32],
     /// LSE of the rows of the current block.
-    pub lse: Vec<f32>,
-    rows: Vec<RowState>,
-    intervals: Vec<(usize, usize)>,
+    pub lse: &'w mut [f32],
+    max: &'w mut [f32],
+    sum: &'w mut [f32],
 }
 
-impl Scratch {
-    pub fn new(tiles: &Tiles, head_dim: usize, v_head_dim: usize) -> Self {
-        let (br, bc) = (tiles.br, tiles.bc);
-        Self {
-            q: vec![0.0; br * head_dim],
-            kt: vec![0.0; head_dim * kt_pitch(bc)],
-            vt: vec![0.0; bc * v_head_dim],
-            s: vec![0.0; br * bc],
-            acc: vec![0.0; br * v_head_dim],
-            lse: vec![0.0; br],
-            rows: vec![RowState::start(f32::NEG_INFINITY); br],
-            intervals: vec![(0, 0); br],
-        }
+fn scratch_parts(tiles: &Tiles, head_dim: usize, v_head_dim: usize) -> [usize; 8] {
+    let (br, bc) = (tiles.br, tiles.bc);
+    [br * head_dim, head_dim * kt_pitch(bc), bc * v_head_dim, br * bc, br * v_head_dim, br, br, br]
+}
+
+impl<'w> Scratch<'w> {
+    /// f32 elements of workspace one worker needs.
+    pub fn len(tiles: &Tiles, head_dim: usize, v_head_dim: usize) -> usize {
+        scratch_parts(tiles, head_dim, v_head_dim).iter().sum()
+    }
+
+    /// `buf` holds at least [`Scratch::len`] elements, contents irrelevant.
+    pub fn new(mut buf: &'w mut [f32], tiles: &Tiles, head_dim: usize, v_head_dim: usize) -> Self {
+        let [q, kt, vt, s, acc, lse, max, sum] = scratch_parts(tiles, head_dim, v_head_dim).map(|n| super::carve(&mut buf, n));
+        Self { q, kt, vt, s, acc, lse, max, sum }
     }
 }
 
@@ -70,8 +72,8 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
         for (dst, src) in sc.q[r * d..(r + 1) * d].iter_mut().zip(&p.q.data[o..o + d]) {
             *dst = src.to_f32();
         }
-        sc.rows[r] = RowState::start(p.sink(h));
-        sc.intervals[r] = p.masker.interval(kv_len, i0 + r);
+        let st = RowState::start(p.sink(h));
+        (sc.max[r], sc.sum[r]) = (st.max, st.sum);
     }
     sc.acc[..rows * dv].fill(0.0);
 
@@ -108,13 +110,13 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
             s.iter_mut().for_each(|x| *x *= scale);
             score_terms(p, b, h, i0 + r, j0, s);
             if !all_visible {
-                mask_outside(s, j0, sc.intervals[r]);
+                mask_outside(s, j0, p.masker.interval(kv_len, i0 + r));
             }
 
             // Online softmax: rescale what was accumulated only when the max grows.
-            let st = &mut sc.rows[r];
+            let (st_max, st_sum) = (&mut sc.max[r], &mut sc.sum[r]);
             let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = st.max.max(tile_max);
+            let new_max = st_max.max(tile_max);
             if new_max == f32::NEG_INFINITY {
                 continue; // nothing visible to this row yet
             }
@@ -124,13 +126,13 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
                 tile_sum += *x;
             }
             let acc = &mut sc.acc[r * dv..(r + 1) * dv];
-            if new_max > st.max {
-                let alpha = (st.max - new_max).exp();
+            if new_max > *st_max {
+                let alpha = (*st_max - new_max).exp();
                 acc.iter_mut().for_each(|a| *a *= alpha);
-                st.sum *= alpha;
+                *st_sum *= alpha;
             }
-            st.sum += tile_sum;
-            st.max = new_max;
+            *st_sum += tile_sum;
+            *st_max = new_max;
 
             for (c, &pc) in s.iter().enumerate() {
                 for (a, &vv) in acc.iter_mut().zip(&sc.vt[c * dv..(c + 1) * dv]) {
@@ -142,7 +144,7 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
     }
 
     for r in 0..rows {
-        let (inv, lse) = sc.rows[r].finish();
+        let (inv, lse) = RowState { max: sc.max[r], sum: sc.sum[r] }.finish();
         sc.acc[r * dv..(r + 1) * dv].iter_mut().for_each(|a| *a *= inv);
         sc.lse[r] = lse;
     }

@@ -3,6 +3,7 @@
 //! applied at run time.
 
 pub mod tile_rule;
+pub mod work;
 
 use crate::element::DType;
 use crate::isa::Isa;

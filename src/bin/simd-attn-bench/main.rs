@@ -10,10 +10,12 @@ mod unfused;
 use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Isa, Reference, RunConfig, TensorMut, TensorRef};
 use std::time::Instant;
 
-const USAGE: &str = "simd-attn-bench [--set standard|seqlen|all] [--isa auto|all|LIST] [--case SUBSTRING]
-                [--reps N] [--min-time SECONDS] [--no-check]
+const USAGE: &str = "simd-attn-bench [--set standard|seqlen|all] [--isa auto|all|LIST] [--threads LIST]
+                [--case SUBSTRING] [--reps N] [--min-time SECONDS] [--no-check]
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
             or a comma list of portable, scalar, avx2, avx512, neon
+  --threads comma list of thread counts to run each path with (default 1); %peak is then of
+            threads x the single-core peak
   --case    only the shapes whose name contains SUBSTRING";
 
 struct Case {
@@ -35,6 +37,7 @@ fn cases(set: &str) -> Vec<Case> {
             case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true),
             case("generic-d96", 1, 8, 8, 1024, 1024, 96, false),
             case("small", 1, 8, 8, 128, 128, 128, false),
+            case("tiny", 1, 8, 8, 64, 64, 64, false),
             case("decode", 1, 32, 8, 1, 4096, 128, true),
         ]
     };
@@ -103,6 +106,7 @@ fn parse_isas(spec: &str) -> Vec<Isa> {
 
 fn main() {
     let (mut set, mut isas, mut filter) = ("standard".to_string(), "auto".to_string(), String::new());
+    let mut thread_list = "1".to_string();
     let (mut reps, mut min_time, mut check) = (5usize, 0.5f64, true);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -111,6 +115,7 @@ fn main() {
             "--set" => set = val("--set"),
             "--isa" => isas = val("--isa"),
             "--case" => filter = val("--case"),
+            "--threads" => thread_list = val("--threads"),
             "--reps" => reps = val("--reps").parse().unwrap_or_else(|_| fail("--reps N")),
             "--min-time" => min_time = val("--min-time").parse().unwrap_or_else(|_| fail("--min-time SECONDS")),
             "--no-check" => check = false,
@@ -122,6 +127,10 @@ fn main() {
         }
     }
     let isas = parse_isas(&isas);
+    let thread_counts: Vec<usize> = thread_list
+        .split(',')
+        .map(|t| t.trim().parse().ok().filter(|&n| n > 0).unwrap_or_else(|| fail(&format!("bad thread count {t}"))))
+        .collect();
 
     let peak = machine::fma_peak_gflops(0).unwrap_or(f64::NAN);
     let peak256 = machine::fma_peak_gflops(256);
@@ -134,8 +143,8 @@ fn main() {
     println!("; memory read bandwidth {bw:.1} GB/s");
     println!("# %peak is of the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
     println!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}",
-        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "isa", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "x portable", "x unfused", "max err"
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}",
+        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "x portable", "x unfused", "max err"
     );
     let mut scores = Vec::new();
     for c in cases(&set).into_iter().filter(|c| c.name.contains(filter.as_str())) {
@@ -147,26 +156,32 @@ fn main() {
         let flops = attention_flops(&s, &params);
         let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * (s.head_dim + s.v_head_dim) * 4) as f64;
         let mut out = vec![0.0f32; no];
-        let run = |isa: Isa, out: &mut Vec<f32>, reps: usize, min_time: f64| {
-            let config = RunConfig { isa: Some(isa) };
+        let run = |isa: Isa, threads: usize, out: &mut Vec<f32>, reps: usize, min_time: f64| {
+            let config = RunConfig { isa: Some(isa), threads: Some(threads) };
             time(reps, min_time, || {
                 attention_with(&config, &s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), TensorMut::new(out, os), None, &params)
                     .expect("valid problem");
             })
         };
-        let (t_portable, _, _) = run(Isa::Portable, &mut out, 3.min(reps), 0.0);
+        let (t_portable, _, _) = run(Isa::Portable, 1, &mut out, 3.min(reps), 0.0);
         let mut base_out = vec![0.0f32; no];
         let (t_unfused, _, _) = time(3.min(reps), 0.0, || unfused::attention(&s, c.causal, &q, &k, &v, &mut base_out, &mut scores));
         let reference = check.then(|| Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), &params).unwrap());
         for &isa in &isas {
-            let (t, best, spread) = if isa == Isa::Portable { run(isa, &mut out, 3.min(reps), 0.0) } else { run(isa, &mut out, reps, min_time) };
-            let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
-            println!(
-                "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>9.2}x {:>8.2}x {:>8.1e}",
-                c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.causal, isa.name(),
-                t * 1e3, spread * 100.0, flops / t / 1e9, flops / best / 1e9, 100.0 * flops / t / 1e9 / peak,
-                kv_bytes / t / 1e9, t_portable / t, t_unfused / t, err
-            );
+            for &threads in &thread_counts {
+                let (t, best, spread) = if isa == Isa::Portable {
+                    run(isa, threads, &mut out, 3.min(reps), 0.0)
+                } else {
+                    run(isa, threads, &mut out, reps, min_time)
+                };
+                let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
+                println!(
+                    "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>9.2}x {:>8.2}x {:>8.1e}",
+                    c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.causal, isa.name(), threads,
+                    t * 1e3, spread * 100.0, flops / t / 1e9, flops / best / 1e9, 100.0 * flops / t / 1e9 / (peak * threads as f64),
+                    kv_bytes / t / 1e9, t_portable / t, t_unfused / t, err
+                );
+            }
         }
     }
 }
