@@ -3,13 +3,17 @@
 //! `simd-attn-bench` binary.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use simd_attn::{attention, attention_flops, AttentionParams, AttentionShape, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Isa, RunConfig, TensorMut, TensorRef};
 use std::hint::black_box;
 
 fn prefill(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefill");
     g.sample_size(10);
-    for (d, causal) in [(64, false), (128, false), (128, true)] {
+    for (isa, d, causal) in Isa::available()
+        .into_iter()
+        .filter(|&i| i != Isa::Scalar)
+        .flat_map(|isa| [(isa, 64, false), (isa, 128, false), (isa, 128, true)])
+    {
         let s = AttentionShape::new(1, 8, 2, 512, 512, d);
         let [qs, ks, vs, os] = s.bhsd_strides();
         let [nq, nk, nv, no] = s.bhsd_lens();
@@ -17,10 +21,11 @@ fn prefill(c: &mut Criterion) {
         let mut out = vec![0.0f32; no];
         let params = AttentionParams::new().causal(causal);
         g.throughput(Throughput::Elements(attention_flops(&s, &params) as u64));
-        let id = BenchmarkId::new(format!("portable/d{d}"), if causal { "causal" } else { "full" });
+        let id = BenchmarkId::new(format!("{isa}/d{d}"), if causal { "causal" } else { "full" });
+        let config = RunConfig { isa: Some(isa), threads: Some(1) };
         g.bench_function(id, |bench| {
             bench.iter(|| {
-                attention(&s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), TensorMut::new(&mut out, os), None, &params)
+                attention_with(&config, &s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), TensorMut::new(&mut out, os), None, &params)
                     .unwrap();
                 black_box(&out);
             })
