@@ -90,6 +90,9 @@ pub(crate) fn run_units<TQ: Element, TKV: Element, TO: Element>(
     }
     let (d, dv) = (job.p.shape.head_dim, job.p.shape.v_head_dim);
     let isa = job.isa;
+    // A storage type without a family of its own runs the f32 family's kernel body, which
+    // converts through `Element` (correct for every storage type, if not the fastest).
+    let dtype = if Family::find(isa, TKV::DTYPE).is_some() { TKV::DTYPE } else { DType::F32 };
     macro_rules! run_isa {
         (Scalar, $op:expr) => { run_scalar($op) };
         (Avx2, $op:expr) => { run_avx2($op) };
@@ -99,7 +102,7 @@ pub(crate) fn run_units<TQ: Element, TKV: Element, TO: Element>(
     macro_rules! arms {
         ($([$isa:ident, $dt:ident, $mr:literal, $nrv:literal, [$($hd:literal),*]])*) => {
             $(
-                if isa == Isa::$isa && TKV::DTYPE == DType::$dt {
+                if isa == Isa::$isa && dtype == DType::$dt {
                     $(
                         if d == $hd && dv == $hd {
                             return run_isa!($isa, Specialised::<_, _, _, $hd, $mr, $nrv> { job, iter, scratch }).ok_or(());
