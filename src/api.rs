@@ -3,7 +3,7 @@
 
 use crate::element::Element;
 use crate::error::AttnError;
-use crate::exec::{run_units, tiles_and_scratch, with_thread_scratch, Job, Units, Workspace};
+use crate::exec::{merge_all, merge_group, plan_for, run_units, with_thread_partials, with_thread_scratch, Job, Partials, Units, Workspace};
 use crate::isa::{resolve_isa, Isa};
 use crate::layout::{AttentionShape, TensorMut, TensorRef};
 use crate::params::AttentionParams;
@@ -23,6 +23,8 @@ pub struct RunInfo {
     pub tiles: Tiles,
     /// Workers that ran (1 when the work was too small to split).
     pub threads: usize,
+    /// How the call was split (prefill blocks, or decode partitions with a merge).
+    pub plan: WorkPlan,
 }
 
 /// How a call runs (not what it computes: results are bitwise identical for every setting
@@ -111,7 +113,6 @@ pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
 ) -> Result<RunInfo, AttnError> {
     let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
     let Prepared { p, out, plan, tiles, isa, scratch_len } = &prepared;
-    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa };
     let flops = crate::attention_flops(shape, params);
     let threads = config
         .threads
@@ -120,14 +121,19 @@ pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
         .min((flops / MIN_FLOPS_PER_THREAD) as usize + 1)
         .max(1);
     let unavailable = || AttnError::IsaUnavailable { isa: *isa };
-    #[cfg(feature = "rayon")]
-    if threads > 1 {
-        let specialised = crate::exec::run_pool(job, threads, *scratch_len).map_err(|_| unavailable())?;
-        return Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads });
-    }
-    let specialised =
-        with_thread_scratch(*scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc)).map_err(|_| unavailable())?;
-    Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1 })
+    with_thread_partials(Partials::len_for(plan, shape), |pbuf| {
+        let partials = Partials::new(pbuf, plan, shape);
+        let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials };
+        #[cfg(feature = "rayon")]
+        if threads > 1 {
+            let specialised = crate::exec::run_pool(job, threads, *scratch_len).map_err(|_| unavailable())?;
+            return Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads, plan: *plan });
+        }
+        let specialised = with_thread_scratch(*scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc))
+            .map_err(|_| unavailable())?;
+        merge_all(&job);
+        Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1, plan: *plan })
+    })
 }
 
 /// [`attention_with`] on the calling thread only, with the caller's [`Workspace`].
@@ -145,10 +151,19 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
 ) -> Result<RunInfo, AttnError> {
     let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
     let Prepared { p, out, plan, tiles, isa, scratch_len } = &prepared;
-    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa };
-    let specialised = run_units(job, Units::Share { ith: 0, nth: 1 }, workspace.get(*scratch_len))
+    let (scratch, pbuf) = workspace.get(*scratch_len + Partials::len_for(plan, shape)).split_at_mut(*scratch_len);
+    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, shape) };
+    let specialised = run_units(job, Units::Share { ith: 0, nth: 1 }, scratch)
         .map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
-    Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1 })
+    // The merge's row buffer: the start of the scratch, free again now.
+    let row = &mut scratch[..shape.v_head_dim.min(*scratch_len)];
+    if plan.parts() > 1 {
+        for g in 0..plan.merge_groups() {
+            // SAFETY: every unit ran above, on this thread; each group merged once.
+            unsafe { merge_group(&job, g, row) };
+        }
+    }
+    Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1, plan: *plan })
 }
 
 /// A validated call, planned.
@@ -175,15 +190,17 @@ fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
     let p = Problem::new(shape, q, k, v, params)?;
     validate_outputs(shape, &out, lse.as_deref())?;
     let isa = resolve_isa(config.isa)?;
-    let (tiles, scratch_len) = tiles_and_scratch(isa, TKV::DTYPE, shape.head_dim, shape.v_head_dim);
-    Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan: WorkPlan::new(shape, tiles.br), tiles, isa, scratch_len })
+    let (plan, tiles, scratch_len) = plan_for(isa, TKV::DTYPE, shape);
+    Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan, tiles, isa, scratch_len })
 }
 
 /// Host-driven execution: the engine's own workers run the call. Create it once per call (this
 /// validates and plans), then worker `ith` of the `nth` given here calls [`HostPlan::run`]
 /// with its share number and its own scratch buffer of [`HostPlan::workspace_len`] elements.
-/// `run` neither allocates nor synchronises beyond claiming its share; the output is complete
-/// once every share has run (the engine's barrier), and bitwise identical to [`attention`]'s.
+/// `run` neither allocates nor synchronises beyond claiming its share. When the decode path
+/// split the keys into partitions ([`HostPlan::needs_merge`]), each worker then calls
+/// [`HostPlan::merge`] after the engine's barrier. The output is complete when all have
+/// returned, and bitwise identical to [`attention`]'s.
 ///
 /// ```
 /// use simd_attn::{AttentionParams, AttentionShape, HostPlan, RunConfig, TensorMut, TensorRef};
@@ -204,6 +221,13 @@ fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
 ///         });
 ///     }
 /// });
+/// // Decode shapes split the keys; the merge runs after the barrier (here: the scope's end).
+/// std::thread::scope(|s| {
+///     for ith in 0..3 {
+///         let plan = &plan;
+///         s.spawn(move || plan.merge(ith, &mut vec![0.0f32; plan.workspace_len()]).unwrap());
+///     }
+/// });
 /// drop(plan);
 /// assert!((out[0] - 0.3).abs() < 1e-6);
 /// # Ok::<(), simd_attn::AttnError>(())
@@ -212,6 +236,23 @@ pub struct HostPlan<'a, 'o, TQ, TKV, TO> {
     prepared: Prepared<'a, 'o, TQ, TKV, TO>,
     nth: usize,
     claimed: Vec<AtomicBool>,
+    merge_claimed: Vec<AtomicBool>,
+    finished: AtomicUsize,
+    /// Decode partials, written by `run` through raw pointers (hence not a `Vec` borrowed
+    /// through `&self`); freed on drop.
+    partials: *mut [f32],
+}
+
+// SAFETY: the raw partials buffer is owned; concurrent access follows `Partials`' rules
+// (disjoint slots in `run`, reads in `merge` only after every share finished).
+unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Sync for HostPlan<'_, '_, TQ, TKV, TO> {}
+unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Send for HostPlan<'_, '_, TQ, TKV, TO> {}
+
+impl<TQ, TKV, TO> Drop for HostPlan<'_, '_, TQ, TKV, TO> {
+    fn drop(&mut self) {
+        // SAFETY: created by Box::into_raw in `new`, freed once.
+        drop(unsafe { Box::from_raw(self.partials) });
+    }
 }
 
 impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, TO> {
@@ -232,12 +273,22 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
             return Err(AttnError::ZeroDim { dim: "nth" });
         }
         let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
-        Ok(Self { prepared, nth, claimed: (0..nth).map(|_| AtomicBool::new(false)).collect() })
+        let plen = Partials::len_for(&prepared.plan, shape);
+        let flags = |n: usize| (0..n).map(|_| AtomicBool::new(false)).collect::<Vec<_>>();
+        Ok(Self {
+            prepared,
+            nth,
+            claimed: flags(nth),
+            merge_claimed: flags(nth),
+            finished: AtomicUsize::new(0),
+            partials: Box::into_raw(vec![0.0f32; plen].into_boxed_slice()),
+        })
     }
 
-    /// f32 elements of scratch each worker passes to [`HostPlan::run`].
+    /// f32 elements of scratch each worker passes to [`HostPlan::run`] and
+    /// [`HostPlan::merge`].
     pub fn workspace_len(&self) -> usize {
-        self.prepared.scratch_len
+        self.prepared.scratch_len.max(self.prepared.p.shape.v_head_dim)
     }
 
     /// The plan (units and shares), for inspection.
@@ -245,22 +296,63 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
         &self.prepared.plan
     }
 
+    /// Whether [`HostPlan::merge`] has work: the decode path split the keys into partitions.
+    pub fn needs_merge(&self) -> bool {
+        self.prepared.plan.parts() > 1
+    }
+
+    fn job(&self) -> Job<'_, 'a, 'o, TQ, TKV, TO> {
+        let pr = &self.prepared;
+        // SAFETY: the buffer lives as long as `self` and is reached only through `Partials`,
+        // which hands writers disjoint slots and reads only after the barrier `merge` checks.
+        let partials = unsafe { Partials::from_raw(self.partials as *mut f32, self.partials.len(), &pr.plan, &pr.p.shape) };
+        Job { p: &pr.p, out: &pr.out, plan: pr.plan, tiles: pr.tiles, isa: pr.isa, partials }
+    }
+
     /// Runs share `ith`. Each share runs at most once: a second call for the same `ith` is an
     /// error (two workers writing the same rows would race).
     pub fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
         let pr = &self.prepared;
-        if ith >= self.nth {
-            return Err(AttnError::ShareOutOfRange { ith, nth: self.nth });
-        }
-        if workspace.len() < pr.scratch_len {
-            return Err(AttnError::WorkspaceTooSmall { needed: pr.scratch_len, len: workspace.len() });
-        }
+        self.check_share(ith, workspace)?;
         if self.claimed[ith].swap(true, Ordering::AcqRel) {
             return Err(AttnError::ShareAlreadyRun { ith });
         }
-        let job = Job { p: &pr.p, out: &pr.out, plan: pr.plan, tiles: pr.tiles, isa: pr.isa };
-        let specialised = run_units(job, Units::Share { ith, nth: self.nth }, &mut workspace[..pr.scratch_len])
-            .map_err(|_| AttnError::IsaUnavailable { isa: pr.isa })?;
-        Ok(RunInfo { isa: pr.isa, specialised_head_dim: specialised, tiles: pr.tiles, threads: self.nth })
+        let result = run_units(self.job(), Units::Share { ith, nth: self.nth }, &mut workspace[..pr.scratch_len]);
+        self.finished.fetch_add(1, Ordering::Release);
+        let specialised = result.map_err(|_| AttnError::IsaUnavailable { isa: pr.isa })?;
+        Ok(RunInfo { isa: pr.isa, specialised_head_dim: specialised, tiles: pr.tiles, threads: self.nth, plan: pr.plan })
+    }
+
+    /// The merge step of the decode path, share `ith` of `nth` (the same `nth`): call it after
+    /// every worker's `run` has returned (the engine's barrier). Returns an error, and touches
+    /// nothing, if some share has not finished yet. A no-op when [`HostPlan::needs_merge`] is
+    /// false.
+    pub fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
+        self.check_share(ith, workspace)?;
+        let done = self.finished.load(Ordering::Acquire);
+        if done < self.nth {
+            return Err(AttnError::SharesNotFinished { finished: done, nth: self.nth });
+        }
+        if self.merge_claimed[ith].swap(true, Ordering::AcqRel) {
+            return Err(AttnError::ShareAlreadyRun { ith });
+        }
+        let job = self.job();
+        let row = &mut workspace[..self.prepared.p.shape.v_head_dim];
+        for g in crate::plan::work::snake(self.prepared.plan.merge_groups(), ith, self.nth) {
+            // SAFETY: every share finished (checked above, Acquire pairs with their Release);
+            // merge share `ith` runs once and owns groups disjoint from the other shares'.
+            unsafe { merge_group(&job, g, row) };
+        }
+        Ok(())
+    }
+
+    fn check_share(&self, ith: usize, workspace: &[f32]) -> Result<(), AttnError> {
+        if ith >= self.nth {
+            return Err(AttnError::ShareOutOfRange { ith, nth: self.nth });
+        }
+        if workspace.len() < self.workspace_len() {
+            return Err(AttnError::WorkspaceTooSmall { needed: self.workspace_len(), len: workspace.len() });
+        }
+        Ok(())
     }
 }

@@ -31,6 +31,8 @@ pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::De
     /// The slice itself when the storage type is already `f32`, so kernels can read it in
     /// place instead of converting a copy.
     fn as_f32_slice(s: &[Self]) -> Option<&[f32]>;
+    /// The slice itself when the storage type is `f16`, so kernels can convert it in registers.
+    fn as_f16_slice(s: &[Self]) -> Option<&[half::f16]>;
 }
 
 impl Element for f32 {
@@ -47,6 +49,10 @@ impl Element for f32 {
     fn as_f32_slice(s: &[f32]) -> Option<&[f32]> {
         Some(s)
     }
+    #[inline(always)]
+    fn as_f16_slice(_: &[f32]) -> Option<&[half::f16]> {
+        None
+    }
 }
 
 impl Element for half::f16 {
@@ -62,5 +68,9 @@ impl Element for half::f16 {
     #[inline(always)]
     fn as_f32_slice(_: &[half::f16]) -> Option<&[f32]> {
         None
+    }
+    #[inline(always)]
+    fn as_f16_slice(s: &[half::f16]) -> Option<&[half::f16]> {
+        Some(s)
     }
 }

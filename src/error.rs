@@ -58,6 +58,8 @@ pub enum AttnError {
     ShareOutOfRange { ith: usize, nth: usize },
     /// A host-driven share was run twice.
     ShareAlreadyRun { ith: usize },
+    /// A host-driven merge was called before every share had finished.
+    SharesNotFinished { finished: usize, nth: usize },
     /// A caller-provided workspace is smaller than the call needs.
     WorkspaceTooSmall { needed: usize, len: usize },
     /// The requested instruction-set path cannot run on this machine.
@@ -104,6 +106,10 @@ impl fmt::Display for AttnError {
             ),
             ShareOutOfRange { ith, nth } => write!(f, "share {ith} does not exist: there are {nth} (0..{nth})"),
             ShareAlreadyRun { ith } => write!(f, "share {ith} has already run; each share runs once"),
+            SharesNotFinished { finished, nth } => write!(
+                f,
+                "merge called after {finished} of {nth} shares finished; call it after every share's run"
+            ),
             WorkspaceTooSmall { needed, len } => {
                 write!(f, "workspace holds {len} f32 elements but the call needs {needed}")
             }

@@ -3,8 +3,9 @@
 
 use crate::element::{DType, Element};
 use crate::isa::Isa;
-use crate::kernel::{flash, portable};
-use crate::plan::work::WorkPlan;
+use crate::kernel::{decode, flash, portable};
+use crate::kernel::softmax::RowState;
+use crate::plan::work::{PlanKind, WorkPlan, WorkUnit};
 use crate::plan::{for_each_simd_family, Family, Tiles};
 use crate::problem::Problem;
 use crate::simd::{run_avx2, run_avx512, run_neon, run_scalar, SimdExt, WithSimdExt};
@@ -52,6 +53,76 @@ pub(crate) struct Job<'j, 'a, 'o, TQ, TKV, TO> {
     pub plan: WorkPlan,
     pub tiles: Tiles,
     pub isa: Isa,
+    /// Where decode units leave their unnormalised results when a merge follows.
+    pub partials: Partials<'j>,
+}
+
+/// The unnormalised results of decode units, one slot per (batch, KV head, sub-group,
+/// partition): `rows` accumulator rows of `v_head_dim`, then `rows` maxima, then `rows` sums.
+/// Shared by the call's workers like `OutRows`: each unit writes only its own slot, and the
+/// merge reads them only after every unit has run.
+#[derive(Clone, Copy)]
+pub(crate) struct Partials<'j> {
+    ptr: *mut f32,
+    len: usize,
+    rows: usize,
+    dv: usize,
+    _borrow: core::marker::PhantomData<&'j mut [f32]>,
+}
+
+// SAFETY: see the type docs: disjoint writes, reads after a barrier.
+unsafe impl Send for Partials<'_> {}
+unsafe impl Sync for Partials<'_> {}
+
+impl<'j> Partials<'j> {
+    /// Floats needed for a plan (0 when no merge follows).
+    pub fn len_for(plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> usize {
+        match plan.kind {
+            PlanKind::Decode { heads_per_sub, subs, parts } if parts > 1 => {
+                let rows = heads_per_sub * shape.seq_q;
+                shape.batch * shape.kv_heads * subs * parts * rows * (shape.v_head_dim + 2)
+            }
+            _ => 0,
+        }
+    }
+
+    pub fn new(buf: &'j mut [f32], plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> Self {
+        // SAFETY: a live, exclusively borrowed buffer for 'j.
+        unsafe { Self::from_raw(buf.as_mut_ptr(), buf.len(), plan, shape) }
+    }
+
+    /// # Safety
+    /// `ptr..ptr + len` is valid for reads and writes for 'j and accessed only through
+    /// `Partials` values made from it.
+    pub unsafe fn from_raw(ptr: *mut f32, len: usize, plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> Self {
+        let rows = match plan.kind {
+            PlanKind::Decode { heads_per_sub, .. } => heads_per_sub * shape.seq_q,
+            PlanKind::Prefill { .. } => 0,
+        };
+        Self { ptr, len, rows, dv: shape.v_head_dim, _borrow: core::marker::PhantomData }
+    }
+
+    fn slot_len(&self) -> usize {
+        self.rows * (self.dv + 2)
+    }
+
+    /// # Safety
+    /// Only the unit owning `slot` writes it, and nobody reads it meanwhile.
+    unsafe fn slot_mut(&self, slot: usize) -> &mut [f32] {
+        let n = self.slot_len();
+        assert!((slot + 1) * n <= self.len, "partial slot inside the buffer");
+        // SAFETY: in bounds (checked); exclusive per the contract above.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.add(slot * n), n) }
+    }
+
+    /// # Safety
+    /// Every unit has finished writing (a barrier separates them from this read).
+    unsafe fn slot(&self, slot: usize) -> &[f32] {
+        let n = self.slot_len();
+        assert!((slot + 1) * n <= self.len, "partial slot inside the buffer");
+        // SAFETY: in bounds; no writer remains.
+        unsafe { core::slice::from_raw_parts(self.ptr.add(slot * n), n) }
+    }
 }
 
 impl<TQ, TKV, TO> Clone for Job<'_, '_, '_, TQ, TKV, TO> {
@@ -61,18 +132,25 @@ impl<TQ, TKV, TO> Clone for Job<'_, '_, '_, TQ, TKV, TO> {
 }
 impl<TQ, TKV, TO> Copy for Job<'_, '_, '_, TQ, TKV, TO> {}
 
-/// Block sizes and per-worker scratch length (f32 elements) of a path for a problem.
-pub(crate) fn tiles_and_scratch(isa: Isa, kv_dtype: DType, head_dim: usize, v_head_dim: usize) -> (Tiles, usize) {
+/// The plan, block sizes and per-worker scratch length (f32 elements) of a path for a
+/// problem. Decode shapes get the decode plan on the SIMD paths; the portable kernel, the
+/// baseline, always runs the prefill plan.
+pub(crate) fn plan_for(isa: Isa, kv_dtype: DType, shape: &crate::layout::AttentionShape) -> (WorkPlan, Tiles, usize) {
     let family = Family::find(isa, kv_dtype)
         .or_else(|| Family::find(isa, DType::F32))
         .expect("kernels/ declares an f32 family for every path");
-    let tiles = family.tiles(head_dim, v_head_dim);
-    let len = if isa == Isa::Portable {
-        portable::Scratch::len(&tiles, head_dim, v_head_dim)
-    } else {
-        flash::Scratch::len(&tiles, family.lanes, head_dim, v_head_dim)
-    };
-    (tiles, len)
+    let (d, dv) = (shape.head_dim, shape.v_head_dim);
+    let tiles = family.tiles(d, dv);
+    if isa == Isa::Portable {
+        return (WorkPlan::new(shape, tiles.br), tiles, portable::Scratch::len(&tiles, d, dv));
+    }
+    if WorkPlan::prefers_decode(shape) {
+        let plan = WorkPlan::decode(shape);
+        let PlanKind::Decode { heads_per_sub, .. } = plan.kind else { unreachable!() };
+        let len = decode::Scratch::len(heads_per_sub * shape.seq_q, family.mr, family.lanes, d, dv);
+        return (plan, tiles, len);
+    }
+    (WorkPlan::new(shape, tiles.br), tiles, flash::Scratch::len(&tiles, family.lanes, d, dv))
 }
 
 /// Runs `units` of `job` with `scratch` (at least the length `tiles_and_scratch` gave).
@@ -122,7 +200,7 @@ fn run_portable<TQ: Element, TKV: Element, TO: Element>(job: Job<'_, '_, '_, TQ,
     let mut sc = portable::Scratch::new(scratch, &job.tiles, s.head_dim, s.v_head_dim);
     while let Some(u) = iter.next() {
         let w = job.plan.unit(u);
-        for h in w.kv_head * s.group_size()..(w.kv_head + 1) * s.group_size() {
+        for h in w.head_start..w.head_end {
             portable::query_block(job.p, &job.tiles, w.batch, h, w.q_start, w.q_end, &mut sc);
             let n = w.q_end - w.q_start;
             // SAFETY: unit `u` is run once (see `store`), so its rows have no other writer.
@@ -147,10 +225,19 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
     fn with_simd<S: SimdExt>(self, simd: S) -> Option<usize> {
         let Specialised { job, mut iter, scratch } = self;
         let s = &job.p.shape;
+        if let PlanKind::Decode { heads_per_sub, .. } = job.plan.kind {
+            let mut sc = decode::Scratch::new(scratch, heads_per_sub * s.seq_q, MR, S::F32_LANES, s.head_dim, s.v_head_dim);
+            while let Some(u) = iter.next() {
+                let w = job.plan.unit(u);
+                decode::decode_unit::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &w, &mut sc);
+                finish_decode_unit(&job, &w, sc.acc, sc.max, sc.sum, sc.dv_pad);
+            }
+            return (D != 0).then_some(D);
+        }
         let mut sc = flash::Scratch::new(scratch, &job.tiles, S::F32_LANES, s.head_dim, s.v_head_dim);
         while let Some(u) = iter.next() {
             let w = job.plan.unit(u);
-            for h in w.kv_head * s.group_size()..(w.kv_head + 1) * s.group_size() {
+            for h in w.head_start..w.head_end {
                 flash::query_block::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &job.tiles, w.batch, h, w.q_start, w.q_end, &mut sc);
                 let n = w.q_end - w.q_start;
                 // SAFETY: unit `u` is run once (see `store`), so its rows have no other writer.
@@ -158,6 +245,81 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
             }
         }
         (D != 0).then_some(D)
+    }
+}
+
+/// A decode unit's rows: normalised into the output when its partition is the only one, else
+/// left in its partial slot for the merge.
+fn finish_decode_unit<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, w: &WorkUnit, acc: &mut [f32], max: &[f32], sum: &[f32], pitch: usize) {
+    let s = &job.p.shape;
+    let per_head = w.q_end - w.q_start;
+    let rows = (w.head_end - w.head_start) * per_head;
+    if job.plan.parts() == 1 {
+        for r in 0..rows {
+            let (inv, lse) = RowState { max: max[r], sum: sum[r] }.finish();
+            let row = &mut acc[r * pitch..r * pitch + s.v_head_dim];
+            row.iter_mut().for_each(|x| *x *= inv);
+            let (h, i) = (w.head_start + r / per_head, w.q_start + r % per_head);
+            // SAFETY: this unit is the only one covering these rows (one partition).
+            unsafe { job.out.store(w.batch, h, i, row, pitch, 1, &[lse]) };
+        }
+        return;
+    }
+    let dv = s.v_head_dim;
+    // SAFETY: the slot belongs to this unit alone; merges read it after every unit ran.
+    let slot = unsafe { job.partials.slot_mut(job.plan.partial_slot(w)) };
+    let full = job.partials.rows;
+    for r in 0..rows {
+        slot[r * dv..(r + 1) * dv].copy_from_slice(&acc[r * pitch..r * pitch + dv]);
+    }
+    slot[full * dv..full * dv + rows].copy_from_slice(&max[..rows]);
+    slot[full * dv + full..full * dv + full + rows].copy_from_slice(&sum[..rows]);
+}
+
+/// Combines the partitions of merge group `g` (a batch entry, KV head and sub-group) in
+/// partition order and stores the normalised rows and their LSE.
+///
+/// # Safety
+/// Every unit of the plan has finished (the caller's barrier), and only this call merges `g`.
+pub(crate) unsafe fn merge_group<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, g: usize, row: &mut [f32]) {
+    let PlanKind::Decode { heads_per_sub, subs, parts } = job.plan.kind else { return };
+    if parts == 1 {
+        return;
+    }
+    let s = &job.p.shape;
+    let (dv, full) = (s.v_head_dim, job.partials.rows);
+    let (bk, sub) = (g / subs, g % subs);
+    let (b, hk) = (bk / s.kv_heads, bk % s.kv_heads);
+    let head_start = hk * s.group_size() + sub * heads_per_sub;
+    let heads = heads_per_sub.min((hk + 1) * s.group_size() - head_start);
+    for r in 0..heads * s.seq_q {
+        let slots = |p: usize| {
+            // SAFETY: every unit has run (contract).
+            unsafe { job.partials.slot((g * parts) + p) }
+        };
+        let max = (0..parts).map(|p| slots(p)[full * dv + r]).fold(f32::NEG_INFINITY, f32::max);
+        let row = &mut row[..dv];
+        row.fill(0.0);
+        let mut sum = 0.0f32;
+        if max != f32::NEG_INFINITY {
+            for p in 0..parts {
+                let slot = slots(p);
+                let m = slot[full * dv + r];
+                if m == f32::NEG_INFINITY {
+                    continue;
+                }
+                let scale = (m - max).exp();
+                sum += slot[full * dv + full + r] * scale;
+                for (o, &a) in row.iter_mut().zip(&slot[r * dv..(r + 1) * dv]) {
+                    *o += a * scale;
+                }
+            }
+        }
+        let (inv, lse) = RowState { max, sum }.finish();
+        row.iter_mut().for_each(|x| *x *= inv);
+        let (h, i) = (head_start + r / s.seq_q, r % s.seq_q);
+        // SAFETY: group `g`'s rows are merged by this call only.
+        unsafe { job.out.store(b, h, i, row, dv, 1, &[lse]) };
     }
 }
 
@@ -185,6 +347,16 @@ impl Workspace {
 thread_local! {
     /// The workspace of calls that bring none: one per thread, so pool workers never share.
     static THREAD_WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::new());
+    /// Decode partials of calls that bring no workspace, kept by the calling thread.
+    static THREAD_PARTIALS: RefCell<Workspace> = RefCell::new(Workspace::new());
+}
+
+/// Runs `f` with `len` elements of this thread's partials buffer (fresh if it is in use).
+pub(crate) fn with_thread_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    THREAD_PARTIALS.with(|ws| match ws.try_borrow_mut() {
+        Ok(mut ws) => f(ws.get(len)),
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Runs `f` with `len` elements of this thread's workspace (a fresh buffer if the thread's
@@ -215,5 +387,20 @@ pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
         }
         first = worker();
     });
+    // The scope's end is the barrier the merge needs.
+    merge_all(&job);
     first
+}
+
+/// Merges every group on the calling thread (after all units ran).
+pub(crate) fn merge_all<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>) {
+    if job.plan.parts() <= 1 {
+        return;
+    }
+    with_thread_scratch(job.p.shape.v_head_dim, |row| {
+        for g in 0..job.plan.merge_groups() {
+            // SAFETY: called after every unit has run, once per group.
+            unsafe { merge_group(job, g, row) };
+        }
+    });
 }

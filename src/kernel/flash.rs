@@ -114,11 +114,11 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
         let (k_src, k_off, ld_k, full_groups) = match k_in_place {
             Some(k) => {
                 let tail = n - n % MR;
-                pack_rows(&p.k, b, hk, j0 + tail, n - tail, n_pad - tail, d, d, sc.k);
+                pack_rows(simd, &p.k, b, hk, j0 + tail, n - tail, n_pad - tail, d, d, sc.k);
                 (k, p.k.strides.offset(b, hk, j0), p.k.strides.seq, tail / MR)
             }
             None => {
-                pack_rows(&p.k, b, hk, j0, n, n_pad, d, d, sc.k);
+                pack_rows(simd, &p.k, b, hk, j0, n, n_pad, d, d, sc.k);
                 (&sc.k[..], 0, d, 0)
             }
         };
@@ -130,7 +130,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                 (S::as_simd_f32s(&v[o..o + (n - 1) * p.v.strides.seq + dv]).0, p.v.strides.seq / lanes)
             }
             None => {
-                pack_rows(&p.v, b, hk, j0, n, n, dv, dv_pad, sc.v);
+                pack_rows(simd, &p.v, b, hk, j0, n, n, dv, dv_pad, sc.v);
                 (S::as_simd_f32s(&sc.v[..n * dv_pad]).0, dvv)
             }
         };
@@ -293,14 +293,12 @@ fn pack_qt<TQ: Element, TKV>(p: &Problem<'_, TQ, TKV>, b: usize, h: usize, i0: u
 /// (zero-padded past `width`); rows `n..n_pad` are zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_rows<T: Element>(t: &crate::layout::TensorRef<'_, T>, b: usize, hk: usize, j0: usize, n: usize, n_pad: usize, width: usize, pitch: usize, dst: &mut [f32]) {
+fn pack_rows<S: SimdExt, T: Element>(simd: S, t: &crate::layout::TensorRef<'_, T>, b: usize, hk: usize, j0: usize, n: usize, n_pad: usize, width: usize, pitch: usize, dst: &mut [f32]) {
     for c in 0..n_pad {
         let row = &mut dst[c * pitch..(c + 1) * pitch];
         if c < n {
             let o = t.strides.offset(b, hk, j0 + c);
-            for (x, y) in row.iter_mut().zip(&t.data[o..o + width]) {
-                *x = y.to_f32();
-            }
+            super::convert_row(simd, &t.data[o..o + width], row);
             row[width..].fill(0.0);
         } else {
             row.fill(0.0);

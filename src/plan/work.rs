@@ -1,28 +1,54 @@
 //! The work plan: how one call splits into independent units, and which units each worker runs.
 //!
-//! A unit is one query block (`br` rows) of one batch entry for one KV head, run for every query
-//! head that shares the KV head (GQA: the K/V tiles a unit brings into cache serve the whole
-//! group). Units touch disjoint output rows, and a unit's result does not depend on who runs
-//! it, so the output is bitwise identical for every thread count and both ways of running.
+//! **Prefill** (many query rows): a unit is one query block (`br` rows) of one batch entry for
+//! one KV head, run for every query head that shares the KV head (GQA: the K/V tiles a unit
+//! brings into cache serve the whole group).
 //!
-//! Units are numbered with the query block outermost and *descending*: under a causal mask the
-//! last query blocks see the most keys, so low numbers are the expensive units. Workers either
-//! take units dynamically in that order (the crate's pool: largest first), or take a fixed
-//! share (host-driven `(ith, nth)`): a snake over the numbering, so each share mixes expensive
-//! and cheap units. Both need no allocation: the plan is a handful of integers.
+//! **Decode** (a few query rows against a long KV cache): a unit is one *key partition* of
+//! `part_len` keys (fixed by the shape, never by the thread count) of one batch entry and KV
+//! head, for all query rows of a sub-group of that KV head's query heads at once, so each K/V
+//! byte is read once per call rather than once per query head. A unit leaves an unnormalised
+//! partial result; a merge step combines the partitions of each (batch, KV head, sub-group) in
+//! partition order.
+//!
+//! Units touch disjoint output rows (or partial slots), and a unit's result does not depend on
+//! who runs it, so the output is bitwise identical for every thread count and both ways of
+//! running. Units are numbered most expensive first (prefill: the last query blocks, which see
+//! the most keys under a causal mask); workers either take them dynamically in that order (the
+//! crate's pool) or take a fixed share (host-driven `(ith, nth)`): a snake over the numbering,
+//! so each share mixes expensive and cheap units. Neither needs allocation: the plan is a
+//! handful of integers.
 
 use crate::layout::AttentionShape;
 use crate::mask::RowMasker;
 use crate::params::AttentionParams;
 
-/// One unit of work: rows `q_start..q_end` of batch `batch`, for every query head of KV head
-/// `kv_head`.
+/// Query rows (heads x rows) one decode unit keeps in flight at most.
+pub const DECODE_MAX_ROWS: usize = 64;
+/// Keys per decode partition.
+pub const DECODE_PART_LEN: usize = 1024;
+
+/// One unit of work: rows `q_start..q_end` of query heads `head_start..head_end` (all of KV
+/// head `kv_head`'s group, or a sub-group in decode) of batch `batch`, against keys
+/// `key_start..key_end`. `part` numbers the key partition (always 0 in prefill).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WorkUnit {
     pub batch: usize,
     pub kv_head: usize,
+    pub head_start: usize,
+    pub head_end: usize,
     pub q_start: usize,
     pub q_end: usize,
+    pub key_start: usize,
+    pub key_end: usize,
+    pub part: usize,
+}
+
+/// Which kernel a plan is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanKind {
+    Prefill { block_rows: usize, q_blocks: usize },
+    Decode { heads_per_sub: usize, subs: usize, parts: usize },
 }
 
 /// The units of one call and how they are shared out.
@@ -30,51 +56,130 @@ pub struct WorkUnit {
 pub struct WorkPlan {
     batch: usize,
     kv_heads: usize,
+    group: usize,
     seq_q: usize,
-    block_rows: usize,
-    q_blocks: usize,
+    seq_kv: usize,
+    pub kind: PlanKind,
 }
 
 impl WorkPlan {
-    /// The plan for a shape with query blocks of `block_rows` rows (the kernel's `br`; it does
-    /// not depend on the thread count).
+    /// A prefill plan with query blocks of `block_rows` rows (the kernel's `br`; it does not
+    /// depend on the thread count).
     pub fn new(shape: &AttentionShape, block_rows: usize) -> Self {
         let block_rows = block_rows.max(1);
+        Self::with_kind(shape, PlanKind::Prefill { block_rows, q_blocks: shape.seq_q.div_ceil(block_rows) })
+    }
+
+    /// A decode plan: sub-groups of at most [`DECODE_MAX_ROWS`] rows, partitions of
+    /// [`DECODE_PART_LEN`] keys.
+    pub fn decode(shape: &AttentionShape) -> Self {
+        let group = shape.group_size();
+        let heads_per_sub = (DECODE_MAX_ROWS / shape.seq_q.max(1)).clamp(1, group.max(1));
+        let subs = group.div_ceil(heads_per_sub);
+        let parts = shape.seq_kv.div_ceil(DECODE_PART_LEN).max(1);
+        Self::with_kind(shape, PlanKind::Decode { heads_per_sub, subs, parts })
+    }
+
+    fn with_kind(shape: &AttentionShape, kind: PlanKind) -> Self {
         Self {
             batch: shape.batch,
             kv_heads: shape.kv_heads,
+            group: shape.group_size(),
             seq_q: shape.seq_q,
-            block_rows,
-            q_blocks: shape.seq_q.div_ceil(block_rows),
+            seq_kv: shape.seq_kv,
+            kind,
         }
     }
 
+    /// Whether `shape` should run the decode path: a few query rows against many keys.
+    pub fn prefers_decode(shape: &AttentionShape) -> bool {
+        shape.seq_q <= 16 && shape.seq_kv >= 128
+    }
+
     pub fn units(&self) -> usize {
-        self.batch * self.kv_heads * self.q_blocks
+        match self.kind {
+            PlanKind::Prefill { q_blocks, .. } => self.batch * self.kv_heads * q_blocks,
+            PlanKind::Decode { subs, parts, .. } => self.batch * self.kv_heads * subs * parts,
+        }
+    }
+
+    /// Key partitions per (batch, KV head, sub-group): more than one means a merge step.
+    pub fn parts(&self) -> usize {
+        match self.kind {
+            PlanKind::Prefill { .. } => 1,
+            PlanKind::Decode { parts, .. } => parts,
+        }
     }
 
     /// Unit number `u` (`u < units()`).
     pub fn unit(&self, u: usize) -> WorkUnit {
         let per_block = self.batch * self.kv_heads;
-        let qb = self.q_blocks - 1 - u / per_block;
-        let r = u % per_block;
-        let q_start = qb * self.block_rows;
-        WorkUnit {
-            batch: r / self.kv_heads,
-            kv_head: r % self.kv_heads,
-            q_start,
-            q_end: (q_start + self.block_rows).min(self.seq_q),
+        match self.kind {
+            PlanKind::Prefill { block_rows, q_blocks } => {
+                let qb = q_blocks - 1 - u / per_block;
+                let r = u % per_block;
+                let (batch, kv_head) = (r / self.kv_heads, r % self.kv_heads);
+                let q_start = qb * block_rows;
+                WorkUnit {
+                    batch,
+                    kv_head,
+                    head_start: kv_head * self.group,
+                    head_end: (kv_head + 1) * self.group,
+                    q_start,
+                    q_end: (q_start + block_rows).min(self.seq_q),
+                    key_start: 0,
+                    key_end: self.seq_kv,
+                    part: 0,
+                }
+            }
+            PlanKind::Decode { heads_per_sub, subs, parts } => {
+                // Partition outermost, last partitions (which causal rows may not all see)
+                // numbered last.
+                let part = u / (per_block * subs);
+                let r = u % (per_block * subs);
+                let (bk, sub) = (r / subs, r % subs);
+                let (batch, kv_head) = (bk / self.kv_heads, bk % self.kv_heads);
+                let head_start = kv_head * self.group + sub * heads_per_sub;
+                let key_start = part * DECODE_PART_LEN;
+                let _ = parts;
+                WorkUnit {
+                    batch,
+                    kv_head,
+                    head_start,
+                    head_end: (head_start + heads_per_sub).min((kv_head + 1) * self.group),
+                    q_start: 0,
+                    q_end: self.seq_q,
+                    key_start,
+                    key_end: (key_start + DECODE_PART_LEN).min(self.seq_kv),
+                    part,
+                }
+            }
+        }
+    }
+
+    /// Slot of a decode unit's partial result: `(batch, kv_head, sub-group, part)` flattened.
+    pub fn partial_slot(&self, unit: &WorkUnit) -> usize {
+        match self.kind {
+            PlanKind::Prefill { .. } => 0,
+            PlanKind::Decode { heads_per_sub, subs, parts } => {
+                let sub = (unit.head_start - unit.kv_head * self.group) / heads_per_sub;
+                ((unit.batch * self.kv_heads + unit.kv_head) * subs + sub) * parts + unit.part
+            }
+        }
+    }
+
+    /// Groups whose partitions a merge combines: `(batch, kv_head, sub-group)` flattened.
+    pub fn merge_groups(&self) -> usize {
+        match self.kind {
+            PlanKind::Prefill { .. } => 0,
+            PlanKind::Decode { subs, .. } => self.batch * self.kv_heads * subs,
         }
     }
 
     /// The unit numbers of worker `ith` of `nth`: in round `k` (units `k*nth .. (k+1)*nth`),
     /// worker `i` takes position `i` when `k` is even and `nth - 1 - i` when odd.
     pub fn share(&self, ith: usize, nth: usize) -> impl Iterator<Item = usize> {
-        let total = self.units();
-        let rounds = if ith < nth { total.div_ceil(nth) } else { 0 };
-        (0..rounds)
-            .map(move |k| k * nth + if k % 2 == 0 { ith } else { nth - 1 - ith })
-            .filter(move |&u| u < total)
+        snake(self.units(), ith, nth)
     }
 
     /// Visible (row, key) pairs of a unit, summed over its query heads: its cost, for
@@ -85,14 +190,22 @@ impl WorkPlan {
         let pairs: u64 = (unit.q_start..unit.q_end)
             .map(|i| {
                 let (lo, hi) = masker.interval(kv_len, i);
-                (hi - lo) as u64
+                hi.min(unit.key_end).saturating_sub(lo.max(unit.key_start)) as u64
             })
             .sum();
-        pairs * shape.group_size() as u64
+        pairs * (unit.head_end - unit.head_start) as u64
     }
 
     /// Cost of each of `nth` shares (for tests and tuning).
     pub fn share_costs(&self, nth: usize, shape: &AttentionShape, params: &AttentionParams<'_>) -> Vec<u64> {
         (0..nth).map(|i| self.share(i, nth).map(|u| self.cost(&self.unit(u), shape, params)).sum()).collect()
     }
+}
+
+/// Worker `ith`'s share of `total` items numbered most expensive first (see [`WorkPlan::share`]).
+pub fn snake(total: usize, ith: usize, nth: usize) -> impl Iterator<Item = usize> {
+    let rounds = if ith < nth { total.div_ceil(nth) } else { 0 };
+    (0..rounds)
+        .map(move |k| k * nth + if k % 2 == 0 { ith } else { nth - 1 - ith })
+        .filter(move |&u| u < total)
 }

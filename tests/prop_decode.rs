@@ -1,0 +1,109 @@
+//! The decode path (a few query rows against a long KV cache): every ISA, f32 and f16 storage,
+//! every option, several key partitions merged, against the f64 reference; identical bits for
+//! 1, 2 and 3 threads and for host-driven shares with the merge step.
+
+mod common;
+
+use common::*;
+use half::f16;
+use proptest::prelude::*;
+use simd_attn::plan::work::{PlanKind, DECODE_PART_LEN};
+use simd_attn::*;
+
+fn decode_spec() -> impl Strategy<Value = Spec> {
+    (spec_strategy(Options::Any), 1..=16usize, 128..=3200usize, prop_oneof![Just(1usize), Just(2), Just(4), Just(8)]).prop_map(
+        |(mut s, sq, skv, group)| {
+            s.seq_q = sq;
+            s.seq_kv = skv;
+            s.group = group;
+            s.batch = s.batch.min(2);
+            if let Some(l) = s.kv_lens.as_mut() {
+                l.truncate(s.batch);
+                l.iter_mut().for_each(|x| *x = (*x * 977) % (skv + 1));
+                while l.len() < s.batch {
+                    l.push(skv);
+                }
+            }
+            if s.layout == Layout::PackedQkv {
+                s.layout = Layout::Bshd;
+            }
+            s
+        },
+    )
+}
+
+fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, config: RunConfig) -> (Outcome, RunInfo) {
+    let mut info = None;
+    let got = run_typed::<TQ, TKV, TO>(case, |s, q, k, v, o, l, p| {
+        let r = attention_with(&config, s, q, k, v, o, l, p);
+        info = r.clone().ok();
+        r
+    });
+    (got, info.unwrap())
+}
+
+fn host<TQ: Element, TKV: Element, TO: Element>(case: &Case, isa: Isa, nth: usize) -> Outcome {
+    let config = RunConfig { isa: Some(isa), threads: None };
+    run_typed::<TQ, TKV, TO>(case, |s, q, k, v, o, l, p| {
+        let plan = HostPlan::new(&config, s, q, k, v, o, l, p, nth)?;
+        let info = std::thread::scope(|sc| {
+            let runs: Vec<_> = (0..nth).map(|ith| {
+                let plan = &plan;
+                sc.spawn(move || plan.run(ith, &mut vec![f32::NAN; plan.workspace_len()]))
+            }).collect();
+            runs.into_iter().map(|h| h.join().unwrap()).collect::<Result<Vec<_>, _>>()
+        })?;
+        std::thread::scope(|sc| {
+            for ith in 0..nth {
+                let plan = &plan;
+                sc.spawn(move || plan.merge(ith, &mut vec![f32::NAN; plan.workspace_len()]).unwrap());
+            }
+        });
+        Ok(info[0])
+    })
+}
+
+fn bits(o: &Outcome) -> Vec<u32> {
+    o.out.iter().chain(&o.lse).map(|x| x.to_bits()).collect()
+}
+
+fn check_decode<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
+    let mut case = Case::build(spec);
+    case.round_to::<f16>();
+    for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
+        let (one, info) = run::<TQ, TKV, TO>(&case, RunConfig { isa: Some(isa), threads: Some(1) });
+        let PlanKind::Decode { parts, .. } = info.plan.kind else {
+            return Err(TestCaseError::fail(format!("[{isa}] did not take the decode path: {:?}", info.plan)));
+        };
+        prop_assert_eq!(parts, spec.seq_kv.div_ceil(DECODE_PART_LEN));
+        check(&case, &one, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}] {e}")))?;
+        let want = bits(&one);
+        for threads in [2, 3] {
+            let (got, _) = run::<TQ, TKV, TO>(&case, RunConfig { isa: Some(isa), threads: Some(threads) });
+            prop_assert!(bits(&got) == want, "[{isa}] {threads} threads differ");
+        }
+        for nth in [2, 3] {
+            prop_assert!(bits(&host::<TQ, TKV, TO>(&case, isa, nth)) == want, "[{isa}] {nth} host shares differ");
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases / 8 + 1, ..ProptestConfig::default() })]
+
+    #[test]
+    fn decode_f32(spec in decode_spec()) {
+        check_decode::<f32, f32, f32>(&spec, 0.0)?;
+    }
+
+    #[test]
+    fn decode_f16_kv(spec in decode_spec()) {
+        check_decode::<f32, f16, f32>(&spec, 0.0)?;
+    }
+
+    #[test]
+    fn decode_f16_everything(spec in decode_spec()) {
+        check_decode::<f16, f16, f16>(&spec, 1.0 / 2048.0)?;
+    }
+}
