@@ -14,6 +14,8 @@ pub enum TensorName {
     Out,
     Bias,
     Lse,
+    /// A partial result given to `merge_partials`.
+    Partial,
 }
 
 impl fmt::Display for TensorName {
@@ -25,6 +27,7 @@ impl fmt::Display for TensorName {
             TensorName::Out => "out",
             TensorName::Bias => "bias",
             TensorName::Lse => "lse",
+            TensorName::Partial => "partial result",
         })
     }
 }
