@@ -224,7 +224,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
 /// are the rows' running state and `alpha` receives each row's rescale factor. Returns whether
 /// any row's max grew (so the accumulator needs rescaling).
 #[inline(always)]
-fn online_softmax<S: SimdExt, const NRV: usize>(
+pub(crate) fn online_softmax<S: SimdExt, const NRV: usize>(
     simd: S,
     s: &mut [f32],
     max: &mut [f32],

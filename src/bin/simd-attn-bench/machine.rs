@@ -100,9 +100,27 @@ impl WithSimd for SumLoop<'_> {
     }
 }
 
-/// Single-thread memory read bandwidth in GB/s: sums a buffer several times the L3 size.
+/// The last-level cache size in bytes (sysfs), or 64 MiB when unknown.
+pub fn llc_bytes() -> usize {
+    (0..8)
+        .filter_map(|i| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
+        .filter_map(|s| {
+            let s = s.trim();
+            let (num, mult) = match s.chars().last() {
+                Some('K') => (&s[..s.len() - 1], 1 << 10),
+                Some('M') => (&s[..s.len() - 1], 1 << 20),
+                _ => (s, 1),
+            };
+            num.parse::<usize>().ok().map(|n| n * mult)
+        })
+        .max()
+        .unwrap_or(64 << 20)
+}
+
+/// Single-thread memory read bandwidth in GB/s: sums a buffer of at least four times the
+/// last-level cache (at least 1 GiB), so it measures memory, not cache.
 pub fn read_bandwidth_gbs() -> f64 {
-    let n = 256 << 20 >> 2; // 256 MiB of f32, well past the 32 MiB L3
+    let n = (4 * llc_bytes()).max(1 << 30) / 4;
     let buf: Vec<f32> = (0..n).map(|i| (i & 7) as f32).collect();
     let arch = pulp::Arch::new();
     let mut best = 0.0f64;

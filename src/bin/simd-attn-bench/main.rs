@@ -7,26 +7,57 @@
 mod machine;
 mod unfused;
 
-use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Isa, Reference, RunConfig, TensorMut, TensorRef};
+use half::f16;
+use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Element, Isa, Reference, RunConfig, TensorMut, TensorRef};
 use std::time::Instant;
 
-const USAGE: &str = "simd-attn-bench [--set standard|seqlen|all] [--isa auto|all|LIST] [--threads LIST]
-                [--case SUBSTRING] [--reps N] [--min-time SECONDS] [--no-check]
+const USAGE: &str = "simd-attn-bench [--set standard|seqlen|decode|all] [--isa auto|all|LIST] [--threads LIST]
+                [--dtype f32|f16|f16kv] [--case SUBSTRING] [--reps N] [--min-time SECONDS] [--no-check]
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
             or a comma list of portable, scalar, avx2, avx512, neon
   --threads comma list of thread counts to run each path with (default 1); %peak is then of
             threads x the single-core peak
-  --case    only the shapes whose name contains SUBSTRING";
+  --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V);
+            default: each case's own (decode cases use f16 K/V where the targets say so)
+  --case    only the shapes named SUBSTRING, or else whose name contains it
+Decode rows rotate over enough K/V copies to exceed twice the last-level cache, and report
+time / roofline with roofline = max(K/V bytes / bandwidth, flops / (peak x threads)).";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dtype {
+    F32,
+    F16,
+    F16Kv,
+}
+
+impl Dtype {
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::F16Kv => "f16kv",
+        }
+    }
+    fn kv_bytes(self) -> usize {
+        if self == Dtype::F32 { 4 } else { 2 }
+    }
+}
 
 struct Case {
     name: &'static str,
     shape: AttentionShape,
     causal: bool,
+    dtype: Dtype,
 }
 
 #[allow(clippy::too_many_arguments)]
 fn case(name: &'static str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: usize, causal: bool) -> Case {
-    Case { name, shape: AttentionShape::new(b, hq, hkv, sq, skv, d), causal }
+    Case { name, shape: AttentionShape::new(b, hq, hkv, sq, skv, d), causal, dtype: Dtype::F32 }
+}
+
+fn with_dtype(mut c: Case, dtype: Dtype) -> Case {
+    c.dtype = dtype;
+    c
 }
 
 fn cases(set: &str) -> Vec<Case> {
@@ -38,8 +69,22 @@ fn cases(set: &str) -> Vec<Case> {
             case("generic-d96", 1, 8, 8, 1024, 1024, 96, false),
             case("small", 1, 8, 8, 128, 128, 128, false),
             case("tiny", 1, 8, 8, 64, 64, 64, false),
-            case("decode", 1, 32, 8, 1, 4096, 128, true),
+            with_dtype(case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true), Dtype::F16),
+            with_dtype(case("decode", 1, 32, 8, 1, 8192, 128, true), Dtype::F16Kv),
+            case("decode-b4", 4, 32, 8, 1, 4096, 64, true),
         ]
+    };
+    let decode = || {
+        let mut v = vec![
+            with_dtype(case("decode", 1, 32, 8, 1, 8192, 128, true), Dtype::F16Kv),
+            case("decode-b4", 4, 32, 8, 1, 4096, 64, true),
+        ];
+        for sq in [1, 4, 16] {
+            for skv in [512, 2048, 8192, 32768, 65536] {
+                v.push(with_dtype(case("decode-sweep", 1, 32, 8, sq, skv, 128, true), Dtype::F16Kv));
+            }
+        }
+        v
     };
     let seqlen = || {
         [128, 256, 512, 1024, 2048, 4096, 8192]
@@ -50,7 +95,8 @@ fn cases(set: &str) -> Vec<Case> {
     match set {
         "standard" => standard(),
         "seqlen" => seqlen(),
-        "all" => standard().into_iter().chain(seqlen()).collect(),
+        "decode" => decode(),
+        "all" => standard().into_iter().chain(seqlen()).chain(decode()).collect(),
         other => fail(&format!("unknown --set {other}")),
     }
 }
@@ -107,6 +153,7 @@ fn parse_isas(spec: &str) -> Vec<Isa> {
 fn main() {
     let (mut set, mut isas, mut filter) = ("standard".to_string(), "auto".to_string(), String::new());
     let mut thread_list = "1".to_string();
+    let mut dtype_override = None;
     let (mut reps, mut min_time, mut check) = (5usize, 0.5f64, true);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -116,6 +163,14 @@ fn main() {
             "--isa" => isas = val("--isa"),
             "--case" => filter = val("--case"),
             "--threads" => thread_list = val("--threads"),
+            "--dtype" => {
+                dtype_override = Some(match val("--dtype").as_str() {
+                    "f32" => Dtype::F32,
+                    "f16" => Dtype::F16,
+                    "f16kv" => Dtype::F16Kv,
+                    other => fail(&format!("unknown --dtype {other}")),
+                })
+            }
             "--reps" => reps = val("--reps").parse().unwrap_or_else(|_| fail("--reps N")),
             "--min-time" => min_time = val("--min-time").parse().unwrap_or_else(|_| fail("--min-time SECONDS")),
             "--no-check" => check = false,
@@ -143,52 +198,96 @@ fn main() {
     println!("; memory read bandwidth {bw:.1} GB/s");
     println!("# %peak is of the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
     println!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>8}",
-        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "x portable", "x unfused", "max err"
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>5} {:>7} {:>9} {:>9} {:>8}",
+        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "dtype", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "%bw", "x roof", "x portable", "x unfused", "max err"
     );
+    let ctx = Ctx { isas, thread_counts, reps, min_time, check, peak, bw, llc: machine::llc_bytes() };
+    let all = cases(&set);
+    let exact = all.iter().any(|c| c.name == filter);
+    for mut c in all.into_iter().filter(|c| if exact { c.name == filter } else { c.name.contains(filter.as_str()) }) {
+        if let Some(d) = dtype_override {
+            c.dtype = d;
+        }
+        match c.dtype {
+            Dtype::F32 => bench_case::<f32, f32, f32>(&c, &ctx),
+            Dtype::F16 => bench_case::<f16, f16, f16>(&c, &ctx),
+            Dtype::F16Kv => bench_case::<f32, f16, f32>(&c, &ctx),
+        }
+    }
+}
+
+struct Ctx {
+    isas: Vec<Isa>,
+    thread_counts: Vec<usize>,
+    reps: usize,
+    min_time: f64,
+    check: bool,
+    peak: f64,
+    bw: f64,
+    llc: usize,
+}
+
+fn convert<T: Element>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+
+fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) {
+    let s = c.shape;
+    let [qs, ks, vs, os] = s.bhsd_strides();
+    let [nq, nk, nv, no] = s.bhsd_lens();
+    let (q32, k32, v32) = (random(nq, 1), random(nk, 2), random(nv, 3));
+    let q: Vec<TQ> = convert(&q32);
+    let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * (s.head_dim + s.v_head_dim) * c.dtype.kv_bytes()) as f64;
+    // Decode is bound by reading K/V: rotate over enough copies that none is still cached.
+    let decode = s.seq_q <= 16;
+    let copies = if decode { ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize } else { 1 };
+    let kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (convert(&k32), convert(&v32))).collect();
+    let params = AttentionParams::new().causal(c.causal);
+    let flops = attention_flops(&s, &params);
+    let mut out = vec![TO::from_f32(0.0); no];
+    let mut next = 0usize;
+    let mut run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
+        let config = RunConfig { isa: Some(isa), threads: Some(threads) };
+        time(reps, min_time, || {
+            let (k, v) = &kvs[next % copies];
+            next += 1;
+            attention_with(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, ks), TensorRef::new(v, vs), TensorMut::new(out, os), None, &params)
+                .expect("valid problem");
+        })
+    };
+    let (t_portable, _, _) = run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0);
+    // The unfused baseline computes in f32 on the same values.
+    let (qr, kr, vr): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        q.iter().map(|x| x.to_f32()).collect(),
+        kvs[0].0.iter().map(|x| x.to_f32()).collect(),
+        kvs[0].1.iter().map(|x| x.to_f32()).collect(),
+    );
+    let mut base_out = vec![0.0f32; no];
     let mut scores = Vec::new();
-    for c in cases(&set).into_iter().filter(|c| c.name.contains(filter.as_str())) {
-        let s = c.shape;
-        let [qs, ks, vs, os] = s.bhsd_strides();
-        let [nq, nk, nv, no] = s.bhsd_lens();
-        let (q, k, v) = (random(nq, 1), random(nk, 2), random(nv, 3));
-        let params = AttentionParams::new().causal(c.causal);
-        let flops = attention_flops(&s, &params);
-        let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * (s.head_dim + s.v_head_dim) * 4) as f64;
-        let mut out = vec![0.0f32; no];
-        let run = |isa: Isa, threads: usize, out: &mut Vec<f32>, reps: usize, min_time: f64| {
-            let config = RunConfig { isa: Some(isa), threads: Some(threads) };
-            time(reps, min_time, || {
-                attention_with(&config, &s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), TensorMut::new(out, os), None, &params)
-                    .expect("valid problem");
-            })
-        };
-        let (t_portable, _, _) = run(Isa::Portable, 1, &mut out, 3.min(reps), 0.0);
-        let mut base_out = vec![0.0f32; no];
-        let (t_unfused, _, _) = time(3.min(reps), 0.0, || unfused::attention(&s, c.causal, &q, &k, &v, &mut base_out, &mut scores));
-        let reference = check.then(|| Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, vs), &params).unwrap());
-        for &isa in &isas {
-            for &threads in &thread_counts {
-                let (t, best, spread) = if isa == Isa::Portable {
-                    run(isa, threads, &mut out, 3.min(reps), 0.0)
-                } else {
-                    run(isa, threads, &mut out, reps, min_time)
-                };
-                let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
-                println!(
-                    "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>9.2}x {:>8.2}x {:>8.1e}",
-                    c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.causal, isa.name(), threads,
-                    t * 1e3, spread * 100.0, flops / t / 1e9, flops / best / 1e9, 100.0 * flops / t / 1e9 / (peak * threads as f64),
-                    kv_bytes / t / 1e9, t_portable / t, t_unfused / t, err
-                );
-            }
+    let (t_unfused, _, _) = time(3.min(ctx.reps), 0.0, || unfused::attention(&s, c.causal, &qr, &kr, &vr, &mut base_out, &mut scores));
+    let reference = ctx.check.then(|| {
+        Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&kvs[0].0, ks), TensorRef::new(&kvs[0].1, vs), &params).unwrap()
+    });
+    for &isa in &ctx.isas {
+        for &threads in &ctx.thread_counts {
+            let (reps, min_time) = if isa == Isa::Portable { (3.min(ctx.reps), 0.0) } else { (ctx.reps, ctx.min_time) };
+            let (t, best, spread) = run(isa, threads, &mut out, reps, min_time);
+            // Check the copy the last timed call used (all copies hold the same values).
+            let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
+            let roofline = (kv_bytes / (ctx.bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
+            println!(
+                "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>4.0}% {:>6.2}x {:>9.2}x {:>8.2}x {:>8.1e}",
+                c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.causal, c.dtype.name(), isa.name(), threads,
+                t * 1e3, spread * 100.0, flops / t / 1e9, flops / best / 1e9, 100.0 * flops / t / 1e9 / (ctx.peak * threads as f64),
+                kv_bytes / t / 1e9, 100.0 * kv_bytes / t / 1e9 / ctx.bw, t / roofline, t_portable / t, t_unfused / t, err
+            );
         }
     }
 }
 
 /// Max |out - reference| over up to 48 rows spread across the problem (the f64 reference is
 /// too slow to run on every row of the large shapes).
-fn max_error(s: &AttentionShape, r: &Reference<'_, f32, f32>, out: &[f32]) -> f64 {
+fn max_error<TQ: Element, TKV: Element, TO: Element>(s: &AttentionShape, r: &Reference<'_, TQ, TKV>, out: &[TO]) -> f64 {
     let rows = s.batch * s.q_heads * s.seq_q;
     let samples = rows.min(48);
     let mut err = 0.0f64;
@@ -198,7 +297,7 @@ fn max_error(s: &AttentionShape, r: &Reference<'_, f32, f32>, out: &[f32]) -> f6
         let want = r.row(b, h, i).unwrap();
         let got = &out[row * s.v_head_dim..(row + 1) * s.v_head_dim];
         for (g, w) in got.iter().zip(&want.out) {
-            err = err.max((*g as f64 - w).abs());
+            err = err.max((g.to_f64() - w).abs());
         }
     }
     err
