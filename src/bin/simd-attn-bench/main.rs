@@ -13,6 +13,7 @@ use std::time::Instant;
 
 const USAGE: &str = "simd-attn-bench [--set standard|seqlen|decode|all] [--isa auto|all|LIST] [--threads LIST]
                 [--dtype f32|f16|f16kv] [--case SUBSTRING] [--reps N] [--min-time SECONDS] [--no-check]
+                [--no-baselines]
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
             or a comma list of portable, scalar, avx2, avx512, neon
   --threads comma list of thread counts to run each path with (default 1); %peak is then of
@@ -20,6 +21,7 @@ const USAGE: &str = "simd-attn-bench [--set standard|seqlen|decode|all] [--isa a
   --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V);
             default: each case's own (decode cases use f16 K/V where the targets say so)
   --case    only the shapes named SUBSTRING, or else whose name contains it
+  --no-baselines  skip the portable and unfused baselines (their columns print NaN)
 Decode rows rotate over enough K/V copies to exceed twice the last-level cache, and report
 time / roofline with roofline = max(K/V bytes / bandwidth, flops / (peak x threads)).";
 
@@ -154,7 +156,7 @@ fn main() {
     let (mut set, mut isas, mut filter) = ("standard".to_string(), "auto".to_string(), String::new());
     let mut thread_list = "1".to_string();
     let mut dtype_override = None;
-    let (mut reps, mut min_time, mut check) = (5usize, 0.5f64, true);
+    let (mut reps, mut min_time, mut check, mut baselines) = (5usize, 0.5f64, true, true);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().unwrap_or_else(|| fail(&format!("{name} needs a value")));
@@ -174,6 +176,7 @@ fn main() {
             "--reps" => reps = val("--reps").parse().unwrap_or_else(|_| fail("--reps N")),
             "--min-time" => min_time = val("--min-time").parse().unwrap_or_else(|_| fail("--min-time SECONDS")),
             "--no-check" => check = false,
+            "--no-baselines" => baselines = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;
@@ -201,7 +204,7 @@ fn main() {
         "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>5} {:>7} {:>9} {:>9} {:>8}",
         "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "dtype", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "%bw", "x roof", "x portable", "x unfused", "max err"
     );
-    let ctx = Ctx { isas, thread_counts, reps, min_time, check, peak, bw, llc: machine::llc_bytes() };
+    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bw, llc: machine::llc_bytes() };
     let all = cases(&set);
     let exact = all.iter().any(|c| c.name == filter);
     for mut c in all.into_iter().filter(|c| if exact { c.name == filter } else { c.name.contains(filter.as_str()) }) {
@@ -222,6 +225,7 @@ struct Ctx {
     reps: usize,
     min_time: f64,
     check: bool,
+    baselines: bool,
     peak: f64,
     bw: f64,
     llc: usize,
@@ -255,7 +259,7 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) {
                 .expect("valid problem");
         })
     };
-    let (t_portable, _, _) = run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0);
+    let (t_portable, _, _) = if ctx.baselines { run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0) } else { (f64::NAN, 0.0, 0.0) };
     // The unfused baseline computes in f32 on the same values.
     let (qr, kr, vr): (Vec<f32>, Vec<f32>, Vec<f32>) = (
         q.iter().map(|x| x.to_f32()).collect(),
@@ -264,7 +268,11 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) {
     );
     let mut base_out = vec![0.0f32; no];
     let mut scores = Vec::new();
-    let (t_unfused, _, _) = time(3.min(ctx.reps), 0.0, || unfused::attention(&s, c.causal, &qr, &kr, &vr, &mut base_out, &mut scores));
+    let (t_unfused, _, _) = if ctx.baselines {
+        time(3.min(ctx.reps), 0.0, || unfused::attention(&s, c.causal, &qr, &kr, &vr, &mut base_out, &mut scores))
+    } else {
+        (f64::NAN, 0.0, 0.0)
+    };
     let reference = ctx.check.then(|| {
         Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&kvs[0].0, ks), TensorRef::new(&kvs[0].1, vs), &params).unwrap()
     });
