@@ -9,7 +9,7 @@
 
 use super::convert_row;
 use super::flash::online_softmax;
-use super::microkernel::{pv_tile, qk_tile};
+use super::microkernel::{pv_rows, qk_tile};
 use super::softmax::RowState;
 use super::terms::{any_terms, mask_outside, score_terms};
 use crate::element::Element;
@@ -208,19 +208,7 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
 
             // O += P V for the sub-tiles of MR rows that hold real rows.
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
-            let mut x = 0;
-            while x < dvv {
-                let wide = x + NRV <= dvv;
-                for sub in (0..real).step_by(MR) {
-                    let (pt, alpha, o) = (&sc.s[sub..], &sc.alpha[sub..sub + MR], &mut acc[sub * dvv + x..]);
-                    if wide {
-                        pv_tile::<S, MR, NRV>(simd, n, pt, rt, &vrows[x..], ld_v, o, dvv, alpha, rescale);
-                    } else {
-                        pv_tile::<S, MR, 1>(simd, n, pt, rt, &vrows[x..], ld_v, o, dvv, alpha, rescale);
-                    }
-                }
-                x += if wide { NRV } else { 1 };
-            }
+            pv_rows::<S, MR, NRV>(simd, n, real, sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
         }
         j0 += n;
     }

@@ -10,7 +10,7 @@
 //! horizontal reductions), and `pv_tile` accumulates P.V in sub-tiles of `MR` rows, folding the
 //! rescale (only when some row's max grew) into its accumulator load.
 
-use super::microkernel::{pv_tile, qk_tile};
+use super::microkernel::{pv_rows, qk_tile};
 use super::softmax::RowState;
 use super::terms::{any_terms, mask_outside, score_terms};
 use crate::element::Element;
@@ -192,22 +192,8 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                 sc.alpha,
             );
 
-            // O += P V in chunks of NRV vectors of the value dim (outer, so each chunk of the V
-            // rows stays in L1 while every sub-tile of MR rows uses it), then single vectors.
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
-            let mut x = 0;
-            while x < dvv {
-                let wide = x + NRV <= dvv;
-                for sub in (0..rt).step_by(MR) {
-                    let (p_sub, alpha, o) = (&sc.s[sub..], &sc.alpha[sub..sub + MR], &mut acc[sub * dvv + x..]);
-                    if wide {
-                        pv_tile::<S, MR, NRV>(simd, n, p_sub, rt, &vrows[x..], ld_v, o, dvv, alpha, rescale);
-                    } else {
-                        pv_tile::<S, MR, 1>(simd, n, p_sub, rt, &vrows[x..], ld_v, o, dvv, alpha, rescale);
-                    }
-                }
-                x += if wide { NRV } else { 1 };
-            }
+            pv_rows::<S, MR, NRV>(simd, n, rt, sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
         }
         j0 += n;
     }

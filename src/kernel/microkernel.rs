@@ -115,3 +115,38 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
         }
     }
 }
+
+/// O += P V for a row tile: `rows` rows (those holding real rows, a multiple of MR after
+/// rounding up) of weights `p` (key-major, pitch `rt`), `n` keys. The value dim goes in chunks of
+/// NV vectors outermost, so each chunk of the V rows stays in L1 while every sub-tile of MR rows
+/// uses it; a remainder narrower than NV goes one vector at a time. `o` has `dvv` vectors per
+/// row.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pv_rows<S: SimdExt, const MR: usize, const NV: usize>(
+    simd: S,
+    n: usize,
+    rows: usize,
+    p: &[f32],
+    rt: usize,
+    v: &[S::f32s],
+    ld_v: usize,
+    o: &mut [S::f32s],
+    dvv: usize,
+    alpha: &[f32],
+    rescale: bool,
+) {
+    let mut x = 0;
+    while x < dvv {
+        let wide = x + NV <= dvv;
+        for sub in (0..rows).step_by(MR) {
+            let (p, alpha, o) = (&p[sub..], &alpha[sub..sub + MR], &mut o[sub * dvv + x..]);
+            if wide {
+                pv_tile::<S, MR, NV>(simd, n, p, rt, &v[x..], ld_v, o, dvv, alpha, rescale);
+            } else {
+                pv_tile::<S, MR, 1>(simd, n, p, rt, &v[x..], ld_v, o, dvv, alpha, rescale);
+            }
+        }
+        x += if wide { NV } else { 1 };
+    }
+}
