@@ -41,16 +41,18 @@ pub struct ReferenceOutput {
 }
 
 impl ReferenceOutput {
-    fn row_index(&self, b: usize, h: usize, i: usize) -> usize {
-        (b * self.shape.q_heads + h) * self.shape.seq_q + i
+    fn row_index(&self, b: usize, h: usize, i: usize) -> Option<usize> {
+        let s = &self.shape;
+        (b < s.batch && h < s.q_heads && i < s.seq_q).then(|| (b * s.q_heads + h) * s.seq_q + i)
     }
-    pub fn out_row(&self, b: usize, h: usize, i: usize) -> &[f64] {
+    /// Output row `(b, h, i)`, or `None` out of range.
+    pub fn out_row(&self, b: usize, h: usize, i: usize) -> Option<&[f64]> {
         let dv = self.shape.v_head_dim;
-        let r = self.row_index(b, h, i);
-        &self.out[r * dv..(r + 1) * dv]
+        self.row_index(b, h, i).map(|r| &self.out[r * dv..(r + 1) * dv])
     }
-    pub fn lse_at(&self, b: usize, h: usize, i: usize) -> f64 {
-        self.lse[self.row_index(b, h, i)]
+    /// LSE of row `(b, h, i)`, or `None` out of range.
+    pub fn lse_at(&self, b: usize, h: usize, i: usize) -> Option<f64> {
+        self.row_index(b, h, i).map(|r| self.lse[r])
     }
 }
 

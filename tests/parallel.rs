@@ -61,6 +61,7 @@ fn shares_cover_every_unit_once() {
     let shape = AttentionShape::new(3, 8, 2, 300, 300, 64);
     let plan = WorkPlan::new(&shape, 64);
     assert_eq!(plan.units(), 3 * 2 * 5);
+    assert_eq!(plan.get(plan.units()), None);
     for nth in 1..=9 {
         let mut seen = vec![0; plan.units()];
         for ith in 0..nth {
@@ -74,7 +75,7 @@ fn shares_cover_every_unit_once() {
     // Units tile every (batch, kv head, row) exactly once.
     let mut rows = vec![0; 3 * 2 * 300];
     for u in 0..plan.units() {
-        let w = plan.unit(u);
+        let w = plan.get(u).unwrap();
         for i in w.q_start..w.q_end {
             rows[(w.batch * 2 + w.kv_head) * 300 + i] += 1;
         }

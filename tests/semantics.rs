@@ -141,3 +141,13 @@ fn flops_count_visible_pairs_only() {
     assert_eq!(attention_flops(&s, &AttentionParams::new()), (16 * 2 * 4 * 8) as f64);
     assert_eq!(attention_flops(&s, &AttentionParams::new().causal(true)), (10 * 2 * 4 * 8) as f64);
 }
+
+#[test]
+fn tile_rule_survives_degenerate_sizes() {
+    for f in simd_attn::plan::FAMILIES {
+        for (d, dv) in [(0, 0), (1, 0), (0, 1), (100_000, 3)] {
+            let t = f.tiles(d, dv);
+            assert!(t.br >= 1 && t.bc >= 1, "{f:?} {d} {dv}: {t:?}");
+        }
+    }
+}

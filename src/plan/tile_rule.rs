@@ -18,9 +18,13 @@ pub const fn key_block(
     rows: usize,
     quantum: usize,
 ) -> usize {
-    let mut bc = (l2_bytes / 4) / ((head_dim + v_head_dim) * 4);
+    // Zero sizes (never reached by a validated call) must not divide by zero.
+    let dims = if head_dim + v_head_dim == 0 { 1 } else { head_dim + v_head_dim };
+    let rows = if rows == 0 { 1 } else { rows };
+    let mut bc = (l2_bytes / 4) / (dims * 4);
     let q_tile = head_dim * rows * 4;
     let l1_keys = if l1_bytes > q_tile { (l1_bytes - q_tile) / (rows * 4) } else { 0 };
+    let quantum = if quantum == 0 { 1 } else { quantum };
     if l1_keys < bc {
         bc = l1_keys;
     }
@@ -39,7 +43,8 @@ pub const fn key_block(
 /// tiles (`quantum` rows), at least one; at most 64 rows so causal prefill has enough blocks
 /// to balance across threads.
 pub const fn query_block(head_dim: usize, v_head_dim: usize, l2_bytes: usize, quantum: usize) -> usize {
-    let per_row = (head_dim + v_head_dim) * 4;
+    let per_row = if head_dim + v_head_dim == 0 { 4 } else { (head_dim + v_head_dim) * 4 };
+    let quantum = if quantum == 0 { 1 } else { quantum };
     let mut br = (l2_bytes / 4) / per_row;
     if br > 64 {
         br = 64;

@@ -111,8 +111,13 @@ impl WorkPlan {
         }
     }
 
-    /// Unit number `u` (`u < units()`).
-    pub fn unit(&self, u: usize) -> WorkUnit {
+    /// Unit number `u`, or `None` past the last one.
+    pub fn get(&self, u: usize) -> Option<WorkUnit> {
+        (u < self.units()).then(|| self.unit(u))
+    }
+
+    /// Unit number `u`; `u < units()` (the plan's own iterators only yield such numbers).
+    pub(crate) fn unit(&self, u: usize) -> WorkUnit {
         let per_block = self.batch * self.kv_heads;
         match self.kind {
             PlanKind::Prefill { block_rows, q_blocks } => {
