@@ -160,7 +160,7 @@ fn resolve(f: &Family) -> Resolved {
     if let Some(d) = r.head_dims.iter().find(|&&d| d == 0 || d % r.lanes != 0) {
         fail(format!("{at}: specialised head dim {d} must be a positive multiple of the {} lanes", r.lanes));
     }
-    if (r.nr_vectors * r.lanes) % r.mr != 0 {
+    if !(r.nr_vectors * r.lanes).is_multiple_of(r.mr) {
         fail(format!(
             "{at}: a row tile of nr_vectors * lanes = {} rows must split into P.V tiles of mr = {} rows",
             r.nr_vectors * r.lanes,

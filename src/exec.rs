@@ -39,7 +39,7 @@ impl UnitIter<'_> {
                 }
                 let k = self.round;
                 self.round += 1;
-                let u = k * nth + if k % 2 == 0 { ith } else { nth - 1 - ith };
+                let u = k * nth + if k.is_multiple_of(2) { ith } else { nth - 1 - ith };
                 (u < self.total).then_some(u)
             }
         }
@@ -108,6 +108,9 @@ impl<'j> Partials<'j> {
 
     /// # Safety
     /// Only the unit owning `slot` writes it, and nobody reads it meanwhile.
+    // `&mut` from `&self` is the point: the buffer is raw and shared by the call's workers,
+    // and the contract above makes each returned slice exclusive.
+    #[allow(clippy::mut_from_ref)]
     unsafe fn slot_mut(&self, slot: usize) -> &mut [f32] {
         let n = self.slot_len();
         assert!((slot + 1) * n <= self.len, "partial slot inside the buffer");

@@ -41,11 +41,7 @@ impl AttentionShape {
 
     /// Query heads that share one KV head (1 for MHA, `q_heads` for MQA).
     pub fn group_size(&self) -> usize {
-        if self.kv_heads == 0 {
-            0
-        } else {
-            self.q_heads / self.kv_heads
-        }
+        self.q_heads.checked_div(self.kv_heads).unwrap_or(0)
     }
 
     /// The contiguous `[B, H, S, D]` strides of each tensor, in the order Q, K, V, out.

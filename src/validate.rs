@@ -100,7 +100,7 @@ pub(crate) fn validate_inputs<TQ, TKV>(
             return Err(AttnError::ZeroDim { dim });
         }
     }
-    if s.q_heads % s.kv_heads != 0 {
+    if !s.q_heads.is_multiple_of(s.kv_heads) {
         return Err(AttnError::HeadsNotDivisible { q_heads: s.q_heads, kv_heads: s.kv_heads });
     }
     check_fits(TensorName::Q, q.data.len(), &dims4(s.q_heads, s.seq_q, s.batch, &q.strides), s.head_dim)?;

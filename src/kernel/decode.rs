@@ -130,7 +130,7 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     let (k0, k1) = (lo.max(w.key_start), hi.min(w.key_end));
     let terms = any_terms(p);
     let k_in_place = TKV::as_f32_slice(p.k.data);
-    let v_in_place = TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq % lanes == 0);
+    let v_in_place = TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq.is_multiple_of(lanes));
 
     let mut j0 = k0;
     while j0 < k1 {

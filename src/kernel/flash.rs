@@ -123,7 +123,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
             }
         };
         // V: read in place when f32 rows are whole vectors apart; otherwise a padded copy.
-        let v_in_place = TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq % lanes == 0);
+        let v_in_place = TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq.is_multiple_of(lanes));
         let (vrows, ld_v) = match v_in_place {
             Some(v) => {
                 let o = p.v.strides.offset(b, hk, j0);

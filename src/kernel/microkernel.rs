@@ -37,6 +37,9 @@ fn qk_step<S: SimdExt, const MR: usize, const NRV: usize>(
 }
 
 /// `s[m * NRV + v]` = sum over t < d of `k[m * ld_k + t] * qt[t * NRV + v]`, for MR keys.
+// `seq!` expands `t + U` to `t + 0` first: clippy calls that a no-op and its auto-fix would
+// turn every unrolled step into step `t` (the property tests catch it, but keep the lint off).
+#[allow(clippy::identity_op)]
 #[inline(always)]
 pub(crate) fn qk_tile<S: SimdExt, const MR: usize, const NRV: usize>(
     simd: S,

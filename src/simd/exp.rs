@@ -32,7 +32,7 @@ pub(crate) fn exp_f32s<S: Simd>(simd: S, x: S::f32s) -> S::f32s {
     p = simd.mul_add_e_f32s(p, r, simd.splat_f32s(8.333_452e-3));
     p = simd.mul_add_e_f32s(p, r, simd.splat_f32s(4.166_579_6e-2));
     p = simd.mul_add_e_f32s(p, r, simd.splat_f32s(1.666_666_5e-1));
-    p = simd.mul_add_e_f32s(p, r, simd.splat_f32s(5.000_000_1e-1));
+    p = simd.mul_add_e_f32s(p, r, simd.splat_f32s(5e-1));
     let r2 = simd.mul_f32s(r, r);
     let er = simd.add_f32s(simd.mul_add_e_f32s(p, r2, r), simd.splat_f32s(1.0));
     // 2^n: shifting t's bits left by 23 leaves n (two's complement) in the exponent field.

@@ -127,6 +127,9 @@ impl Rng {
     }
 }
 
+/// (buffer index, start offset, strides) of one tensor of a [`Case`].
+pub type View = (usize, usize, Strides);
+
 /// A built problem: owned buffers (as f32, rounded to the storage type where one is used) and
 /// where each tensor lives in them.
 pub struct Case {
@@ -134,8 +137,8 @@ pub struct Case {
     pub shape: AttentionShape,
     /// Q, K, V live in `qkv[0..3]` (the same buffer three times for packed QKV).
     pub bufs: [Vec<f32>; 3],
-    /// (buffer index, start offset, strides) of Q, K, V.
-    pub views: [(usize, usize, Strides); 3],
+    /// Where Q, K, V live.
+    pub views: [View; 3],
     pub out_len: usize,
     pub out_strides: Strides,
     pub kv_lens: Option<Vec<usize>>,
@@ -164,7 +167,7 @@ impl Case {
             (shape.batch, shape.q_heads, shape.kv_heads, shape.seq_q, shape.seq_kv, shape.head_dim, shape.v_head_dim);
         let mut rng = Rng::new(spec.seed);
 
-        let (bufs_len, views, out_strides, out_len): ([usize; 3], [(usize, usize, Strides); 3], Strides, usize) =
+        let (bufs_len, views, out_strides, out_len): ([usize; 3], [View; 3], Strides, usize) =
             match spec.layout {
                 Layout::Bhsd => {
                     let [qs, ks, vs, os] = shape.bhsd_strides();
