@@ -193,7 +193,8 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
             );
 
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
-            pv_rows::<S, MR, NRV>(simd, n, rt, sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
+            // Sub-tiles holding only padding rows (past the block's last row) are skipped.
+            pv_rows::<S, MR, NRV>(simd, n, rt.min(rows - r0), sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
         }
         j0 += n;
     }
