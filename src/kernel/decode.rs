@@ -7,11 +7,11 @@
 //! row and P.V through the same `pv_tile` the prefill kernel uses. It leaves the rows
 //! *unnormalised* (accumulator, running max and sum) so partitions can be merged.
 
-use super::convert_row;
 use super::flash::online_softmax;
+use super::{strided_row_terms, v_rows, KRows};
 use super::microkernel::{pv_rows, qk_tile};
 use super::softmax::RowState;
-use super::terms::{any_terms, mask_outside, score_terms};
+use super::terms::any_terms;
 use crate::element::Element;
 use crate::plan::work::WorkUnit;
 use crate::problem::Problem;
@@ -91,7 +91,6 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     sc: &mut Scratch,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
-    let dv = p.shape.v_head_dim;
     let lanes = S::F32_LANES;
     let rt = RV * lanes;
     let dv_pad = sc.dv_pad;
@@ -129,42 +128,13 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     let (_, hi) = p.masker.interval(kv_len, w.q_end - 1);
     let (k0, k1) = (lo.max(w.key_start), hi.min(w.key_end));
     let terms = any_terms(p);
-    let k_in_place = TKV::as_f32_slice(p.k.data);
-    let v_in_place = TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq.is_multiple_of(lanes));
 
     let mut j0 = k0;
     while j0 < k1 {
         let n = CHUNK.min(k1 - j0);
         let n_pad = round_up(n, MR);
-        // K rows: read in place when f32 (a partial last group of MR keys is copied,
-        // zero-padded); otherwise widened into scratch.
-        let full_groups = if k_in_place.is_some() { n / MR } else { 0 };
-        for c in full_groups * MR..n_pad {
-            let row = &mut sc.k[(c - full_groups * MR) * d..(c - full_groups * MR + 1) * d];
-            if c < n {
-                let o = p.k.strides.offset(b, w.kv_head, j0 + c);
-                convert_row(simd, &p.k.data[o..o + d], row);
-            } else {
-                row.fill(0.0);
-            }
-        }
-        let k_base = p.k.strides.offset(b, w.kv_head, j0);
-        // V rows: in place when f32 rows are whole vectors apart, else widened into scratch.
-        let (vrows, ld_v) = match v_in_place {
-            Some(v) => {
-                let o = p.v.strides.offset(b, w.kv_head, j0);
-                (S::as_simd_f32s(&v[o..o + (n - 1) * p.v.strides.seq + dv]).0, p.v.strides.seq / lanes)
-            }
-            None => {
-                for c in 0..n {
-                    let o = p.v.strides.offset(b, w.kv_head, j0 + c);
-                    let row = &mut sc.v[c * dv_pad..(c + 1) * dv_pad];
-                    convert_row(simd, &p.v.data[o..o + dv], row);
-                    row[dv..].fill(0.0);
-                }
-                (S::as_simd_f32s(&sc.v[..n * dv_pad]).0, dvv)
-            }
-        };
+        let k = KRows::new(simd, p, b, w.kv_head, j0, n, MR, sc.k);
+        let (vrows, ld_v) = v_rows(simd, p, b, w.kv_head, j0, n, dv_pad, sc.v);
 
         for tile in 0..rows_pad / rt {
             let r0 = tile * rt;
@@ -174,10 +144,7 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
                 let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
                 let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
                 for g in 0..n_pad / MR {
-                    let (k, ld) = match k_in_place {
-                        Some(kd) if g < full_groups => (&kd[k_base + g * MR * p.k.strides.seq..], p.k.strides.seq),
-                        _ => (&sc.k[(g - full_groups) * MR * d..], d),
-                    };
+                    let (k, ld) = k.group(g);
                     qk_tile::<S, MR, RV>(simd, d, k, ld, qt, &mut s[g * MR * RV..]);
                 }
             }
@@ -185,22 +152,9 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
             for r in 0..real {
                 let (h, i) = row_of(r0 + r);
                 let interval = p.masker.interval(kv_len, i);
-                let mask = interval.0 > j0 || interval.1 < j0 + n;
-                if !(terms || mask) {
-                    continue;
-                }
-                let row = &mut sc.row[..n];
-                for (c, x) in row.iter_mut().enumerate() {
-                    *x = sc.s[c * rt + r];
-                }
-                if terms {
-                    score_terms(p, b, h, i, j0, row);
-                }
-                if mask {
-                    mask_outside(row, j0, interval);
-                }
-                for (c, &x) in row.iter().enumerate() {
-                    sc.s[c * rt + r] = x;
+                let mask = (interval.0 > j0 || interval.1 < j0 + n).then_some(interval);
+                if terms || mask.is_some() {
+                    strided_row_terms(p, terms, mask, (b, h, i), j0, sc.s, rt, r, &mut sc.row[..n]);
                 }
             }
             sc.s[n * rt..n_pad * rt].fill(f32::NEG_INFINITY);

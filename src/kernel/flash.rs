@@ -12,7 +12,8 @@
 
 use super::microkernel::{pv_rows, qk_tile};
 use super::softmax::RowState;
-use super::terms::{any_terms, mask_outside, score_terms};
+use super::terms::any_terms;
+use super::{strided_row_terms, v_rows, KRows};
 use crate::element::Element;
 use crate::plan::Tiles;
 use crate::problem::Problem;
@@ -107,33 +108,8 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     while j0 < u1 {
         let seg_end = edges.into_iter().find(|&e| e > j0).unwrap_or(u1);
         let n = bc.min(seg_end - j0);
-        let n_pad = round_up(n, MR);
-        // K: read in place when stored as f32 (only a partial last group of MR keys is copied,
-        // zero-padded); otherwise converted into scratch.
-        let k_in_place = TKV::as_f32_slice(p.k.data);
-        let (k_src, k_off, ld_k, full_groups) = match k_in_place {
-            Some(k) => {
-                let tail = n - n % MR;
-                pack_rows(simd, &p.k, b, hk, j0 + tail, n - tail, n_pad - tail, d, d, sc.k);
-                (k, p.k.strides.offset(b, hk, j0), p.k.strides.seq, tail / MR)
-            }
-            None => {
-                pack_rows(simd, &p.k, b, hk, j0, n, n_pad, d, d, sc.k);
-                (&sc.k[..], 0, d, 0)
-            }
-        };
-        // V: read in place when f32 rows are whole vectors apart; otherwise a padded copy.
-        let v_in_place = TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq.is_multiple_of(lanes));
-        let (vrows, ld_v) = match v_in_place {
-            Some(v) => {
-                let o = p.v.strides.offset(b, hk, j0);
-                (S::as_simd_f32s(&v[o..o + (n - 1) * p.v.strides.seq + dv]).0, p.v.strides.seq / lanes)
-            }
-            None => {
-                pack_rows(simd, &p.v, b, hk, j0, n, n, dv, dv_pad, sc.v);
-                (S::as_simd_f32s(&sc.v[..n * dv_pad]).0, dvv)
-            }
-        };
+        let k = KRows::new(simd, p, b, hk, j0, n, MR, sc.k);
+        let (vrows, ld_v) = v_rows(simd, p, b, hk, j0, n, dv_pad, sc.v);
         let all_visible = keys.all_visible(j0, j0 + n);
 
         for tile in 0..rows_pad / rt {
@@ -156,30 +132,16 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
                 let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
                 let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
                 for g in 0..n_pad / MR {
-                    let (k, ld) = if g < full_groups {
-                        (&k_src[k_off + g * MR * ld_k..], ld_k)
-                    } else {
-                        (&sc.k[(g - full_groups) * MR * d..], d)
-                    };
+                    let (k, ld) = k.group(g);
                     qk_tile::<S, MR, NRV>(simd, d, k, ld, qt, &mut s[g * MR * NRV..]);
                 }
             }
             // Optional terms and boundary masks, row by row (strided: rows are lanes here).
             if terms || mask {
                 for r in 0..rt.min(rows.saturating_sub(r0)) {
-                    let row = &mut sc.row[..n];
-                    for (c, x) in row.iter_mut().enumerate() {
-                        *x = sc.s[c * rt + r];
-                    }
-                    if terms {
-                        score_terms(p, b, h, i0 + r0 + r, j0, row);
-                    }
-                    if mask {
-                        mask_outside(row, j0, p.masker.interval(kv_len, i0 + r0 + r));
-                    }
-                    for (c, &x) in row.iter().enumerate() {
-                        sc.s[c * rt + r] = x;
-                    }
+                    let i = i0 + r0 + r;
+                    let interval = mask.then(|| p.masker.interval(kv_len, i));
+                    strided_row_terms(p, terms, interval, (b, h, i), j0, sc.s, rt, r, &mut sc.row[..n]);
                 }
             }
             sc.s[n * rt..n_pad * rt].fill(f32::NEG_INFINITY);
@@ -272,23 +234,6 @@ fn pack_qt<TQ: Element, TKV>(p: &Problem<'_, TQ, TKV>, b: usize, h: usize, i0: u
             for t in 0..d {
                 dst[t * rt + lane] = 0.0;
             }
-        }
-    }
-}
-
-/// Rows `j0..j0 + n` of K or V (head `hk` of batch `b`), converted to f32 at pitch `pitch`
-/// (zero-padded past `width`); rows `n..n_pad` are zero.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn pack_rows<S: SimdExt, T: Element>(simd: S, t: &crate::layout::TensorRef<'_, T>, b: usize, hk: usize, j0: usize, n: usize, n_pad: usize, width: usize, pitch: usize, dst: &mut [f32]) {
-    for c in 0..n_pad {
-        let row = &mut dst[c * pitch..(c + 1) * pitch];
-        if c < n {
-            let o = t.strides.offset(b, hk, j0 + c);
-            super::convert_row(simd, &t.data[o..o + width], row);
-            row[width..].fill(0.0);
-        } else {
-            row.fill(0.0);
         }
     }
 }

@@ -35,3 +35,142 @@ pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(s
         }
     }
 }
+
+/// Rows `j0..j0 + n` of K or V (KV head `hk` of batch `b`), converted to f32 at pitch `pitch`
+/// (zero-padded past `width`); rows `n..n_pad` are zero.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_rows<S: crate::simd::SimdExt, T: crate::element::Element>(
+    simd: S,
+    t: &crate::layout::TensorRef<'_, T>,
+    b: usize,
+    hk: usize,
+    j0: usize,
+    n: usize,
+    n_pad: usize,
+    width: usize,
+    pitch: usize,
+    dst: &mut [f32],
+) {
+    for c in 0..n_pad {
+        let row = &mut dst[c * pitch..(c + 1) * pitch];
+        if c < n {
+            let o = t.strides.offset(b, hk, j0 + c);
+            convert_row(simd, &t.data[o..o + width], row);
+            row[width..].fill(0.0);
+        } else {
+            row.fill(0.0);
+        }
+    }
+}
+
+/// The K rows of one key block as `qk_tile` reads them, in groups of `mr` keys: f32 K is read in
+/// place (only a partial last group is copied, zero-padded, into scratch); other storage is
+/// widened into scratch.
+pub(crate) struct KRows<'a> {
+    src: &'a [f32],
+    base: usize,
+    ld: usize,
+    full_groups: usize,
+    packed: &'a [f32],
+    d: usize,
+    mr: usize,
+}
+
+impl<'a> KRows<'a> {
+    /// Keys `j0..j0 + n` of KV head `hk`, batch `b`; `scratch` holds `round_up(n, mr) * d`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<S: crate::simd::SimdExt, TQ, TKV: crate::element::Element>(
+        simd: S,
+        p: &'a crate::problem::Problem<'a, TQ, TKV>,
+        b: usize,
+        hk: usize,
+        j0: usize,
+        n: usize,
+        mr: usize,
+        scratch: &'a mut [f32],
+    ) -> Self {
+        let d = p.shape.head_dim;
+        let n_pad = n.div_ceil(mr) * mr;
+        let in_place = TKV::as_f32_slice(p.k.data);
+        let full = if in_place.is_some() { n - n % mr } else { 0 };
+        pack_rows(simd, &p.k, b, hk, j0 + full, n - full, n_pad - full, d, d, scratch);
+        Self {
+            src: in_place.unwrap_or(&[]),
+            base: p.k.strides.offset(b, hk, j0),
+            ld: p.k.strides.seq,
+            full_groups: full / mr,
+            packed: scratch,
+            d,
+            mr,
+        }
+    }
+
+    /// Group `g` (keys `g * mr ..`) and its row pitch.
+    #[inline(always)]
+    pub fn group(&self, g: usize) -> (&'a [f32], usize) {
+        if g < self.full_groups {
+            (&self.src[self.base + g * self.mr * self.ld..], self.ld)
+        } else {
+            (&self.packed[(g - self.full_groups) * self.mr * self.d..], self.d)
+        }
+    }
+}
+
+/// The V rows of keys `j0..j0 + n` as vectors, and their pitch in vectors: f32 V is read in place
+/// when its rows are whole vectors apart and need no padding; otherwise the rows are widened into
+/// `scratch` (pitch `dv_pad`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TQ, TKV: crate::element::Element>(
+    simd: S,
+    p: &'a crate::problem::Problem<'a, TQ, TKV>,
+    b: usize,
+    hk: usize,
+    j0: usize,
+    n: usize,
+    dv_pad: usize,
+    scratch: &'a mut [f32],
+) -> (&'a [S::f32s], usize) {
+    let (dv, lanes) = (p.shape.v_head_dim, S::F32_LANES);
+    match TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq.is_multiple_of(lanes)) {
+        Some(v) => {
+            let o = p.v.strides.offset(b, hk, j0);
+            (S::as_simd_f32s(&v[o..o + (n - 1) * p.v.strides.seq + dv]).0, p.v.strides.seq / lanes)
+        }
+        None => {
+            pack_rows(simd, &p.v, b, hk, j0, n, n, dv, dv_pad, scratch);
+            (S::as_simd_f32s(&scratch[..n * dv_pad]).0, dv_pad / lanes)
+        }
+    }
+}
+
+/// Score terms and (with `mask = Some(interval)`) the visibility mask for one query row whose
+/// scores sit strided in a key-major tile: `s[c * rt + lane]` for keys `j0 + c`, `c < buf.len()`.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn strided_row_terms<TQ, TKV>(
+    p: &crate::problem::Problem<'_, TQ, TKV>,
+    terms: bool,
+    mask: Option<(usize, usize)>,
+    (b, h, i): (usize, usize, usize),
+    j0: usize,
+    s: &mut [f32],
+    rt: usize,
+    lane: usize,
+    buf: &mut [f32],
+) {
+    for (c, x) in buf.iter_mut().enumerate() {
+        *x = s[c * rt + lane];
+    }
+    if terms {
+        terms::score_terms(p, b, h, i, j0, buf);
+    }
+    if let Some(interval) = mask {
+        terms::mask_outside(buf, j0, interval);
+    }
+    for (c, &x) in buf.iter().enumerate() {
+        s[c * rt + lane] = x;
+    }
+}
