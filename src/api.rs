@@ -112,28 +112,30 @@ pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
     let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
-    let Prepared { p, out, plan, tiles, isa, scratch_len } = &prepared;
-    let flops = crate::attention_flops(shape, params);
-    let threads = config
-        .threads
-        .unwrap_or_else(default_threads)
-        .min(plan.units())
-        .min((flops / MIN_FLOPS_PER_THREAD) as usize + 1)
-        .max(1);
+    let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
+    let mut threads = config.threads.unwrap_or_else(default_threads).min(plan.units()).max(1);
+    if threads > 1 {
+        // Counting visible pairs walks every row: only worth it when a split is on the table.
+        let flops = crate::attention_flops(shape, params);
+        threads = threads.min((flops / MIN_FLOPS_PER_THREAD) as usize + 1);
+    }
     let unavailable = || AttnError::IsaUnavailable { isa: *isa };
-    with_thread_partials(Partials::len_for(plan, shape), |pbuf| {
+    with_thread_partials(*partials_len, |pbuf| {
         let partials = Partials::new(pbuf, plan, shape);
         let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials };
         #[cfg(feature = "rayon")]
         if threads > 1 {
-            let specialised = crate::exec::run_pool(job, threads, *scratch_len).map_err(|_| unavailable())?;
+            let specialised = crate::exec::run_pool(job, threads, *scratch_len)?;
             return Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads, plan: *plan });
         }
-        let specialised = with_thread_scratch(*scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc))
-            .map_err(|_| unavailable())?;
-        merge_all(&job);
+        let specialised = with_thread_scratch(*scratch_len, |sc| {
+            let r = run_units(job, Units::Share { ith: 0, nth: 1 }, sc);
+            merge_all(&job, &mut sc[..shape.v_head_dim]);
+            r
+        })?
+        .map_err(|_| unavailable())?;
         Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1, plan: *plan })
-    })
+    })?
 }
 
 /// [`attention_with`] on the calling thread only, with the caller's [`Workspace`].
@@ -150,19 +152,13 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
     let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
-    let Prepared { p, out, plan, tiles, isa, scratch_len } = &prepared;
-    let (scratch, pbuf) = workspace.get(*scratch_len + Partials::len_for(plan, shape)).split_at_mut(*scratch_len);
+    let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
+    let (scratch, pbuf) = workspace.get(*scratch_len + *partials_len)?.split_at_mut(*scratch_len);
     let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, shape) };
     let specialised = run_units(job, Units::Share { ith: 0, nth: 1 }, scratch)
         .map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
     // The merge's row buffer: the start of the scratch, free again now.
-    let row = &mut scratch[..shape.v_head_dim.min(*scratch_len)];
-    if plan.parts() > 1 {
-        for g in 0..plan.merge_groups() {
-            // SAFETY: every unit ran above, on this thread; each group merged once.
-            unsafe { merge_group(&job, g, row) };
-        }
-    }
+    merge_all(&job, &mut scratch[..shape.v_head_dim]);
     Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1, plan: *plan })
 }
 
@@ -174,6 +170,7 @@ struct Prepared<'a, 'o, TQ, TKV, TO> {
     tiles: Tiles,
     isa: Isa,
     scratch_len: usize,
+    partials_len: usize,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -190,8 +187,8 @@ fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
     let p = Problem::new(shape, q, k, v, params)?;
     validate_outputs(shape, &out, lse.as_deref())?;
     let isa = resolve_isa(config.isa)?;
-    let (plan, tiles, scratch_len) = plan_for(isa, TKV::DTYPE, shape);
-    Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan, tiles, isa, scratch_len })
+    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape)?;
+    Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan, tiles, isa, scratch_len, partials_len })
 }
 
 /// Host-driven execution: the engine's own workers run the call. Create it once per call (this
@@ -273,15 +270,22 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
             return Err(AttnError::ZeroDim { dim: "nth" });
         }
         let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
-        let plen = Partials::len_for(&prepared.plan, shape);
-        let flags = |n: usize| (0..n).map(|_| AtomicBool::new(false)).collect::<Vec<_>>();
+        // Fallible allocations: an absurd `nth` or partials size is an error, not an abort.
+        let flags = |n: usize| -> Result<Vec<AtomicBool>, AttnError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| AttnError::OutOfMemory { bytes: n })?;
+            v.extend((0..n).map(|_| AtomicBool::new(false)));
+            Ok(v)
+        };
+        let (claimed, merge_claimed) = (flags(nth)?, flags(nth)?);
+        let partials = crate::exec::try_zeroed(prepared.partials_len)?;
         Ok(Self {
             prepared,
             nth,
-            claimed: flags(nth),
-            merge_claimed: flags(nth),
+            claimed,
+            merge_claimed,
             finished: AtomicUsize::new(0),
-            partials: Box::into_raw(vec![0.0f32; plen].into_boxed_slice()),
+            partials: Box::into_raw(partials.into_boxed_slice()),
         })
     }
 

@@ -65,6 +65,9 @@ pub enum AttnError {
     SharesNotFinished { finished: usize, nth: usize },
     /// A caller-provided workspace is smaller than the call needs.
     WorkspaceTooSmall { needed: usize, len: usize },
+    /// A buffer the call needs (scratch, decode partials, share flags) could not be allocated.
+    /// Outputs may be partly written when this comes from a worker of a running call.
+    OutOfMemory { bytes: usize },
     /// The requested instruction-set path cannot run on this machine.
     IsaUnavailable { isa: crate::isa::Isa },
     /// `SIMD_ATTN_ISA` names no path.
@@ -116,6 +119,7 @@ impl fmt::Display for AttnError {
             WorkspaceTooSmall { needed, len } => {
                 write!(f, "workspace holds {len} f32 elements but the call needs {needed}")
             }
+            OutOfMemory { bytes } => write!(f, "could not allocate {bytes} bytes of working memory"),
             IsaUnavailable { isa } => write!(f, "the {isa} path cannot run on this machine"),
             UnknownIsaName { name } => write!(
                 f,

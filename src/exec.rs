@@ -2,6 +2,7 @@
 //! or as one share of a host-driven run.
 
 use crate::element::{DType, Element};
+use crate::error::AttnError;
 use crate::isa::Isa;
 use crate::kernel::{decode, flash, portable};
 use crate::kernel::softmax::RowState;
@@ -75,14 +76,17 @@ unsafe impl Send for Partials<'_> {}
 unsafe impl Sync for Partials<'_> {}
 
 impl<'j> Partials<'j> {
-    /// Floats needed for a plan (0 when no merge follows).
-    pub fn len_for(plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> usize {
+    /// Floats needed for a plan (0 when no merge follows), or `None` if that does not fit in
+    /// memory at all (`seq_kv` is bounded by no buffer when K/V have a zero sequence stride).
+    pub fn len_for(plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> Option<usize> {
         match plan.kind {
             PlanKind::Decode { heads_per_sub, subs, parts } if parts > 1 => {
-                let rows = heads_per_sub * shape.seq_q;
-                shape.batch * shape.kv_heads * subs * parts * rows * (shape.v_head_dim + 2)
+                let n = [shape.batch, shape.kv_heads, subs, parts, heads_per_sub, shape.seq_q, shape.v_head_dim + 2]
+                    .iter()
+                    .try_fold(1u128, |a, &x| a.checked_mul(x as u128))?;
+                (n <= (isize::MAX as u128) / 4).then_some(n as usize)
             }
-            _ => 0,
+            _ => Some(0),
         }
     }
 
@@ -135,25 +139,42 @@ impl<TQ, TKV, TO> Clone for Job<'_, '_, '_, TQ, TKV, TO> {
 }
 impl<TQ, TKV, TO> Copy for Job<'_, '_, '_, TQ, TKV, TO> {}
 
-/// The plan, block sizes and per-worker scratch length (f32 elements) of a path for a
-/// problem. Decode shapes get the decode plan on the SIMD paths; the portable kernel, the
-/// baseline, always runs the prefill plan.
-pub(crate) fn plan_for(isa: Isa, kv_dtype: DType, shape: &crate::layout::AttentionShape) -> (WorkPlan, Tiles, usize) {
+/// The plan, block sizes, per-worker scratch length and decode-partials length (f32 elements)
+/// of a path for a problem. Decode shapes get the decode plan on the SIMD paths; the portable
+/// kernel, the baseline, always runs the prefill plan.
+pub(crate) fn plan_for(
+    isa: Isa,
+    kv_dtype: DType,
+    shape: &crate::layout::AttentionShape,
+) -> Result<(WorkPlan, Tiles, usize, usize), AttnError> {
     let family = Family::find(isa, kv_dtype)
         .or_else(|| Family::find(isa, DType::F32))
         .expect("kernels/ declares an f32 family for every path");
     let (d, dv) = (shape.head_dim, shape.v_head_dim);
     let tiles = family.tiles(d, dv);
-    if isa == Isa::Portable {
-        return (WorkPlan::new(shape, tiles.br), tiles, portable::Scratch::len(&tiles, d, dv));
-    }
-    if WorkPlan::prefers_decode(shape) {
+    let (plan, scratch) = if isa == Isa::Portable {
+        (WorkPlan::new(shape, tiles.br), portable::Scratch::len(&tiles, d, dv))
+    } else if WorkPlan::prefers_decode(shape) {
         let plan = WorkPlan::decode(shape);
         let PlanKind::Decode { heads_per_sub, .. } = plan.kind else { unreachable!() };
-        let len = decode::Scratch::len(heads_per_sub * shape.seq_q, family.mr, family.lanes, d, dv);
-        return (plan, tiles, len);
+        (plan, decode::Scratch::len(heads_per_sub * shape.seq_q, family.mr, family.lanes, d, dv))
+    } else {
+        (WorkPlan::new(shape, tiles.br), flash::Scratch::len(&tiles, family.lanes, d, dv))
+    };
+    let too_big = AttnError::SizeOverflow { tensor: crate::error::TensorName::K };
+    if plan.units() == usize::MAX {
+        return Err(too_big);
     }
-    (WorkPlan::new(shape, tiles.br), tiles, flash::Scratch::len(&tiles, family.lanes, d, dv))
+    let partials = Partials::len_for(&plan, shape).ok_or(too_big)?;
+    Ok((plan, tiles, scratch, partials))
+}
+
+/// A zeroed buffer of `len` floats, or `OutOfMemory` instead of aborting.
+pub(crate) fn try_zeroed(len: usize) -> Result<Vec<f32>, AttnError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| AttnError::OutOfMemory { bytes: len.saturating_mul(4) })?;
+    v.resize(len, 0.0);
+    Ok(v)
 }
 
 /// Runs `units` of `job` with `scratch` (at least the length `tiles_and_scratch` gave).
@@ -339,11 +360,14 @@ impl Workspace {
     }
 
     /// A buffer of `len` elements, growing (the only allocation) when it is too small.
-    pub(crate) fn get(&mut self, len: usize) -> &mut [f32] {
+    pub(crate) fn get(&mut self, len: usize) -> Result<&mut [f32], AttnError> {
         if self.buf.len() < len {
+            self.buf
+                .try_reserve_exact(len - self.buf.len())
+                .map_err(|_| AttnError::OutOfMemory { bytes: len.saturating_mul(4) })?;
             self.buf.resize(len, 0.0);
         }
-        &mut self.buf[..len]
+        Ok(&mut self.buf[..len])
     }
 }
 
@@ -355,19 +379,19 @@ thread_local! {
 }
 
 /// Runs `f` with `len` elements of this thread's partials buffer (fresh if it is in use).
-pub(crate) fn with_thread_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(crate) fn with_thread_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> Result<R, AttnError> {
     THREAD_PARTIALS.with(|ws| match ws.try_borrow_mut() {
-        Ok(mut ws) => f(ws.get(len)),
-        Err(_) => f(&mut vec![0.0; len]),
+        Ok(mut ws) => Ok(f(ws.get(len)?)),
+        Err(_) => Ok(f(&mut try_zeroed(len)?)),
     })
 }
 
 /// Runs `f` with `len` elements of this thread's workspace (a fresh buffer if the thread's
 /// is already in use by an enclosing call on the same thread).
-pub(crate) fn with_thread_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(crate) fn with_thread_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> Result<R, AttnError> {
     THREAD_WORKSPACE.with(|ws| match ws.try_borrow_mut() {
-        Ok(mut ws) => f(ws.get(len)),
-        Err(_) => f(&mut vec![0.0; len]),
+        Ok(mut ws) => Ok(f(ws.get(len)?)),
+        Err(_) => Ok(f(&mut try_zeroed(len)?)),
     })
 }
 
@@ -378,10 +402,11 @@ pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
     job: Job<'_, '_, '_, TQ, TKV, TO>,
     threads: usize,
     scratch_len: usize,
-) -> Result<Option<usize>, ()> {
+) -> Result<Option<usize>, AttnError> {
     let next = AtomicUsize::new(0);
+    // A worker that cannot get scratch takes no unit; the others take them all.
     let worker = || with_thread_scratch(scratch_len, |sc| run_units(job, Units::Dynamic { next: &next }, sc));
-    let mut first = Ok(None);
+    let mut first = Ok(Ok(None));
     rayon::scope(|scope| {
         for _ in 1..threads {
             scope.spawn(|_| {
@@ -390,20 +415,20 @@ pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
         }
         first = worker();
     });
+    let specialised = first?.map_err(|_| AttnError::IsaUnavailable { isa: job.isa })?;
     // The scope's end is the barrier the merge needs.
-    merge_all(&job);
-    first
+    with_thread_scratch(job.p.shape.v_head_dim, |row| merge_all(&job, row))?;
+    Ok(specialised)
 }
 
-/// Merges every group on the calling thread (after all units ran).
-pub(crate) fn merge_all<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>) {
+/// Merges every group on the calling thread (after all units ran); `row` holds at least
+/// `v_head_dim` floats of scratch.
+pub(crate) fn merge_all<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, row: &mut [f32]) {
     if job.plan.parts() <= 1 {
         return;
     }
-    with_thread_scratch(job.p.shape.v_head_dim, |row| {
-        for g in 0..job.plan.merge_groups() {
-            // SAFETY: called after every unit has run, once per group.
-            unsafe { merge_group(job, g, row) };
-        }
-    });
+    for g in 0..job.plan.merge_groups() {
+        // SAFETY: called after every unit has run, once per group.
+        unsafe { merge_group(job, g, row) };
+    }
 }

@@ -189,3 +189,51 @@ fn empty_problems_are_no_ops() {
     call(&mut b, &AttentionParams::new().causal(true)).unwrap();
     assert!(b.out.iter().all(|&x| x == 0.0));
 }
+
+#[test]
+fn sizes_beyond_memory_are_errors_not_aborts() {
+    // Zero sequence strides make any seq_kv valid input; the decode plan's partials for 2^60
+    // keys cannot be allocated, and for usize::MAX keys cannot even be sized.
+    let (q, k, v) = (vec![0.1f32; 32], vec![0.2f32; 8], vec![0.3f32; 1024]);
+    let zero = Strides::new(0, 0, 0);
+    for (seq_kv, too_big) in [(1usize << 60, false), (usize::MAX, true)] {
+        let shape = AttentionShape::new(1, 4, 1, 1, seq_kv, 8).with_v_head_dim(1024);
+        let mut out = vec![0.0f32; 4 * 1024];
+        let err = attention_with(
+            &RunConfig { isa: Some(Isa::best()), threads: Some(1) },
+            &shape,
+            TensorRef::new(&q, Strides::bhsd(4, 1, 8)),
+            TensorRef::new(&k, zero),
+            TensorRef::new(&v, zero),
+            TensorMut::new(&mut out, Strides::bhsd(4, 1, 1024)),
+            None,
+            &AttentionParams::new(),
+        )
+        .unwrap_err();
+        if too_big {
+            assert_eq!(err, AttnError::SizeOverflow { tensor: TensorName::K });
+        } else {
+            assert!(matches!(err, AttnError::OutOfMemory { .. } | AttnError::SizeOverflow { .. }), "{err}");
+        }
+        assert!(out.iter().all(|&x| x == 0.0), "nothing written");
+    }
+
+    // An absurd share count is refused, not allocated.
+    let s = AttentionShape::new(1, 1, 1, 2, 2, 4);
+    let [qs, ks, vs, os] = s.bhsd_strides();
+    let mut out = vec![0.0f32; 8];
+    let err = HostPlan::new(
+        &RunConfig::default(),
+        &s,
+        TensorRef::new(&q[..8], qs),
+        TensorRef::new(&k[..8], ks),
+        TensorRef::new(&v[..8], vs),
+        TensorMut::new(&mut out, os),
+        None,
+        &AttentionParams::new(),
+        usize::MAX,
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, AttnError::OutOfMemory { .. }), "{err}");
+}

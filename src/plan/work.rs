@@ -98,8 +98,11 @@ impl WorkPlan {
 
     pub fn units(&self) -> usize {
         match self.kind {
-            PlanKind::Prefill { q_blocks, .. } => self.batch * self.kv_heads * q_blocks,
-            PlanKind::Decode { subs, parts, .. } => self.batch * self.kv_heads * subs * parts,
+            // Saturating: sizes that do not fit are rejected before any plan runs.
+            PlanKind::Prefill { q_blocks, .. } => self.batch.saturating_mul(self.kv_heads).saturating_mul(q_blocks),
+            PlanKind::Decode { subs, parts, .. } => {
+                self.batch.saturating_mul(self.kv_heads).saturating_mul(subs).saturating_mul(parts)
+            }
         }
     }
 
