@@ -133,7 +133,7 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     while j0 < k1 {
         let n = CHUNK.min(k1 - j0);
         let n_pad = round_up(n, MR);
-        let k = KRows::new(simd, p, b, w.kv_head, j0, n, MR, sc.k);
+        let k = KRows::new(simd, p, b, w.kv_head, j0, n, d, MR, sc.k);
         let (vrows, ld_v) = v_rows(simd, p, b, w.kv_head, j0, n, dv_pad, sc.v);
 
         for tile in 0..rows_pad / rt {

@@ -108,7 +108,7 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     while j0 < u1 {
         let seg_end = edges.into_iter().find(|&e| e > j0).unwrap_or(u1);
         let n = bc.min(seg_end - j0);
-        let k = KRows::new(simd, p, b, hk, j0, n, MR, sc.k);
+        let k = KRows::new(simd, p, b, hk, j0, n, d, MR, sc.k);
         let (vrows, ld_v) = v_rows(simd, p, b, hk, j0, n, dv_pad, sc.v);
         let all_visible = keys.all_visible(j0, j0 + n);
 

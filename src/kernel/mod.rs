@@ -79,6 +79,8 @@ pub(crate) struct KRows<'a> {
 
 impl<'a> KRows<'a> {
     /// Keys `j0..j0 + n` of KV head `hk`, batch `b`; `scratch` holds `round_up(n, mr) * d`.
+    /// `d` is the head dim as the caller knows it: pass the specialisation's constant, so the
+    /// packed groups' pitch stays a compile-time constant in `qk_tile`'s addressing.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub fn new<S: crate::simd::SimdExt, TQ, TKV: crate::element::Element>(
@@ -88,10 +90,10 @@ impl<'a> KRows<'a> {
         hk: usize,
         j0: usize,
         n: usize,
+        d: usize,
         mr: usize,
         scratch: &'a mut [f32],
     ) -> Self {
-        let d = p.shape.head_dim;
         let n_pad = n.div_ceil(mr) * mr;
         let in_place = TKV::as_f32_slice(p.k.data);
         let full = if in_place.is_some() { n - n % mr } else { 0 };
