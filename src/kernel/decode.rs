@@ -2,14 +2,15 @@
 //! rows) against one key partition, in one pass over that partition's K and V.
 //!
 //! Decode is bound by reading K and V, so the kernel reads each K/V element once, straight from
-//! the caller's memory, converting f16 in registers: Q.K^T as dot products with the head dim
-//! along the lanes (no packing, no lanes wasted on absent rows), then the online softmax per
-//! row and P.V through the same `pv_tile` the prefill kernel uses. It leaves the rows
-//! *unnormalised* (accumulator, running max and sum) so partitions can be merged.
+//! the caller's memory: Q.K^T through `qk_tile` (rows along the lanes) when the rows fill a
+//! vector, or through `qk_dot` (head dim along the lanes, K widened in registers) when they are
+//! few, then the online softmax per row and P.V through the same `pv_tile` as prefill, in a
+//! register tile no taller than the rows. The next chunk's K and V rows are prefetched. It leaves
+//! the rows *unnormalised* (accumulator, running max and sum) so partitions can be merged.
 
 use super::flash::online_softmax;
 use super::{strided_row_terms, v_rows, KRows};
-use super::microkernel::{pv_rows, qk_tile};
+use super::microkernel::{pv_rows, qk_dot, qk_tile};
 use super::softmax::RowState;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -75,16 +76,30 @@ pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     w: &WorkUnit,
     sc: &mut Scratch,
 ) {
+    let d = if D == 0 { p.shape.head_dim } else { D };
+    let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
+    // At most half a vector of rows (one query row per head of a GQA group, say): dot products,
+    // and P.V in a register tile of just those rows, so no work goes to absent rows.
+    if d.is_multiple_of(S::F32_LANES) && 2 * rows <= S::F32_LANES {
+        match rows.next_power_of_two() {
+            1 => return decode_rows::<S, TQ, TKV, D, 1, 4, 1, 1>(simd, p, w, sc),
+            2 => return decode_rows::<S, TQ, TKV, D, 2, 4, 1, 2>(simd, p, w, sc),
+            4 => return decode_rows::<S, TQ, TKV, D, 4, 2, 1, 4>(simd, p, w, sc),
+            8 => return decode_rows::<S, TQ, TKV, D, 8, 2, 1, 8>(simd, p, w, sc),
+            _ => {}
+        }
+    }
     if S::F32_LANES >= MR {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 1>(simd, p, w, sc)
+        decode_rows::<S, TQ, TKV, D, MR, NRV, 1, 0>(simd, p, w, sc)
     } else {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 2>(simd, p, w, sc)
+        decode_rows::<S, TQ, TKV, D, MR, NRV, 2, 0>(simd, p, w, sc)
     }
 }
 
-/// [`decode_unit`] with row tiles of `RV` vectors.
+/// [`decode_unit`] with row tiles of `RV` vectors, P.V in register tiles of `MR` rows x `NRV`
+/// vectors, and Q.K^T by `qk_tile` (`RP == 0`) or by `qk_dot` for at most `RP` rows.
 #[inline(always)]
-fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize, const RV: usize>(
+fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize, const RV: usize, const RP: usize>(
     simd: S,
     p: &Problem<'_, TQ, TKV>,
     w: &WorkUnit,
@@ -102,51 +117,73 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     let kv_len = p.kv_len(b);
     let row_of = |r: usize| (w.head_start + r / per_head, w.q_start + r % per_head);
 
-    // Q^T in row tiles (rows along the lanes), pre-scaled; padding rows are zero.
+    // Q, pre-scaled, padding rows zero: for `qk_tile` transposed in row tiles (rows along the
+    // lanes), for `qk_dot` row-major.
     for r in 0..rows_pad {
-        let (tile, lane) = (r / rt, r % rt);
-        let dst = &mut sc.qt[tile * d * rt..(tile + 1) * d * rt];
+        let at = |t: usize| if RP == 0 { (r / rt * d + t) * rt + r % rt } else { r * d + t };
         let st = if r < rows {
             let (h, i) = row_of(r);
             let o = p.q.strides.offset(b, h, i);
             for (t, x) in p.q.data[o..o + d].iter().enumerate() {
-                dst[t * rt + lane] = x.to_f32() * p.scale;
+                sc.qt[at(t)] = x.to_f32() * p.scale;
             }
             RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY })
         } else {
             for t in 0..d {
-                dst[t * rt + lane] = 0.0;
+                sc.qt[at(t)] = 0.0;
             }
             RowState::start(f32::NEG_INFINITY)
         };
         (sc.max[r], sc.sum[r]) = (st.max, st.sum);
     }
     sc.acc[..rows_pad * dv_pad].fill(0.0);
+    if RP > 0 {
+        // `qk_dot` writes only the real rows' lanes: keep the others finite.
+        sc.s[..CHUNK * rt].fill(0.0);
+    }
 
     // Keys some row may see, within the partition (intervals are monotone in the row).
     let (lo, _) = p.masker.interval(kv_len, w.q_start);
     let (_, hi) = p.masker.interval(kv_len, w.q_end - 1);
     let (k0, k1) = (lo.max(w.key_start), hi.min(w.key_end));
     let terms = any_terms(p);
+    let (seq, hk) = (p.shape.seq_kv, w.kv_head);
+    let dv = p.shape.v_head_dim;
+    // The rows of the next chunk are hinted into L2 while this one computes: the hardware
+    // prefetcher restarts at every page, and decode has nothing else to hide memory behind.
+    let prefetch_next = |j: usize, count: usize| {
+        for c in j + CHUNK..(j + CHUNK + count).min(k1) {
+            super::prefetch_row(simd, &p.k, seq, b, hk, c, d);
+            super::prefetch_row(simd, &p.v, seq, b, hk, c, dv);
+        }
+    };
 
     let mut j0 = k0;
     while j0 < k1 {
         let n = CHUNK.min(k1 - j0);
-        let n_pad = round_up(n, MR);
-        let k = KRows::new(simd, p, b, w.kv_head, j0, n, d, MR, sc.k);
-        let (vrows, ld_v) = v_rows(simd, p, b, w.kv_head, j0, n, dv_pad, sc.v);
+        let n_pad = if RP == 0 { round_up(n, MR) } else { n };
+        let k = if RP == 0 { Some(KRows::new(simd, p, b, hk, j0, n, d, MR, sc.k)) } else { None };
+        let (vrows, ld_v) = v_rows(simd, p, b, hk, j0, n, dv_pad, sc.v);
 
         for tile in 0..rows_pad / rt {
             let r0 = tile * rt;
             let real = rt.min(rows - r0);
-            // S^T = K Q^T for the row tile, MR keys at a time (keys by rows, key-major).
-            {
+            // S^T = K Q^T for the row tile (keys by rows, key-major).
+            if let Some(k) = &k {
                 let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
                 let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
                 for g in 0..n_pad / MR {
+                    if tile == 0 {
+                        prefetch_next(j0 + g * MR, MR);
+                    }
                     let (k, ld) = k.group(g);
                     qk_tile::<S, MR, RV>(simd, d, k, ld, qt, &mut s[g * MR * RV..]);
                 }
+            } else {
+                let q = S::as_simd_f32s(&sc.qt[..RP * d]).0;
+                let (data, o, ld) = (p.k.data, p.k.strides.offset(b, hk, j0), p.k.strides.seq);
+                let k_row = |c: usize| &data[o + c * ld..][..d];
+                qk_dot::<S, TKV, RP>(simd, n, d / lanes, q, k_row, sc.s, rt, |c0| prefetch_next(j0 + c0, lanes / RP));
             }
             // Optional terms and masks, per real row (strided: rows are lanes).
             for r in 0..real {

@@ -4,6 +4,10 @@
 //! - `qk_tile`: S^T[MR keys][row tile] = K[MR keys][d] . Q^T[d][row tile]. Q^T is packed once per
 //!   query block; each K element is broadcast straight from the row-major K block, so K needs
 //!   no transpose and the MR broadcasts share one base pointer at constant offsets.
+//! - `qk_dot`: the same scores for a few rows (at most half a vector of them, as in decode with
+//!   one query row per head of a GQA group): dot products with the head dim along the lanes, so
+//!   no lane computes an absent row, K is read (and widened) once straight from its rows, and a
+//!   register tile of `lanes` dot products is reduced by one `transpose_sum_f32s`.
 //! - `pv_tile`: O[MR rows][NV vectors of dims] (+)= P[MR rows][keys] . V[keys][dims], the head
 //!   dim along the lanes (V's natural layout); P is read key-major, as `qk_tile` left it.
 //!
@@ -68,6 +72,55 @@ pub(crate) fn qk_tile<S: SimdExt, const MR: usize, const NRV: usize>(
         for v in 0..NRV {
             s[m * NRV + v] = acc[m][v];
         }
+    }
+}
+
+/// `s[c * rt + r]` = sum over t of `k_row(c)[t] * q[r][t]` for keys `c < n` and rows `r < RP`,
+/// `RP <= lanes / 2`. `q` holds RP rows of `dl` vectors, row-major. Keys go in groups of
+/// `lanes / RP`, so a group's accumulators fill exactly one `transpose_sum_f32s`; a partial last
+/// group repeats its last key. `before_group(c0)` runs ahead of the group of keys `c0..`, for
+/// prefetching.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qk_dot<'k, S: SimdExt, T: crate::element::Element, const RP: usize>(
+    simd: S,
+    n: usize,
+    dl: usize,
+    q: &[S::f32s],
+    k_row: impl Fn(usize) -> &'k [T],
+    s: &mut [f32],
+    rt: usize,
+    mut before_group: impl FnMut(usize),
+) {
+    let lanes = S::F32_LANES;
+    let group = lanes / RP;
+    let q = &q[..RP * dl];
+    let mut c0 = 0;
+    while c0 < n {
+        before_group(c0);
+        let mut rows: [&[T]; 16] = [&[]; 16];
+        for (g, row) in rows[..group].iter_mut().enumerate() {
+            *row = k_row((c0 + g).min(n - 1));
+        }
+        let mut acc = [simd.splat_f32s(0.0); 16];
+        for t in 0..dl {
+            let mut qv = [simd.splat_f32s(0.0); RP];
+            for r in 0..RP {
+                qv[r] = q[r * dl + t];
+            }
+            for g in 0..group {
+                let kv = super::load_lanes(simd, rows[g], t);
+                for r in 0..RP {
+                    acc[g * RP + r] = simd.mul_add_e_f32s(kv, qv[r], acc[g * RP + r]);
+                }
+            }
+        }
+        let mut sums = [0.0f32; 16];
+        S::as_mut_simd_f32s(&mut sums[..lanes]).0[0] = simd.transpose_sum_f32s(&acc[..lanes]);
+        for g in 0..group.min(n - c0) {
+            s[(c0 + g) * rt..][..RP].copy_from_slice(&sums[g * RP..][..RP]);
+        }
+        c0 += group;
     }
 }
 

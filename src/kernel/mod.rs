@@ -176,3 +176,35 @@ pub(crate) fn strided_row_terms<TQ, TKV>(
         s[c * rt + lane] = x;
     }
 }
+
+/// Vector `t` (elements `t * lanes ..`) of a K or V row, widened to f32 in registers.
+#[inline(always)]
+pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, row: &[T], t: usize) -> S::f32s {
+    let lanes = S::F32_LANES;
+    let row = &row[t * lanes..(t + 1) * lanes];
+    if let Some(h) = T::as_f16_slice(row) {
+        simd.load_f16s(h)
+    } else if let Some(f) = T::as_f32_slice(row) {
+        S::as_simd_f32s(f).0[0]
+    } else {
+        let mut buf = [0.0f32; 16];
+        for (d, s) in buf.iter_mut().zip(row) {
+            *d = s.to_f32();
+        }
+        S::as_simd_f32s(&buf[..lanes]).0[0]
+    }
+}
+
+/// Hints every cache line of row `j` of K or V (KV head `hk`, batch `b`, `width` elements) into
+/// L2. Rows past the tensor's sequence are skipped.
+#[inline(always)]
+pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T>(simd: S, t: &crate::layout::TensorRef<'_, T>, seq: usize, b: usize, hk: usize, j: usize, width: usize) {
+    if j < seq {
+        let row = &t.data[t.strides.offset(b, hk, j)..][..width];
+        let bytes = core::mem::size_of_val(row);
+        let base = row.as_ptr().cast::<u8>();
+        for line in (0..bytes).step_by(64) {
+            simd.prefetch_l2(base.wrapping_add(line));
+        }
+    }
+}
