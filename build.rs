@@ -182,6 +182,11 @@ fn resolve(f: &Family) -> Resolved {
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=src/plan/tile_rule.rs");
+    // The C ABI test (tests/capi.rs) compiles C for the same target with the `cc` crate, which
+    // outside a build script needs to be told the target and host.
+    for var in ["TARGET", "HOST"] {
+        println!("cargo:rustc-env=SIMD_ATTN_BUILD_{var}={}", std::env::var(var).unwrap_or_default());
+    }
     let mut files: Vec<_> = std::fs::read_dir("kernels")
         .unwrap_or_else(|e| fail(format!("cannot read the kernels/ directory: {e}")))
         .map(|e| e.unwrap().path())

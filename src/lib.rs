@@ -15,6 +15,7 @@
 //! Data flow: [`attention`] (api) → validate → plan (tiles) → kernel (per query block) → store.
 
 mod api;
+mod capi;
 mod exec;
 pub mod element;
 pub mod error;

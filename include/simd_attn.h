@@ -1,0 +1,257 @@
+/*
+ * simd_attn.h: the C ABI of simd-attn, fused (flash-style) CPU attention kernels.
+ *
+ * C99, usable from C++. Link with -lsimd_attn (libsimd_attn.so or libsimd_attn.a; the static
+ * library also needs -lpthread -ldl -lm).
+ *
+ * One call computes, for every batch entry b, query head h and query row i,
+ *     out[b,h,i,:] = sum_j p_j * v[b, h / (q_heads / kv_heads), j, :]
+ *     p = softmax_j( scale * q.k_j  (softcap)  + bias + alibi, masked ) with an optional sink,
+ * without storing the score matrix. The exact semantics of every option are those of the Rust
+ * API's AttentionParams (README, "Semantics"): causal masks are bottom-right aligned
+ * (off = kv_len - seq_q), a fully masked row gives zeros and lse = -inf, never NaN.
+ *
+ * Conventions
+ * - Every function returns a status (SIMD_ATTN_OK = 0, or an error code below) unless stated.
+ *   On error nothing is written to the outputs, and simd_attn_last_error() gives a detailed
+ *   message for the calling thread.
+ * - Every pointer comes with its length in elements; the library checks that every element the
+ *   shape and strides reach lies inside that length. Strides are in elements, >= 0; the last
+ *   (dim) axis is contiguous. Zero strides broadcast inputs; outputs must not overlap
+ *   themselves, each other, or any input.
+ * - Buffers must stay valid, and outputs untouched by anyone else, for the duration of a call
+ *   (for a plan: until simd_attn_plan_destroy).
+ * - Every function is thread-safe. No Rust panic crosses this boundary (a bug would return
+ *   SIMD_ATTN_ERR_INTERNAL).
+ */
+#ifndef SIMD_ATTN_H
+#define SIMD_ATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The ABI version this header describes; simd_attn_desc.abi_version must hold it. */
+#define SIMD_ATTN_ABI_VERSION 1
+
+/* ---- status codes (stable numbers; simd_attn_status_string gives a message) ---- */
+#define SIMD_ATTN_OK 0
+#define SIMD_ATTN_ERR_NULL_POINTER 1        /* a required pointer is NULL */
+#define SIMD_ATTN_ERR_MISALIGNED 2          /* a pointer is not aligned to its element type */
+#define SIMD_ATTN_ERR_DESC_SIZE 3           /* struct_size too small, or unknown fields set */
+#define SIMD_ATTN_ERR_ABI_VERSION 4         /* abi_version is not SIMD_ATTN_ABI_VERSION */
+#define SIMD_ATTN_ERR_UNKNOWN_DTYPE 5       /* a dtype field is not SIMD_ATTN_F32 / F16 */
+#define SIMD_ATTN_ERR_UNSUPPORTED_DTYPES 6  /* k and v (or merge parts) differ in dtype */
+#define SIMD_ATTN_ERR_NEGATIVE_STRIDE 7     /* a stride is negative */
+#define SIMD_ATTN_ERR_ZERO_DIM 8            /* head_dim, heads or nth is 0 */
+#define SIMD_ATTN_ERR_HEADS_NOT_DIVISIBLE 9 /* q_heads % kv_heads != 0 */
+#define SIMD_ATTN_ERR_BUFFER_TOO_SMALL 10   /* shape/strides reach past a buffer's length */
+#define SIMD_ATTN_ERR_SIZE_OVERFLOW 11      /* shape x strides overflows */
+#define SIMD_ATTN_ERR_OVERLAPPING_OUTPUT 12 /* an output's strides overlap its own elements */
+#define SIMD_ATTN_ERR_ALIASING 13           /* an output overlaps an input or the other output */
+#define SIMD_ATTN_ERR_WRONG_LENGTH 14       /* kv_lens / alibi_slopes / sinks length wrong */
+#define SIMD_ATTN_ERR_KV_LEN_OUT_OF_RANGE 15 /* a kv_lens entry < 0 or > seq_kv */
+#define SIMD_ATTN_ERR_NON_FINITE_SCALE 16   /* use_scale with a NaN or infinite scale */
+#define SIMD_ATTN_ERR_INVALID_SOFTCAP 17    /* softcap < 0, NaN or infinite */
+#define SIMD_ATTN_ERR_INVALID_WINDOW 18     /* a window bound < -1 */
+#define SIMD_ATTN_ERR_INVALID_VALUE 19      /* an ALiBi slope or sink value not allowed */
+#define SIMD_ATTN_ERR_SHARE_OUT_OF_RANGE 20 /* ith >= nth */
+#define SIMD_ATTN_ERR_SHARE_ALREADY_RUN 21  /* a share's run (or merge) called twice */
+#define SIMD_ATTN_ERR_SHARES_NOT_FINISHED 22 /* merge before every share's run returned */
+#define SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL 23 /* workspace_len < simd_attn_plan_workspace_len */
+#define SIMD_ATTN_ERR_OUT_OF_MEMORY 24      /* working memory could not be allocated */
+#define SIMD_ATTN_ERR_ISA_UNAVAILABLE 25    /* the requested ISA cannot run on this machine */
+#define SIMD_ATTN_ERR_UNKNOWN_ISA 26        /* an ISA value (or SIMD_ATTN_ISA) names no path */
+#define SIMD_ATTN_ERR_INTERNAL 27           /* a bug in simd-attn: please report it */
+
+/* ---- element types (the dtype fields) ---- */
+#define SIMD_ATTN_F32 0 /* float */
+#define SIMD_ATTN_F16 1 /* IEEE binary16 (uint16_t bits, _Float16, __fp16) */
+
+/* ---- instruction-set paths (the isa arguments) ---- */
+#define SIMD_ATTN_ISA_AUTO (-1)   /* override, else env SIMD_ATTN_ISA, else the best */
+#define SIMD_ATTN_ISA_PORTABLE 0  /* plain Rust flash kernel (the baseline) */
+#define SIMD_ATTN_ISA_SCALAR 1    /* the SIMD kernel on one lane */
+#define SIMD_ATTN_ISA_AVX2 2      /* AVX2 + FMA + F16C */
+#define SIMD_ATTN_ISA_AVX512 3    /* AVX-512 F/BW/CD/DQ/VL */
+#define SIMD_ATTN_ISA_NEON 4      /* aarch64 NEON */
+
+/* An input tensor [batch, head, seq, dim] with the dim axis contiguous. */
+typedef struct simd_attn_tensor {
+    const void *data;     /* first element; may be NULL only when len == 0 */
+    size_t len;           /* elements readable from data */
+    int32_t dtype;        /* SIMD_ATTN_F32 or SIMD_ATTN_F16 */
+    int32_t reserved;     /* set to 0 */
+    int64_t stride_batch; /* elements between batch entries (>= 0; 0 broadcasts) */
+    int64_t stride_head;  /* elements between heads */
+    int64_t stride_seq;   /* elements between rows (tokens) */
+} simd_attn_tensor;
+
+/* An output tensor: the same fields, writable. */
+typedef struct simd_attn_output {
+    void *data;
+    size_t len;
+    int32_t dtype;
+    int32_t reserved;
+    int64_t stride_batch;
+    int64_t stride_head;
+    int64_t stride_seq;
+} simd_attn_output;
+
+/*
+ * The problem of one call. Fill it with simd_attn_desc_init (which sets struct_size,
+ * abi_version and every optional field to "off"), then set the shape and tensors.
+ */
+typedef struct simd_attn_desc {
+    uint32_t struct_size; /* sizeof(simd_attn_desc) as compiled by the caller */
+    uint32_t abi_version; /* SIMD_ATTN_ABI_VERSION */
+    size_t batch;         /* B (0: nothing to do) */
+    size_t q_heads;       /* Hq >= 1 */
+    size_t kv_heads;      /* Hkv >= 1, divides Hq (GQA / MQA) */
+    size_t seq_q;         /* Sq (0: nothing to do) */
+    size_t seq_kv;        /* Skv (0: every row fully masked) */
+    size_t head_dim;      /* D >= 1, of Q and K */
+    size_t v_head_dim;    /* Dv of V and out; 0 means head_dim */
+    simd_attn_tensor q;   /* [B, Hq, Sq, D] */
+    simd_attn_tensor k;   /* [B, Hkv, Skv, D] */
+    simd_attn_tensor v;   /* [B, Hkv, Skv, Dv], same dtype as k */
+    simd_attn_output out; /* [B, Hq, Sq, Dv] */
+    float *lse;           /* optional [B, Hq, Sq] contiguous natural-log sum-exp; NULL: none */
+    size_t lse_len;
+    int32_t use_scale;    /* 0: scale = 1/sqrt(head_dim); 1: use `scale` */
+    float scale;
+    int32_t causal;       /* 1: key j visible iff j <= i + kv_len - seq_q (bottom-right) */
+    float softcap;        /* > 0: s -> softcap * tanh(s / softcap); 0: off */
+    int64_t window_left;  /* keys i+off-left .. i+off+right visible; -1: unbounded */
+    int64_t window_right;
+    const int64_t *kv_lens; /* optional per-batch valid key counts (len batch); NULL: seq_kv */
+    size_t kv_lens_len;
+    const float *bias;    /* optional additive bias / mask [B, Hq, Sq, Skv], keys contiguous */
+    size_t bias_len;
+    int64_t bias_stride_batch; /* 0 broadcasts (e.g. [1, 1, Sq, Skv] masks) */
+    int64_t bias_stride_head;
+    int64_t bias_stride_row;
+    const float *alibi_slopes; /* optional, len q_heads: s += slope_h * (j - (i + off)) */
+    size_t alibi_slopes_len;
+    const float *sinks;   /* optional, len q_heads: a virtual key's logit; -inf: none */
+    size_t sinks_len;
+} simd_attn_desc;
+
+/* One partial result for simd_attn_merge_partials: rows normalised over its keys, and their
+ * LSE ([B, Hq, Sq] contiguous), as simd_attn_forward writes them with an lse buffer. */
+typedef struct simd_attn_partial {
+    simd_attn_tensor out; /* [B, Hq, Sq, Dv] */
+    const float *lse;
+    size_t lse_len;
+} simd_attn_partial;
+
+/* What a call ran on. */
+typedef struct simd_attn_run_info {
+    int32_t isa;                  /* SIMD_ATTN_ISA_* */
+    int32_t specialised_head_dim; /* the compile-time head dim that ran, 0: generic path */
+    size_t threads;               /* workers that ran */
+    int32_t decode;               /* 1: the decode path (split keys, merged) ran */
+    int32_t reserved;
+} simd_attn_run_info;
+
+/* Fills *desc with defaults (see simd_attn_desc). */
+int simd_attn_desc_init(simd_attn_desc *desc);
+
+/* Fused attention on the library's thread pool. threads: 0 = the default (every core, or
+ * simd_attn_set_default_threads); isa: SIMD_ATTN_ISA_AUTO or a path; info may be NULL.
+ * Results are bitwise identical for every thread count. */
+int simd_attn_forward(const simd_attn_desc *desc, size_t threads, int32_t isa, simd_attn_run_info *info);
+
+/* The library's f64 reference for the same descriptor (slow; for tests), rounded once into
+ * out and lse. */
+int simd_attn_reference(const simd_attn_desc *desc);
+
+/* ---- host-driven execution: the engine's own threads run the call ---- */
+typedef struct simd_attn_plan simd_attn_plan;
+
+/* Validates and plans a call for nth workers; *plan_out receives the plan (NULL on error).
+ * Every buffer desc points to must stay valid until simd_attn_plan_destroy; desc itself may
+ * be freed. */
+int simd_attn_plan_create(const simd_attn_desc *desc, size_t nth, int32_t isa, simd_attn_plan **plan_out);
+/* Floats of workspace each worker passes to run and merge. */
+size_t simd_attn_plan_workspace_len(const simd_attn_plan *plan);
+/* 1: after every worker's run returned (the engine's barrier), each worker calls merge. */
+int simd_attn_plan_needs_merge(const simd_attn_plan *plan);
+/* Worker ith (0 <= ith < nth) runs its share, once, with its own workspace; no allocation,
+ * no locks. info may be NULL. */
+int simd_attn_plan_run(const simd_attn_plan *plan, size_t ith, float *workspace, size_t workspace_len, simd_attn_run_info *info);
+/* Worker ith's share of the merge (a no-op when needs_merge is 0). */
+int simd_attn_plan_merge(const simd_attn_plan *plan, size_t ith, float *workspace, size_t workspace_len);
+/* Frees the plan (NULL: no-op). */
+void simd_attn_plan_destroy(simd_attn_plan *plan);
+
+/* out = exact attention over the union of the parts' (disjoint) key sets, from each part's
+ * normalised output and LSE (e.g. KV shards on other devices). lse (optional, [B, Hq, Sq])
+ * receives the combined LSE. Parts combine in the order given: the result does not depend on
+ * scheduling. All parts share one dtype. */
+int simd_attn_merge_partials(size_t batch, size_t q_heads, size_t seq_q, size_t v_head_dim,
+                             const simd_attn_partial *parts, size_t n_parts,
+                             const simd_attn_output *out, float *lse, size_t lse_len);
+
+/* ---- instruction sets ---- */
+int32_t simd_attn_isa_best(void);          /* the fastest path this machine has */
+int32_t simd_attn_isa_current(void);       /* what SIMD_ATTN_ISA_AUTO resolves to now, or a
+                                              negative status (-SIMD_ATTN_ERR_UNKNOWN_ISA when
+                                              the environment variable is invalid) */
+int simd_attn_isa_available(int32_t isa);  /* 1 if the path can run here, else 0 */
+int simd_attn_set_isa(int32_t isa);        /* process-wide override; SIMD_ATTN_ISA_AUTO clears */
+const char *simd_attn_isa_name(int32_t isa); /* "avx512", ...; NULL for unknown values */
+
+/* Thread count of forward calls that pass threads = 0 (0 restores every core). */
+void simd_attn_set_default_threads(size_t threads);
+
+/* ---- version and errors ---- */
+const char *simd_attn_version(void);       /* crate version, e.g. "0.1.0" */
+uint32_t simd_attn_abi_version(void);      /* SIMD_ATTN_ABI_VERSION of the library */
+const char *simd_attn_status_string(int status); /* one-line message; never NULL */
+const char *simd_attn_status_name(int status);   /* "SIMD_ATTN_ERR_..."; NULL if unknown */
+const char *simd_attn_last_error(void);    /* details of this thread's last failed call */
+
+/* The library's struct sizes and field offsets in SIMD_ATTN_ABI_LAYOUT's order: writes up to
+ * cap values to out and returns how many there are. Tests compare it with the header's. */
+size_t simd_attn_abi_layout(size_t *out, size_t cap);
+
+#define SIMD_ATTN_ABI_LAYOUT                                                                   \
+    {                                                                                          \
+        sizeof(simd_attn_tensor), offsetof(simd_attn_tensor, data),                            \
+            offsetof(simd_attn_tensor, len), offsetof(simd_attn_tensor, dtype),                \
+            offsetof(simd_attn_tensor, stride_batch), offsetof(simd_attn_tensor, stride_head), \
+            offsetof(simd_attn_tensor, stride_seq), sizeof(simd_attn_output),                  \
+            sizeof(simd_attn_desc), offsetof(simd_attn_desc, struct_size),                     \
+            offsetof(simd_attn_desc, abi_version), offsetof(simd_attn_desc, batch),            \
+            offsetof(simd_attn_desc, q_heads), offsetof(simd_attn_desc, kv_heads),             \
+            offsetof(simd_attn_desc, seq_q), offsetof(simd_attn_desc, seq_kv),                 \
+            offsetof(simd_attn_desc, head_dim), offsetof(simd_attn_desc, v_head_dim),          \
+            offsetof(simd_attn_desc, q), offsetof(simd_attn_desc, k),                          \
+            offsetof(simd_attn_desc, v), offsetof(simd_attn_desc, out),                        \
+            offsetof(simd_attn_desc, lse), offsetof(simd_attn_desc, lse_len),                  \
+            offsetof(simd_attn_desc, use_scale), offsetof(simd_attn_desc, scale),              \
+            offsetof(simd_attn_desc, causal), offsetof(simd_attn_desc, softcap),               \
+            offsetof(simd_attn_desc, window_left), offsetof(simd_attn_desc, window_right),     \
+            offsetof(simd_attn_desc, kv_lens), offsetof(simd_attn_desc, kv_lens_len),          \
+            offsetof(simd_attn_desc, bias), offsetof(simd_attn_desc, bias_len),                \
+            offsetof(simd_attn_desc, bias_stride_batch),                                       \
+            offsetof(simd_attn_desc, bias_stride_head),                                        \
+            offsetof(simd_attn_desc, bias_stride_row), offsetof(simd_attn_desc, alibi_slopes), \
+            offsetof(simd_attn_desc, alibi_slopes_len), offsetof(simd_attn_desc, sinks),       \
+            offsetof(simd_attn_desc, sinks_len), sizeof(simd_attn_partial),                    \
+            offsetof(simd_attn_partial, out), offsetof(simd_attn_partial, lse),                \
+            offsetof(simd_attn_partial, lse_len), sizeof(simd_attn_run_info),                  \
+            offsetof(simd_attn_run_info, isa),                                                 \
+            offsetof(simd_attn_run_info, specialised_head_dim),                                \
+            offsetof(simd_attn_run_info, threads), offsetof(simd_attn_run_info, decode)        \
+    }
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* SIMD_ATTN_H */

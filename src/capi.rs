@@ -1,0 +1,1172 @@
+//! The C ABI (`include/simd_attn.h`): plain structs, status codes, no panics across the
+//! boundary.
+//!
+//! Data flow: a C descriptor is read defensively (its `struct_size` first), every pointer is
+//! turned into a slice only after its NULL-ness, alignment and byte size are checked, output
+//! buffers are checked not to overlap any input, and then the safe Rust API runs, which
+//! validates shapes, strides and lengths against those slices. Every entry catches panics;
+//! errors leave a detailed message in a thread-local buffer ([`simd_attn_last_error`]).
+//!
+//! The header is written by hand; `simd_attn_abi_layout` reports the library's struct sizes
+//! and field offsets so the C test can prove the header agrees with the library.
+
+use crate::element::DType;
+use crate::error::AttnError;
+use crate::isa::Isa;
+use crate::layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
+use crate::merge::PartialResult;
+use crate::params::{AttentionParams, Window};
+use crate::{Element, HostPlan, RunConfig, RunInfo};
+use core::ffi::{c_char, c_void};
+use core::mem::{offset_of, size_of};
+use half::f16;
+use std::cell::RefCell;
+use std::ffi::CString;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Bumped when the meaning of an existing field changes (never for appended fields).
+pub const ABI_VERSION: u32 = 1;
+
+/// An input tensor `[batch, head, seq, dim]` (dim contiguous).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SimdAttnTensor {
+    pub data: *const c_void,
+    pub len: usize,
+    pub dtype: i32,
+    pub reserved: i32,
+    pub stride_batch: i64,
+    pub stride_head: i64,
+    pub stride_seq: i64,
+}
+
+/// An output tensor: the same fields as [`SimdAttnTensor`], writable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SimdAttnOutput {
+    pub data: *mut c_void,
+    pub len: usize,
+    pub dtype: i32,
+    pub reserved: i32,
+    pub stride_batch: i64,
+    pub stride_head: i64,
+    pub stride_seq: i64,
+}
+
+/// The whole problem of one call (see the header for every field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SimdAttnDesc {
+    pub struct_size: u32,
+    pub abi_version: u32,
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub seq_q: usize,
+    pub seq_kv: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+    pub q: SimdAttnTensor,
+    pub k: SimdAttnTensor,
+    pub v: SimdAttnTensor,
+    pub out: SimdAttnOutput,
+    pub lse: *mut f32,
+    pub lse_len: usize,
+    pub use_scale: i32,
+    pub scale: f32,
+    pub causal: i32,
+    pub softcap: f32,
+    pub window_left: i64,
+    pub window_right: i64,
+    pub kv_lens: *const i64,
+    pub kv_lens_len: usize,
+    pub bias: *const f32,
+    pub bias_len: usize,
+    pub bias_stride_batch: i64,
+    pub bias_stride_head: i64,
+    pub bias_stride_row: i64,
+    pub alibi_slopes: *const f32,
+    pub alibi_slopes_len: usize,
+    pub sinks: *const f32,
+    pub sinks_len: usize,
+}
+
+/// One partial result for [`simd_attn_merge_partials`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SimdAttnPartial {
+    pub out: SimdAttnTensor,
+    pub lse: *const f32,
+    pub lse_len: usize,
+}
+
+/// What a call ran on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimdAttnRunInfo {
+    pub isa: i32,
+    pub specialised_head_dim: i32,
+    pub threads: usize,
+    pub decode: i32,
+    pub reserved: i32,
+}
+
+/// Status codes. The numbers are ABI: never renumber, only append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    Ok = 0,
+    NullPointer = 1,
+    Misaligned = 2,
+    DescSize = 3,
+    AbiVersion = 4,
+    UnknownDtype = 5,
+    UnsupportedDtypes = 6,
+    NegativeStride = 7,
+    ZeroDim = 8,
+    HeadsNotDivisible = 9,
+    BufferTooSmall = 10,
+    SizeOverflow = 11,
+    OverlappingOutput = 12,
+    Aliasing = 13,
+    WrongLength = 14,
+    KvLenOutOfRange = 15,
+    NonFiniteScale = 16,
+    InvalidSoftcap = 17,
+    InvalidWindow = 18,
+    InvalidValue = 19,
+    ShareOutOfRange = 20,
+    ShareAlreadyRun = 21,
+    SharesNotFinished = 22,
+    WorkspaceTooSmall = 23,
+    OutOfMemory = 24,
+    IsaUnavailable = 25,
+    UnknownIsa = 26,
+    Internal = 27,
+}
+
+/// Every status, in code order, with its header name and its short message.
+const STATUS_TABLE: [(Status, &str, &str); 28] = [
+    (Status::Ok, "SIMD_ATTN_OK\0", "success\0"),
+    (Status::NullPointer, "SIMD_ATTN_ERR_NULL_POINTER\0", "a required pointer is NULL (or NULL with a non-zero length)\0"),
+    (Status::Misaligned, "SIMD_ATTN_ERR_MISALIGNED\0", "a pointer is not aligned to its element type\0"),
+    (Status::DescSize, "SIMD_ATTN_ERR_DESC_SIZE\0", "struct_size is smaller than version 1 of the descriptor, or a newer descriptor sets fields this library does not know\0"),
+    (Status::AbiVersion, "SIMD_ATTN_ERR_ABI_VERSION\0", "abi_version is not one this library implements\0"),
+    (Status::UnknownDtype, "SIMD_ATTN_ERR_UNKNOWN_DTYPE\0", "a dtype field holds an unknown value\0"),
+    (Status::UnsupportedDtypes, "SIMD_ATTN_ERR_UNSUPPORTED_DTYPES\0", "this combination of dtypes is not supported (K and V, or all partial results, must share a dtype)\0"),
+    (Status::NegativeStride, "SIMD_ATTN_ERR_NEGATIVE_STRIDE\0", "a stride is negative\0"),
+    (Status::ZeroDim, "SIMD_ATTN_ERR_ZERO_DIM\0", "a dimension that must be at least 1 is 0\0"),
+    (Status::HeadsNotDivisible, "SIMD_ATTN_ERR_HEADS_NOT_DIVISIBLE\0", "q_heads is not a multiple of kv_heads\0"),
+    (Status::BufferTooSmall, "SIMD_ATTN_ERR_BUFFER_TOO_SMALL\0", "a buffer's length does not cover every element its shape and strides reach\0"),
+    (Status::SizeOverflow, "SIMD_ATTN_ERR_SIZE_OVERFLOW\0", "shape x strides overflows the address space\0"),
+    (Status::OverlappingOutput, "SIMD_ATTN_ERR_OVERLAPPING_OUTPUT\0", "an output's strides make distinct elements share memory\0"),
+    (Status::Aliasing, "SIMD_ATTN_ERR_ALIASING\0", "an output buffer overlaps an input buffer or the other output\0"),
+    (Status::WrongLength, "SIMD_ATTN_ERR_WRONG_LENGTH\0", "a per-batch or per-head array has the wrong number of entries\0"),
+    (Status::KvLenOutOfRange, "SIMD_ATTN_ERR_KV_LEN_OUT_OF_RANGE\0", "a kv_lens entry is negative or larger than seq_kv\0"),
+    (Status::NonFiniteScale, "SIMD_ATTN_ERR_NON_FINITE_SCALE\0", "scale is NaN or infinite\0"),
+    (Status::InvalidSoftcap, "SIMD_ATTN_ERR_INVALID_SOFTCAP\0", "softcap must be 0 (off) or finite and positive\0"),
+    (Status::InvalidWindow, "SIMD_ATTN_ERR_INVALID_WINDOW\0", "a window bound must be >= 0, or -1 for unbounded\0"),
+    (Status::InvalidValue, "SIMD_ATTN_ERR_INVALID_VALUE\0", "an ALiBi slope or sink has a value the contract does not allow\0"),
+    (Status::ShareOutOfRange, "SIMD_ATTN_ERR_SHARE_OUT_OF_RANGE\0", "a share number is not below the plan's share count\0"),
+    (Status::ShareAlreadyRun, "SIMD_ATTN_ERR_SHARE_ALREADY_RUN\0", "this share (or its merge) has already run\0"),
+    (Status::SharesNotFinished, "SIMD_ATTN_ERR_SHARES_NOT_FINISHED\0", "merge was called before every share's run returned\0"),
+    (Status::WorkspaceTooSmall, "SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL\0", "the workspace is smaller than simd_attn_plan_workspace_len\0"),
+    (Status::OutOfMemory, "SIMD_ATTN_ERR_OUT_OF_MEMORY\0", "working memory could not be allocated\0"),
+    (Status::IsaUnavailable, "SIMD_ATTN_ERR_ISA_UNAVAILABLE\0", "the requested instruction-set path cannot run on this machine\0"),
+    (Status::UnknownIsa, "SIMD_ATTN_ERR_UNKNOWN_ISA\0", "an ISA value (or SIMD_ATTN_ISA) names no path\0"),
+    (Status::Internal, "SIMD_ATTN_ERR_INTERNAL\0", "internal error (a bug in simd-attn: please report it)\0"),
+];
+
+/// A failed call: its status and the detailed message for `simd_attn_last_error`.
+struct Fail(Status, String);
+
+impl From<AttnError> for Fail {
+    fn from(e: AttnError) -> Self {
+        use AttnError::*;
+        let status = match &e {
+            ZeroDim { .. } => Status::ZeroDim,
+            HeadsNotDivisible { .. } => Status::HeadsNotDivisible,
+            BufferTooSmall { .. } => Status::BufferTooSmall,
+            SizeOverflow { .. } => Status::SizeOverflow,
+            OverlappingOutput { .. } => Status::OverlappingOutput,
+            WrongLength { .. } => Status::WrongLength,
+            KvLenOutOfRange { .. } => Status::KvLenOutOfRange,
+            NonFiniteScale { .. } => Status::NonFiniteScale,
+            InvalidSoftcap { .. } => Status::InvalidSoftcap,
+            InvalidWindow { .. } => Status::InvalidWindow,
+            InvalidValue { .. } => Status::InvalidValue,
+            ShareOutOfRange { .. } => Status::ShareOutOfRange,
+            ShareAlreadyRun { .. } => Status::ShareAlreadyRun,
+            SharesNotFinished { .. } => Status::SharesNotFinished,
+            WorkspaceTooSmall { .. } => Status::WorkspaceTooSmall,
+            OutOfMemory { .. } => Status::OutOfMemory,
+            IsaUnavailable { .. } => Status::IsaUnavailable,
+            UnknownIsaName { .. } => Status::UnknownIsa,
+        };
+        Fail(status, e.to_string())
+    }
+}
+
+fn fail<T>(status: Status, msg: impl Into<String>) -> Result<T, Fail> {
+    Err(Fail(status, msg.into()))
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs an entry's body: catches panics (a bug, reported as `Internal`), records the message
+/// of a failure, and returns the status code.
+fn entry(body: impl FnOnce() -> Result<(), Fail>) -> i32 {
+    let (status, msg) = match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => (Status::Ok, String::new()),
+        Ok(Err(Fail(s, m))) => (s, m),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            (Status::Internal, format!("internal error: {what}"))
+        }
+    };
+    set_last_error(&msg);
+    status as i32
+}
+
+fn dtype(code: i32, what: &str) -> Result<DType, Fail> {
+    match code {
+        0 => Ok(DType::F32),
+        1 => Ok(DType::F16),
+        _ => fail(Status::UnknownDtype, format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0) or SIMD_ATTN_F16 (1)")),
+    }
+}
+
+fn stride(x: i64, what: &str) -> Result<usize, Fail> {
+    usize::try_from(x).or_else(|_| fail(Status::NegativeStride, format!("{what} = {x}: strides must be >= 0")))
+}
+
+fn strides(t: &SimdAttnTensor, what: &str) -> Result<Strides, Fail> {
+    Ok(Strides::new(
+        stride(t.stride_batch, &format!("{what}.stride_batch"))?,
+        stride(t.stride_head, &format!("{what}.stride_head"))?,
+        stride(t.stride_seq, &format!("{what}.stride_seq"))?,
+    ))
+}
+
+/// A byte range of caller memory, for the aliasing check.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+    what: &'static str,
+}
+
+impl Span {
+    fn of<T>(s: &[T], what: &'static str) -> Self {
+        let start = s.as_ptr() as usize;
+        Span { start, end: start + core::mem::size_of_val(s), what }
+    }
+    fn overlaps(&self, o: &Span) -> bool {
+        self.start < o.end && o.start < self.end
+    }
+}
+
+/// `len` elements at `ptr` as a slice, after checking what can be checked: NULL with a
+/// non-zero length, alignment, and a byte size the address space can hold.
+///
+/// # Safety
+/// When `len > 0`, `ptr` must point to `len` readable elements that nothing writes while the
+/// slice lives (the caller's contract in the header).
+unsafe fn slice<'a, T>(ptr: *const T, len: usize, what: &str) -> Result<&'a [T], Fail> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return fail(Status::NullPointer, format!("{what} is NULL but its length is {len}"));
+    }
+    if !(ptr as usize).is_multiple_of(core::mem::align_of::<T>()) {
+        return fail(Status::Misaligned, format!("{what} = {ptr:p} is not aligned to {} bytes", core::mem::align_of::<T>()));
+    }
+    if len.checked_mul(size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) {
+        return fail(Status::SizeOverflow, format!("{what}: {len} elements exceed the address space"));
+    }
+    // SAFETY: non-NULL, aligned, size in range; validity is the caller's contract.
+    Ok(unsafe { core::slice::from_raw_parts(ptr, len) })
+}
+
+/// [`slice`], writable.
+///
+/// # Safety
+/// As [`slice`], and nothing else reads or writes the memory while the slice lives.
+unsafe fn slice_mut<'a, T>(ptr: *mut T, len: usize, what: &str) -> Result<&'a mut [T], Fail> {
+    // SAFETY: forwarded contract; the checks are the same.
+    let s = unsafe { slice(ptr as *const T, len, what)? };
+    // SAFETY: as above; exclusive access is the caller's contract.
+    Ok(unsafe { core::slice::from_raw_parts_mut(s.as_ptr() as *mut T, s.len()) })
+}
+
+/// Reads a descriptor whatever version of the header the caller compiled against: the first
+/// `struct_size` bytes are copied; a larger struct from a newer header is accepted only if
+/// every byte this library does not know is zero (an unset future option).
+///
+/// # Safety
+/// `desc` is NULL or points to `struct_size` readable bytes.
+unsafe fn read_desc(desc: *const SimdAttnDesc) -> Result<SimdAttnDesc, Fail> {
+    if desc.is_null() {
+        return fail(Status::NullPointer, "desc is NULL");
+    }
+    // SAFETY: the first field is a u32 every version has.
+    let size = unsafe { (desc as *const u32).read_unaligned() } as usize;
+    let ours = size_of::<SimdAttnDesc>();
+    if size < ours {
+        return fail(Status::DescSize, format!("desc->struct_size = {size}, but version 1 of the descriptor has {ours} bytes (call simd_attn_desc_init)"));
+    }
+    if size > ours {
+        // SAFETY: the caller's struct has `size` bytes.
+        let tail = unsafe { core::slice::from_raw_parts((desc as *const u8).add(ours), size - ours) };
+        if tail.iter().any(|&b| b != 0) {
+            return fail(Status::DescSize, format!("desc->struct_size = {size}: fields past byte {ours} are set, and this library does not know them"));
+        }
+    }
+    // SAFETY: at least `ours` bytes are readable; every bit pattern of the fields is valid.
+    let d = unsafe { desc.read_unaligned() };
+    if d.abi_version != ABI_VERSION {
+        return fail(Status::AbiVersion, format!("desc->abi_version = {}, this library implements {ABI_VERSION}", d.abi_version));
+    }
+    Ok(d)
+}
+
+/// A descriptor turned into the safe API's arguments (slices still untyped).
+struct Call<'a> {
+    shape: AttentionShape,
+    dtypes: (DType, DType, DType),
+    q: RawTensor<'a>,
+    k: RawTensor<'a>,
+    v: RawTensor<'a>,
+    out: RawOut<'a>,
+    lse: Option<&'a mut [f32]>,
+    kv_lens: Option<Vec<usize>>,
+    bias: Option<BiasRef<'a>>,
+    alibi: Option<&'a [f32]>,
+    sinks: Option<&'a [f32]>,
+    scale: Option<f32>,
+    causal: bool,
+    softcap: Option<f32>,
+    window: Option<Window>,
+}
+
+enum RawTensor<'a> {
+    F32(TensorRef<'a, f32>),
+    F16(TensorRef<'a, f16>),
+}
+
+enum RawOut<'a> {
+    F32(TensorMut<'a, f32>),
+    F16(TensorMut<'a, f16>),
+}
+
+/// # Safety
+/// The tensor's `data` points to `len` readable elements of its dtype (see the header).
+unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<RawTensor<'a>, Fail> {
+    let st = strides(t, what)?;
+    Ok(match dtype(t.dtype, what)? {
+        DType::F32 => {
+            // SAFETY: forwarded contract.
+            let s = unsafe { slice(t.data as *const f32, t.len, &format!("{what}.data"))? };
+            spans.push(Span::of(s, what));
+            RawTensor::F32(TensorRef::new(s, st))
+        }
+        DType::F16 => {
+            // SAFETY: forwarded contract.
+            let s = unsafe { slice(t.data as *const f16, t.len, &format!("{what}.data"))? };
+            spans.push(Span::of(s, what));
+            RawTensor::F16(TensorRef::new(s, st))
+        }
+    })
+}
+
+/// # Safety
+/// `data` points to `len` writable elements of the dtype that nothing else touches during the
+/// call.
+unsafe fn output<'a>(t: &SimdAttnOutput, what: &'static str, spans: &mut Vec<Span>) -> Result<RawOut<'a>, Fail> {
+    let view = SimdAttnTensor { data: t.data, len: t.len, dtype: t.dtype, reserved: 0, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
+    let st = strides(&view, what)?;
+    Ok(match dtype(t.dtype, what)? {
+        DType::F32 => {
+            // SAFETY: forwarded contract.
+            let s = unsafe { slice_mut(t.data as *mut f32, t.len, &format!("{what}.data"))? };
+            spans.push(Span::of(s, what));
+            RawOut::F32(TensorMut::new(s, st))
+        }
+        DType::F16 => {
+            // SAFETY: forwarded contract.
+            let s = unsafe { slice_mut(t.data as *mut f16, t.len, &format!("{what}.data"))? };
+            spans.push(Span::of(s, what));
+            RawOut::F16(TensorMut::new(s, st))
+        }
+    })
+}
+
+/// Outputs must not overlap inputs or each other: the safe API cannot see this (Rust's
+/// borrows rule it out), C callers can.
+fn check_aliasing(inputs: &[Span], outputs: &[Span]) -> Result<(), Fail> {
+    for (n, o) in outputs.iter().enumerate() {
+        for i in inputs.iter().chain(&outputs[n + 1..]) {
+            if o.overlaps(i) && o.end > o.start && i.end > i.start {
+                return fail(Status::Aliasing, format!("{} overlaps {}: outputs must not share memory with inputs or each other", o.what, i.what));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Call<'a> {
+    /// # Safety
+    /// Every pointer in `d` follows the header's contract.
+    unsafe fn new(d: &SimdAttnDesc) -> Result<Self, Fail> {
+        let v_head_dim = if d.v_head_dim == 0 { d.head_dim } else { d.v_head_dim };
+        let shape = AttentionShape::new(d.batch, d.q_heads, d.kv_heads, d.seq_q, d.seq_kv, d.head_dim).with_v_head_dim(v_head_dim);
+        let mut inputs = Vec::new();
+        let mut outputs = Vec::new();
+        // SAFETY (every block below): the header's contract on each pointer.
+        let q = unsafe { tensor(&d.q, "q", &mut inputs)? };
+        let k = unsafe { tensor(&d.k, "k", &mut inputs)? };
+        let v = unsafe { tensor(&d.v, "v", &mut inputs)? };
+        let out = unsafe { output(&d.out, "out", &mut outputs)? };
+        let dtypes = (dtype(d.q.dtype, "q")?, dtype(d.k.dtype, "k")?, dtype(d.out.dtype, "out")?);
+        if dtype(d.v.dtype, "v")? != dtypes.1 {
+            return fail(Status::UnsupportedDtypes, "k and v must have the same dtype");
+        }
+        let lse = if d.lse.is_null() && d.lse_len == 0 {
+            None
+        } else {
+            let s = unsafe { slice_mut(d.lse, d.lse_len, "lse")? };
+            outputs.push(Span::of(s, "lse"));
+            Some(s)
+        };
+        let kv_lens = if d.kv_lens.is_null() && d.kv_lens_len == 0 {
+            None
+        } else {
+            let raw = unsafe { slice(d.kv_lens, d.kv_lens_len, "kv_lens")? };
+            inputs.push(Span::of(raw, "kv_lens"));
+            let mut lens = Vec::new();
+            lens.try_reserve_exact(raw.len()).or_else(|_| fail(Status::OutOfMemory, "kv_lens copy"))?;
+            for (b, &x) in raw.iter().enumerate() {
+                match usize::try_from(x) {
+                    Ok(x) => lens.push(x),
+                    Err(_) => return fail(Status::KvLenOutOfRange, format!("kv_lens[{b}] = {x} is negative")),
+                }
+            }
+            Some(lens)
+        };
+        let bias = if d.bias.is_null() && d.bias_len == 0 {
+            None
+        } else {
+            let s = unsafe { slice(d.bias, d.bias_len, "bias")? };
+            inputs.push(Span::of(s, "bias"));
+            let st = BiasStrides {
+                batch: stride(d.bias_stride_batch, "bias_stride_batch")?,
+                head: stride(d.bias_stride_head, "bias_stride_head")?,
+                row: stride(d.bias_stride_row, "bias_stride_row")?,
+            };
+            Some(BiasRef::new(s, st))
+        };
+        let per_head = |p: *const f32, len: usize, what: &'static str, inputs: &mut Vec<Span>| -> Result<Option<&'a [f32]>, Fail> {
+            if p.is_null() && len == 0 {
+                return Ok(None);
+            }
+            let s = unsafe { slice(p, len, what)? };
+            inputs.push(Span::of(s, what));
+            Ok(Some(s))
+        };
+        let alibi = per_head(d.alibi_slopes, d.alibi_slopes_len, "alibi_slopes", &mut inputs)?;
+        let sinks = per_head(d.sinks, d.sinks_len, "sinks", &mut inputs)?;
+        check_aliasing(&inputs, &outputs)?;
+
+        let bound = |x: i64| -> Result<Option<usize>, Fail> {
+            match x {
+                -1 => Ok(None),
+                x if x >= 0 => Ok(Some(usize::try_from(x).unwrap_or(usize::MAX))),
+                _ => Err(AttnError::InvalidWindow { left: d.window_left, right: d.window_right }.into()),
+            }
+        };
+        let (left, right) = (bound(d.window_left)?, bound(d.window_right)?);
+        let window = (left.is_some() || right.is_some()).then_some(Window { left, right });
+        let softcap = match d.softcap {
+            0.0 => None,
+            c => Some(c),
+        };
+        Ok(Call {
+            shape,
+            dtypes,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            kv_lens,
+            bias,
+            alibi,
+            sinks,
+            scale: (d.use_scale != 0).then_some(d.scale),
+            causal: d.causal != 0,
+            softcap,
+            window,
+        })
+    }
+}
+
+/// The typed arguments of one call, for the generic functions the dtype dispatch picks.
+struct Typed<'c, 'a, TQ, TKV, TO> {
+    shape: &'c AttentionShape,
+    q: TensorRef<'a, TQ>,
+    k: TensorRef<'a, TKV>,
+    v: TensorRef<'a, TKV>,
+    out: TensorMut<'c, TO>,
+    lse: Option<&'c mut [f32]>,
+    params: AttentionParams<'c>,
+}
+
+/// Something to do with a typed call.
+trait TypedOp {
+    type Output;
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<Self::Output, Fail>;
+}
+
+fn tq<'a, T: Element>(t: &RawTensor<'a>) -> Option<TensorRef<'a, T>> {
+    match t {
+        RawTensor::F32(x) => f32_as::<T>(x.data).map(|d| TensorRef::new(d, x.strides)),
+        RawTensor::F16(x) => f16_as::<T>(x.data).map(|d| TensorRef::new(d, x.strides)),
+    }
+}
+
+fn f32_as<T: Element>(s: &[f32]) -> Option<&[T]> {
+    // SAFETY: only reinterprets when T is f32 (checked through DTYPE; the trait is sealed).
+    (T::DTYPE == DType::F32).then(|| unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<T>(), s.len()) })
+}
+
+fn f16_as<T: Element>(s: &[f16]) -> Option<&[T]> {
+    // SAFETY: only reinterprets when T is f16 (checked through DTYPE; the trait is sealed).
+    (T::DTYPE == DType::F16).then(|| unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<T>(), s.len()) })
+}
+
+fn out_as<'s, T: Element>(o: &'s mut RawOut<'_>) -> Option<TensorMut<'s, T>> {
+    let (ptr, len, st, dt) = match o {
+        RawOut::F32(x) => (x.data.as_mut_ptr().cast::<T>(), x.data.len(), x.strides, DType::F32),
+        RawOut::F16(x) => (x.data.as_mut_ptr().cast::<T>(), x.data.len(), x.strides, DType::F16),
+    };
+    // SAFETY: the same memory, exclusively borrowed through `o`, reinterpreted only as its own
+    // element type.
+    (T::DTYPE == dt).then(|| TensorMut::new(unsafe { core::slice::from_raw_parts_mut(ptr, len) }, st))
+}
+
+impl Call<'_> {
+    /// Runs `op` with the call's element types.
+    fn dispatch<Op: TypedOp>(&mut self, op: Op) -> Result<Op::Output, Fail> {
+        macro_rules! go {
+            ($tq:ty, $tkv:ty, $to:ty) => {{
+                let params = AttentionParams {
+                    scale: self.scale,
+                    causal: self.causal,
+                    window: self.window,
+                    kv_lens: self.kv_lens.as_deref(),
+                    softcap: self.softcap,
+                    bias: self.bias,
+                    alibi_slopes: self.alibi,
+                    sinks: self.sinks,
+                };
+                let typed = Typed::<$tq, $tkv, $to> {
+                    shape: &self.shape,
+                    q: tq::<$tq>(&self.q).ok_or(Fail(Status::Internal, "q dtype".into()))?,
+                    k: tq::<$tkv>(&self.k).ok_or(Fail(Status::Internal, "k dtype".into()))?,
+                    v: tq::<$tkv>(&self.v).ok_or(Fail(Status::Internal, "v dtype".into()))?,
+                    out: out_as::<$to>(&mut self.out).ok_or(Fail(Status::Internal, "out dtype".into()))?,
+                    lse: self.lse.as_deref_mut(),
+                    params,
+                };
+                op.run(typed)
+            }};
+        }
+        use DType::{F16 as H, F32 as S};
+        match self.dtypes {
+            (S, S, S) => go!(f32, f32, f32),
+            (S, S, H) => go!(f32, f32, f16),
+            (S, H, S) => go!(f32, f16, f32),
+            (S, H, H) => go!(f32, f16, f16),
+            (H, S, S) => go!(f16, f32, f32),
+            (H, S, H) => go!(f16, f32, f16),
+            (H, H, S) => go!(f16, f16, f32),
+            (H, H, H) => go!(f16, f16, f16),
+        }
+    }
+}
+
+fn isa_from(code: i32) -> Result<Option<Isa>, Fail> {
+    if code == -1 {
+        return Ok(None);
+    }
+    match Isa::ALL.into_iter().find(|i| *i as i32 == code) {
+        Some(i) => Ok(Some(i)),
+        None => fail(Status::UnknownIsa, format!("isa = {code}: expected -1 (auto) or 0..=4")),
+    }
+}
+
+fn write_info(info: *mut SimdAttnRunInfo, r: &RunInfo) {
+    if !info.is_null() {
+        let v = SimdAttnRunInfo {
+            isa: r.isa as i32,
+            specialised_head_dim: r.specialised_head_dim.map_or(0, |d| d as i32),
+            threads: r.threads,
+            decode: i32::from(matches!(r.plan.kind, crate::plan::work::PlanKind::Decode { .. })),
+            reserved: 0,
+        };
+        // SAFETY: the caller passes NULL or a writable SimdAttnRunInfo.
+        unsafe { info.write_unaligned(v) };
+    }
+}
+
+struct Forward {
+    config: RunConfig,
+}
+
+impl TypedOp for Forward {
+    type Output = RunInfo;
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<RunInfo, Fail> {
+        Ok(crate::attention_with(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params)?)
+    }
+}
+
+/// The f64 reference, rounded into the output once.
+struct ReferenceOp;
+
+impl TypedOp for ReferenceOp {
+    type Output = ();
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<(), Fail> {
+        crate::validate::validate_outputs(t.shape, &t.out, t.lse.as_deref())?;
+        let r = crate::reference_attention(t.shape, t.q, t.k, t.v, &t.params)?;
+        let s = t.shape;
+        let out = t.out;
+        let mut lse = t.lse;
+        for b in 0..s.batch {
+            for h in 0..s.q_heads {
+                for i in 0..s.seq_q {
+                    let o = out.strides.offset(b, h, i);
+                    for (d, &x) in out.data[o..o + s.v_head_dim].iter_mut().zip(r.out_row(b, h, i).unwrap_or(&[])) {
+                        *d = TO::from_f32(x as f32);
+                    }
+                    if let Some(l) = lse.as_deref_mut() {
+                        l[(b * s.q_heads + h) * s.seq_q + i] = r.lse_at(b, h, i).unwrap_or(f64::NEG_INFINITY) as f32;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fills `desc` with version 1 defaults: sizes and version set, every optional field off
+/// (windows unbounded), every pointer NULL, f32 dtypes.
+///
+/// # Safety
+/// `desc` is NULL or points to a writable `simd_attn_desc`.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_desc_init(desc: *mut SimdAttnDesc) -> i32 {
+    entry(|| {
+        if desc.is_null() {
+            return fail(Status::NullPointer, "desc is NULL");
+        }
+        let t = SimdAttnTensor { data: core::ptr::null(), len: 0, dtype: 0, reserved: 0, stride_batch: 0, stride_head: 0, stride_seq: 0 };
+        let o = SimdAttnOutput { data: core::ptr::null_mut(), len: 0, dtype: 0, reserved: 0, stride_batch: 0, stride_head: 0, stride_seq: 0 };
+        let d = SimdAttnDesc {
+            struct_size: size_of::<SimdAttnDesc>() as u32,
+            abi_version: ABI_VERSION,
+            batch: 0,
+            q_heads: 0,
+            kv_heads: 0,
+            seq_q: 0,
+            seq_kv: 0,
+            head_dim: 0,
+            v_head_dim: 0,
+            q: t,
+            k: t,
+            v: t,
+            out: o,
+            lse: core::ptr::null_mut(),
+            lse_len: 0,
+            use_scale: 0,
+            scale: 0.0,
+            causal: 0,
+            softcap: 0.0,
+            window_left: -1,
+            window_right: -1,
+            kv_lens: core::ptr::null(),
+            kv_lens_len: 0,
+            bias: core::ptr::null(),
+            bias_len: 0,
+            bias_stride_batch: 0,
+            bias_stride_head: 0,
+            bias_stride_row: 0,
+            alibi_slopes: core::ptr::null(),
+            alibi_slopes_len: 0,
+            sinks: core::ptr::null(),
+            sinks_len: 0,
+        };
+        // SAFETY: checked non-NULL; the caller's contract makes it writable.
+        unsafe { desc.write_unaligned(d) };
+        Ok(())
+    })
+}
+
+/// Fused attention on the crate's pool.
+///
+/// # Safety
+/// `desc` follows the header's contract; `info` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_forward(desc: *const SimdAttnDesc, threads: usize, isa: i32, info: *mut SimdAttnRunInfo) -> i32 {
+    entry(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { read_desc(desc)? };
+        let config = RunConfig { isa: isa_from(isa)?, threads: (threads > 0).then_some(threads) };
+        // SAFETY: the caller's contract.
+        let mut call = unsafe { Call::new(&d)? };
+        let r = call.dispatch(Forward { config })?;
+        write_info(info, &r);
+        Ok(())
+    })
+}
+
+/// The f64 reference for the same descriptor, rounded once into `out` (and `lse`).
+///
+/// # Safety
+/// As [`simd_attn_forward`].
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_reference(desc: *const SimdAttnDesc) -> i32 {
+    entry(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { read_desc(desc)? };
+        // SAFETY: the caller's contract.
+        let mut call = unsafe { Call::new(&d)? };
+        call.dispatch(ReferenceOp)
+    })
+}
+
+/// A host-driven plan: owns the descriptor's converted arguments and the typed `HostPlan`
+/// that borrows them (declared first, so it drops first).
+pub struct SimdAttnPlan {
+    plan: AnyPlan,
+    _kv_lens: Option<Vec<usize>>,
+}
+
+/// `HostPlan` for each dtype combination; the lifetimes are the caller's buffers', which the
+/// header requires to outlive the plan.
+enum AnyPlan {
+    Fff(HostPlan<'static, 'static, f32, f32, f32>),
+    Ffh(HostPlan<'static, 'static, f32, f32, f16>),
+    Fhf(HostPlan<'static, 'static, f32, f16, f32>),
+    Fhh(HostPlan<'static, 'static, f32, f16, f16>),
+    Hff(HostPlan<'static, 'static, f16, f32, f32>),
+    Hfh(HostPlan<'static, 'static, f16, f32, f16>),
+    Hhf(HostPlan<'static, 'static, f16, f16, f32>),
+    Hhh(HostPlan<'static, 'static, f16, f16, f16>),
+}
+
+macro_rules! with_plan {
+    ($plan:expr, $p:ident => $body:expr) => {
+        match $plan {
+            AnyPlan::Fff($p) => $body,
+            AnyPlan::Ffh($p) => $body,
+            AnyPlan::Fhf($p) => $body,
+            AnyPlan::Fhh($p) => $body,
+            AnyPlan::Hff($p) => $body,
+            AnyPlan::Hfh($p) => $body,
+            AnyPlan::Hhf($p) => $body,
+            AnyPlan::Hhh($p) => $body,
+        }
+    };
+}
+
+struct MakePlan {
+    config: RunConfig,
+    nth: usize,
+}
+
+/// Erases the borrow lifetimes of a typed plan: sound because the plan never outlives the
+/// caller's buffers (the header's contract) nor the `kv_lens` copy it sits next to.
+trait IntoAny {
+    fn into_any(self) -> AnyPlan;
+}
+
+macro_rules! into_any {
+    ($v:ident, $tq:ty, $tkv:ty, $to:ty) => {
+        impl IntoAny for HostPlan<'_, '_, $tq, $tkv, $to> {
+            fn into_any(self) -> AnyPlan {
+                // SAFETY: only the lifetimes change (see the trait).
+                AnyPlan::$v(unsafe { core::mem::transmute::<HostPlan<'_, '_, $tq, $tkv, $to>, HostPlan<'static, 'static, $tq, $tkv, $to>>(self) })
+            }
+        }
+    };
+}
+into_any!(Fff, f32, f32, f32);
+into_any!(Ffh, f32, f32, f16);
+into_any!(Fhf, f32, f16, f32);
+into_any!(Fhh, f32, f16, f16);
+into_any!(Hff, f16, f32, f32);
+into_any!(Hfh, f16, f32, f16);
+into_any!(Hhf, f16, f16, f32);
+into_any!(Hhh, f16, f16, f16);
+
+impl TypedOp for MakePlan {
+    type Output = AnyPlan;
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<AnyPlan, Fail> {
+        let plan = HostPlan::new(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params, self.nth)?;
+        Ok(erase(plan))
+    }
+}
+
+/// Picks the `AnyPlan` variant of a generic plan (the dtypes are known only as trait bounds).
+fn erase<TQ: Element, TKV: Element, TO: Element>(plan: HostPlan<'_, '_, TQ, TKV, TO>) -> AnyPlan {
+    use DType::{F16 as H, F32 as S};
+    macro_rules! cast {
+        ($tq:ty, $tkv:ty, $to:ty) => {{
+            let p = core::mem::ManuallyDrop::new(plan);
+            // SAFETY: the match proved the type parameters equal these concrete types.
+            unsafe { core::ptr::read(&*p as *const HostPlan<'_, '_, TQ, TKV, TO> as *const HostPlan<'_, '_, $tq, $tkv, $to>) }.into_any()
+        }};
+    }
+    match (TQ::DTYPE, TKV::DTYPE, TO::DTYPE) {
+        (S, S, S) => cast!(f32, f32, f32),
+        (S, S, H) => cast!(f32, f32, f16),
+        (S, H, S) => cast!(f32, f16, f32),
+        (S, H, H) => cast!(f32, f16, f16),
+        (H, S, S) => cast!(f16, f32, f32),
+        (H, S, H) => cast!(f16, f32, f16),
+        (H, H, S) => cast!(f16, f16, f32),
+        (H, H, H) => cast!(f16, f16, f16),
+    }
+}
+
+/// Validates and plans a host-driven call for `nth` workers.
+///
+/// # Safety
+/// As [`simd_attn_forward`]; every buffer `desc` points to must stay valid (and the outputs
+/// untouched by others) until [`simd_attn_plan_destroy`]. `plan_out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_plan_create(desc: *const SimdAttnDesc, nth: usize, isa: i32, plan_out: *mut *mut SimdAttnPlan) -> i32 {
+    entry(|| {
+        if plan_out.is_null() {
+            return fail(Status::NullPointer, "plan_out is NULL");
+        }
+        // SAFETY: checked non-NULL.
+        unsafe { plan_out.write_unaligned(core::ptr::null_mut()) };
+        // SAFETY: the caller's contract.
+        let d = unsafe { read_desc(desc)? };
+        let config = RunConfig { isa: isa_from(isa)?, threads: None };
+        // SAFETY: the caller's contract.
+        let mut call = unsafe { Call::new(&d)? };
+        let plan = call.dispatch(MakePlan { config, nth })?;
+        let boxed = Box::new(SimdAttnPlan { plan, _kv_lens: call.kv_lens.take() });
+        // SAFETY: checked non-NULL.
+        unsafe { plan_out.write_unaligned(Box::into_raw(boxed)) };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `plan` is NULL or came from [`simd_attn_plan_create`] and was not destroyed.
+unsafe fn plan_ref<'p>(plan: *const SimdAttnPlan) -> Result<&'p SimdAttnPlan, Fail> {
+    if plan.is_null() {
+        return fail(Status::NullPointer, "plan is NULL");
+    }
+    // SAFETY: the caller's contract.
+    Ok(unsafe { &*plan })
+}
+
+/// f32 elements of workspace each worker passes to run and merge (0 for a NULL plan).
+///
+/// # Safety
+/// `plan` is NULL or a live plan.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_plan_workspace_len(plan: *const SimdAttnPlan) -> usize {
+    // SAFETY: the caller's contract.
+    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| with_plan!(&p.plan, x => x.workspace_len())))).unwrap_or(0)
+}
+
+/// 1 when the plan split the keys and each worker must call merge after the barrier, else 0
+/// (also for a NULL plan).
+///
+/// # Safety
+/// `plan` is NULL or a live plan.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_plan_needs_merge(plan: *const SimdAttnPlan) -> i32 {
+    // SAFETY: the caller's contract.
+    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| i32::from(with_plan!(&p.plan, x => x.needs_merge()))))).unwrap_or(0)
+}
+
+/// Runs share `ith`; thread-safe: each worker calls it once with its own workspace.
+///
+/// # Safety
+/// `plan` is NULL or a live plan; `workspace` points to `workspace_len` writable floats that
+/// no other call uses at the same time.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_plan_run(plan: *const SimdAttnPlan, ith: usize, workspace: *mut f32, workspace_len: usize, info: *mut SimdAttnRunInfo) -> i32 {
+    entry(|| {
+        // SAFETY: the caller's contract.
+        let p = unsafe { plan_ref(plan)? };
+        // SAFETY: the caller's contract.
+        let ws = unsafe { slice_mut(workspace, workspace_len, "workspace")? };
+        let r = with_plan!(&p.plan, x => x.run(ith, ws))?;
+        write_info(info, &r);
+        Ok(())
+    })
+}
+
+/// The merge step of share `ith`, after every share's run returned.
+///
+/// # Safety
+/// As [`simd_attn_plan_run`].
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_plan_merge(plan: *const SimdAttnPlan, ith: usize, workspace: *mut f32, workspace_len: usize) -> i32 {
+    entry(|| {
+        // SAFETY: the caller's contract.
+        let p = unsafe { plan_ref(plan)? };
+        // SAFETY: the caller's contract.
+        let ws = unsafe { slice_mut(workspace, workspace_len, "workspace")? };
+        Ok(with_plan!(&p.plan, x => x.merge(ith, ws))?)
+    })
+}
+
+/// Frees a plan (NULL is a no-op).
+///
+/// # Safety
+/// `plan` is NULL or a live plan that no other thread is using; it is dangling afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_plan_destroy(plan: *mut SimdAttnPlan) {
+    if !plan.is_null() {
+        // SAFETY: created by Box::into_raw in `simd_attn_plan_create`, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(plan) })));
+    }
+}
+
+/// Merges partial results over disjoint key sets into `out` (and `lse`, optional).
+///
+/// # Safety
+/// `parts` points to `n_parts` partials whose buffers follow the header's contract; `out` and
+/// `lse` are writable and overlap no input.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn simd_attn_merge_partials(
+    batch: usize,
+    q_heads: usize,
+    seq_q: usize,
+    v_head_dim: usize,
+    parts: *const SimdAttnPartial,
+    n_parts: usize,
+    out: *const SimdAttnOutput,
+    lse: *mut f32,
+    lse_len: usize,
+) -> i32 {
+    entry(|| {
+        // SAFETY: the caller's contract.
+        let parts = unsafe { slice(parts, n_parts, "parts")? };
+        if out.is_null() {
+            return fail(Status::NullPointer, "out is NULL");
+        }
+        // SAFETY: checked non-NULL; the caller's contract.
+        let o = unsafe { out.read_unaligned() };
+        let shape = AttentionShape::new(batch, q_heads, 1, seq_q, 1, v_head_dim.max(1)).with_v_head_dim(v_head_dim);
+        let mut inputs = Vec::new();
+        let mut outputs = Vec::new();
+        // SAFETY: the caller's contract.
+        let mut out = unsafe { output(&o, "out", &mut outputs)? };
+        let lse = if lse.is_null() && lse_len == 0 {
+            None
+        } else {
+            // SAFETY: the caller's contract.
+            let s = unsafe { slice_mut(lse, lse_len, "lse")? };
+            outputs.push(Span::of(s, "lse"));
+            Some(s)
+        };
+        let dt = match parts.first() {
+            Some(p) => dtype(p.out.dtype, "parts[0].out")?,
+            None => DType::F32,
+        };
+        let mut typed_parts = Vec::new();
+        typed_parts.try_reserve_exact(parts.len()).or_else(|_| fail(Status::OutOfMemory, "parts"))?;
+        let mut typed_f16 = Vec::new();
+        for (n, p) in parts.iter().enumerate() {
+            if dtype(p.out.dtype, "parts[].out")? != dt {
+                return fail(Status::UnsupportedDtypes, format!("parts[{n}] has another dtype than parts[0]: all partial results must share one"));
+            }
+            // SAFETY: the caller's contract.
+            let t = unsafe { tensor(&p.out, "a partial output", &mut inputs)? };
+            // SAFETY: the caller's contract.
+            let l = unsafe { slice(p.lse, p.lse_len, "a partial lse")? };
+            inputs.push(Span::of(l, "a partial lse"));
+            match t {
+                RawTensor::F32(t) => typed_parts.push(PartialResult { out: t, lse: l }),
+                RawTensor::F16(t) => typed_f16.push(PartialResult { out: t, lse: l }),
+            }
+        }
+        check_aliasing(&inputs, &outputs)?;
+        let s = &shape;
+        match (&mut out, dt) {
+            (RawOut::F32(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
+            (RawOut::F16(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
+            (RawOut::F32(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
+            (RawOut::F16(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
+        }
+        Ok(())
+    })
+}
+
+/// The best ISA this machine has.
+#[no_mangle]
+pub extern "C" fn simd_attn_isa_best() -> i32 {
+    catch_unwind(Isa::best).map_or(Isa::Portable as i32, |i| i as i32)
+}
+
+/// The ISA a call with `isa = SIMD_ATTN_ISA_AUTO` runs on now (override, then `SIMD_ATTN_ISA`,
+/// then the best), or a negative status when `SIMD_ATTN_ISA` is invalid.
+#[no_mangle]
+pub extern "C" fn simd_attn_isa_current() -> i32 {
+    let mut isa = 0;
+    let status = entry(|| {
+        isa = crate::resolve_isa(None)? as i32;
+        Ok(())
+    });
+    if status == 0 { isa } else { -status }
+}
+
+/// 1 if `isa` can run here, else 0 (also for unknown values).
+#[no_mangle]
+pub extern "C" fn simd_attn_isa_available(isa: i32) -> i32 {
+    catch_unwind(|| matches!(isa_from(isa), Ok(Some(i)) if i.is_available())).map_or(0, i32::from)
+}
+
+/// Forces every call that names no ISA onto `isa` (`SIMD_ATTN_ISA_AUTO` clears it).
+#[no_mangle]
+pub extern "C" fn simd_attn_set_isa(isa: i32) -> i32 {
+    entry(|| Ok(crate::set_isa_override(isa_from(isa)?)?))
+}
+
+/// The ISA's name ("avx512", ...), or NULL for an unknown value. Static storage.
+#[no_mangle]
+pub extern "C" fn simd_attn_isa_name(isa: i32) -> *const c_char {
+    const NAMES: [&str; 5] = ["portable\0", "scalar\0", "avx2\0", "avx512\0", "neon\0"];
+    match isa_from(isa) {
+        Ok(Some(i)) => NAMES[i as usize].as_ptr().cast(),
+        _ => core::ptr::null(),
+    }
+}
+
+/// Sets the thread count of forward calls that pass `threads = 0` (0 restores "every core").
+#[no_mangle]
+pub extern "C" fn simd_attn_set_default_threads(threads: usize) {
+    crate::set_default_threads(threads);
+}
+
+/// The crate version, e.g. "0.1.0". Static storage.
+#[no_mangle]
+pub extern "C" fn simd_attn_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The ABI version this library implements (`SIMD_ATTN_ABI_VERSION`).
+#[no_mangle]
+pub extern "C" fn simd_attn_abi_version() -> u32 {
+    ABI_VERSION
+}
+
+/// A one-line description of a status code (static storage; never NULL).
+#[no_mangle]
+pub extern "C" fn simd_attn_status_string(status: i32) -> *const c_char {
+    STATUS_TABLE.iter().find(|e| e.0 as i32 == status).map_or("unknown status code\0", |e| e.2).as_ptr().cast()
+}
+
+/// The header's name of a status code ("SIMD_ATTN_ERR_ALIASING"), or NULL for an unknown code.
+#[no_mangle]
+pub extern "C" fn simd_attn_status_name(status: i32) -> *const c_char {
+    STATUS_TABLE.iter().find(|e| e.0 as i32 == status).map_or(core::ptr::null(), |e| e.1.as_ptr().cast())
+}
+
+/// The detailed message of the last call on this thread that failed ("" after a success).
+/// Valid until the next simd_attn call on the same thread.
+#[no_mangle]
+pub extern "C" fn simd_attn_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// The library's struct sizes and field offsets, in the order the header's
+/// `SIMD_ATTN_ABI_LAYOUT` lists them: writes up to `cap` values and returns how many exist.
+///
+/// # Safety
+/// `out` points to `cap` writable `size_t` (or is NULL with `cap = 0`).
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_abi_layout(out: *mut usize, cap: usize) -> usize {
+    let t = |o: usize| o;
+    let layout = [
+        size_of::<SimdAttnTensor>(),
+        t(offset_of!(SimdAttnTensor, data)),
+        t(offset_of!(SimdAttnTensor, len)),
+        t(offset_of!(SimdAttnTensor, dtype)),
+        t(offset_of!(SimdAttnTensor, stride_batch)),
+        t(offset_of!(SimdAttnTensor, stride_head)),
+        t(offset_of!(SimdAttnTensor, stride_seq)),
+        size_of::<SimdAttnOutput>(),
+        size_of::<SimdAttnDesc>(),
+        offset_of!(SimdAttnDesc, struct_size),
+        offset_of!(SimdAttnDesc, abi_version),
+        offset_of!(SimdAttnDesc, batch),
+        offset_of!(SimdAttnDesc, q_heads),
+        offset_of!(SimdAttnDesc, kv_heads),
+        offset_of!(SimdAttnDesc, seq_q),
+        offset_of!(SimdAttnDesc, seq_kv),
+        offset_of!(SimdAttnDesc, head_dim),
+        offset_of!(SimdAttnDesc, v_head_dim),
+        offset_of!(SimdAttnDesc, q),
+        offset_of!(SimdAttnDesc, k),
+        offset_of!(SimdAttnDesc, v),
+        offset_of!(SimdAttnDesc, out),
+        offset_of!(SimdAttnDesc, lse),
+        offset_of!(SimdAttnDesc, lse_len),
+        offset_of!(SimdAttnDesc, use_scale),
+        offset_of!(SimdAttnDesc, scale),
+        offset_of!(SimdAttnDesc, causal),
+        offset_of!(SimdAttnDesc, softcap),
+        offset_of!(SimdAttnDesc, window_left),
+        offset_of!(SimdAttnDesc, window_right),
+        offset_of!(SimdAttnDesc, kv_lens),
+        offset_of!(SimdAttnDesc, kv_lens_len),
+        offset_of!(SimdAttnDesc, bias),
+        offset_of!(SimdAttnDesc, bias_len),
+        offset_of!(SimdAttnDesc, bias_stride_batch),
+        offset_of!(SimdAttnDesc, bias_stride_head),
+        offset_of!(SimdAttnDesc, bias_stride_row),
+        offset_of!(SimdAttnDesc, alibi_slopes),
+        offset_of!(SimdAttnDesc, alibi_slopes_len),
+        offset_of!(SimdAttnDesc, sinks),
+        offset_of!(SimdAttnDesc, sinks_len),
+        size_of::<SimdAttnPartial>(),
+        offset_of!(SimdAttnPartial, out),
+        offset_of!(SimdAttnPartial, lse),
+        offset_of!(SimdAttnPartial, lse_len),
+        size_of::<SimdAttnRunInfo>(),
+        offset_of!(SimdAttnRunInfo, isa),
+        offset_of!(SimdAttnRunInfo, specialised_head_dim),
+        offset_of!(SimdAttnRunInfo, threads),
+        offset_of!(SimdAttnRunInfo, decode),
+    ];
+    if !out.is_null() {
+        for (n, &x) in layout.iter().enumerate().take(cap) {
+            // SAFETY: `n < cap`, the caller's contract.
+            unsafe { out.add(n).write_unaligned(x) };
+        }
+    }
+    layout.len()
+}

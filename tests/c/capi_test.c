@@ -1,0 +1,643 @@
+/*
+ * The C ABI, tested from C: header/library agreement, forward against the library's f64
+ * reference (every dtype mix, every option), host-driven plans from several pthreads, the
+ * partial merge, concurrent calls, and every error path (with the outputs left untouched).
+ *
+ * Built and run by tests/capi.rs (dynamic and static linking). Run it under valgrind with
+ * SIMD_ATTN_ISA=avx2 (valgrind cannot decode AVX-512); then only that path is exercised.
+ * Exit status 0 means every check passed.
+ */
+#include "simd_attn.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond, ...)                                                  \
+    do {                                                                  \
+        checks++;                                                         \
+        if (!(cond)) {                                                    \
+            failures++;                                                   \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);          \
+            fprintf(stderr, __VA_ARGS__);                                 \
+            fprintf(stderr, "\n");                                        \
+        }                                                                 \
+    } while (0)
+
+static const char *name_of(int s) {
+    const char *n = simd_attn_status_name(s);
+    return n ? n : "(unknown)";
+}
+
+#define EXPECT_STATUS(call, want)                                                          \
+    do {                                                                                   \
+        int s_ = (call);                                                                   \
+        CHECK(s_ == (want), "%s returned %s, want %s (%s)", #call, name_of(s_),            \
+              name_of(want), simd_attn_last_error());                                      \
+        if (s_ != SIMD_ATTN_OK)                                                            \
+            CHECK(strlen(simd_attn_last_error()) > 0, "%s: no error message", #call);     \
+    } while (0)
+
+/* ---- f16 bits <-> float (round to nearest even), so the test needs no compiler support ---- */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, man = x & 0x7fffffu;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (man ? 0x200u : 0));
+    int e = (int)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7c00u);
+    if (e <= 0) {
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000u;
+        uint32_t shift = (uint32_t)(14 - e);
+        uint32_t half = man >> shift, rem = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, x;
+    if (exp == 0) {
+        float f = (float)man * 5.9604644775390625e-8f; /* 2^-24 */
+        return sign ? -f : f;
+    }
+    if (exp == 31) x = sign | 0x7f800000u | (man << 13);
+    else x = sign | ((exp - 15 + 127) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+static float uniform(void) { /* in [-1, 1) */
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+static size_t esize(int dtype) { return dtype == SIMD_ATTN_F16 ? 2 : 4; }
+
+static void *alloc_filled(size_t n, int dtype) {
+    void *p = malloc(n * esize(dtype) + 1);
+    for (size_t i = 0; i < n; i++) {
+        float x = uniform();
+        if (dtype == SIMD_ATTN_F16) ((uint16_t *)p)[i] = f32_to_f16(x);
+        else ((float *)p)[i] = x;
+    }
+    return p;
+}
+
+static float get(const void *p, int dtype, size_t i) {
+    return dtype == SIMD_ATTN_F16 ? f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* A problem with contiguous [B, H, S, D] tensors it owns. */
+typedef struct problem {
+    simd_attn_desc d;
+    void *q, *k, *v, *out;
+    float *lse;
+    float *bias, *slopes, *sinks;
+    int64_t *kv_lens;
+} problem;
+
+static simd_attn_tensor tensor(const void *data, size_t h, size_t s, size_t dim, size_t batch, int dtype) {
+    simd_attn_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.len = batch * h * s * dim;
+    t.dtype = dtype;
+    t.stride_batch = (int64_t)(h * s * dim);
+    t.stride_head = (int64_t)(s * dim);
+    t.stride_seq = (int64_t)dim;
+    return t;
+}
+
+static simd_attn_output output(void *data, size_t h, size_t s, size_t dim, size_t batch, int dtype) {
+    simd_attn_tensor t = tensor(data, h, s, dim, batch, dtype);
+    simd_attn_output o;
+    o.data = data;
+    o.len = t.len;
+    o.dtype = dtype;
+    o.reserved = 0;
+    o.stride_batch = t.stride_batch;
+    o.stride_head = t.stride_head;
+    o.stride_seq = t.stride_seq;
+    return o;
+}
+
+static void make(problem *p, size_t b, size_t hq, size_t hkv, size_t sq, size_t skv, size_t dim, size_t dv,
+                 int dq, int dkv, int dout) {
+    memset(p, 0, sizeof *p);
+    int s = simd_attn_desc_init(&p->d);
+    CHECK(s == SIMD_ATTN_OK, "desc_init: %s", name_of(s));
+    p->d.batch = b;
+    p->d.q_heads = hq;
+    p->d.kv_heads = hkv;
+    p->d.seq_q = sq;
+    p->d.seq_kv = skv;
+    p->d.head_dim = dim;
+    p->d.v_head_dim = dv;
+    p->q = alloc_filled(b * hq * sq * dim, dq);
+    p->k = alloc_filled(b * hkv * skv * dim, dkv);
+    p->v = alloc_filled(b * hkv * skv * dv, dkv);
+    p->out = calloc(b * hq * sq * dv + 1, 4);
+    p->lse = calloc(b * hq * sq + 1, 4);
+    p->d.q = tensor(p->q, hq, sq, dim, b, dq);
+    p->d.k = tensor(p->k, hkv, skv, dim, b, dkv);
+    p->d.v = tensor(p->v, hkv, skv, dv, b, dkv);
+    p->d.out = output(p->out, hq, sq, dv, b, dout);
+    p->d.lse = p->lse;
+    p->d.lse_len = b * hq * sq;
+}
+
+static void release(problem *p) {
+    free(p->q);
+    free(p->k);
+    free(p->v);
+    free(p->out);
+    free(p->lse);
+    free(p->bias);
+    free(p->slopes);
+    free(p->sinks);
+    free(p->kv_lens);
+}
+
+static size_t out_len(const problem *p) { return p->d.batch * p->d.q_heads * p->d.seq_q * p->d.v_head_dim; }
+static size_t rows(const problem *p) { return p->d.batch * p->d.q_heads * p->d.seq_q; }
+
+/* A copy of p's descriptor that writes into fresh buffers. */
+static simd_attn_desc redirect(const problem *p, void **out, float **lse) {
+    simd_attn_desc d = p->d;
+    *out = calloc(out_len(p) + 1, 4);
+    *lse = calloc(rows(p) + 1, 4);
+    d.out.data = *out;
+    d.lse = *lse;
+    return d;
+}
+
+/* Forward against the reference: |out - ref| <= tol * (1 + |ref|), lse likewise. */
+static void check_against_reference(const char *name, problem *p, int32_t isa, size_t threads) {
+    void *ref_out;
+    float *ref_lse;
+    simd_attn_desc r = redirect(p, &ref_out, &ref_lse);
+    EXPECT_STATUS(simd_attn_reference(&r), SIMD_ATTN_OK);
+    simd_attn_run_info info;
+    memset(&info, 0xff, sizeof info);
+    EXPECT_STATUS(simd_attn_forward(&p->d, threads, isa, &info), SIMD_ATTN_OK);
+    if (isa != SIMD_ATTN_ISA_AUTO) CHECK(info.isa == isa, "%s: ran on %d, asked %d", name, info.isa, isa);
+    CHECK(info.threads >= 1, "%s: info.threads = %zu", name, info.threads);
+    int dout = p->d.out.dtype;
+    float tol = dout == SIMD_ATTN_F16 ? 2e-3f : 2e-5f * (float)(p->d.head_dim + 8);
+    double worst = 0;
+    for (size_t i = 0; i < out_len(p); i++) {
+        float a = get(p->out, dout, i), e = get(ref_out, dout, i);
+        double err = fabs((double)a - e) / (1.0 + fabs(e));
+        if (!(err <= worst)) worst = err; /* NaN-safe */
+    }
+    CHECK(worst <= tol, "%s (isa %d): max out error %g > %g", name, isa, worst, tol);
+    for (size_t i = 0; i < rows(p); i++) {
+        float a = p->lse[i], e = ref_lse[i];
+        if (isinf(e)) CHECK(a == e, "%s: lse[%zu] = %g, want %g", name, i, a, e);
+        else CHECK(fabs(a - e) <= 1e-4 * (1 + fabs(e)), "%s: lse[%zu] = %g, want %g", name, i, a, e);
+    }
+    free(ref_out);
+    free(ref_lse);
+}
+
+/* ---- the cases ---- */
+typedef void (*case_fn)(problem *);
+
+static void case_prefill_f32(problem *p) {
+    make(p, 2, 4, 2, 7, 33, 64, 64, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
+    p->d.causal = 1;
+}
+
+static void case_f16_every_option(problem *p) {
+    make(p, 2, 8, 2, 9, 40, 128, 128, SIMD_ATTN_F16, SIMD_ATTN_F16, SIMD_ATTN_F16);
+    p->d.causal = 1;
+    p->d.window_left = 8;
+    p->d.window_right = 0;
+    p->kv_lens = malloc(2 * sizeof(int64_t));
+    p->kv_lens[0] = 20;
+    p->kv_lens[1] = 40;
+    p->d.kv_lens = p->kv_lens;
+    p->d.kv_lens_len = 2;
+    p->d.softcap = 30.0f;
+    p->slopes = malloc(8 * sizeof(float));
+    p->sinks = malloc(8 * sizeof(float));
+    for (int h = 0; h < 8; h++) {
+        p->slopes[h] = 0.05f * (float)(h + 1);
+        p->sinks[h] = h % 3 == 0 ? -INFINITY : 0.5f * (float)h;
+    }
+    p->d.alibi_slopes = p->slopes;
+    p->d.alibi_slopes_len = 8;
+    p->d.sinks = p->sinks;
+    p->d.sinks_len = 8;
+    p->d.use_scale = 1;
+    p->d.scale = 0.2f;
+}
+
+static void case_decode_f16_kv(problem *p) {
+    make(p, 1, 8, 2, 1, 2500, 128, 128, SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_F32);
+}
+
+static void case_masked_rows_bias(problem *p) {
+    /* A [1, 1, Sq, Skv] mask broadcast over batch and heads; row 2 is fully masked. */
+    make(p, 2, 2, 1, 5, 17, 32, 32, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F16);
+    p->bias = malloc(5 * 17 * sizeof(float));
+    for (size_t i = 0; i < 5 * 17; i++) p->bias[i] = (i / 17 == 2 || i % 5 == 1) ? -INFINITY : uniform();
+    p->d.bias = p->bias;
+    p->d.bias_len = 5 * 17;
+    p->d.bias_stride_row = 17;
+}
+
+static void case_generic_head_dims(problem *p) {
+    /* D=48, Dv=40: no specialisation, the generic path. */
+    make(p, 1, 3, 3, 6, 29, 48, 40, SIMD_ATTN_F16, SIMD_ATTN_F32, SIMD_ATTN_F32);
+}
+
+static const struct {
+    const char *name;
+    case_fn make;
+} cases[] = {
+    {"prefill f32", case_prefill_f32},
+    {"f16 with every option", case_f16_every_option},
+    {"decode f16 kv", case_decode_f16_kv},
+    {"masked rows via broadcast bias", case_masked_rows_bias},
+    {"generic head dims", case_generic_head_dims},
+};
+#define N_CASES (sizeof cases / sizeof cases[0])
+
+static void test_header_agrees_with_library(void) {
+    size_t header[] = SIMD_ATTN_ABI_LAYOUT;
+    size_t n_header = sizeof header / sizeof header[0];
+    size_t lib[128];
+    size_t n_lib = simd_attn_abi_layout(lib, 128);
+    CHECK(n_lib == n_header, "the library reports %zu layout values, the header %zu", n_lib, n_header);
+    for (size_t i = 0; i < n_header && i < n_lib; i++)
+        CHECK(header[i] == lib[i], "layout value %zu: header %zu, library %zu", i, header[i], lib[i]);
+    CHECK(simd_attn_abi_version() == SIMD_ATTN_ABI_VERSION, "abi version %u", simd_attn_abi_version());
+
+#define CODE(x) {x, #x}
+    static const struct {
+        int code;
+        const char *name;
+    } codes[] = {
+        CODE(SIMD_ATTN_OK), CODE(SIMD_ATTN_ERR_NULL_POINTER), CODE(SIMD_ATTN_ERR_MISALIGNED),
+        CODE(SIMD_ATTN_ERR_DESC_SIZE), CODE(SIMD_ATTN_ERR_ABI_VERSION), CODE(SIMD_ATTN_ERR_UNKNOWN_DTYPE),
+        CODE(SIMD_ATTN_ERR_UNSUPPORTED_DTYPES), CODE(SIMD_ATTN_ERR_NEGATIVE_STRIDE), CODE(SIMD_ATTN_ERR_ZERO_DIM),
+        CODE(SIMD_ATTN_ERR_HEADS_NOT_DIVISIBLE), CODE(SIMD_ATTN_ERR_BUFFER_TOO_SMALL),
+        CODE(SIMD_ATTN_ERR_SIZE_OVERFLOW), CODE(SIMD_ATTN_ERR_OVERLAPPING_OUTPUT), CODE(SIMD_ATTN_ERR_ALIASING),
+        CODE(SIMD_ATTN_ERR_WRONG_LENGTH), CODE(SIMD_ATTN_ERR_KV_LEN_OUT_OF_RANGE),
+        CODE(SIMD_ATTN_ERR_NON_FINITE_SCALE), CODE(SIMD_ATTN_ERR_INVALID_SOFTCAP),
+        CODE(SIMD_ATTN_ERR_INVALID_WINDOW), CODE(SIMD_ATTN_ERR_INVALID_VALUE),
+        CODE(SIMD_ATTN_ERR_SHARE_OUT_OF_RANGE), CODE(SIMD_ATTN_ERR_SHARE_ALREADY_RUN),
+        CODE(SIMD_ATTN_ERR_SHARES_NOT_FINISHED), CODE(SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL),
+        CODE(SIMD_ATTN_ERR_OUT_OF_MEMORY), CODE(SIMD_ATTN_ERR_ISA_UNAVAILABLE), CODE(SIMD_ATTN_ERR_UNKNOWN_ISA),
+        CODE(SIMD_ATTN_ERR_INTERNAL),
+    };
+    size_t n_codes = sizeof codes / sizeof codes[0];
+    for (size_t i = 0; i < n_codes; i++) {
+        const char *lib_name = simd_attn_status_name(codes[i].code);
+        CHECK(lib_name && strcmp(lib_name, codes[i].name) == 0, "status %d is %s in the header, %s in the library",
+              codes[i].code, codes[i].name, lib_name ? lib_name : "(none)");
+        CHECK(strlen(simd_attn_status_string(codes[i].code)) > 0, "no message for %s", codes[i].name);
+    }
+    CHECK(simd_attn_status_name((int)n_codes) == NULL, "the library has a status %zu the header lacks", n_codes);
+    CHECK(strcmp(simd_attn_status_string(-5), "unknown status code") == 0, "unknown code message");
+#ifdef SIMD_ATTN_EXPECTED_VERSION
+    CHECK(strcmp(simd_attn_version(), SIMD_ATTN_EXPECTED_VERSION) == 0, "version %s", simd_attn_version());
+#endif
+}
+
+static void test_isa_queries(void) {
+    int32_t best = simd_attn_isa_best();
+    CHECK(simd_attn_isa_available(best) == 1, "best isa %d not available", best);
+    CHECK(simd_attn_isa_name(best) != NULL, "no name for %d", best);
+    CHECK(simd_attn_isa_name(99) == NULL, "a name for isa 99");
+    CHECK(simd_attn_isa_available(99) == 0, "isa 99 available");
+    CHECK(simd_attn_isa_available(SIMD_ATTN_ISA_PORTABLE) == 1, "portable must always run");
+    EXPECT_STATUS(simd_attn_set_isa(99), SIMD_ATTN_ERR_UNKNOWN_ISA);
+    EXPECT_STATUS(simd_attn_set_isa(SIMD_ATTN_ISA_SCALAR), SIMD_ATTN_OK);
+    CHECK(simd_attn_isa_current() == SIMD_ATTN_ISA_SCALAR, "override not applied: %d", simd_attn_isa_current());
+    problem p;
+    case_prefill_f32(&p);
+    simd_attn_run_info info;
+    EXPECT_STATUS(simd_attn_forward(&p.d, 1, SIMD_ATTN_ISA_AUTO, &info), SIMD_ATTN_OK);
+    CHECK(info.isa == SIMD_ATTN_ISA_SCALAR, "forward ignored the override: ran on %d", info.isa);
+    release(&p);
+    EXPECT_STATUS(simd_attn_set_isa(SIMD_ATTN_ISA_AUTO), SIMD_ATTN_OK);
+    CHECK(simd_attn_isa_current() >= 0, "current isa %d", simd_attn_isa_current());
+}
+
+/* ---- host-driven plans from pthreads ---- */
+typedef struct worker {
+    simd_attn_plan *plan;
+    size_t ith;
+    int run_status, merge_status;
+    int phase; /* 0: run, 1: merge */
+} worker;
+
+static void *work(void *arg) {
+    worker *w = (worker *)arg;
+    size_t len = simd_attn_plan_workspace_len(w->plan);
+    float *ws = (float *)malloc((len + 1) * sizeof(float));
+    for (size_t i = 0; i < len; i++) ws[i] = NAN; /* scratch contents must not matter */
+    if (w->phase == 0) w->run_status = simd_attn_plan_run(w->plan, w->ith, ws, len, NULL);
+    else w->merge_status = simd_attn_plan_merge(w->plan, w->ith, ws, len);
+    free(ws);
+    return NULL;
+}
+
+static void run_threads(simd_attn_plan *plan, size_t nth, int phase, worker *ws) {
+    pthread_t t[8];
+    for (size_t i = 0; i < nth; i++) {
+        ws[i].plan = plan;
+        ws[i].ith = i;
+        ws[i].phase = phase;
+        pthread_create(&t[i], NULL, work, &ws[i]);
+    }
+    for (size_t i = 0; i < nth; i++) pthread_join(t[i], NULL);
+}
+
+static void test_host_driven(const char *name, problem *p, int expect_merge) {
+    void *fwd_out;
+    float *fwd_lse;
+    simd_attn_desc f = redirect(p, &fwd_out, &fwd_lse);
+    EXPECT_STATUS(simd_attn_forward(&f, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    size_t nth = 3;
+    simd_attn_plan *plan = NULL;
+    EXPECT_STATUS(simd_attn_plan_create(&p->d, nth, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_OK);
+    if (!plan) return;
+    CHECK(simd_attn_plan_needs_merge(plan) == expect_merge, "%s: needs_merge %d", name, simd_attn_plan_needs_merge(plan));
+    worker ws[8];
+    memset(ws, 0, sizeof ws);
+    run_threads(plan, nth, 0, ws);
+    for (size_t i = 0; i < nth; i++) CHECK(ws[i].run_status == SIMD_ATTN_OK, "%s: run %zu: %s", name, i, name_of(ws[i].run_status));
+    run_threads(plan, nth, 1, ws);
+    for (size_t i = 0; i < nth; i++)
+        CHECK(ws[i].merge_status == SIMD_ATTN_OK, "%s: merge %zu: %s", name, i, name_of(ws[i].merge_status));
+    simd_attn_plan_destroy(plan);
+    CHECK(memcmp(p->out, fwd_out, out_len(p) * esize(p->d.out.dtype)) == 0, "%s: host-driven output differs from forward", name);
+    CHECK(memcmp(p->lse, fwd_lse, rows(p) * 4) == 0, "%s: host-driven lse differs from forward", name);
+    free(fwd_out);
+    free(fwd_lse);
+}
+
+/* ---- concurrent forward calls ---- */
+typedef struct concurrent {
+    simd_attn_desc d;
+    int status;
+} concurrent;
+
+static void *forward_thread(void *arg) {
+    concurrent *c = (concurrent *)arg;
+    c->status = simd_attn_forward(&c->d, 2, SIMD_ATTN_ISA_AUTO, NULL);
+    return NULL;
+}
+
+static void test_concurrent_forward(void) {
+    problem p;
+    case_decode_f16_kv(&p);
+    EXPECT_STATUS(simd_attn_forward(&p.d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    concurrent c[4];
+    void *outs[4];
+    float *lses[4];
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) {
+        c[i].d = redirect(&p, &outs[i], &lses[i]);
+        pthread_create(&t[i], NULL, forward_thread, &c[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(t[i], NULL);
+        CHECK(c[i].status == SIMD_ATTN_OK, "concurrent forward %d: %s", i, name_of(c[i].status));
+        CHECK(memcmp(outs[i], p.out, out_len(&p) * 4) == 0, "concurrent forward %d differs", i);
+        free(outs[i]);
+        free(lses[i]);
+    }
+    release(&p);
+}
+
+/* ---- merge of partial results over a split of the keys ---- */
+static void test_merge(void) {
+    problem p;
+    make(&p, 2, 4, 2, 3, 300, 64, 64, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_forward(&p.d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    size_t split = 111, n = out_len(&p), r = rows(&p);
+    simd_attn_desc a = p.d, b = p.d;
+    float *out_a = calloc(n, 4), *out_b = calloc(n, 4), *lse_a = calloc(r, 4), *lse_b = calloc(r, 4);
+    a.seq_kv = split;
+    a.out.data = out_a;
+    a.lse = lse_a;
+    b.seq_kv = p.d.seq_kv - split; /* keys split.. : the same tensors, shifted by `split` rows */
+    b.k.data = (const float *)p.k + split * 64;
+    b.k.len -= split * 64;
+    b.v.data = (const float *)p.v + split * 64;
+    b.v.len -= split * 64;
+    b.out.data = out_b;
+    b.lse = lse_b;
+    EXPECT_STATUS(simd_attn_forward(&a, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    EXPECT_STATUS(simd_attn_forward(&b, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    simd_attn_partial parts[2];
+    memset(parts, 0, sizeof parts);
+    parts[0].out = tensor(out_a, 4, 3, 64, 2, SIMD_ATTN_F32);
+    parts[0].lse = lse_a;
+    parts[0].lse_len = r;
+    parts[1].out = tensor(out_b, 4, 3, 64, 2, SIMD_ATTN_F32);
+    parts[1].lse = lse_b;
+    parts[1].lse_len = r;
+    float *merged = calloc(n, 4), *merged_lse = calloc(r, 4);
+    simd_attn_output mo = output(merged, 4, 3, 64, 2, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_merge_partials(2, 4, 3, 64, parts, 2, &mo, merged_lse, r), SIMD_ATTN_OK);
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)merged[i] - ((float *)p.out)[i]);
+        if (!(e <= worst)) worst = e;
+    }
+    CHECK(worst <= 1e-5, "merge: max error %g against the unsplit call", worst);
+    for (size_t i = 0; i < r; i++) CHECK(fabs(merged_lse[i] - p.lse[i]) <= 1e-5 * (1 + fabs(p.lse[i])), "merge lse[%zu]", i);
+
+    /* Error paths of the merge. */
+    simd_attn_output bad = mo;
+    EXPECT_STATUS(simd_attn_merge_partials(2, 4, 3, 64, parts, 2, NULL, NULL, 0), SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_STATUS(simd_attn_merge_partials(2, 4, 3, 64, NULL, 2, &mo, NULL, 0), SIMD_ATTN_ERR_NULL_POINTER);
+    bad.data = out_a;
+    EXPECT_STATUS(simd_attn_merge_partials(2, 4, 3, 64, parts, 2, &bad, NULL, 0), SIMD_ATTN_ERR_ALIASING);
+    simd_attn_partial mixed[2];
+    memcpy(mixed, parts, sizeof parts);
+    mixed[1].out.dtype = SIMD_ATTN_F16;
+    mixed[1].out.len /= 2;
+    EXPECT_STATUS(simd_attn_merge_partials(2, 4, 3, 64, mixed, 2, &mo, NULL, 0), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+    mixed[1] = parts[1];
+    mixed[1].lse_len = r - 1;
+    EXPECT_STATUS(simd_attn_merge_partials(2, 4, 3, 64, mixed, 2, &mo, NULL, 0), SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    free(out_a);
+    free(out_b);
+    free(lse_a);
+    free(lse_b);
+    free(merged);
+    free(merged_lse);
+    release(&p);
+}
+
+/* ---- every error path: the right status, a message, outputs untouched ---- */
+static problem base;
+
+static void reset_outputs(void) {
+    memset(base.out, 0x5a, out_len(&base) * 4);
+    memset(base.lse, 0x5a, rows(&base) * 4);
+}
+
+static int outputs_untouched(void) {
+    const unsigned char *o = (const unsigned char *)base.out, *l = (const unsigned char *)base.lse;
+    for (size_t i = 0; i < out_len(&base) * 4; i++)
+        if (o[i] != 0x5a) return 0;
+    for (size_t i = 0; i < rows(&base) * 4; i++)
+        if (l[i] != 0x5a) return 0;
+    return 1;
+}
+
+#define EXPECT_FORWARD_ERROR(desc_expr, want)                                                    \
+    do {                                                                                         \
+        simd_attn_desc d_ = base.d;                                                              \
+        desc_expr;                                                                               \
+        reset_outputs();                                                                         \
+        EXPECT_STATUS(simd_attn_forward(&d_, 1, SIMD_ATTN_ISA_AUTO, NULL), want);                \
+        CHECK(outputs_untouched(), "%s: outputs were written on error", #desc_expr);             \
+    } while (0)
+
+static void test_errors(void) {
+    make(&base, 2, 4, 2, 5, 20, 64, 64, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
+    float slopes[4] = {0.1f, 0.2f, 0.3f, 0.4f}, bad_sinks[4] = {0, NAN, 0, 0};
+    int64_t neg_len[2] = {-1, 20}, big_len[2] = {21, 20};
+
+    EXPECT_STATUS(simd_attn_forward(NULL, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_STATUS(simd_attn_desc_init(NULL), SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_FORWARD_ERROR(d_.q.data = NULL, SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_FORWARD_ERROR(d_.out.data = NULL, SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_FORWARD_ERROR(d_.k.data = (const char *)base.k + 1, SIMD_ATTN_ERR_MISALIGNED);
+    EXPECT_FORWARD_ERROR(d_.struct_size = 16, SIMD_ATTN_ERR_DESC_SIZE);
+    EXPECT_FORWARD_ERROR(d_.abi_version = 99, SIMD_ATTN_ERR_ABI_VERSION);
+    EXPECT_FORWARD_ERROR(d_.q.dtype = 7, SIMD_ATTN_ERR_UNKNOWN_DTYPE);
+    EXPECT_FORWARD_ERROR(d_.out.dtype = -1, SIMD_ATTN_ERR_UNKNOWN_DTYPE);
+    EXPECT_FORWARD_ERROR((d_.v.dtype = SIMD_ATTN_F16, d_.v.len /= 2), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+    EXPECT_FORWARD_ERROR(d_.k.stride_seq = -64, SIMD_ATTN_ERR_NEGATIVE_STRIDE);
+    EXPECT_FORWARD_ERROR((d_.bias = slopes, d_.bias_len = 4, d_.bias_stride_row = -1), SIMD_ATTN_ERR_NEGATIVE_STRIDE);
+    EXPECT_FORWARD_ERROR((d_.bias = slopes, d_.bias_len = 4), SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    EXPECT_FORWARD_ERROR(d_.head_dim = 0, SIMD_ATTN_ERR_ZERO_DIM);
+    EXPECT_FORWARD_ERROR(d_.kv_heads = 0, SIMD_ATTN_ERR_ZERO_DIM);
+    EXPECT_FORWARD_ERROR(d_.kv_heads = 3, SIMD_ATTN_ERR_HEADS_NOT_DIVISIBLE);
+    EXPECT_FORWARD_ERROR(d_.q.len -= 1, SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    EXPECT_FORWARD_ERROR(d_.v.stride_seq = 65, SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    EXPECT_FORWARD_ERROR(d_.lse_len = 3, SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    EXPECT_FORWARD_ERROR((d_.batch = SIZE_MAX / 2, d_.q.stride_batch = INT64_MAX / 2), SIMD_ATTN_ERR_SIZE_OVERFLOW);
+    EXPECT_FORWARD_ERROR(d_.q.len = SIZE_MAX / 2, SIMD_ATTN_ERR_SIZE_OVERFLOW);
+    EXPECT_FORWARD_ERROR(d_.out.stride_head = 0, SIMD_ATTN_ERR_OVERLAPPING_OUTPUT);
+    EXPECT_FORWARD_ERROR((d_.out.data = (void *)base.q), SIMD_ATTN_ERR_ALIASING);
+    EXPECT_FORWARD_ERROR((d_.lse = (float *)base.out + 3), SIMD_ATTN_ERR_ALIASING);
+    EXPECT_FORWARD_ERROR((d_.alibi_slopes = slopes, d_.alibi_slopes_len = 3), SIMD_ATTN_ERR_WRONG_LENGTH);
+    EXPECT_FORWARD_ERROR((d_.kv_lens = neg_len, d_.kv_lens_len = 1), SIMD_ATTN_ERR_KV_LEN_OUT_OF_RANGE);
+    EXPECT_FORWARD_ERROR((d_.kv_lens = big_len, d_.kv_lens_len = 2), SIMD_ATTN_ERR_KV_LEN_OUT_OF_RANGE);
+    EXPECT_FORWARD_ERROR((d_.kv_lens = big_len, d_.kv_lens_len = 1), SIMD_ATTN_ERR_WRONG_LENGTH);
+    EXPECT_FORWARD_ERROR((d_.use_scale = 1, d_.scale = NAN), SIMD_ATTN_ERR_NON_FINITE_SCALE);
+    EXPECT_FORWARD_ERROR(d_.softcap = -1.0f, SIMD_ATTN_ERR_INVALID_SOFTCAP);
+    EXPECT_FORWARD_ERROR(d_.softcap = INFINITY, SIMD_ATTN_ERR_INVALID_SOFTCAP);
+    EXPECT_FORWARD_ERROR(d_.window_left = -2, SIMD_ATTN_ERR_INVALID_WINDOW);
+    EXPECT_FORWARD_ERROR((d_.sinks = bad_sinks, d_.sinks_len = 4), SIMD_ATTN_ERR_INVALID_VALUE);
+    {
+        simd_attn_desc d_ = base.d;
+        reset_outputs();
+        EXPECT_STATUS(simd_attn_forward(&d_, 1, 42, NULL), SIMD_ATTN_ERR_UNKNOWN_ISA);
+        int32_t missing = simd_attn_isa_available(SIMD_ATTN_ISA_NEON) ? SIMD_ATTN_ISA_AVX2 : SIMD_ATTN_ISA_NEON;
+        EXPECT_STATUS(simd_attn_forward(&d_, 1, missing, NULL), SIMD_ATTN_ERR_ISA_UNAVAILABLE);
+        CHECK(outputs_untouched(), "isa errors wrote outputs");
+    }
+    {
+        /* A newer caller's larger descriptor: fine if the fields we do not know are zero. */
+        unsigned char big[sizeof(simd_attn_desc) + 16];
+        memset(big, 0, sizeof big);
+        simd_attn_desc d_ = base.d;
+        d_.struct_size = (uint32_t)sizeof big;
+        memcpy(big, &d_, sizeof d_);
+        EXPECT_STATUS(simd_attn_forward((const simd_attn_desc *)(void *)big, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+        big[sizeof(simd_attn_desc) + 3] = 1;
+        reset_outputs();
+        EXPECT_STATUS(simd_attn_forward((const simd_attn_desc *)(void *)big, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_DESC_SIZE);
+        CHECK(outputs_untouched(), "a rejected descriptor wrote outputs");
+    }
+
+    /* Plans. */
+    simd_attn_plan *plan = (simd_attn_plan *)&base; /* must be overwritten with NULL on error */
+    EXPECT_STATUS(simd_attn_plan_create(&base.d, 0, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_ERR_ZERO_DIM);
+    CHECK(plan == NULL, "plan_out not cleared on error");
+    EXPECT_STATUS(simd_attn_plan_create(&base.d, 2, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_STATUS(simd_attn_plan_create(&base.d, SIZE_MAX / 2, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_ERR_OUT_OF_MEMORY);
+    EXPECT_STATUS(simd_attn_plan_run(NULL, 0, NULL, 0, NULL), SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_STATUS(simd_attn_plan_merge(NULL, 0, NULL, 0), SIMD_ATTN_ERR_NULL_POINTER);
+    CHECK(simd_attn_plan_workspace_len(NULL) == 0, "workspace_len(NULL)");
+    CHECK(simd_attn_plan_needs_merge(NULL) == 0, "needs_merge(NULL)");
+    simd_attn_plan_destroy(NULL);
+    EXPECT_STATUS(simd_attn_plan_create(&base.d, 2, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_OK);
+    size_t len = simd_attn_plan_workspace_len(plan);
+    float *ws = (float *)calloc(len + 1, sizeof(float));
+    EXPECT_STATUS(simd_attn_plan_run(plan, 2, ws, len, NULL), SIMD_ATTN_ERR_SHARE_OUT_OF_RANGE);
+    EXPECT_STATUS(simd_attn_plan_run(plan, 0, ws, len - 1, NULL), SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL);
+    EXPECT_STATUS(simd_attn_plan_run(plan, 0, NULL, len, NULL), SIMD_ATTN_ERR_NULL_POINTER);
+    EXPECT_STATUS(simd_attn_plan_run(plan, 0, ws, len, NULL), SIMD_ATTN_OK);
+    EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_ERR_SHARES_NOT_FINISHED);
+    EXPECT_STATUS(simd_attn_plan_run(plan, 0, ws, len, NULL), SIMD_ATTN_ERR_SHARE_ALREADY_RUN);
+    EXPECT_STATUS(simd_attn_plan_run(plan, 1, ws, len, NULL), SIMD_ATTN_OK);
+    EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_OK);
+    EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_ERR_SHARE_ALREADY_RUN);
+    CHECK(strlen(simd_attn_last_error()) > 0, "message after an error");
+    EXPECT_STATUS(simd_attn_plan_merge(plan, 1, ws, len), SIMD_ATTN_OK);
+    CHECK(strlen(simd_attn_last_error()) == 0, "the message is cleared by a success");
+    simd_attn_plan_destroy(plan);
+    free(ws);
+    release(&base);
+}
+
+int main(void) {
+    printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
+           simd_attn_isa_name(simd_attn_isa_best()));
+    test_header_agrees_with_library();
+
+    /* Under valgrind, SIMD_ATTN_ISA pins one path; otherwise every path this machine has. */
+    int32_t isas[6];
+    size_t n_isas = 0;
+    isas[n_isas++] = SIMD_ATTN_ISA_AUTO;
+    if (!getenv("SIMD_ATTN_ISA")) {
+        test_isa_queries();
+        for (int32_t i = SIMD_ATTN_ISA_PORTABLE; i <= SIMD_ATTN_ISA_NEON; i++)
+            if (simd_attn_isa_available(i)) isas[n_isas++] = i;
+    }
+    for (size_t c = 0; c < N_CASES; c++) {
+        for (size_t i = 0; i < n_isas; i++) {
+            for (size_t threads = 1; threads <= 2; threads++) {
+                problem p;
+                cases[c].make(&p);
+                check_against_reference(cases[c].name, &p, isas[i], threads);
+                release(&p);
+            }
+        }
+        problem p;
+        cases[c].make(&p);
+        test_host_driven(cases[c].name, &p, cases[c].make == case_decode_f16_kv);
+        release(&p);
+    }
+    test_concurrent_forward();
+    test_merge();
+    test_errors();
+
+    printf("%d checks, %d failures\n", checks, failures);
+    return failures == 0 ? 0 : 1;
+}
