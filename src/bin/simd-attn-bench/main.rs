@@ -1,19 +1,30 @@
-//! `simd-attn-bench`: a sweep of standard attention shapes. For each shape and path it prints
-//! the median time and its spread, GFLOP/s (visible pairs only) at the median and at the best
-//! run, the fraction of this machine's FMA peak measured in the same run, K/V bytes per second,
-//! the speedup over the portable kernel and over an unfused baseline, and the max error against
-//! the f64 reference on sampled rows.
+//! `simd-attn-bench`: a sweep of attention shapes. For each shape and path it prints the median
+//! time and its spread, GFLOP/s (visible pairs only) at the median and at the best run, the
+//! fraction of this machine's FMA peak and memory bandwidth measured in the same run, the
+//! speedup over the portable kernel and over an unfused baseline, and the max error against the
+//! f64 reference on sampled rows; optionally as JSON / CSV with the machine description, and as
+//! an SVG chart. `simd-attn-bench compare OLD NEW` prints the ratios of two result files.
 
 mod machine;
+mod plot;
+mod report;
 mod unfused;
+
+use report::{Machine, Row};
 
 use half::f16;
 use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Element, Isa, Reference, RunConfig, TensorMut, TensorRef};
+use std::io::IsTerminal;
 use std::time::Instant;
 
-const USAGE: &str = "simd-attn-bench [--set standard|seqlen|decode|all] [--isa auto|all|LIST] [--threads LIST]
-                [--dtype f32|f16|f16kv] [--case SUBSTRING] [--reps N] [--min-time SECONDS] [--no-check]
-                [--no-baselines]
+const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,causal]]... [--isa auto|all|LIST]
+                [--threads LIST] [--dtype f32|f16|f16kv] [--case SUBSTRING] [--reps N]
+                [--min-time SECONDS] [--no-check] [--no-baselines]
+                [--json PATH] [--csv PATH] [--plot PATH.svg]
+simd-attn-bench compare OLD.json|csv NEW.json|csv
+  --set     standard (default), prefill, decode (Sq 1/4/16 x Skv 512..64k), headdim (D 32..256),
+            seqlen (causal prefill S 128..8192), all; --shape adds custom shapes (and with no
+            --set, runs only them)
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
             or a comma list of portable, scalar, avx2, avx512, neon
   --threads comma list of thread counts to run each path with (default 1); %peak is then of
@@ -22,6 +33,9 @@ const USAGE: &str = "simd-attn-bench [--set standard|seqlen|decode|all] [--isa a
             default: each case's own (decode cases use f16 K/V where the targets say so)
   --case    only the shapes named SUBSTRING, or else whose name contains it
   --no-baselines  skip the portable and unfused baselines (their columns print NaN)
+  --json, --csv   also write the results with the machine description (CPU, cores, ISA, measured
+            peak and bandwidth, crate version, git commit); `compare` reads either back
+  --plot    draw GFLOP/s against sequence length for every path measured, as SVG
 Decode rows rotate over enough K/V copies to exceed twice the last-level cache, and report
 time / roofline with roofline = max(K/V bytes / bandwidth, flops / (peak x threads)).";
 
@@ -46,15 +60,15 @@ impl Dtype {
 }
 
 struct Case {
-    name: &'static str,
+    name: String,
     shape: AttentionShape,
     causal: bool,
     dtype: Dtype,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn case(name: &'static str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: usize, causal: bool) -> Case {
-    Case { name, shape: AttentionShape::new(b, hq, hkv, sq, skv, d), causal, dtype: Dtype::F32 }
+fn case(name: &str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: usize, causal: bool) -> Case {
+    Case { name: name.to_string(), shape: AttentionShape::new(b, hq, hkv, sq, skv, d), causal, dtype: Dtype::F32 }
 }
 
 fn with_dtype(mut c: Case, dtype: Dtype) -> Case {
@@ -88,6 +102,23 @@ fn cases(set: &str) -> Vec<Case> {
         }
         v
     };
+    let prefill = || {
+        let mut v = Vec::new();
+        for dtype in [Dtype::F32, Dtype::F16] {
+            for d in [64, 128] {
+                for causal in [false, true] {
+                    v.push(with_dtype(case("prefill", 1, 8, 2, 2048, 2048, d, causal), dtype));
+                }
+            }
+        }
+        v
+    };
+    let headdim = || {
+        [32, 64, 80, 96, 128, 160, 256]
+            .into_iter()
+            .map(|d| case("headdim", 1, 8, 8, 1024, 1024, d, false))
+            .collect::<Vec<_>>()
+    };
     let seqlen = || {
         [128, 256, 512, 1024, 2048, 4096, 8192]
             .into_iter()
@@ -96,9 +127,12 @@ fn cases(set: &str) -> Vec<Case> {
     };
     match set {
         "standard" => standard(),
+        "prefill" => prefill(),
+        "headdim" => headdim(),
         "seqlen" => seqlen(),
         "decode" => decode(),
-        "all" => standard().into_iter().chain(seqlen()).chain(decode()).collect(),
+        "none" => Vec::new(),
+        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).collect(),
         other => fail(&format!("unknown --set {other}")),
     }
 }
@@ -152,16 +186,53 @@ fn parse_isas(spec: &str) -> Vec<Isa> {
     }
 }
 
+/// `B,Hq,Hkv,Sq,Skv,D[,causal]` (causal: `causal`, `1` or `true`).
+fn parse_shape(spec: &str) -> Case {
+    let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+    let n: Vec<usize> = parts.iter().take(6).map(|p| p.parse().unwrap_or_else(|_| fail(&format!("--shape {spec}: {p} is not a number")))).collect();
+    if n.len() != 6 || parts.len() > 7 {
+        fail(&format!("--shape {spec}: expected B,Hq,Hkv,Sq,Skv,D[,causal]"));
+    }
+    let causal = parts.get(6).is_some_and(|c| matches!(*c, "causal" | "1" | "true"));
+    case("custom", n[0], n[1], n[2], n[3], n[4], n[5], causal)
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn write_file(path: &str, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| fail(&format!("cannot write {path}: {e}")));
+    eprintln!("wrote {path}");
+}
+
 fn main() {
-    let (mut set, mut isas, mut filter) = ("standard".to_string(), "auto".to_string(), String::new());
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("compare") {
+        let [old, new] = &argv[1..] else { fail("compare OLD NEW") };
+        let (old, new) = (report::load(old).unwrap_or_else(|e| fail(&e)), report::load(new).unwrap_or_else(|e| fail(&e)));
+        print!("{}", report::compare(&old, &new));
+        return;
+    }
+    let (mut set, mut isas, mut filter) = (None::<String>, "auto".to_string(), String::new());
     let mut thread_list = "1".to_string();
     let mut dtype_override = None;
     let (mut reps, mut min_time, mut check, mut baselines) = (5usize, 0.5f64, true, true);
-    let mut args = std::env::args().skip(1);
+    let (mut json, mut csv, mut plot_path) = (None::<String>, None::<String>, None::<String>);
+    let mut shapes = Vec::new();
+    let mut args = argv.into_iter();
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().unwrap_or_else(|| fail(&format!("{name} needs a value")));
         match a.as_str() {
-            "--set" => set = val("--set"),
+            "--set" => set = Some(val("--set")),
+            "--shape" => shapes.push(parse_shape(&val("--shape"))),
             "--isa" => isas = val("--isa"),
             "--case" => filter = val("--case"),
             "--threads" => thread_list = val("--threads"),
@@ -173,10 +244,13 @@ fn main() {
                     other => fail(&format!("unknown --dtype {other}")),
                 })
             }
-            "--reps" => reps = val("--reps").parse().unwrap_or_else(|_| fail("--reps N")),
+            "--reps" => reps = val("--reps").parse().ok().filter(|&r| r > 0).unwrap_or_else(|| fail("--reps N (N >= 1)")),
             "--min-time" => min_time = val("--min-time").parse().unwrap_or_else(|_| fail("--min-time SECONDS")),
             "--no-check" => check = false,
             "--no-baselines" => baselines = false,
+            "--json" => json = Some(val("--json")),
+            "--csv" => csv = Some(val("--csv")),
+            "--plot" => plot_path = Some(val("--plot")),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;
@@ -189,32 +263,74 @@ fn main() {
         .split(',')
         .map(|t| t.trim().parse().ok().filter(|&n| n > 0).unwrap_or_else(|| fail(&format!("bad thread count {t}"))))
         .collect();
+    let set = set.unwrap_or_else(|| if shapes.is_empty() { "standard".into() } else { "none".into() });
+    let mut all = cases(&set);
+    all.extend(shapes);
+    let exact = all.iter().any(|c| c.name == filter);
+    let selected: Vec<Case> = all.into_iter().filter(|c| if exact { c.name == filter } else { c.name.contains(filter.as_str()) }).collect();
+    if selected.is_empty() {
+        fail("no case matches");
+    }
 
     let peak = machine::fma_peak_gflops(0).unwrap_or(f64::NAN);
     let peak256 = machine::fma_peak_gflops(256);
     let bw = machine::read_bandwidth_gbs();
-    println!("# simd-attn {} | {} | 1 thread", env!("CARGO_PKG_VERSION"), machine::cpu_model());
+    let m = Machine {
+        cpu: machine::cpu_model(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        isa_best: Isa::best().name().into(),
+        peak_gflops: peak,
+        peak256_gflops: peak256.unwrap_or(f64::NAN),
+        bandwidth_gbs: bw,
+        llc_bytes: machine::llc_bytes(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        commit: git_commit(),
+        date_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    println!("# simd-attn {} ({}) | {} | {} cores, best ISA {}", m.version, m.commit, m.cpu, m.cores, m.isa_best);
     print!("# measured: f32 FMA peak {peak:.1} GFLOP/s per core (widest vectors)");
     if let Some(p) = peak256 {
         print!(", {p:.1} with 256-bit vectors");
     }
-    println!("; memory read bandwidth {bw:.1} GB/s");
-    println!("# %peak is of the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
-    println!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>5} {:>7} {:>9} {:>9} {:>8}",
-        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "dtype", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "%bw", "x roof", "x portable", "x unfused", "max err"
-    );
-    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bw, llc: machine::llc_bytes() };
-    let all = cases(&set);
-    let exact = all.iter().any(|c| c.name == filter);
-    for mut c in all.into_iter().filter(|c| if exact { c.name == filter } else { c.name.contains(filter.as_str()) }) {
+    println!("; memory read bandwidth {bw:.1} GB/s (1 thread)");
+    println!("# %peak is of threads x the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
+    println!("{}", report::table_header());
+    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bw, llc: m.llc_bytes };
+    let mut rows = Vec::new();
+    let total = selected.len();
+    for (n, mut c) in selected.into_iter().enumerate() {
         if let Some(d) = dtype_override {
             c.dtype = d;
         }
-        match c.dtype {
+        let s = c.shape;
+        let progress = std::io::stderr().is_terminal();
+        if progress {
+            eprint!("\r[{}/{total}] {} B{} Hq{} Hkv{} Sq{} Skv{} D{} {} ...\x1b[K", n + 1, c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.dtype.name());
+        }
+        let new = match c.dtype {
             Dtype::F32 => bench_case::<f32, f32, f32>(&c, &ctx),
             Dtype::F16 => bench_case::<f16, f16, f16>(&c, &ctx),
             Dtype::F16Kv => bench_case::<f32, f16, f32>(&c, &ctx),
+        };
+        if progress {
+            eprint!("\r\x1b[K");
+        }
+        for r in &new {
+            println!("{}", report::table_row(r));
+        }
+        rows.extend(new);
+    }
+    if let Some(path) = json {
+        write_file(&path, &report::to_json(&m, &rows));
+    }
+    if let Some(path) = csv {
+        write_file(&path, &report::to_csv(&m, &rows));
+    }
+    if let Some(path) = plot_path {
+        let title = format!("simd-attn {} on {} ({}), GFLOP/s vs length", m.version, m.cpu, m.commit);
+        match plot::svg(&rows, peak, m.peak256_gflops, &title) {
+            Some(svg) => write_file(&path, &svg),
+            None => eprintln!("--plot: no series with two or more sequence lengths (try --set seqlen or decode)"),
         }
     }
 }
@@ -235,7 +351,7 @@ fn convert<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
-fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) {
+fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Vec<Row> {
     let s = c.shape;
     let [qs, ks, vs, os] = s.bhsd_strides();
     let [nq, nk, nv, no] = s.bhsd_lens();
@@ -276,6 +392,7 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) {
     let reference = ctx.check.then(|| {
         Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&kvs[0].0, ks), TensorRef::new(&kvs[0].1, vs), &params).unwrap()
     });
+    let mut rows = Vec::new();
     for &isa in &ctx.isas {
         for &threads in &ctx.thread_counts {
             let (reps, min_time) = if isa == Isa::Portable { (3.min(ctx.reps), 0.0) } else { (ctx.reps, ctx.min_time) };
@@ -283,14 +400,35 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) {
             // Check the copy the last timed call used (all copies hold the same values).
             let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
             let roofline = (kv_bytes / (ctx.bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
-            println!(
-                "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>4.0}% {:>6.2}x {:>9.2}x {:>8.2}x {:>8.1e}",
-                c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.causal, c.dtype.name(), isa.name(), threads,
-                t * 1e3, spread * 100.0, flops / t / 1e9, flops / best / 1e9, 100.0 * flops / t / 1e9 / (ctx.peak * threads as f64),
-                kv_bytes / t / 1e9, 100.0 * kv_bytes / t / 1e9 / ctx.bw, t / roofline, t_portable / t, t_unfused / t, err
-            );
+            let gflops = flops / t / 1e9;
+            rows.push(Row {
+                case: c.name.clone(),
+                batch: s.batch,
+                q_heads: s.q_heads,
+                kv_heads: s.kv_heads,
+                seq_q: s.seq_q,
+                seq_kv: s.seq_kv,
+                head_dim: s.head_dim,
+                causal: c.causal,
+                dtype: c.dtype.name().into(),
+                isa: isa.name().into(),
+                threads,
+                ms: t * 1e3,
+                best_ms: best * 1e3,
+                spread,
+                gflops,
+                gflops_best: flops / best / 1e9,
+                pct_peak: 100.0 * gflops / (ctx.peak * threads as f64),
+                gbs: kv_bytes / t / 1e9,
+                pct_bw: 100.0 * kv_bytes / t / 1e9 / ctx.bw,
+                x_roofline: t / roofline,
+                x_portable: t_portable / t,
+                x_unfused: t_unfused / t,
+                max_err: err,
+            });
         }
     }
+    rows
 }
 
 /// Max |out - reference| over up to 48 rows spread across the problem (the f64 reference is
