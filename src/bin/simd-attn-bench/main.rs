@@ -22,6 +22,7 @@ const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,ca
                 [--min-time SECONDS] [--no-check] [--no-baselines]
                 [--json PATH] [--csv PATH] [--plot PATH.svg]
 simd-attn-bench compare OLD.json|csv NEW.json|csv
+simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored results)
   --set     standard (default), prefill, decode (Sq 1/4/16 x Skv 512..64k), headdim (D 32..256),
             seqlen (causal prefill S 128..8192), all; --shape adds custom shapes (and with no
             --set, runs only them)
@@ -221,6 +222,17 @@ fn main() {
         print!("{}", report::compare(&old, &new));
         return;
     }
+    if argv.first().map(String::as_str) == Some("plot") {
+        let [input, output] = &argv[1..] else { fail("plot RESULTS.json|csv OUT.svg") };
+        let l = report::load(input).unwrap_or_else(|e| fail(&e));
+        let g = |k: &str| l.machine.get(k).cloned().unwrap_or_else(|| "?".into());
+        let title = format!("simd-attn {} ({}) on {}, {} cores", g("crate_version"), g("git_commit"), g("cpu"), g("cores"));
+        match plot::svg(&l.to_rows(), l.machine_num("fma_peak_gflops_per_core"), l.machine_num("fma_peak_256bit_gflops_per_core"), &title) {
+            Some(svg) => write_file(output, &svg),
+            None => fail("no series with two or more sequence lengths"),
+        }
+        return;
+    }
     let (mut set, mut isas, mut filter) = (None::<String>, "auto".to_string(), String::new());
     let mut thread_list = "1".to_string();
     let mut dtype_override = None;
@@ -327,7 +339,7 @@ fn main() {
         write_file(&path, &report::to_csv(&m, &rows));
     }
     if let Some(path) = plot_path {
-        let title = format!("simd-attn {} on {} ({}), GFLOP/s vs length", m.version, m.cpu, m.commit);
+        let title = format!("simd-attn {} ({}) on {}, {} cores", m.version, m.commit, m.cpu, m.cores);
         match plot::svg(&rows, peak, m.peak256_gflops, &title) {
             Some(svg) => write_file(&path, &svg),
             None => eprintln!("--plot: no series with two or more sequence lengths (try --set seqlen or decode)"),

@@ -251,6 +251,53 @@ pub fn load(path: &str) -> Result<Loaded, String> {
     Ok(Loaded { machine, rows })
 }
 
+impl Loaded {
+    fn num(m: &BTreeMap<String, String>, k: &str) -> f64 {
+        m.get(k).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    }
+
+    /// A machine field as a number (NaN when absent).
+    pub fn machine_num(&self, k: &str) -> f64 {
+        Self::num(&self.machine, k)
+    }
+
+    /// The rows back as [`Row`]s (for re-plotting stored results).
+    pub fn to_rows(&self) -> Vec<Row> {
+        self.rows
+            .iter()
+            .map(|m| {
+                let n = |k: &str| Self::num(m, k);
+                let s = |k: &str| m.get(k).cloned().unwrap_or_default();
+                Row {
+                    case: s("case"),
+                    batch: n("batch") as usize,
+                    q_heads: n("q_heads") as usize,
+                    kv_heads: n("kv_heads") as usize,
+                    seq_q: n("seq_q") as usize,
+                    seq_kv: n("seq_kv") as usize,
+                    head_dim: n("head_dim") as usize,
+                    causal: s("causal") == "true",
+                    dtype: s("dtype"),
+                    isa: s("isa"),
+                    threads: n("threads") as usize,
+                    ms: n("ms"),
+                    best_ms: n("best_ms"),
+                    spread: n("spread"),
+                    gflops: n("gflops"),
+                    gflops_best: n("gflops_best"),
+                    pct_peak: n("pct_peak"),
+                    gbs: n("gbs"),
+                    pct_bw: n("pct_bw"),
+                    x_roofline: n("x_roofline"),
+                    x_portable: n("x_portable"),
+                    x_unfused: n("x_unfused"),
+                    max_err: n("max_err"),
+                }
+            })
+            .collect()
+    }
+}
+
 fn row_key(r: &BTreeMap<String, String>) -> String {
     let g = |k: &str| r.get(k).cloned().unwrap_or_default();
     format!(
