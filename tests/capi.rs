@@ -10,10 +10,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `target/<profile>`: the test binary lives in its `deps/`, and the libraries beside it.
+/// `target/<profile>`: the test binary lives in its `deps/`.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// Where this build put `libsimd_attn.{so,a}`: `deps/`, beside the test binary (the same cargo
+/// invocation built them; `cargo test` does not copy them up to `target/<profile>` the way
+/// `cargo build` does).
+fn lib_dir() -> PathBuf {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    if deps.join("libsimd_attn.so").exists() { deps } else { profile_dir() }
 }
 
 fn compiler(cpp: bool) -> Command {
@@ -59,11 +67,11 @@ fn build_c_test(dir: &Path, lib_dir: &Path, static_link: bool) -> PathBuf {
 #[test]
 #[cfg(target_os = "linux")]
 fn c_program_passes_against_the_header_and_both_libraries() {
-    let lib_dir = profile_dir();
+    let lib_dir = lib_dir();
     for lib in ["libsimd_attn.so", "libsimd_attn.a"] {
         assert!(lib_dir.join(lib).exists(), "{lib} was not built in {}", lib_dir.display());
     }
-    let dir = lib_dir.join("capi-c");
+    let dir = profile_dir().join("capi-c");
     std::fs::create_dir_all(&dir).unwrap();
     for static_link in [false, true] {
         let exe = build_c_test(&dir, &lib_dir, static_link);
@@ -101,8 +109,8 @@ fn readme_c_example_compiles_and_runs() {
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let start = readme.find("<!-- c-example -->\n```c\n").expect("README has the C example") + "<!-- c-example -->\n```c\n".len();
     let code = &readme[start..start + readme[start..].find("```").unwrap()];
-    let lib_dir = profile_dir();
-    let dir = lib_dir.join("capi-c");
+    let lib_dir = lib_dir();
+    let dir = profile_dir().join("capi-c");
     // An installed prefix, as .ci/install-c-lib lays it out.
     let prefix = dir.join("prefix");
     for sub in ["lib/pkgconfig", "include"] {
