@@ -371,23 +371,36 @@ enum RawOut<'a> {
     F16(TensorMut<'a, f16>),
 }
 
+/// [`slice`] of `len` elements of `T` at `data`, recorded in `spans` for the aliasing check.
+///
+/// # Safety
+/// As [`slice`].
+unsafe fn checked<'a, T>(data: *const c_void, len: usize, what: &'static str, spans: &mut Vec<Span>) -> Result<&'a [T], Fail> {
+    // SAFETY: forwarded contract.
+    let s = unsafe { slice(data as *const T, len, &format!("{what}.data"))? };
+    spans.push(Span::of(s, what));
+    Ok(s)
+}
+
+/// [`checked`], writable.
+///
+/// # Safety
+/// As [`slice_mut`].
+unsafe fn checked_mut<'a, T>(data: *mut c_void, len: usize, what: &'static str, spans: &mut Vec<Span>) -> Result<&'a mut [T], Fail> {
+    // SAFETY: forwarded contract.
+    let s = unsafe { slice_mut(data as *mut T, len, &format!("{what}.data"))? };
+    spans.push(Span::of(s, what));
+    Ok(s)
+}
+
 /// # Safety
 /// The tensor's `data` points to `len` readable elements of its dtype (see the header).
 unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<RawTensor<'a>, Fail> {
     let st = strides(t, what)?;
+    // SAFETY (both arms): forwarded contract.
     Ok(match dtype(t.dtype, what)? {
-        DType::F32 => {
-            // SAFETY: forwarded contract.
-            let s = unsafe { slice(t.data as *const f32, t.len, &format!("{what}.data"))? };
-            spans.push(Span::of(s, what));
-            RawTensor::F32(TensorRef::new(s, st))
-        }
-        DType::F16 => {
-            // SAFETY: forwarded contract.
-            let s = unsafe { slice(t.data as *const f16, t.len, &format!("{what}.data"))? };
-            spans.push(Span::of(s, what));
-            RawTensor::F16(TensorRef::new(s, st))
-        }
+        DType::F32 => RawTensor::F32(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+        DType::F16 => RawTensor::F16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
     })
 }
 
@@ -397,19 +410,10 @@ unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Spa
 unsafe fn output<'a>(t: &SimdAttnOutput, what: &'static str, spans: &mut Vec<Span>) -> Result<RawOut<'a>, Fail> {
     let view = SimdAttnTensor { data: t.data, len: t.len, dtype: t.dtype, reserved: 0, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
     let st = strides(&view, what)?;
+    // SAFETY (both arms): forwarded contract.
     Ok(match dtype(t.dtype, what)? {
-        DType::F32 => {
-            // SAFETY: forwarded contract.
-            let s = unsafe { slice_mut(t.data as *mut f32, t.len, &format!("{what}.data"))? };
-            spans.push(Span::of(s, what));
-            RawOut::F32(TensorMut::new(s, st))
-        }
-        DType::F16 => {
-            // SAFETY: forwarded contract.
-            let s = unsafe { slice_mut(t.data as *mut f16, t.len, &format!("{what}.data"))? };
-            spans.push(Span::of(s, what));
-            RawOut::F16(TensorMut::new(s, st))
-        }
+        DType::F32 => RawOut::F32(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
+        DType::F16 => RawOut::F16(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
     })
 }
 
