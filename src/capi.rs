@@ -763,36 +763,31 @@ pub unsafe extern "C" fn simd_attn_reference(desc: *const SimdAttnDesc) -> i32 {
 /// A host-driven plan: owns the descriptor's converted arguments and the typed `HostPlan`
 /// that borrows them (declared first, so it drops first).
 pub struct SimdAttnPlan {
-    plan: AnyPlan,
+    plan: Box<dyn PlanOps>,
     _kv_lens: Option<Vec<usize>>,
 }
 
-/// `HostPlan` for each dtype combination; the lifetimes are the caller's buffers', which the
-/// header requires to outlive the plan.
-enum AnyPlan {
-    Fff(HostPlan<'static, 'static, f32, f32, f32>),
-    Ffh(HostPlan<'static, 'static, f32, f32, f16>),
-    Fhf(HostPlan<'static, 'static, f32, f16, f32>),
-    Fhh(HostPlan<'static, 'static, f32, f16, f16>),
-    Hff(HostPlan<'static, 'static, f16, f32, f32>),
-    Hfh(HostPlan<'static, 'static, f16, f32, f16>),
-    Hhf(HostPlan<'static, 'static, f16, f16, f32>),
-    Hhh(HostPlan<'static, 'static, f16, f16, f16>),
+/// What the C entries do with a plan, whatever its element types.
+trait PlanOps: Send + Sync {
+    fn workspace_len(&self) -> usize;
+    fn needs_merge(&self) -> bool;
+    fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError>;
+    fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError>;
 }
 
-macro_rules! with_plan {
-    ($plan:expr, $p:ident => $body:expr) => {
-        match $plan {
-            AnyPlan::Fff($p) => $body,
-            AnyPlan::Ffh($p) => $body,
-            AnyPlan::Fhf($p) => $body,
-            AnyPlan::Fhh($p) => $body,
-            AnyPlan::Hff($p) => $body,
-            AnyPlan::Hfh($p) => $body,
-            AnyPlan::Hhf($p) => $body,
-            AnyPlan::Hhh($p) => $body,
-        }
-    };
+impl<TQ: Element, TKV: Element, TO: Element> PlanOps for HostPlan<'static, 'static, TQ, TKV, TO> {
+    fn workspace_len(&self) -> usize {
+        HostPlan::workspace_len(self)
+    }
+    fn needs_merge(&self) -> bool {
+        HostPlan::needs_merge(self)
+    }
+    fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
+        HostPlan::run(self, ith, workspace)
+    }
+    fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
+        HostPlan::merge(self, ith, workspace)
+    }
 }
 
 struct MakePlan {
@@ -800,58 +795,15 @@ struct MakePlan {
     nth: usize,
 }
 
-/// Erases the borrow lifetimes of a typed plan: sound because the plan never outlives the
-/// caller's buffers (the header's contract) nor the `kv_lens` copy it sits next to.
-trait IntoAny {
-    fn into_any(self) -> AnyPlan;
-}
-
-macro_rules! into_any {
-    ($v:ident, $tq:ty, $tkv:ty, $to:ty) => {
-        impl IntoAny for HostPlan<'_, '_, $tq, $tkv, $to> {
-            fn into_any(self) -> AnyPlan {
-                // SAFETY: only the lifetimes change (see the trait).
-                AnyPlan::$v(unsafe { core::mem::transmute::<HostPlan<'_, '_, $tq, $tkv, $to>, HostPlan<'static, 'static, $tq, $tkv, $to>>(self) })
-            }
-        }
-    };
-}
-into_any!(Fff, f32, f32, f32);
-into_any!(Ffh, f32, f32, f16);
-into_any!(Fhf, f32, f16, f32);
-into_any!(Fhh, f32, f16, f16);
-into_any!(Hff, f16, f32, f32);
-into_any!(Hfh, f16, f32, f16);
-into_any!(Hhf, f16, f16, f32);
-into_any!(Hhh, f16, f16, f16);
-
 impl TypedOp for MakePlan {
-    type Output = AnyPlan;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<AnyPlan, Fail> {
-        let plan = HostPlan::new(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params, self.nth)?;
-        Ok(erase(plan))
-    }
-}
-
-/// Picks the `AnyPlan` variant of a generic plan (the dtypes are known only as trait bounds).
-fn erase<TQ: Element, TKV: Element, TO: Element>(plan: HostPlan<'_, '_, TQ, TKV, TO>) -> AnyPlan {
-    use DType::{F16 as H, F32 as S};
-    macro_rules! cast {
-        ($tq:ty, $tkv:ty, $to:ty) => {{
-            let p = core::mem::ManuallyDrop::new(plan);
-            // SAFETY: the match proved the type parameters equal these concrete types.
-            unsafe { core::ptr::read(&*p as *const HostPlan<'_, '_, TQ, TKV, TO> as *const HostPlan<'_, '_, $tq, $tkv, $to>) }.into_any()
-        }};
-    }
-    match (TQ::DTYPE, TKV::DTYPE, TO::DTYPE) {
-        (S, S, S) => cast!(f32, f32, f32),
-        (S, S, H) => cast!(f32, f32, f16),
-        (S, H, S) => cast!(f32, f16, f32),
-        (S, H, H) => cast!(f32, f16, f16),
-        (H, S, S) => cast!(f16, f32, f32),
-        (H, S, H) => cast!(f16, f32, f16),
-        (H, H, S) => cast!(f16, f16, f32),
-        (H, H, H) => cast!(f16, f16, f16),
+    type Output = Box<dyn PlanOps>;
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<Box<dyn PlanOps>, Fail> {
+        let plan = core::mem::ManuallyDrop::new(HostPlan::new(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params, self.nth)?);
+        // SAFETY: only the borrow lifetimes change. The plan never outlives the caller's buffers
+        // (the header's contract) nor the `kv_lens` copy stored next to it, and the original is
+        // not dropped (ManuallyDrop), so the plan is owned exactly once.
+        let plan: HostPlan<'static, 'static, TQ, TKV, TO> = unsafe { core::ptr::read((&*plan as *const HostPlan<'_, '_, TQ, TKV, TO>).cast::<HostPlan<'static, 'static, TQ, TKV, TO>>()) };
+        Ok(Box::new(plan))
     }
 }
 
@@ -898,7 +850,7 @@ unsafe fn plan_ref<'p>(plan: *const SimdAttnPlan) -> Result<&'p SimdAttnPlan, Fa
 #[no_mangle]
 pub unsafe extern "C" fn simd_attn_plan_workspace_len(plan: *const SimdAttnPlan) -> usize {
     // SAFETY: the caller's contract.
-    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| with_plan!(&p.plan, x => x.workspace_len())))).unwrap_or(0)
+    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| p.plan.workspace_len()))).unwrap_or(0)
 }
 
 /// 1 when the plan split the keys and each worker must call merge after the barrier, else 0
@@ -909,7 +861,7 @@ pub unsafe extern "C" fn simd_attn_plan_workspace_len(plan: *const SimdAttnPlan)
 #[no_mangle]
 pub unsafe extern "C" fn simd_attn_plan_needs_merge(plan: *const SimdAttnPlan) -> i32 {
     // SAFETY: the caller's contract.
-    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| i32::from(with_plan!(&p.plan, x => x.needs_merge()))))).unwrap_or(0)
+    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| i32::from(p.plan.needs_merge())))).unwrap_or(0)
 }
 
 /// Runs share `ith`; thread-safe: each worker calls it once with its own workspace.
@@ -924,7 +876,7 @@ pub unsafe extern "C" fn simd_attn_plan_run(plan: *const SimdAttnPlan, ith: usiz
         let p = unsafe { plan_ref(plan)? };
         // SAFETY: the caller's contract.
         let ws = unsafe { slice_mut(workspace, workspace_len, "workspace")? };
-        let r = with_plan!(&p.plan, x => x.run(ith, ws))?;
+        let r = p.plan.run(ith, ws)?;
         write_info(info, &r);
         Ok(())
     })
@@ -941,7 +893,7 @@ pub unsafe extern "C" fn simd_attn_plan_merge(plan: *const SimdAttnPlan, ith: us
         let p = unsafe { plan_ref(plan)? };
         // SAFETY: the caller's contract.
         let ws = unsafe { slice_mut(workspace, workspace_len, "workspace")? };
-        Ok(with_plan!(&p.plan, x => x.merge(ith, ws))?)
+        Ok(p.plan.merge(ith, ws)?)
     })
 }
 
