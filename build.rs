@@ -79,6 +79,7 @@ struct Resolved {
     isa: &'static str,
     dtype: &'static str,
     head_dims: Vec<usize>,
+    additive_dims: Vec<usize>,
     mr: usize,
     nr_vectors: usize,
     lanes: usize,
@@ -89,8 +90,8 @@ struct Resolved {
 
 fn resolve(f: &Family) -> Resolved {
     let at = format!("{}:{} [[family]]", f.file, f.line);
-    const KNOWN: [&str; 9] =
-        ["isa", "dtype", "head_dims", "mr", "nr_vectors", "lanes", "registers", "l1_kib", "l2_kib"];
+    const KNOWN: [&str; 10] =
+        ["isa", "dtype", "head_dims", "additive_dims", "mr", "nr_vectors", "lanes", "registers", "l1_kib", "l2_kib"];
     if let Some(k) = f.keys.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         fail(format!("{at}: unknown key `{k}` (known: {})", KNOWN.join(", ")));
     }
@@ -122,10 +123,22 @@ fn resolve(f: &Family) -> Resolved {
         Some(v) => fail(format!("{at}: `head_dims` must be a list of integers, got {v:?}")),
         None => fail(format!("{at}: missing `head_dims` (use [] for none)")),
     };
+    // Optional: attention dims of the additive score with a specialised kernel. The kernel pads
+    // the attention dim to a multiple of 16 (every ISA's lanes divide it), so only such dims
+    // can ever be dispatched.
+    let additive_dims = match f.keys.get("additive_dims") {
+        Some(Value::List(v)) => v.clone(),
+        Some(v) => fail(format!("{at}: `additive_dims` must be a list of integers, got {v:?}")),
+        None => Vec::new(),
+    };
+    if let Some(a) = additive_dims.iter().find(|&&a| a == 0 || a % 16 != 0) {
+        fail(format!("{at}: additive dim {a} must be a positive multiple of 16 (the padded row pitch)"));
+    }
     let r = Resolved {
         isa,
         dtype,
         head_dims,
+        additive_dims,
         mr: int("mr"),
         nr_vectors: int("nr_vectors"),
         lanes: int("lanes"),
@@ -179,6 +192,10 @@ fn resolve(f: &Family) -> Resolved {
     r
 }
 
+fn list(xs: &[usize]) -> String {
+    xs.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=src/plan/tile_rule.rs");
@@ -213,8 +230,8 @@ fn main() {
         let dims: Vec<String> = f.head_dims.iter().map(|d| d.to_string()).collect();
         writeln!(
             src,
-            "    Family {{ isa: Isa::{}, dtype: DType::{}, head_dims: &[{}], mr: {}, nr_vectors: {}, lanes: {}, registers: {}, l1_bytes: {}, l2_bytes: {} }},",
-            f.isa, f.dtype, dims.join(", "), f.mr, f.nr_vectors, f.lanes, f.registers, f.l1, f.l2
+            "    Family {{ isa: Isa::{}, dtype: DType::{}, head_dims: &[{}], additive_dims: &[{}], mr: {}, nr_vectors: {}, lanes: {}, registers: {}, l1_bytes: {}, l2_bytes: {} }},",
+            f.isa, f.dtype, dims.join(", "), list(&f.additive_dims), f.mr, f.nr_vectors, f.lanes, f.registers, f.l1, f.l2
         )
         .unwrap();
     }
@@ -235,11 +252,11 @@ fn main() {
     }
     src.push_str("];\n\n");
     // The dispatch table: every SIMD family with its register tile and specialised head dims.
-    src.push_str("/// Calls `$m!` with one `[Isa, DType, MR, NRV, [head dims]]` entry per SIMD family.\n");
+    src.push_str("/// Calls `$m!` with one `[Isa, DType, MR, NRV, [head dims], [additive dims]]` entry per SIMD family.\n");
     src.push_str("macro_rules! for_each_simd_family {\n    ($m:ident) => {\n        $m! {\n");
     for f in families.iter().filter(|f| f.isa != "Portable") {
         let dims: Vec<String> = f.head_dims.iter().map(|d| d.to_string()).collect();
-        writeln!(src, "            [{}, {}, {}, {}, [{}]]", f.isa, f.dtype, f.mr, f.nr_vectors, dims.join(", ")).unwrap();
+        writeln!(src, "            [{}, {}, {}, {}, [{}], [{}]]", f.isa, f.dtype, f.mr, f.nr_vectors, dims.join(", "), list(&f.additive_dims)).unwrap();
     }
     src.push_str("        }\n    };\n}\n");
     let out = Path::new(&std::env::var("OUT_DIR").unwrap()).join("kernel_table.rs");

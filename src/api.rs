@@ -2,15 +2,16 @@
 //! store.
 
 use crate::element::Element;
-use crate::error::AttnError;
-use crate::exec::{merge_all, merge_group, plan_for, run_units, with_thread_partials, with_thread_scratch, Job, Partials, Units, Workspace};
+use crate::error::{AttnError, TensorName};
+use crate::exec::{alignment_plan, merge_all, merge_group, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
 use crate::isa::{resolve_isa, Isa};
 use crate::layout::{AttentionShape, TensorMut, TensorRef};
-use crate::params::AttentionParams;
+use crate::params::{AttentionParams, Score};
 use crate::plan::work::WorkPlan;
 use crate::plan::Tiles;
 use crate::problem::Problem;
-use crate::store::OutRows;
+use crate::score::{project_general, ScoreBuffers, ScoreData};
+use crate::store::{InspectRows, OutRows};
 use crate::validate::validate_outputs;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -99,7 +100,8 @@ pub fn attention<TQ: Element, TKV: Element, TO: Element>(
 }
 
 /// [`attention`] with a [`RunConfig`]: a forced ISA path, a thread count. Scratch comes from a
-/// per-thread workspace that the crate keeps, so repeated calls do not allocate.
+/// per-thread workspace that the crate keeps, so repeated calls do not allocate (the classic
+/// scores other than dot allocate their per-call projections and norms, see [`Score`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     config: &RunConfig,
@@ -111,7 +113,125 @@ pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
-    let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
+    attention_inspect(config, shape, q, k, v, out, lse, params, Inspect::default())
+}
+
+/// The optional inspection outputs of [`attention_inspect`], both f32 and contiguous.
+#[derive(Debug, Default)]
+pub struct Inspect<'o> {
+    /// The alignment matrix: attention probabilities `[B, Hq, Sq, Skv]`, exactly the weights the
+    /// output was computed with (0 for invisible keys; a row sums to 1 unless a sink took a
+    /// share, or nothing was visible and the row is all 0).
+    pub alignment: Option<&'o mut [f32]>,
+    /// Coverage `[B, Hq, Skv]`: each key's attention summed over the query rows, as coverage
+    /// models use to penalise attending to a position again.
+    pub coverage: Option<&'o mut [f32]>,
+}
+
+/// [`attention_with`], plus the alignment matrix and/or coverage for people who visualise or
+/// supervise attention. The fused pass runs as usual (the score matrix is never stored); a
+/// second tiled pass then recomputes each visible score and writes `exp(s - lse)` from the
+/// rows' final LSE, so the probabilities are exact without materialising them during the
+/// softmax. Costs about one more Q.K^T (or additive score) pass; with neither output it is
+/// [`attention_with`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    out: TensorMut<'_, TO>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+    inspect: Inspect<'_>,
+) -> Result<RunInfo, AttnError> {
+    if let Score::General { w, q_dim } = params.score {
+        // Validate the call as written (Q has q_dim columns), project Q once, run the dot score.
+        Problem::new(shape, q, k, v, params)?;
+        let projected = project_general(shape, &q, w, q_dim)?;
+        let [qs, ..] = shape.bhsd_strides();
+        let dot = params.score(Score::Dot);
+        return scored_call(config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &dot, inspect);
+    }
+    scored_call(config, shape, q, k, v, out, lse, params, inspect)
+}
+
+/// [`attention_inspect`] for every score but `General` (which arrives here projected).
+#[allow(clippy::too_many_arguments)]
+fn scored_call<TQ: Element, TKV: Element, TO: Element>(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    out: TensorMut<'_, TO>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+    inspect: Inspect<'_>,
+) -> Result<RunInfo, AttnError> {
+    Problem::new(shape, q, k, v, params)?;
+    validate_outputs(shape, &out, lse.as_deref())?;
+    validate_inspect(shape, &inspect)?;
+    let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
+    let inspecting = inspect.alignment.is_some() || inspect.coverage.is_some();
+    if !inspecting {
+        return fused_pass(config, shape, q, k, v, out, lse, params, buffers.data(&params.score));
+    }
+    // The second pass needs every row's LSE: run the fused pass into our own buffer.
+    let mut row_lse = crate::exec::try_zeroed(shape.batch * shape.q_heads * shape.seq_q)?;
+    let info = fused_pass(config, shape, q, k, v, out, Some(&mut row_lse), params, buffers.data(&params.score))?;
+    let p = Problem::new(shape, q, k, v, params)?.with_score(buffers.data(&params.score));
+    let (isa, plan, tiles, scratch_len) = alignment_plan(info.isa, TKV::DTYPE, shape);
+    let rows = InspectRows::new(shape, inspect.alignment, inspect.coverage);
+    let none = OutRows::<TO>::none(shape);
+    let job = Job { p: &p, out: &none, plan, tiles, isa, partials: Partials::empty(), align: Some(AlignPass { out: &rows, lse: &row_lse }) };
+    let threads = info.threads.min(plan.units()).max(1);
+    #[cfg(feature = "rayon")]
+    if threads > 1 {
+        crate::exec::run_pool(job, threads, scratch_len)?;
+        if let Some(lse) = lse {
+            lse[..row_lse.len()].copy_from_slice(&row_lse);
+        }
+        return Ok(info);
+    }
+    with_thread_scratch(scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc))?
+        .map_err(|_| AttnError::IsaUnavailable { isa })?;
+    if let Some(lse) = lse {
+        lse[..row_lse.len()].copy_from_slice(&row_lse);
+    }
+    Ok(info)
+}
+
+/// The inspection outputs are long enough (`[B, Hq, Sq, Skv]` and `[B, Hq, Skv]`).
+fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>) -> Result<(), AttnError> {
+    let s = shape;
+    let check = |tensor: TensorName, dims: &[usize], len: Option<usize>| -> Result<(), AttnError> {
+        let Some(len) = len else { return Ok(()) };
+        let needed = dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::SizeOverflow { tensor })?;
+        if len < needed {
+            return Err(AttnError::BufferTooSmall { tensor, needed, len });
+        }
+        Ok(())
+    };
+    check(TensorName::Alignment, &[s.batch, s.q_heads, s.seq_q, s.seq_kv], inspect.alignment.as_deref().map(<[f32]>::len))?;
+    check(TensorName::Coverage, &[s.batch, s.q_heads, s.seq_kv], inspect.coverage.as_deref().map(<[f32]>::len))
+}
+
+/// The fused pass on the crate's pool (or the calling thread).
+#[allow(clippy::too_many_arguments)]
+fn fused_pass<TQ: Element, TKV: Element, TO: Element>(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    out: TensorMut<'_, TO>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+    score: ScoreData<'_>,
+) -> Result<RunInfo, AttnError> {
+    let prepared = prepare(config, shape, q, k, v, out, lse, params, score)?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
     let mut threads = config.threads.unwrap_or_else(default_threads).min(plan.units()).max(1);
     if threads > 1 {
@@ -122,7 +242,7 @@ pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     let unavailable = || AttnError::IsaUnavailable { isa: *isa };
     with_thread_partials(*partials_len, |pbuf| {
         let partials = Partials::new(pbuf, plan, shape);
-        let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials };
+        let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials, align: None };
         #[cfg(feature = "rayon")]
         if threads > 1 {
             let specialised = crate::exec::run_pool(job, threads, *scratch_len)?;
@@ -138,7 +258,9 @@ pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     })?
 }
 
-/// [`attention_with`] on the calling thread only, with the caller's [`Workspace`].
+/// [`attention_with`] on the calling thread only, with the caller's [`Workspace`] (which
+/// covers every scratch need of the dot scores; the other classic scores still allocate their
+/// per-call projections and norms).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     workspace: &mut Workspace,
@@ -151,10 +273,18 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
-    let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
+    if let Score::General { w, q_dim } = params.score {
+        Problem::new(shape, q, k, v, params)?;
+        let projected = project_general(shape, &q, w, q_dim)?;
+        let [qs, ..] = shape.bhsd_strides();
+        return attention_in(workspace, config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot));
+    }
+    Problem::new(shape, q, k, v, params)?;
+    let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
+    let prepared = prepare(config, shape, q, k, v, out, lse, params, buffers.data(&params.score))?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
     let (scratch, pbuf) = workspace.get(*scratch_len + *partials_len)?.split_at_mut(*scratch_len);
-    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, shape) };
+    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, shape), align: None };
     let specialised = run_units(job, Units::Share { ith: 0, nth: 1 }, scratch)
         .map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
     // The merge's row buffer: the start of the scratch, free again now.
@@ -183,11 +313,13 @@ fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
     out: TensorMut<'o, TO>,
     lse: Option<&'o mut [f32]>,
     params: &AttentionParams<'a>,
+    score: ScoreData<'a>,
 ) -> Result<Prepared<'a, 'o, TQ, TKV, TO>, AttnError> {
-    let p = Problem::new(shape, q, k, v, params)?;
+    let p = Problem::new(shape, q, k, v, params)?.with_score(score);
     validate_outputs(shape, &out, lse.as_deref())?;
     let isa = resolve_isa(config.isa)?;
-    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape)?;
+    let decode = !matches!(score, ScoreData::Additive(_));
+    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, decode)?;
     Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan, tiles, isa, scratch_len, partials_len })
 }
 
@@ -269,7 +401,12 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
         if nth == 0 {
             return Err(AttnError::ZeroDim { dim: "nth" });
         }
-        let prepared = prepare(config, shape, q, k, v, out, lse, params)?;
+        // Host plans borrow everything from the caller and own only flags and partials; the
+        // scores that need per-call projections or norms run through the fused calls.
+        if !matches!(params.score, Score::ScaledDot | Score::Dot) {
+            return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a host-driven plan" });
+        }
+        let prepared = prepare(config, shape, q, k, v, out, lse, params, ScoreData::Dot)?;
         // Fallible allocations: an absurd `nth` or partials size is an error, not an abort.
         let flags = |n: usize| -> Result<Vec<AtomicBool>, AttnError> {
             let mut v = Vec::new();
@@ -310,7 +447,7 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
         // SAFETY: the buffer lives as long as `self` and is reached only through `Partials`,
         // which hands writers disjoint slots and reads only after the barrier `merge` checks.
         let partials = unsafe { Partials::from_raw(self.partials as *mut f32, self.partials.len(), &pr.plan, &pr.p.shape) };
-        Job { p: &pr.p, out: &pr.out, plan: pr.plan, tiles: pr.tiles, isa: pr.isa, partials }
+        Job { p: &pr.p, out: &pr.out, plan: pr.plan, tiles: pr.tiles, isa: pr.isa, partials, align: None }
     }
 
     /// Runs share `ith`. Each share runs at most once: a second call for the same `ith` is an

@@ -143,10 +143,13 @@ pub enum Status {
     IsaUnavailable = 25,
     UnknownIsa = 26,
     Internal = 27,
+    InvalidScore = 28,
+    UnknownScore = 29,
+    UnsupportedScore = 30,
 }
 
 /// Every status, in code order, with its header name and its short message.
-const STATUS_TABLE: [(Status, &str, &str); 28] = [
+const STATUS_TABLE: [(Status, &str, &str); 31] = [
     (Status::Ok, "SIMD_ATTN_OK\0", "success\0"),
     (Status::NullPointer, "SIMD_ATTN_ERR_NULL_POINTER\0", "a required pointer is NULL (or NULL with a non-zero length)\0"),
     (Status::Misaligned, "SIMD_ATTN_ERR_MISALIGNED\0", "a pointer is not aligned to its element type\0"),
@@ -175,6 +178,9 @@ const STATUS_TABLE: [(Status, &str, &str); 28] = [
     (Status::IsaUnavailable, "SIMD_ATTN_ERR_ISA_UNAVAILABLE\0", "the requested instruction-set path cannot run on this machine\0"),
     (Status::UnknownIsa, "SIMD_ATTN_ERR_UNKNOWN_ISA\0", "an ISA value (or SIMD_ATTN_ISA) names no path\0"),
     (Status::Internal, "SIMD_ATTN_ERR_INTERNAL\0", "internal error (a bug in simd-attn: please report it)\0"),
+    (Status::InvalidScore, "SIMD_ATTN_ERR_INVALID_SCORE\0", "the score function's arguments do not fit the call (weights, dims, temperature, or scale with a non-scaled-dot score)\0"),
+    (Status::UnknownScore, "SIMD_ATTN_ERR_UNKNOWN_SCORE\0", "the score field holds an unknown value\0"),
+    (Status::UnsupportedScore, "SIMD_ATTN_ERR_UNSUPPORTED_SCORE\0", "this operation does not support the chosen score function\0"),
 ];
 
 /// A failed call: its status and the detailed message for `simd_attn_last_error`.
@@ -202,6 +208,8 @@ impl From<AttnError> for Fail {
             OutOfMemory { .. } => Status::OutOfMemory,
             IsaUnavailable { .. } => Status::IsaUnavailable,
             UnknownIsaName { .. } => Status::UnknownIsa,
+            InvalidScore { .. } => Status::InvalidScore,
+            UnsupportedScore { .. } => Status::UnsupportedScore,
         };
         Fail(status, e.to_string())
     }
@@ -584,6 +592,7 @@ impl Call<'_> {
                     bias: self.bias,
                     alibi_slopes: self.alibi,
                     sinks: self.sinks,
+                    score: crate::params::Score::ScaledDot,
                 };
                 let typed = Typed::<$tq, $tkv, $to> {
                     shape: &self.shape,

@@ -16,6 +16,10 @@ pub enum TensorName {
     Lse,
     /// A partial result given to `merge_partials`.
     Partial,
+    /// The attention-probability output `[B, Hq, Sq, Skv]`.
+    Alignment,
+    /// The coverage output `[B, Hq, Skv]`.
+    Coverage,
 }
 
 impl fmt::Display for TensorName {
@@ -28,6 +32,8 @@ impl fmt::Display for TensorName {
             TensorName::Bias => "bias",
             TensorName::Lse => "lse",
             TensorName::Partial => "partial result",
+            TensorName::Alignment => "alignment",
+            TensorName::Coverage => "coverage",
         })
     }
 }
@@ -74,6 +80,10 @@ pub enum AttnError {
     UnknownIsaName { name: String },
     /// A per-head parameter (ALiBi slope or sink) has a value the contract does not allow.
     InvalidValue { arg: &'static str, index: usize, value: f32, allowed: &'static str },
+    /// The score function's arguments do not fit the call (see [`crate::Score`]).
+    InvalidScore { detail: String },
+    /// The operation does not support this score function.
+    UnsupportedScore { score: &'static str, operation: &'static str },
 }
 
 impl fmt::Display for AttnError {
@@ -127,6 +137,10 @@ impl fmt::Display for AttnError {
             ),
             InvalidValue { arg, index, value, allowed } => {
                 write!(f, "{arg}[{index}] = {value}: must be {allowed}")
+            }
+            InvalidScore { detail } => write!(f, "score function: {detail}"),
+            UnsupportedScore { score, operation } => {
+                write!(f, "{operation} does not support the {score} score; use the fused call")
             }
         }
     }

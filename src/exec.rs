@@ -10,7 +10,8 @@ use crate::plan::work::{PlanKind, WorkPlan, WorkUnit};
 use crate::plan::{for_each_simd_family, Family, Tiles};
 use crate::problem::Problem;
 use crate::simd::{run_avx2, run_avx512, run_neon, run_scalar, SimdExt, WithSimdExt};
-use crate::store::OutRows;
+use crate::score::ScoreData;
+use crate::store::{InspectRows, OutRows};
 use core::cell::RefCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -56,6 +57,17 @@ pub(crate) struct Job<'j, 'a, 'o, TQ, TKV, TO> {
     pub isa: Isa,
     /// Where decode units leave their unnormalised results when a merge follows.
     pub partials: Partials<'j>,
+    /// Set for the alignment pass: the units then recompute probabilities from the LSE into
+    /// these outputs instead of running attention.
+    pub align: Option<AlignPass<'j>>,
+}
+
+/// The second pass of a call that asked for its attention probabilities or coverage.
+#[derive(Clone, Copy)]
+pub(crate) struct AlignPass<'j> {
+    pub out: &'j InspectRows<'j>,
+    /// The final LSE of every row, `[B, Hq, Sq]`.
+    pub lse: &'j [f32],
 }
 
 /// The unnormalised results of decode units, one slot per (batch, KV head, sub-group,
@@ -88,6 +100,11 @@ impl<'j> Partials<'j> {
             }
             _ => Some(0),
         }
+    }
+
+    /// No partials (a pass that never merges).
+    pub fn empty() -> Self {
+        Self { ptr: core::ptr::null_mut(), len: 0, rows: 0, dv: 0, _borrow: core::marker::PhantomData }
     }
 
     pub fn new(buf: &'j mut [f32], plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> Self {
@@ -142,10 +159,12 @@ impl<TQ, TKV, TO> Copy for Job<'_, '_, '_, TQ, TKV, TO> {}
 /// The plan, block sizes, per-worker scratch length and decode-partials length (f32 elements)
 /// of a path for a problem. Decode shapes get the decode plan on the SIMD paths; the portable
 /// kernel, the baseline, always runs the prefill plan.
+/// `decode` false keeps the prefill plan (the additive score has no decode kernel).
 pub(crate) fn plan_for(
     isa: Isa,
     kv_dtype: DType,
     shape: &crate::layout::AttentionShape,
+    decode: bool,
 ) -> Result<(WorkPlan, Tiles, usize, usize), AttnError> {
     let family = Family::find(isa, kv_dtype)
         .or_else(|| Family::find(isa, DType::F32))
@@ -154,7 +173,7 @@ pub(crate) fn plan_for(
     let tiles = family.tiles(d, dv);
     let (plan, scratch) = if isa == Isa::Portable {
         (WorkPlan::new(shape, tiles.br), portable::Scratch::len(&tiles, d, dv))
-    } else if WorkPlan::prefers_decode(shape) {
+    } else if decode && WorkPlan::prefers_decode(shape) {
         let plan = WorkPlan::decode(shape);
         let PlanKind::Decode { heads_per_sub, .. } = plan.kind else { unreachable!() };
         (plan, decode::Scratch::len(heads_per_sub * shape.seq_q, family.mr, family.lanes, d, dv))
@@ -167,6 +186,20 @@ pub(crate) fn plan_for(
     }
     let partials = Partials::len_for(&plan, shape).ok_or(too_big)?;
     Ok((plan, tiles, scratch, partials))
+}
+
+/// The alignment pass's path, plan, tiles and per-worker scratch: units of every query row of
+/// a batch entry and KV head's query heads (each unit then owns those heads' coverage), on the
+/// SIMD flash kernel's score code. The portable path runs it on the scalar `Simd`, the same
+/// code at one lane.
+pub(crate) fn alignment_plan(isa: Isa, kv_dtype: DType, shape: &crate::layout::AttentionShape) -> (Isa, WorkPlan, Tiles, usize) {
+    let isa = if isa == Isa::Portable { Isa::Scalar } else { isa };
+    let family = Family::find(isa, kv_dtype)
+        .or_else(|| Family::find(isa, DType::F32))
+        .expect("kernels/ declares an f32 family for every path");
+    let tiles = family.tiles(shape.head_dim, shape.v_head_dim);
+    let scratch = flash::Scratch::len(&tiles, family.lanes, shape.head_dim, shape.v_head_dim);
+    (isa, WorkPlan::new(shape, shape.seq_q.max(1)), tiles, scratch)
 }
 
 /// A zeroed buffer of `len` floats, or `OutOfMemory` instead of aborting.
@@ -201,15 +234,31 @@ pub(crate) fn run_units<TQ: Element, TKV: Element, TO: Element>(
         (Avx512, $op:expr) => { run_avx512($op) };
         (Neon, $op:expr) => { run_neon($op) };
     }
+    // The additive score specialises on its padded attention dim instead of the head dim.
+    let additive = match job.p.score {
+        ScoreData::Additive(a) => Some(a.a_pad),
+        _ => None,
+    };
     macro_rules! arms {
-        ($([$isa:ident, $dt:ident, $mr:literal, $nrv:literal, [$($hd:literal),*]])*) => {
+        ($([$isa:ident, $dt:ident, $mr:literal, $nrv:literal, [$($hd:literal),*], [$($ad:literal),*]])*) => {
             $(
                 if isa == Isa::$isa && dtype == DType::$dt {
-                    $(
-                        if d == $hd && dv == $hd {
-                            return run_isa!($isa, Specialised::<_, _, _, $hd, $mr, $nrv> { job, iter, scratch }).ok_or(());
+                    match additive {
+                        Some(a) => {
+                            $(
+                                if a == $ad {
+                                    return run_isa!($isa, Specialised::<_, _, _, $ad, $mr, $nrv> { job, iter, scratch }).ok_or(());
+                                }
+                            )*
                         }
-                    )*
+                        None => {
+                            $(
+                                if d == $hd && dv == $hd {
+                                    return run_isa!($isa, Specialised::<_, _, _, $hd, $mr, $nrv> { job, iter, scratch }).ok_or(());
+                                }
+                            )*
+                        }
+                    }
                     return run_isa!($isa, Specialised::<_, _, _, 0, $mr, $nrv> { job, iter, scratch }).ok_or(());
                 }
             )*
@@ -249,6 +298,28 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
     fn with_simd<S: SimdExt>(self, simd: S) -> Option<usize> {
         let Specialised { job, mut iter, scratch } = self;
         let s = &job.p.shape;
+        if let Some(al) = job.align {
+            let mut sc = flash::Scratch::new(scratch, &job.tiles, S::F32_LANES, s.head_dim, s.v_head_dim);
+            let (br, skv) = (job.tiles.br.max(1), s.seq_kv);
+            while let Some(u) = iter.next() {
+                let w = job.plan.unit(u);
+                for h in w.head_start..w.head_end {
+                    // SAFETY: unit `u` runs once and owns every row of its heads.
+                    let (mut probs, mut cov) = unsafe { al.out.head(w.batch, h) };
+                    if let Some(c) = cov.as_deref_mut() {
+                        c.fill(0.0);
+                    }
+                    for i0 in (w.q_start..w.q_end).step_by(br) {
+                        let i1 = (i0 + br).min(w.q_end);
+                        let lse = &al.lse[(w.batch * s.q_heads + h) * s.seq_q + i0..][..i1 - i0];
+                        let rows = probs.as_deref_mut().map(|p| &mut p[i0 * skv..i1 * skv]);
+                        let at = (w.batch, h, i0, i1);
+                        flash::alignment_block::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &job.tiles, at, lse, &mut sc, rows, cov.as_deref_mut());
+                    }
+                }
+            }
+            return (D != 0).then_some(D);
+        }
         if let PlanKind::Decode { heads_per_sub, .. } = job.plan.kind {
             let mut sc = decode::Scratch::new(scratch, heads_per_sub * s.seq_q, MR, S::F32_LANES, s.head_dim, s.v_head_dim);
             while let Some(u) = iter.next() {

@@ -26,13 +26,14 @@ pub mod merge;
 pub mod params;
 pub mod plan;
 mod problem;
+mod score;
 pub mod reference;
 mod store;
 mod validate;
 mod kernel;
 mod simd;
 
-pub use api::{attention, attention_in, attention_with, default_threads, set_default_threads, HostPlan, RunConfig, RunInfo};
+pub use api::{attention, attention_in, attention_inspect, attention_with, Inspect, default_threads, set_default_threads, HostPlan, RunConfig, RunInfo};
 pub use exec::Workspace;
 pub use plan::work::{WorkPlan, WorkUnit};
 pub use element::{DType, Element};
@@ -40,7 +41,10 @@ pub use error::{AttnError, TensorName};
 pub use isa::{isa_override, resolve_isa, set_isa_override, Isa};
 pub use merge::{merge_partials, PartialResult};
 pub use layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
-pub use params::{AttentionParams, Window};
+pub use params::{AdditiveProjection, AttentionParams, Score, Window, COSINE_EPS};
+/// The bound on the additive score's vectorised `tanh` error (absolute, per element): an
+/// additive score `sum_a v_a tanh(..)` carries at most this times `sum_a |v_a|` from it.
+pub use simd::tanh::TANH_MAX_ABS_ERROR as ADDITIVE_TANH_MAX_ABS_ERROR;
 pub use reference::{reference_attention, Reference, ReferenceOutput, ReferenceRow};
 
 /// FLOPs of one call as the benchmarks count them: `2 * (D + Dv)` per visible (row, key) pair

@@ -12,12 +12,72 @@ pub struct Window {
     pub right: Option<usize>,
 }
 
+/// The score function `e = f(q, k)` that feeds the softmax. Every one runs fused with the same
+/// online softmax, masks, terms and weighted sum over V, in every storage type.
+///
+/// All weights are shared by every head, row-major, f32, and must be finite.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Score<'a> {
+    /// `e = scale * (q . k)`, `scale` from [`AttentionParams::scale`] (default
+    /// `1 / sqrt(head_dim)`): the Transformer's score.
+    #[default]
+    ScaledDot,
+    /// `e = q . k`, unscaled (Luong's "dot").
+    Dot,
+    /// Content-based (Graves): `e = temperature * (q . k) / (max(|q|, eps) * max(|k|, eps))`
+    /// with `eps =` [`COSINE_EPS`], so a zero vector scores 0, never NaN. The norms are computed
+    /// once per row and once per key (in f64), not per pair.
+    Cosine { temperature: f32 },
+    /// Multiplicative (Luong's "general"): `e = q^T W k` with `w` of `[q_dim, head_dim]`. Q has
+    /// `q_dim` columns (the decoder state need not be as wide as the keys); it is projected
+    /// once per call (`q' = W^T q`) and the dot kernel runs on `q'`.
+    General { w: &'a [f32], q_dim: usize },
+    /// Additive (Bahdanau): `e = sum_a v_a tanh(q'_a + k'_a)` over the attention dim
+    /// `A = v.len()`. Without `projection`, Q and K *are* `q'` and `k'` (`head_dim == A`);
+    /// with it, `q' = W_q q` and `k' = W_k k` are computed once per call.
+    Additive { v: &'a [f32], projection: Option<AdditiveProjection<'a>> },
+}
+
+/// The projections of [`Score::Additive`]: `w_q` is `[A, q_dim]`, `w_k` is `[A, head_dim]`, and Q
+/// has `q_dim` columns.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdditiveProjection<'a> {
+    pub w_q: &'a [f32],
+    pub w_k: &'a [f32],
+    pub q_dim: usize,
+}
+
+/// The `eps` of [`Score::Cosine`], as in PyTorch's `cosine_similarity`.
+pub const COSINE_EPS: f64 = 1e-8;
+
+impl Score<'_> {
+    /// Columns of the Q tensor under this score for keys of `head_dim` columns.
+    pub fn q_dim(&self, head_dim: usize) -> usize {
+        match *self {
+            Score::General { q_dim, .. } => q_dim,
+            Score::Additive { projection: Some(pr), .. } => pr.q_dim,
+            _ => head_dim,
+        }
+    }
+
+    /// A short name: `scaled_dot`, `dot`, `cosine`, `general`, `additive`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Score::ScaledDot => "scaled_dot",
+            Score::Dot => "dot",
+            Score::Cosine { .. } => "cosine",
+            Score::General { .. } => "general",
+            Score::Additive { .. } => "additive",
+        }
+    }
+}
+
 /// Everything about an attention call besides the tensors.
 ///
 /// For batch `b`, query head `h`, query row `i` and key `j`, with
 /// `kv_len = kv_lens[b]` (or `seq_kv`) and `off = kv_len - seq_q` (may be negative):
 ///
-/// 1. `s = scale * (q_i . k_j)`
+/// 1. `s = f(q_i, k_j)`, the [`Score`] function (default `scale * (q_i . k_j)`)
 /// 2. `s = softcap * tanh(s / softcap)` if `softcap` is set
 /// 3. `s += bias[b, h, i, j] + alibi_slopes[h] * (j - (i + off))` for the options set
 /// 4. key `j` is *visible* iff `j < kv_len`, and (if `causal`) `j <= i + off`, and it lies
@@ -33,7 +93,8 @@ pub struct Window {
 /// Libraries that align top-left (`j <= i`) agree only when `seq_q == kv_len`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttentionParams<'a> {
-    /// Multiplies `q . k`; `None` means `1 / sqrt(head_dim)`.
+    /// Multiplies `q . k` under [`Score::ScaledDot`]; `None` means `1 / sqrt(head_dim)`. Other
+    /// scores carry their own scaling and reject this option.
     pub scale: Option<f32>,
     pub causal: bool,
     pub window: Option<Window>,
@@ -48,6 +109,8 @@ pub struct AttentionParams<'a> {
     /// Attention-sink logit per query head (`len == q_heads`): a virtual key with a zero
     /// value that only joins the softmax denominator. `-inf` means no sink for that head.
     pub sinks: Option<&'a [f32]>,
+    /// The score function; [`Score::ScaledDot`] by default.
+    pub score: Score<'a>,
 }
 
 impl<'a> AttentionParams<'a> {
@@ -87,8 +150,17 @@ impl<'a> AttentionParams<'a> {
         self
     }
 
-    /// The scale actually used for a head dim.
+    pub fn score(mut self, score: Score<'a>) -> Self {
+        self.score = score;
+        self
+    }
+
+    /// The factor on `q . k` for a head dim: the scale under [`Score::ScaledDot`], 1 under the
+    /// other scores (cosine applies its temperature per row).
     pub fn effective_scale(&self, head_dim: usize) -> f32 {
-        self.scale.unwrap_or_else(|| 1.0 / (head_dim as f32).sqrt())
+        match self.score {
+            Score::ScaledDot => self.scale.unwrap_or_else(|| 1.0 / (head_dim as f32).sqrt()),
+            _ => 1.0,
+        }
     }
 }

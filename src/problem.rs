@@ -5,6 +5,7 @@ use crate::error::AttnError;
 use crate::layout::{AttentionShape, TensorRef};
 use crate::mask::RowMasker;
 use crate::params::AttentionParams;
+use crate::score::ScoreData;
 use crate::validate::validate_inputs;
 
 /// The inputs of one call after validation: every index reachable from the shape and strides is
@@ -18,6 +19,8 @@ pub(crate) struct Problem<'a, TQ, TKV> {
     pub params: AttentionParams<'a>,
     pub scale: f32,
     pub masker: RowMasker,
+    /// The score function's per-call data (see `score`).
+    pub score: ScoreData<'a>,
 }
 
 impl<'a, TQ: Element, TKV: Element> Problem<'a, TQ, TKV> {
@@ -37,7 +40,39 @@ impl<'a, TQ: Element, TKV: Element> Problem<'a, TQ, TKV> {
             params: *params,
             scale,
             masker: RowMasker::new(shape, params),
+            score: ScoreData::Dot,
         })
+    }
+}
+
+impl<'a, TQ, TKV> Problem<'a, TQ, TKV> {
+    /// The same problem with its score function's prepared data (borrowed for `'b`).
+    pub fn with_score<'b>(self, score: ScoreData<'b>) -> Problem<'b, TQ, TKV>
+    where
+        'a: 'b,
+    {
+        Problem { score, ..self }
+    }
+
+    /// The factor Q row `(b, h, i)` is multiplied by as it is packed.
+    #[inline(always)]
+    pub fn q_scale(&self, b: usize, h: usize, i: usize) -> f32 {
+        match self.score {
+            ScoreData::Cosine { q_scale, .. } => q_scale[(b * self.shape.q_heads + h) * self.shape.seq_q + i],
+            _ => self.scale,
+        }
+    }
+
+    /// Per-key factors on the scores of keys `j0..j0 + n` of KV head `hk` (cosine only).
+    #[inline(always)]
+    pub fn key_scales(&self, b: usize, hk: usize, j0: usize, n: usize) -> Option<&'a [f32]> {
+        match self.score {
+            ScoreData::Cosine { k_scale, .. } => {
+                let o = (b * self.shape.kv_heads + hk) * self.shape.seq_kv + j0;
+                Some(&k_scale[o..o + n])
+            }
+            _ => None,
+        }
     }
 }
 

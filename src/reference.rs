@@ -8,7 +8,7 @@
 use crate::element::Element;
 use crate::error::AttnError;
 use crate::layout::{AttentionShape, TensorRef};
-use crate::params::AttentionParams;
+use crate::params::{AttentionParams, Score, COSINE_EPS};
 use crate::validate::validate_inputs;
 
 /// A validated problem that computes reference rows on demand.
@@ -81,18 +81,42 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             && w.right.is_none_or(|r| j <= pos + r as i128)
     }
 
-    /// The result for batch `b`, query head `h`, row `i`; `None` if out of range.
-    pub fn row(&self, b: usize, h: usize, i: usize) -> Option<ReferenceRow> {
-        let s = &self.shape;
-        if b >= s.batch || h >= s.q_heads || i >= s.seq_q {
-            return None;
+    /// `f(q, k)` of the score function, in f64, straight from its definition.
+    fn score(&self, q: &[f64], k: &[f64]) -> f64 {
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let norm = |a: &[f64]| dot(a, a).sqrt().max(COSINE_EPS);
+        let d = k.len();
+        match self.params.score {
+            Score::ScaledDot | Score::Dot => self.scale * dot(q, k),
+            Score::Cosine { temperature } => temperature as f64 * dot(q, k) / (norm(q) * norm(k)),
+            Score::General { w, .. } => {
+                q.iter().enumerate().map(|(r, &qr)| qr * w[r * d..(r + 1) * d].iter().zip(k).map(|(&wv, kc)| wv as f64 * kc).sum::<f64>()).sum()
+            }
+            Score::Additive { v, projection } => {
+                let proj = |w: &[f32], x: &[f64], a: usize| w[a * x.len()..(a + 1) * x.len()].iter().zip(x).map(|(&wv, xv)| wv as f64 * xv).sum::<f64>();
+                (0..v.len())
+                    .map(|a| {
+                        let (qa, ka) = match projection {
+                            None => (q[a], k[a]),
+                            Some(pr) => (proj(pr.w_q, q, a), proj(pr.w_k, k, a)),
+                        };
+                        v[a] as f64 * (qa + ka).tanh()
+                    })
+                    .sum()
+            }
         }
+    }
+
+    /// Every key's final logit for row `(b, h, i)` (`-inf` where invisible), and how many real
+    /// keys are visible.
+    fn scores(&self, b: usize, h: usize, i: usize) -> (Vec<f64>, usize) {
+        let s = &self.shape;
         let p = &self.params;
         let hk = h / s.group_size();
         let kv_len = p.kv_lens.map_or(s.seq_kv, |l| l[b]) as f64;
         let pos = i as f64 + kv_len - s.seq_q as f64;
         let qo = self.q.strides.offset(b, h, i);
-        let q = &self.q.data[qo..qo + s.head_dim];
+        let q: Vec<f64> = self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()).collect();
 
         let mut scores = vec![f64::NEG_INFINITY; s.seq_kv];
         let mut visible = 0;
@@ -102,9 +126,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
             visible += 1;
             let ko = self.k.strides.offset(b, hk, j);
-            let k = &self.k.data[ko..ko + s.head_dim];
-            let dot: f64 = q.iter().zip(k).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
-            let mut x = self.scale * dot;
+            let k: Vec<f64> = self.k.data[ko..ko + s.head_dim].iter().map(|x| x.to_f64()).collect();
+            let mut x = self.score(&q, &k);
             if let Some(c) = p.softcap {
                 let c = c as f64;
                 x = c * (x / c).tanh();
@@ -117,7 +140,18 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
             *score = x;
         }
-        let sink = p.sinks.map_or(f64::NEG_INFINITY, |sk| sk[h] as f64);
+        (scores, visible)
+    }
+
+    /// The result for batch `b`, query head `h`, row `i`; `None` if out of range.
+    pub fn row(&self, b: usize, h: usize, i: usize) -> Option<ReferenceRow> {
+        let s = &self.shape;
+        if b >= s.batch || h >= s.q_heads || i >= s.seq_q {
+            return None;
+        }
+        let hk = h / s.group_size();
+        let (scores, visible) = self.scores(b, h, i);
+        let sink = self.params.sinks.map_or(f64::NEG_INFINITY, |sk| sk[h] as f64);
         let m = scores.iter().copied().fold(sink, f64::max);
         let mut out = vec![0.0; s.v_head_dim];
         if m == f64::NEG_INFINITY {
@@ -137,6 +171,18 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         }
         out.iter_mut().for_each(|o| *o /= denom);
         Some(ReferenceRow { out, lse: m + denom.ln(), visible })
+    }
+
+    /// The attention probabilities of row `(b, h, i)` over all `seq_kv` keys (one row of the
+    /// alignment matrix): 0 for invisible keys, all 0 when nothing is visible; with a sink
+    /// the row sums to less than 1. `None` if out of range.
+    pub fn probabilities(&self, b: usize, h: usize, i: usize) -> Option<Vec<f64>> {
+        let lse = self.row(b, h, i)?.lse;
+        let (scores, _) = self.scores(b, h, i);
+        if lse == f64::NEG_INFINITY {
+            return Some(vec![0.0; scores.len()]);
+        }
+        Some(scores.iter().map(|&x| (x - lse).exp()).collect())
     }
 
     /// All rows.

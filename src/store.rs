@@ -43,6 +43,20 @@ impl<'a, TO: Element> OutRows<'a, TO> {
         }
     }
 
+    /// An output that receives nothing: the alignment pass's jobs, which write only through
+    /// [`InspectRows`].
+    pub fn none(shape: &AttentionShape) -> Self {
+        Self {
+            out: core::ptr::null_mut(),
+            out_len: 0,
+            strides: Strides::bhsd(0, 0, 0),
+            lse: core::ptr::null_mut(),
+            lse_len: 0,
+            shape: *shape,
+            _borrow: PhantomData,
+        }
+    }
+
     /// Rounds `n` rows of `rows` (`pitch` apart) for query rows `i0..i0 + n` of batch `b`, query
     /// head `h` into the output, and their LSE into the LSE buffer if there is one.
     ///
@@ -69,5 +83,49 @@ impl<'a, TO: Element> OutRows<'a, TO> {
             let dst = unsafe { core::slice::from_raw_parts_mut(self.lse.add(at), n) };
             dst.copy_from_slice(&row_lse[..n]);
         }
+    }
+}
+
+/// The inspection outputs of one call (attention probabilities `[B, Hq, Sq, Skv]` and coverage
+/// `[B, Hq, Skv]`, both contiguous), shareable by the alignment pass's workers. The same
+/// argument as for [`OutRows`] makes it sound: the lengths were validated, and each alignment
+/// unit owns every row and the coverage of its own `(batch, head)` pairs.
+pub(crate) struct InspectRows<'a> {
+    alignment: *mut f32,
+    alignment_len: usize,
+    coverage: *mut f32,
+    coverage_len: usize,
+    shape: AttentionShape,
+    _borrow: PhantomData<&'a mut f32>,
+}
+
+// SAFETY: see the type docs.
+unsafe impl Send for InspectRows<'_> {}
+unsafe impl Sync for InspectRows<'_> {}
+
+impl<'a> InspectRows<'a> {
+    pub fn new(shape: &AttentionShape, alignment: Option<&'a mut [f32]>, coverage: Option<&'a mut [f32]>) -> Self {
+        let raw = |x: Option<&'a mut [f32]>| x.map_or((core::ptr::null_mut(), 0), |s| (s.as_mut_ptr(), s.len()));
+        let ((alignment, alignment_len), (coverage, coverage_len)) = (raw(alignment), raw(coverage));
+        Self { alignment, alignment_len, coverage, coverage_len, shape: *shape, _borrow: PhantomData }
+    }
+
+    /// The alignment rows (`seq_q * seq_kv`) and coverage (`seq_kv`) of `(b, h)`, for the
+    /// outputs that were asked for.
+    ///
+    /// # Safety
+    /// Only one worker holds the slices of a given `(b, h)` at a time.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn head(&self, b: usize, h: usize) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
+        let s = &self.shape;
+        let bh = b * s.q_heads + h;
+        let take = |ptr: *mut f32, len: usize, n: usize| {
+            (!ptr.is_null()).then(|| {
+                assert!((bh + 1) * n <= len, "validated inspection lengths");
+                // SAFETY: in bounds (checked); exclusive per the contract.
+                unsafe { core::slice::from_raw_parts_mut(ptr.add(bh * n), n) }
+            })
+        };
+        (take(self.alignment, self.alignment_len, s.seq_q * s.seq_kv), take(self.coverage, self.coverage_len, s.seq_kv))
     }
 }

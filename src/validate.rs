@@ -5,7 +5,7 @@
 
 use crate::error::{AttnError, TensorName};
 use crate::layout::{AttentionShape, BiasRef, Strides, TensorMut, TensorRef};
-use crate::params::AttentionParams;
+use crate::params::{AttentionParams, Score};
 
 /// One past the highest element index reachable through `dims` (size, stride) and a contiguous
 /// inner axis of `inner` elements; 0 when any size is 0.
@@ -103,7 +103,9 @@ pub(crate) fn validate_inputs<TQ, TKV>(
     if !s.q_heads.is_multiple_of(s.kv_heads) {
         return Err(AttnError::HeadsNotDivisible { q_heads: s.q_heads, kv_heads: s.kv_heads });
     }
-    check_fits(TensorName::Q, q.data.len(), &dims4(s.q_heads, s.seq_q, s.batch, &q.strides), s.head_dim)?;
+    validate_score(s, params)?;
+    let q_dim = params.score.q_dim(s.head_dim);
+    check_fits(TensorName::Q, q.data.len(), &dims4(s.q_heads, s.seq_q, s.batch, &q.strides), q_dim)?;
     check_fits(TensorName::K, k.data.len(), &dims4(s.kv_heads, s.seq_kv, s.batch, &k.strides), s.head_dim)?;
     check_fits(TensorName::V, v.data.len(), &dims4(s.kv_heads, s.seq_kv, s.batch, &v.strides), s.v_head_dim)?;
 
@@ -145,6 +147,59 @@ pub(crate) fn validate_inputs<TQ, TKV>(
         }
     }
     Ok(scale)
+}
+
+/// The score function's own arguments: lengths against the shape, finite weights, and no
+/// `scale` where the score has its own scaling.
+fn validate_score(s: &AttentionShape, params: &AttentionParams<'_>) -> Result<(), AttnError> {
+    let bad = |detail: String| Err(AttnError::InvalidScore { detail });
+    let finite = |arg: &'static str, w: &[f32]| match w.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(AttnError::InvalidValue { arg, index, value: w[index], allowed: "finite" }),
+        None => Ok(()),
+    };
+    let sized = |arg: &'static str, w: &[f32], rows: usize, cols: usize| {
+        let expected = rows.checked_mul(cols).ok_or(AttnError::SizeOverflow { tensor: TensorName::Q })?;
+        check_len(arg, expected, w.len())?;
+        finite(arg, w)
+    };
+    let score = params.score;
+    if score != Score::ScaledDot && params.scale.is_some() {
+        return bad(format!("`scale` applies to scaled_dot only; the {} score has its own scaling", score.name()));
+    }
+    match score {
+        Score::ScaledDot | Score::Dot => Ok(()),
+        Score::Cosine { temperature } if !temperature.is_finite() => {
+            bad(format!("cosine temperature must be finite, got {temperature}"))
+        }
+        Score::Cosine { .. } => Ok(()),
+        Score::General { w, q_dim } => {
+            if q_dim == 0 {
+                return Err(AttnError::ZeroDim { dim: "q_dim" });
+            }
+            sized("general w [q_dim, head_dim]", w, q_dim, s.head_dim)
+        }
+        Score::Additive { v, projection } => {
+            if v.is_empty() {
+                return Err(AttnError::ZeroDim { dim: "additive attention dim (v.len())" });
+            }
+            finite("additive v", v)?;
+            match projection {
+                None if s.head_dim != v.len() => bad(format!(
+                    "additive without projection scores q' and k' directly: head_dim ({}) must equal v.len() ({})",
+                    s.head_dim,
+                    v.len()
+                )),
+                None => Ok(()),
+                Some(pr) => {
+                    if pr.q_dim == 0 {
+                        return Err(AttnError::ZeroDim { dim: "q_dim" });
+                    }
+                    sized("additive w_q [A, q_dim]", pr.w_q, v.len(), pr.q_dim)?;
+                    sized("additive w_k [A, head_dim]", pr.w_k, v.len(), s.head_dim)
+                }
+            }
+        }
+    }
 }
 
 fn validate_bias(s: &AttentionShape, bias: &BiasRef<'_>) -> Result<(), AttnError> {

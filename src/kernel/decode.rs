@@ -124,8 +124,9 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
         let st = if r < rows {
             let (h, i) = row_of(r);
             let o = p.q.strides.offset(b, h, i);
+            let scale = p.q_scale(b, h, i);
             for (t, x) in p.q.data[o..o + d].iter().enumerate() {
-                sc.qt[at(t)] = x.to_f32() * p.scale;
+                sc.qt[at(t)] = x.to_f32() * scale;
             }
             RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY })
         } else {
@@ -184,6 +185,9 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
                 let (data, o, ld) = (p.k.data, p.k.strides.offset(b, hk, j0), p.k.strides.seq);
                 let k_row = |c: usize| &data[o + c * ld..][..d];
                 qk_dot::<S, TKV, RP>(simd, n, d / lanes, q, k_row, sc.s, rt, |c0| prefetch_next(j0 + c0, lanes / RP));
+            }
+            if let Some(scales) = p.key_scales(b, hk, j0, n) {
+                super::scale_keys(simd, sc.s, rt, scales);
             }
             // Optional terms and masks, per real row (strided: rows are lanes).
             for r in 0..real {

@@ -10,13 +10,14 @@
 //! horizontal reductions), and `pv_tile` accumulates P.V in sub-tiles of `MR` rows, folding the
 //! rescale (only when some row's max grew) into its accumulator load.
 
-use super::microkernel::{pv_rows, qk_tile};
+use super::microkernel::{additive_row, pv_rows, qk_tile};
 use super::softmax::RowState;
 use super::terms::any_terms;
 use super::{strided_row_terms, v_rows, KRows};
 use crate::element::Element;
 use crate::plan::Tiles;
 use crate::problem::Problem;
+use crate::score::ScoreData;
 use crate::simd::SimdExt;
 
 #[inline(always)]
@@ -77,7 +78,8 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     i1: usize,
     sc: &mut Scratch,
 ) {
-    let d = if D == 0 { p.shape.head_dim } else { D };
+    let additive = matches!(p.score, ScoreData::Additive(_));
+    let d = if D == 0 || additive { p.shape.head_dim } else { D };
     let dv = p.shape.v_head_dim;
     let lanes = S::F32_LANES;
     let rt = NRV * lanes;
@@ -91,7 +93,9 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     let keys = p.masker.block(kv_len, i0, i1);
     let terms = any_terms(p);
 
-    pack_qt(p, b, h, i0, rows, rows_pad, d, rt, sc.qt);
+    if !additive {
+        pack_qt(p, b, h, i0, rows, rows_pad, d, rt, sc.qt);
+    }
     for r in 0..rows_pad {
         let st = if r < rows { RowState::start(p.sink(h)) } else { RowState::start(f32::NEG_INFINITY) };
         sc.max[r] = st.max;
@@ -108,43 +112,16 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     while j0 < u1 {
         let seg_end = edges.into_iter().find(|&e| e > j0).unwrap_or(u1);
         let n = bc.min(seg_end - j0);
-        let k = KRows::new(simd, p, b, hk, j0, n, d, MR, sc.k);
+        let bkeys = KeySource::new(simd, p, b, hk, j0, n, d, MR, sc.k);
         let (vrows, ld_v) = v_rows(simd, p, b, hk, j0, n, dv_pad, sc.v);
-        let all_visible = keys.all_visible(j0, j0 + n);
 
         for tile in 0..rows_pad / rt {
             let r0 = tile * rt;
             // The keys of this block the tile's own rows can see: tiles below a causal
             // diagonal stop early, tiles that see nothing here are skipped.
-            let (n, mask) = if all_visible {
-                (n, false)
-            } else {
-                let tk = p.masker.block(kv_len, i0 + r0, (i0 + r0 + rt).min(i1));
-                let n_tile = tk.union.1.saturating_sub(j0).min(n);
-                if n_tile == 0 || tk.union.0 >= j0 + n_tile {
-                    continue;
-                }
-                (n_tile, !tk.all_visible(j0, j0 + n_tile))
-            };
-            let n_pad = round_up(n, MR);
-            // S^T = K Q^T for the row tile, MR keys at a time.
-            {
-                let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
-                let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
-                for g in 0..n_pad / MR {
-                    let (k, ld) = k.group(g);
-                    qk_tile::<S, MR, NRV>(simd, d, k, ld, qt, &mut s[g * MR * NRV..]);
-                }
-            }
-            // Optional terms and boundary masks, row by row (strided: rows are lanes here).
-            if terms || mask {
-                for r in 0..rt.min(rows.saturating_sub(r0)) {
-                    let i = i0 + r0 + r;
-                    let interval = mask.then(|| p.masker.interval(kv_len, i));
-                    strided_row_terms(p, terms, interval, (b, h, i), j0, sc.s, rt, r, &mut sc.row[..n]);
-                }
-            }
-            sc.s[n * rt..n_pad * rt].fill(f32::NEG_INFINITY);
+            let Some((n, mask)) = tile_keys(p, &keys, kv_len, i0, i1, r0, rt, j0, n) else { continue };
+            let tile = TileRows { b, h, i0, r0, real: rt.min(rows.saturating_sub(r0)) };
+            score_tile::<S, TQ, TKV, D, MR, NRV>(simd, p, &bkeys, sc.qt, &tile, j0, n, mask, terms, sc.s, sc.row);
 
             let rescale = online_softmax::<S, NRV>(
                 simd,
@@ -165,6 +142,211 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
         let (inv, lse) = RowState { max: sc.max[r], sum: sc.sum[r] }.finish();
         sc.acc[r * dv_pad..r * dv_pad + dv].iter_mut().for_each(|a| *a *= inv);
         sc.lse[r] = lse;
+    }
+}
+
+/// The keys of one key block as the score function reads them: K rows for the dot scores,
+/// the prepared `k'` rows (f32, `a_pad` apart) for the additive one.
+pub(crate) enum KeySource<'a> {
+    Dot(KRows<'a>),
+    Additive(&'a [f32]),
+}
+
+impl<'a> KeySource<'a> {
+    /// Keys `j0..j0 + n` of KV head `hk`, batch `b` (`scratch` as for [`KRows::new`]).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<S: SimdExt, TQ, TKV: Element>(
+        simd: S,
+        p: &'a Problem<'a, TQ, TKV>,
+        b: usize,
+        hk: usize,
+        j0: usize,
+        n: usize,
+        d: usize,
+        mr: usize,
+        scratch: &'a mut [f32],
+    ) -> Self {
+        match p.score {
+            ScoreData::Additive(a) => KeySource::Additive(a.k_rows(&p.shape, b, hk, j0, n)),
+            _ => KeySource::Dot(KRows::new(simd, p, b, hk, j0, n, d, mr, scratch)),
+        }
+    }
+}
+
+/// Which query rows a row tile holds: rows `i0 + r0 ..` of batch `b`, head `h`, `real` of them
+/// (the rest of the tile's lanes are padding).
+pub(crate) struct TileRows {
+    pub b: usize,
+    pub h: usize,
+    pub i0: usize,
+    pub r0: usize,
+    pub real: usize,
+}
+
+/// How many keys from `j0` (of a block of `n`) the row tile at `r0` must score, and whether
+/// some of its rows need the visibility mask there; `None` when the tile sees none of them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_keys<TQ, TKV>(
+    p: &Problem<'_, TQ, TKV>,
+    keys: &crate::mask::BlockKeys,
+    kv_len: usize,
+    i0: usize,
+    i1: usize,
+    r0: usize,
+    rt: usize,
+    j0: usize,
+    n: usize,
+) -> Option<(usize, bool)> {
+    if keys.all_visible(j0, j0 + n) {
+        return Some((n, false));
+    }
+    let tk = p.masker.block(kv_len, i0 + r0, (i0 + r0 + rt).min(i1));
+    let n_tile = tk.union.1.saturating_sub(j0).min(n);
+    if n_tile == 0 || tk.union.0 >= j0 + n_tile {
+        return None;
+    }
+    Some((n_tile, !tk.all_visible(j0, j0 + n_tile)))
+}
+
+/// The final scores S^T of a row tile against keys `j0..j0 + n` (key-major: `NRV` vectors of
+/// rows per key, into `s`): the score function, the per-key cosine factors, the optional terms
+/// and, with `mask`, each row's visibility (masked keys get -inf, as do keys `n..` up to the
+/// register tile). Shared by the fused pass and the alignment pass, so both see the same
+/// numbers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn score_tile<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+    simd: S,
+    p: &Problem<'_, TQ, TKV>,
+    keys: &KeySource<'_>,
+    qt: &[f32],
+    tile: &TileRows,
+    j0: usize,
+    n: usize,
+    mask: bool,
+    terms: bool,
+    s: &mut [f32],
+    row: &mut [f32],
+) {
+    let lanes = S::F32_LANES;
+    let rt = NRV * lanes;
+    let n_pad = round_up(n, MR);
+    let TileRows { b, h, i0, r0, real } = *tile;
+    match keys {
+        // S^T = K Q^T for the row tile, MR keys at a time.
+        KeySource::Dot(k) => {
+            let d = if D == 0 { p.shape.head_dim } else { D };
+            let qt = S::as_simd_f32s(&qt[r0 * d..(r0 + rt) * d]).0;
+            let s = S::as_mut_simd_f32s(&mut s[..n_pad * rt]).0;
+            for g in 0..n_pad / MR {
+                let (k, ld) = k.group(g);
+                qk_tile::<S, MR, NRV>(simd, d, k, ld, qt, &mut s[g * MR * NRV..]);
+            }
+        }
+        // One row at a time (the attention dim runs along the lanes); padding rows score 0.
+        KeySource::Additive(k) => {
+            let ScoreData::Additive(a) = p.score else { unreachable!("additive keys come with additive data") };
+            let av = if D == 0 { a.a_pad / lanes } else { D / lanes };
+            if real < rt {
+                s[..n * rt].fill(0.0);
+            }
+            let (v, k) = (S::as_simd_f32s(a.v).0, S::as_simd_f32s(k).0);
+            for r in 0..real {
+                let q = S::as_simd_f32s(a.q_row(&p.shape, b, h, i0 + r0 + r)).0;
+                additive_row(simd, av, q, v, k, n, &mut s[r..], rt);
+            }
+        }
+    }
+    if let Some(scales) = p.key_scales(b, p.kv_head(h), j0, n) {
+        super::scale_keys(simd, s, rt, scales);
+    }
+    // Optional terms and boundary masks, row by row (strided: rows are lanes here).
+    if terms || mask {
+        let kv_len = p.kv_len(b);
+        for r in 0..real {
+            let i = i0 + r0 + r;
+            let interval = mask.then(|| p.masker.interval(kv_len, i));
+            strided_row_terms(p, terms, interval, (b, h, i), j0, s, rt, r, &mut row[..n]);
+        }
+    }
+    s[n * rt..n_pad * rt].fill(f32::NEG_INFINITY);
+}
+
+/// The attention probabilities of rows `[i0, i1)` of batch `b`, query head `h`, recomputed
+/// from their final LSE (`lse[r]` for row `i0 + r`) in a second tiled pass: `exp(s - lse)` for
+/// visible keys, 0 elsewhere. `probs` (if any) receives the rows, `seq_kv` apart and zeroed
+/// here first; `coverage` (if any, `seq_kv` long) accumulates each key's sum over these rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn alignment_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+    simd: S,
+    p: &Problem<'_, TQ, TKV>,
+    tiles: &Tiles,
+    (b, h, i0, i1): (usize, usize, usize, usize),
+    lse: &[f32],
+    sc: &mut Scratch,
+    mut probs: Option<&mut [f32]>,
+    mut coverage: Option<&mut [f32]>,
+) {
+    let additive = matches!(p.score, ScoreData::Additive(_));
+    let d = if D == 0 || additive { p.shape.head_dim } else { D };
+    let lanes = S::F32_LANES;
+    let rt = NRV * lanes;
+    let bc = round_up(tiles.bc, MR);
+    let rows = i1 - i0;
+    let rows_pad = round_up(rows, rt);
+    let (hk, kv_len, skv) = (p.kv_head(h), p.kv_len(b), p.shape.seq_kv);
+    let keys = p.masker.block(kv_len, i0, i1);
+    let terms = any_terms(p);
+    if let Some(pr) = probs.as_deref_mut() {
+        pr[..rows * skv].fill(0.0);
+    }
+    if !additive {
+        pack_qt(p, b, h, i0, rows, rows_pad, d, rt, sc.qt);
+    }
+    // exp(s - shift): a row without any weight (lse = -inf) shifts by +inf, so all its
+    // probabilities are exactly 0; padding rows likewise.
+    for r in 0..rows_pad {
+        sc.max[r] = if r < rows && lse[r] != f32::NEG_INFINITY { lse[r] } else { f32::INFINITY };
+    }
+    let (u0, u1) = keys.union;
+    let mut j0 = u0;
+    while j0 < u1 {
+        let n = bc.min(u1 - j0);
+        let bkeys = KeySource::new(simd, p, b, hk, j0, n, d, MR, sc.k);
+        for tile in 0..rows_pad / rt {
+            let r0 = tile * rt;
+            let Some((n, mask)) = tile_keys(p, &keys, kv_len, i0, i1, r0, rt, j0, n) else { continue };
+            let real = rt.min(rows - r0);
+            let tile = TileRows { b, h, i0, r0, real };
+            score_tile::<S, TQ, TKV, D, MR, NRV>(simd, p, &bkeys, sc.qt, &tile, j0, n, mask, terms, sc.s, sc.row);
+            let mut shift = [simd.splat_f32s(0.0); NRV];
+            for (v, sh) in shift.iter_mut().enumerate() {
+                *sh = S::as_simd_f32s(&sc.max[r0 + v * lanes..r0 + (v + 1) * lanes]).0[0];
+            }
+            let s = S::as_mut_simd_f32s(&mut sc.s[..n * rt]).0;
+            for (c, key) in s.chunks_exact_mut(NRV).enumerate() {
+                let mut total = simd.splat_f32s(0.0);
+                for v in 0..NRV {
+                    key[v] = simd.exp_f32s(simd.sub_f32s(key[v], shift[v]));
+                    total = simd.add_f32s(total, key[v]);
+                }
+                if let Some(cov) = coverage.as_deref_mut() {
+                    cov[j0 + c] += simd.reduce_sum_f32s(total);
+                }
+            }
+            if let Some(pr) = probs.as_deref_mut() {
+                for r in 0..real {
+                    let dst = &mut pr[(r0 + r) * skv + j0..][..n];
+                    for (c, x) in dst.iter_mut().enumerate() {
+                        *x = sc.s[c * rt + r];
+                    }
+                }
+            }
+        }
+        j0 += n;
     }
 }
 
@@ -227,8 +409,9 @@ fn pack_qt<TQ: Element, TKV>(p: &Problem<'_, TQ, TKV>, b: usize, h: usize, i0: u
         let dst = &mut qt[tile * d * rt..(tile + 1) * d * rt];
         if r < rows {
             let o = p.q.strides.offset(b, h, i0 + r);
+            let scale = p.q_scale(b, h, i0 + r);
             for (t, x) in p.q.data[o..o + d].iter().enumerate() {
-                dst[t * rt + lane] = x.to_f32() * p.scale;
+                dst[t * rt + lane] = x.to_f32() * scale;
             }
         } else {
             for t in 0..d {

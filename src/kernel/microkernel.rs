@@ -11,6 +11,9 @@
 //! - `pv_tile`: O[MR rows][NV vectors of dims] (+)= P[MR rows][keys] . V[keys][dims], the head
 //!   dim along the lanes (V's natural layout); P is read key-major, as `qk_tile` left it.
 //!
+//! - `additive_row`: Bahdanau scores `sum_a v_a tanh(q_a + k_a)` for one row, the attention dim
+//!   along the lanes like `qk_dot`.
+//!
 //! MR and NRV come from `kernels/` through the generated table; `d` and the pitches become
 //! constants after inlining into a head-dim specialisation. The d loop is unrolled 4x with
 //! `seq!`, as gemm's microkernels do.
@@ -121,6 +124,51 @@ pub(crate) fn qk_dot<'k, S: SimdExt, T: crate::element::Element, const RP: usize
             s[(c0 + g) * rt..][..RP].copy_from_slice(&sums[g * RP..][..RP]);
         }
         c0 += group;
+    }
+}
+
+/// Additive (Bahdanau) scores of one query row: `s[c * rt]` = sum over the attention dim of
+/// `v[a] * tanh(q[a] + k_c[a])` for keys `c < n`. `q`, `v` and each of the `n` rows of `k` are
+/// `av` vectors (a constant after inlining into a specialisation), zero-padded so padding adds
+/// nothing.
+/// Like `qk_dot`, the attention dim runs along the lanes and `lanes` keys' sums are reduced by
+/// one `transpose_sum_f32s`; a partial last group repeats its last key. All `lanes` tanh chains
+/// of a step are independent, which hides the division in `tanh`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn additive_row<S: SimdExt>(
+    simd: S,
+    av: usize,
+    q: &[S::f32s],
+    v: &[S::f32s],
+    k: &[S::f32s],
+    n: usize,
+    s: &mut [f32],
+    rt: usize,
+) {
+    let lanes = S::F32_LANES;
+    let (q, v, k) = (&q[..av], &v[..av], &k[..n * av]);
+    let mut c0 = 0;
+    while c0 < n {
+        let mut rows: [&[S::f32s]; 16] = [&[]; 16];
+        for (g, row) in rows[..lanes].iter_mut().enumerate() {
+            let c = (c0 + g).min(n - 1);
+            *row = &k[c * av..(c + 1) * av];
+        }
+        let mut acc = [simd.splat_f32s(0.0); 16];
+        for t in 0..av {
+            let (qt, vt) = (q[t], v[t]);
+            for g in 0..lanes {
+                let x = simd.add_f32s(qt, rows[g][t]);
+                acc[g] = simd.mul_add_e_f32s(simd.tanh_f32s(x), vt, acc[g]);
+            }
+        }
+        let mut sums = [0.0f32; 16];
+        S::as_mut_simd_f32s(&mut sums[..lanes]).0[0] = simd.transpose_sum_f32s(&acc[..lanes]);
+        for g in 0..lanes.min(n - c0) {
+            s[(c0 + g) * rt] = sums[g];
+        }
+        c0 += lanes;
     }
 }
 

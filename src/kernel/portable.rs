@@ -10,6 +10,7 @@ use super::terms::{mask_outside, score_terms};
 use crate::element::Element;
 use crate::plan::Tiles;
 use crate::problem::Problem;
+use crate::score::ScoreData;
 
 /// Buffers of one worker for one call, carved from its workspace (no allocation).
 pub(crate) struct Scratch<'w> {
@@ -67,10 +68,14 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
     let kv_len = p.kv_len(b);
     let keys = p.masker.block(kv_len, i0, i1);
 
+    let dot = !matches!(p.score, ScoreData::Additive(_));
     for r in 0..rows {
-        let o = p.q.strides.offset(b, h, i0 + r);
-        for (dst, src) in sc.q[r * d..(r + 1) * d].iter_mut().zip(&p.q.data[o..o + d]) {
-            *dst = src.to_f32();
+        // Q as given (the additive score reads its prepared q' rows instead).
+        if dot {
+            let o = p.q.strides.offset(b, h, i0 + r);
+            for (dst, src) in sc.q[r * d..(r + 1) * d].iter_mut().zip(&p.q.data[o..o + d]) {
+                *dst = src.to_f32();
+            }
         }
         let st = RowState::start(p.sink(h));
         (sc.max[r], sc.sum[r]) = (st.max, st.sum);
@@ -81,8 +86,9 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
     while j0 < keys.union.1 {
         let j1 = (j0 + bc).min(keys.union.1);
         let n = j1 - j0;
-        // Transpose K in groups of 16 keys, so the writes of each group stay in a few lines.
-        for c0 in (0..n).step_by(16) {
+        // Transpose K in groups of 16 keys, so the writes of each group stay in a few lines
+        // (the additive score reads its prepared k' rows instead).
+        for c0 in (0..n).step_by(16).filter(|_| dot) {
             for c in c0..(c0 + 16).min(n) {
                 let ko = p.k.strides.offset(b, hk, j0 + c);
                 for (t, x) in p.k.data[ko..ko + d].iter().enumerate() {
@@ -100,14 +106,29 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
 
         for r in 0..rows {
             let s = &mut sc.s[r * bc..r * bc + n];
-            s.fill(0.0);
-            for (t, &qv) in sc.q[r * d..(r + 1) * d].iter().enumerate() {
-                for (x, &kv) in s.iter_mut().zip(&sc.kt[t * pitch..t * pitch + n]) {
-                    *x += qv * kv;
+            match p.score {
+                ScoreData::Additive(a) => {
+                    let q = a.q_row(&p.shape, b, h, i0 + r);
+                    let k = a.k_rows(&p.shape, b, hk, j0, n);
+                    for (c, x) in s.iter_mut().enumerate() {
+                        let kc = &k[c * a.a_pad..(c + 1) * a.a_pad];
+                        *x = q.iter().zip(kc).zip(a.v).map(|((&qa, &ka), &va)| va * (qa + ka).tanh()).sum();
+                    }
+                }
+                _ => {
+                    s.fill(0.0);
+                    for (t, &qv) in sc.q[r * d..(r + 1) * d].iter().enumerate() {
+                        for (x, &kv) in s.iter_mut().zip(&sc.kt[t * pitch..t * pitch + n]) {
+                            *x += qv * kv;
+                        }
+                    }
+                    let scale = p.q_scale(b, h, i0 + r);
+                    s.iter_mut().for_each(|x| *x *= scale);
+                    if let Some(scales) = p.key_scales(b, hk, j0, n) {
+                        s.iter_mut().zip(scales).for_each(|(x, &f)| *x *= f);
+                    }
                 }
             }
-            let scale = p.scale;
-            s.iter_mut().for_each(|x| *x *= scale);
             score_terms(p, b, h, i0 + r, j0, s);
             if !all_visible {
                 mask_outside(s, j0, p.masker.interval(kv_len, i0 + r));

@@ -27,6 +27,8 @@ pub struct Family {
     pub isa: Isa,
     pub dtype: DType,
     pub head_dims: &'static [usize],
+    /// Attention dims of the additive score with a specialised kernel (padded to 16).
+    pub additive_dims: &'static [usize],
     pub mr: usize,
     pub nr_vectors: usize,
     pub lanes: usize,

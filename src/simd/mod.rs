@@ -5,6 +5,7 @@
 //! function compiled with that ISA's target features.
 
 pub(crate) mod exp;
+pub(crate) mod tanh;
 
 use crate::isa::Isa;
 use half::f16;
@@ -19,6 +20,12 @@ pub(crate) trait SimdExt: Simd {
     #[inline(always)]
     fn exp_f32s(self, x: Self::f32s) -> Self::f32s {
         exp::exp_f32s(self, x)
+    }
+
+    /// `tanh(x)` per lane, absolute error below [`tanh::TANH_MAX_ABS_ERROR`].
+    #[inline(always)]
+    fn tanh_f32s(self, x: Self::f32s) -> Self::f32s {
+        tanh::tanh_f32s(self, x)
     }
 
     /// The first `F32_LANES` values of `src` (which holds at least that many), widened to f32.
