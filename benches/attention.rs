@@ -1,7 +1,8 @@
 //! Criterion benches: prefill (f32 / f16 storage, D 64 / 128, causal and not, GQA), decode
-//! (Sq 1 / 4 against an f16 KV cache), and the generic head-dim path, on every SIMD path this
-//! machine has. Prefill declares its throughput in FLOPs (criterion prints FLOP/s as
-//! "elem/s"), decode in K/V bytes read (bytes/s).
+//! (Sq 1 / 4 against an f16 KV cache), the generic head-dim path and the classic score
+//! functions (dot, cosine, general, additive), on every SIMD path this machine has. Prefill
+//! declares its throughput in FLOPs (criterion prints FLOP/s as "elem/s"), decode in K/V bytes
+//! read (bytes/s), the additive score in (pair x attention dim) elements.
 //!
 //! `cargo bench` runs the quick profile (a few minutes); `SIMD_ATTN_BENCH=full cargo bench`
 //! the full one (more shapes, longer measurements). The shape sweep with roofline figures,
@@ -9,7 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
-use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Element, Isa, RunConfig, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Element, Isa, RunConfig, Score, TensorMut, TensorRef};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -46,14 +47,18 @@ fn bench<TQ: Element, TKV: Element>(
     s: AttentionShape,
     causal: bool,
     bytes: bool,
+    score: Score<'_>,
 ) {
     let [qs, ks, vs, os] = s.bhsd_strides();
     let [nq, nk, nv, no] = s.bhsd_lens();
     let (q, k, v) = (values::<TQ>(nq, 1), values::<TKV>(nk, 2), values::<TKV>(nv, 3));
     let mut out = vec![0.0f32; no];
-    let params = AttentionParams::new().causal(causal);
+    let params = AttentionParams::new().causal(causal).score(score);
     g.throughput(if bytes {
         Throughput::Bytes(((nk + nv) * core::mem::size_of::<TKV>()) as u64)
+    } else if matches!(score, Score::Additive { .. }) {
+        // Visible pairs x attention dim (attention_flops counts 4 D per pair).
+        Throughput::Elements((attention_flops(&s, &params) / 4.0) as u64)
     } else {
         Throughput::Elements(attention_flops(&s, &params) as u64)
     });
@@ -77,9 +82,9 @@ fn prefill(c: &mut Criterion) {
                 let shape = AttentionShape::new(1, 8, 2, s, s, d);
                 let id = BenchmarkId::new(format!("{isa}/{}/d{d}/{}", if f16_storage { "f16" } else { "f32" }, if causal { "causal" } else { "full" }), s);
                 if f16_storage {
-                    bench::<f16, f16>(&mut g, id, isa, shape, causal, false);
+                    bench::<f16, f16>(&mut g, id, isa, shape, causal, false, Score::ScaledDot);
                 } else {
-                    bench::<f32, f32>(&mut g, id, isa, shape, causal, false);
+                    bench::<f32, f32>(&mut g, id, isa, shape, causal, false, Score::ScaledDot);
                 }
             }
         }
@@ -94,7 +99,7 @@ fn decode(c: &mut Criterion) {
         for sq in [1, 4] {
             for &skv in &lens {
                 let shape = AttentionShape::new(1, 32, 8, sq, skv, 128);
-                bench::<f32, f16>(&mut g, BenchmarkId::new(format!("{isa}/f16kv/sq{sq}"), skv), isa, shape, true, true);
+                bench::<f32, f16>(&mut g, BenchmarkId::new(format!("{isa}/f16kv/sq{sq}"), skv), isa, shape, true, true, Score::ScaledDot);
             }
         }
     }
@@ -107,11 +112,33 @@ fn generic_head_dim(c: &mut Criterion) {
     for isa in isas() {
         for &d in dims {
             let shape = AttentionShape::new(1, 8, 8, 512, 512, d);
-            bench::<f32, f32>(&mut g, BenchmarkId::new(format!("{isa}/f32/full"), d), isa, shape, false, false);
+            bench::<f32, f32>(&mut g, BenchmarkId::new(format!("{isa}/f32/full"), d), isa, shape, false, false, Score::ScaledDot);
         }
     }
     g.finish();
 }
 
-criterion_group!(benches, prefill, decode, generic_head_dim);
+/// The classic scores on one prefill shape: FLOPs for the dot family, (pair x attention dim)
+/// elements for the additive score.
+fn scores(c: &mut Criterion) {
+    let mut g = configure(c, "scores");
+    let dims: &[usize] = if full() { &[64, 128, 48] } else { &[64] };
+    for isa in isas() {
+        for &d in dims {
+            let shape = AttentionShape::new(1, 8, 8, 512, 512, d);
+            let (w, v) = (values::<f32>(d * d, 4), values::<f32>(d, 5));
+            for (name, score) in [
+                ("dot", Score::Dot),
+                ("cosine", Score::Cosine { temperature: 10.0 }),
+                ("general", Score::General { w: &w, q_dim: d }),
+                ("additive", Score::Additive { v: &v, projection: None }),
+            ] {
+                bench::<f32, f32>(&mut g, BenchmarkId::new(format!("{isa}/{name}"), d), isa, shape, false, false, score);
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, prefill, decode, generic_head_dim, scores);
 criterion_main!(benches);

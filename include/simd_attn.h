@@ -66,10 +66,20 @@ extern "C" {
 #define SIMD_ATTN_ERR_ISA_UNAVAILABLE 25    /* the requested ISA cannot run on this machine */
 #define SIMD_ATTN_ERR_UNKNOWN_ISA 26        /* an ISA value (or SIMD_ATTN_ISA) names no path */
 #define SIMD_ATTN_ERR_INTERNAL 27           /* a bug in simd-attn: please report it */
+#define SIMD_ATTN_ERR_INVALID_SCORE 28      /* score weights/dims/temperature don't fit, or scale set */
+#define SIMD_ATTN_ERR_UNKNOWN_SCORE 29      /* the score field holds an unknown value */
+#define SIMD_ATTN_ERR_UNSUPPORTED 30        /* plans run the dot scores only, without inspection */
 
 /* ---- element types (the dtype fields) ---- */
 #define SIMD_ATTN_F32 0 /* float */
 #define SIMD_ATTN_F16 1 /* IEEE binary16 (uint16_t bits, _Float16, __fp16) */
+
+/* ---- score functions (simd_attn_desc.score): e = f(q, k) before terms and masks ---- */
+#define SIMD_ATTN_SCORE_SCALED_DOT 0 /* scale * q.k (the default; scale as use_scale says) */
+#define SIMD_ATTN_SCORE_DOT 1        /* q.k (Luong "dot") */
+#define SIMD_ATTN_SCORE_COSINE 2     /* temperature * q.k / (max(|q|,1e-8) * max(|k|,1e-8)) */
+#define SIMD_ATTN_SCORE_GENERAL 3    /* q^T W k, W = score_w [q_dim, head_dim] (Luong "general") */
+#define SIMD_ATTN_SCORE_ADDITIVE 4   /* sum_a v_a tanh(q'_a + k'_a) (Bahdanau), v = additive_v */
 
 /* ---- instruction-set paths (the isa arguments) ---- */
 #define SIMD_ATTN_ISA_AUTO (-1)   /* override, else env SIMD_ATTN_ISA, else the best */
@@ -138,6 +148,23 @@ typedef struct simd_attn_desc {
     size_t alibi_slopes_len;
     const float *sinks;   /* optional, len q_heads: a virtual key's logit; -inf: none */
     size_t sinks_len;
+    /* Appended fields: a descriptor from an older header (struct_size up to sinks_len) reads
+     * them as their defaults. Weights are f32, row-major, shared by every head, finite. */
+    int32_t score;        /* SIMD_ATTN_SCORE_*; 0: scaled dot. Others require use_scale = 0 */
+    float temperature;    /* cosine's temperature (desc_init: 1) */
+    size_t q_dim;         /* Q's columns for general and projected additive; 0: head_dim */
+    const float *score_w; /* general: W [q_dim, head_dim] */
+    size_t score_w_len;
+    const float *additive_v;   /* additive: v [A], A the attention dim */
+    size_t additive_v_len;
+    const float *additive_w_q; /* additive, optional: W_q [A, q_dim]; NULL with w_k NULL: Q and K */
+    size_t additive_w_q_len;   /*   are already projected (then head_dim == A) */
+    const float *additive_w_k; /* additive, optional: W_k [A, head_dim] */
+    size_t additive_w_k_len;
+    float *alignment;     /* optional output [B, Hq, Sq, Skv] f32: the attention probabilities */
+    size_t alignment_len; /*   (a second pass from the LSE; forward and reference only) */
+    float *coverage;      /* optional output [B, Hq, Skv] f32: attention summed over rows */
+    size_t coverage_len;
 } simd_attn_desc;
 
 /* One partial result for simd_attn_merge_partials: rows normalised over its keys, and their
@@ -247,7 +274,22 @@ size_t simd_attn_abi_layout(size_t *out, size_t cap);
             offsetof(simd_attn_partial, lse_len), sizeof(simd_attn_run_info),                  \
             offsetof(simd_attn_run_info, isa),                                                 \
             offsetof(simd_attn_run_info, specialised_head_dim),                                \
-            offsetof(simd_attn_run_info, threads), offsetof(simd_attn_run_info, decode)        \
+            offsetof(simd_attn_run_info, threads), offsetof(simd_attn_run_info, decode),       \
+            offsetof(simd_attn_desc, score),\
+            offsetof(simd_attn_desc, temperature),\
+            offsetof(simd_attn_desc, q_dim),\
+            offsetof(simd_attn_desc, score_w),\
+            offsetof(simd_attn_desc, score_w_len),\
+            offsetof(simd_attn_desc, additive_v),\
+            offsetof(simd_attn_desc, additive_v_len),\
+            offsetof(simd_attn_desc, additive_w_q),\
+            offsetof(simd_attn_desc, additive_w_q_len),\
+            offsetof(simd_attn_desc, additive_w_k),\
+            offsetof(simd_attn_desc, additive_w_k_len),\
+            offsetof(simd_attn_desc, alignment),\
+            offsetof(simd_attn_desc, alignment_len),\
+            offsetof(simd_attn_desc, coverage),\
+            offsetof(simd_attn_desc, coverage_len)\
     }
 
 #ifdef __cplusplus

@@ -204,7 +204,7 @@ fn scored_call<TQ: Element, TKV: Element, TO: Element>(
 }
 
 /// The inspection outputs are long enough (`[B, Hq, Sq, Skv]` and `[B, Hq, Skv]`).
-fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>) -> Result<(), AttnError> {
+pub(crate) fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>) -> Result<(), AttnError> {
     let s = shape;
     let check = |tensor: TensorName, dims: &[usize], len: Option<usize>| -> Result<(), AttnError> {
         let Some(len) = len else { return Ok(()) };

@@ -15,8 +15,8 @@ use crate::error::AttnError;
 use crate::isa::Isa;
 use crate::layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
 use crate::merge::PartialResult;
-use crate::params::{AttentionParams, Window};
-use crate::{Element, HostPlan, RunConfig, RunInfo};
+use crate::params::{AdditiveProjection, AttentionParams, Score, Window};
+use crate::{Element, HostPlan, Inspect, RunConfig, RunInfo};
 use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
 use half::f16;
@@ -89,7 +89,27 @@ pub struct SimdAttnDesc {
     pub alibi_slopes_len: usize,
     pub sinks: *const f32,
     pub sinks_len: usize,
+    // Appended after version 1's first layout (older, shorter descriptors read these as 0).
+    pub score: i32,
+    pub temperature: f32,
+    pub q_dim: usize,
+    pub score_w: *const f32,
+    pub score_w_len: usize,
+    pub additive_v: *const f32,
+    pub additive_v_len: usize,
+    pub additive_w_q: *const f32,
+    pub additive_w_q_len: usize,
+    pub additive_w_k: *const f32,
+    pub additive_w_k_len: usize,
+    pub alignment: *mut f32,
+    pub alignment_len: usize,
+    pub coverage: *mut f32,
+    pub coverage_len: usize,
 }
+
+/// The descriptor's size before the score and inspection fields were appended: callers
+/// compiled against that header pass it, and get the defaults for everything after.
+const DESC_V1_SIZE: usize = offset_of!(SimdAttnDesc, score);
 
 /// One partial result for [`simd_attn_merge_partials`].
 #[repr(C)]
@@ -145,7 +165,7 @@ pub enum Status {
     Internal = 27,
     InvalidScore = 28,
     UnknownScore = 29,
-    UnsupportedScore = 30,
+    Unsupported = 30,
 }
 
 /// Every status, in code order, with its header name and its short message.
@@ -180,7 +200,7 @@ const STATUS_TABLE: [(Status, &str, &str); 31] = [
     (Status::Internal, "SIMD_ATTN_ERR_INTERNAL\0", "internal error (a bug in simd-attn: please report it)\0"),
     (Status::InvalidScore, "SIMD_ATTN_ERR_INVALID_SCORE\0", "the score function's arguments do not fit the call (weights, dims, temperature, or scale with a non-scaled-dot score)\0"),
     (Status::UnknownScore, "SIMD_ATTN_ERR_UNKNOWN_SCORE\0", "the score field holds an unknown value\0"),
-    (Status::UnsupportedScore, "SIMD_ATTN_ERR_UNSUPPORTED_SCORE\0", "this operation does not support the chosen score function\0"),
+    (Status::Unsupported, "SIMD_ATTN_ERR_UNSUPPORTED\0", "this operation does not support the chosen score function or inspection output (host-driven plans run the dot scores only)\0"),
 ];
 
 /// A failed call: its status and the detailed message for `simd_attn_last_error`.
@@ -209,7 +229,7 @@ impl From<AttnError> for Fail {
             IsaUnavailable { .. } => Status::IsaUnavailable,
             UnknownIsaName { .. } => Status::UnknownIsa,
             InvalidScore { .. } => Status::InvalidScore,
-            UnsupportedScore { .. } => Status::UnsupportedScore,
+            UnsupportedScore { .. } => Status::Unsupported,
         };
         Fail(status, e.to_string())
     }
@@ -332,8 +352,8 @@ unsafe fn read_desc(desc: *const SimdAttnDesc) -> Result<SimdAttnDesc, Fail> {
     // SAFETY: the first field is a u32 every version has.
     let size = unsafe { (desc as *const u32).read_unaligned() } as usize;
     let ours = size_of::<SimdAttnDesc>();
-    if size < ours {
-        return fail(Status::DescSize, format!("desc->struct_size = {size}, but version 1 of the descriptor has {ours} bytes (call simd_attn_desc_init)"));
+    if size < DESC_V1_SIZE || (size > DESC_V1_SIZE && size < ours) {
+        return fail(Status::DescSize, format!("desc->struct_size = {size}: expected {ours} (or {DESC_V1_SIZE} from an older header; call simd_attn_desc_init)"));
     }
     if size > ours {
         // SAFETY: the caller's struct has `size` bytes.
@@ -342,12 +362,70 @@ unsafe fn read_desc(desc: *const SimdAttnDesc) -> Result<SimdAttnDesc, Fail> {
             return fail(Status::DescSize, format!("desc->struct_size = {size}: fields past byte {ours} are set, and this library does not know them"));
         }
     }
-    // SAFETY: at least `ours` bytes are readable; every bit pattern of the fields is valid.
-    let d = unsafe { desc.read_unaligned() };
+    let mut d = default_desc();
+    // SAFETY: the caller's struct has at least min(size, ours) readable bytes; every bit pattern
+    // of the fields is valid, and a short (older) descriptor leaves the appended fields at
+    // their defaults.
+    unsafe { core::ptr::copy_nonoverlapping(desc as *const u8, (&mut d as *mut SimdAttnDesc).cast::<u8>(), size.min(ours)) };
     if d.abi_version != ABI_VERSION {
         return fail(Status::AbiVersion, format!("desc->abi_version = {}, this library implements {ABI_VERSION}", d.abi_version));
     }
     Ok(d)
+}
+
+/// What `simd_attn_desc_init` writes: every option off.
+fn default_desc() -> SimdAttnDesc {
+        let t = SimdAttnTensor { data: core::ptr::null(), len: 0, dtype: 0, reserved: 0, stride_batch: 0, stride_head: 0, stride_seq: 0 };
+        let o = SimdAttnOutput { data: core::ptr::null_mut(), len: 0, dtype: 0, reserved: 0, stride_batch: 0, stride_head: 0, stride_seq: 0 };
+    SimdAttnDesc {
+            struct_size: size_of::<SimdAttnDesc>() as u32,
+            abi_version: ABI_VERSION,
+            batch: 0,
+            q_heads: 0,
+            kv_heads: 0,
+            seq_q: 0,
+            seq_kv: 0,
+            head_dim: 0,
+            v_head_dim: 0,
+            q: t,
+            k: t,
+            v: t,
+            out: o,
+            lse: core::ptr::null_mut(),
+            lse_len: 0,
+            use_scale: 0,
+            scale: 0.0,
+            causal: 0,
+            softcap: 0.0,
+            window_left: -1,
+            window_right: -1,
+            kv_lens: core::ptr::null(),
+            kv_lens_len: 0,
+            bias: core::ptr::null(),
+            bias_len: 0,
+            bias_stride_batch: 0,
+            bias_stride_head: 0,
+            bias_stride_row: 0,
+            alibi_slopes: core::ptr::null(),
+            alibi_slopes_len: 0,
+            sinks: core::ptr::null(),
+            sinks_len: 0,
+            score: 0,
+            temperature: 1.0,
+            q_dim: 0,
+            score_w: core::ptr::null(),
+            score_w_len: 0,
+            additive_v: core::ptr::null(),
+            additive_v_len: 0,
+            additive_w_q: core::ptr::null(),
+            additive_w_q_len: 0,
+            additive_w_k: core::ptr::null(),
+            additive_w_k_len: 0,
+            alignment: core::ptr::null_mut(),
+            alignment_len: 0,
+            coverage: core::ptr::null_mut(),
+            coverage_len: 0,
+        }
 }
 
 /// A descriptor turned into the safe API's arguments (slices still untyped).
@@ -367,6 +445,9 @@ struct Call<'a> {
     causal: bool,
     softcap: Option<f32>,
     window: Option<Window>,
+    score: Score<'a>,
+    alignment: Option<&'a mut [f32]>,
+    coverage: Option<&'a mut [f32]>,
 }
 
 enum RawTensor<'a> {
@@ -499,6 +580,32 @@ impl<'a> Call<'a> {
         };
         let alibi = per_head(d.alibi_slopes, d.alibi_slopes_len, "alibi_slopes", &mut inputs)?;
         let sinks = per_head(d.sinks, d.sinks_len, "sinks", &mut inputs)?;
+        let weights = |p: *const f32, len: usize, what: &'static str, inputs: &mut Vec<Span>| Ok::<_, Fail>(per_head(p, len, what, inputs)?.unwrap_or(&[]));
+        let q_dim = if d.q_dim == 0 { d.head_dim } else { d.q_dim };
+        let score = match d.score {
+            0 => Score::ScaledDot,
+            1 => Score::Dot,
+            2 => Score::Cosine { temperature: d.temperature },
+            3 => Score::General { w: weights(d.score_w, d.score_w_len, "score_w", &mut inputs)?, q_dim },
+            4 => {
+                let v = weights(d.additive_v, d.additive_v_len, "additive_v", &mut inputs)?;
+                let w_q = weights(d.additive_w_q, d.additive_w_q_len, "additive_w_q", &mut inputs)?;
+                let w_k = weights(d.additive_w_k, d.additive_w_k_len, "additive_w_k", &mut inputs)?;
+                let projection = (!w_q.is_empty() || !w_k.is_empty()).then_some(AdditiveProjection { w_q, w_k, q_dim });
+                Score::Additive { v, projection }
+            }
+            x => return fail(Status::UnknownScore, format!("score = {x}: expected SIMD_ATTN_SCORE_SCALED_DOT (0) .. SIMD_ATTN_SCORE_ADDITIVE (4)")),
+        };
+        let inspect_out = |p: *mut f32, len: usize, what: &'static str, outputs: &mut Vec<Span>| -> Result<Option<&'a mut [f32]>, Fail> {
+            if p.is_null() && len == 0 {
+                return Ok(None);
+            }
+            let s = unsafe { slice_mut(p, len, what)? };
+            outputs.push(Span::of(s, what));
+            Ok(Some(s))
+        };
+        let alignment = inspect_out(d.alignment, d.alignment_len, "alignment", &mut outputs)?;
+        let coverage = inspect_out(d.coverage, d.coverage_len, "coverage", &mut outputs)?;
         check_aliasing(&inputs, &outputs)?;
 
         let bound = |x: i64| -> Result<Option<usize>, Fail> {
@@ -530,6 +637,9 @@ impl<'a> Call<'a> {
             causal: d.causal != 0,
             softcap,
             window,
+            score,
+            alignment,
+            coverage,
         })
     }
 }
@@ -543,6 +653,7 @@ struct Typed<'c, 'a, TQ, TKV, TO> {
     out: TensorMut<'c, TO>,
     lse: Option<&'c mut [f32]>,
     params: AttentionParams<'c>,
+    inspect: Inspect<'c>,
 }
 
 /// Something to do with a typed call.
@@ -592,7 +703,7 @@ impl Call<'_> {
                     bias: self.bias,
                     alibi_slopes: self.alibi,
                     sinks: self.sinks,
-                    score: crate::params::Score::ScaledDot,
+                    score: self.score,
                 };
                 let typed = Typed::<$tq, $tkv, $to> {
                     shape: &self.shape,
@@ -602,6 +713,7 @@ impl Call<'_> {
                     out: out_as::<$to>(&mut self.out).ok_or(Fail(Status::Internal, "out dtype".into()))?,
                     lse: self.lse.as_deref_mut(),
                     params,
+                    inspect: Inspect { alignment: self.alignment.as_deref_mut(), coverage: self.coverage.as_deref_mut() },
                 };
                 op.run(typed)
             }};
@@ -651,7 +763,7 @@ struct Forward {
 impl TypedOp for Forward {
     type Output = RunInfo;
     fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<RunInfo, Fail> {
-        Ok(crate::attention_with(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params)?)
+        Ok(crate::attention_inspect(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params, t.inspect)?)
     }
 }
 
@@ -662,10 +774,34 @@ impl TypedOp for ReferenceOp {
     type Output = ();
     fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<(), Fail> {
         crate::validate::validate_outputs(t.shape, &t.out, t.lse.as_deref())?;
-        let r = crate::reference_attention(t.shape, t.q, t.k, t.v, &t.params)?;
+        crate::api::validate_inspect(t.shape, &t.inspect)?;
+        let reference = crate::Reference::new(t.shape, t.q, t.k, t.v, &t.params)?;
+        let r = reference.compute();
         let s = t.shape;
         let out = t.out;
         let mut lse = t.lse;
+        let Inspect { mut alignment, mut coverage } = t.inspect;
+        if let Some(c) = coverage.as_deref_mut() {
+            c[..s.batch * s.q_heads * s.seq_kv].fill(0.0);
+        }
+        if alignment.is_some() || coverage.is_some() {
+            for b in 0..s.batch {
+                for h in 0..s.q_heads {
+                    for i in 0..s.seq_q {
+                        let probs = reference.probabilities(b, h, i).unwrap_or_default();
+                        let row = (b * s.q_heads + h) * s.seq_q + i;
+                        for (j, &p) in probs.iter().enumerate() {
+                            if let Some(a) = alignment.as_deref_mut() {
+                                a[row * s.seq_kv + j] = p as f32;
+                            }
+                            if let Some(c) = coverage.as_deref_mut() {
+                                c[(b * s.q_heads + h) * s.seq_kv + j] += p as f32;
+                            }
+                        }
+                    }
+                }
+            }
+        }
         for b in 0..s.batch {
             for h in 0..s.q_heads {
                 for i in 0..s.seq_q {
@@ -694,42 +830,7 @@ pub unsafe extern "C" fn simd_attn_desc_init(desc: *mut SimdAttnDesc) -> i32 {
         if desc.is_null() {
             return fail(Status::NullPointer, "desc is NULL");
         }
-        let t = SimdAttnTensor { data: core::ptr::null(), len: 0, dtype: 0, reserved: 0, stride_batch: 0, stride_head: 0, stride_seq: 0 };
-        let o = SimdAttnOutput { data: core::ptr::null_mut(), len: 0, dtype: 0, reserved: 0, stride_batch: 0, stride_head: 0, stride_seq: 0 };
-        let d = SimdAttnDesc {
-            struct_size: size_of::<SimdAttnDesc>() as u32,
-            abi_version: ABI_VERSION,
-            batch: 0,
-            q_heads: 0,
-            kv_heads: 0,
-            seq_q: 0,
-            seq_kv: 0,
-            head_dim: 0,
-            v_head_dim: 0,
-            q: t,
-            k: t,
-            v: t,
-            out: o,
-            lse: core::ptr::null_mut(),
-            lse_len: 0,
-            use_scale: 0,
-            scale: 0.0,
-            causal: 0,
-            softcap: 0.0,
-            window_left: -1,
-            window_right: -1,
-            kv_lens: core::ptr::null(),
-            kv_lens_len: 0,
-            bias: core::ptr::null(),
-            bias_len: 0,
-            bias_stride_batch: 0,
-            bias_stride_head: 0,
-            bias_stride_row: 0,
-            alibi_slopes: core::ptr::null(),
-            alibi_slopes_len: 0,
-            sinks: core::ptr::null(),
-            sinks_len: 0,
-        };
+        let d = default_desc();
         // SAFETY: checked non-NULL; the caller's contract makes it writable.
         unsafe { desc.write_unaligned(d) };
         Ok(())
@@ -807,6 +908,9 @@ struct MakePlan {
 impl TypedOp for MakePlan {
     type Output = Box<dyn PlanOps>;
     fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<Box<dyn PlanOps>, Fail> {
+        if t.inspect.alignment.is_some() || t.inspect.coverage.is_some() {
+            return fail(Status::Unsupported, "host-driven plans do not produce the alignment matrix or coverage: use simd_attn_forward");
+        }
         let plan = core::mem::ManuallyDrop::new(HostPlan::new(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params, self.nth)?);
         // SAFETY: only the borrow lifetimes change. The plan never outlives the caller's buffers
         // (the header's contract) nor the `kv_lens` copy stored next to it, and the original is
@@ -1126,6 +1230,21 @@ pub unsafe extern "C" fn simd_attn_abi_layout(out: *mut usize, cap: usize) -> us
         offset_of!(SimdAttnRunInfo, specialised_head_dim),
         offset_of!(SimdAttnRunInfo, threads),
         offset_of!(SimdAttnRunInfo, decode),
+        offset_of!(SimdAttnDesc, score),
+        offset_of!(SimdAttnDesc, temperature),
+        offset_of!(SimdAttnDesc, q_dim),
+        offset_of!(SimdAttnDesc, score_w),
+        offset_of!(SimdAttnDesc, score_w_len),
+        offset_of!(SimdAttnDesc, additive_v),
+        offset_of!(SimdAttnDesc, additive_v_len),
+        offset_of!(SimdAttnDesc, additive_w_q),
+        offset_of!(SimdAttnDesc, additive_w_q_len),
+        offset_of!(SimdAttnDesc, additive_w_k),
+        offset_of!(SimdAttnDesc, additive_w_k_len),
+        offset_of!(SimdAttnDesc, alignment),
+        offset_of!(SimdAttnDesc, alignment_len),
+        offset_of!(SimdAttnDesc, coverage),
+        offset_of!(SimdAttnDesc, coverage_len),
     ];
     if !out.is_null() {
         for (n, &x) in layout.iter().enumerate().take(cap) {

@@ -9,10 +9,14 @@
 //! - GQA / MQA, bottom-right-aligned causal masks, sliding windows, per-batch KV lengths, logit
 //!   softcap, additive bias / masks with broadcasting, ALiBi, attention sinks and LSE output,
 //!   all combinable ([`AttentionParams`] states the exact semantics).
+//! - The classic score functions ([`Score`]): dot, cosine, general (multiplicative) and
+//!   additive (Bahdanau), fused the same way; [`attention_inspect`] also returns the exact
+//!   alignment matrix and coverage from a second tiled pass.
 //! - An f64 reference ([`reference`]) that follows the contract literally; every kernel is
 //!   property-tested against it.
 //!
-//! Data flow: [`attention`] (api) → validate → plan (tiles) → kernel (per query block) → store.
+//! Data flow: [`attention`] (api) → validate → score (per-call projections and norms) → plan
+//! (tiles) → kernel (per query block) → store.
 
 mod api;
 mod capi;

@@ -303,7 +303,8 @@ static void test_header_agrees_with_library(void) {
         CODE(SIMD_ATTN_ERR_SHARE_OUT_OF_RANGE), CODE(SIMD_ATTN_ERR_SHARE_ALREADY_RUN),
         CODE(SIMD_ATTN_ERR_SHARES_NOT_FINISHED), CODE(SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL),
         CODE(SIMD_ATTN_ERR_OUT_OF_MEMORY), CODE(SIMD_ATTN_ERR_ISA_UNAVAILABLE), CODE(SIMD_ATTN_ERR_UNKNOWN_ISA),
-        CODE(SIMD_ATTN_ERR_INTERNAL),
+        CODE(SIMD_ATTN_ERR_INTERNAL),     CODE(SIMD_ATTN_ERR_INVALID_SCORE), CODE(SIMD_ATTN_ERR_UNKNOWN_SCORE),
+        CODE(SIMD_ATTN_ERR_UNSUPPORTED),
     };
     size_t n_codes = sizeof codes / sizeof codes[0];
     for (size_t i = 0; i < n_codes; i++) {
@@ -606,6 +607,163 @@ static void test_errors(void) {
     release(&base);
 }
 
+/* ---- the classic scores, with the alignment matrix and coverage ---- */
+static float *weights(size_t n, float scale) {
+    float *w = malloc((n + 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) w[i] = scale * uniform();
+    return w;
+}
+
+/* Q with q_dim columns instead of head_dim (general and projected additive scores). */
+static void widen_q(problem *p, size_t q_dim) {
+    free(p->q);
+    p->q = alloc_filled(p->d.batch * p->d.q_heads * p->d.seq_q * q_dim, p->d.q.dtype);
+    p->d.q = tensor(p->q, p->d.q_heads, p->d.seq_q, q_dim, p->d.batch, p->d.q.dtype);
+    p->d.q_dim = q_dim;
+}
+
+/* Forward against simd_attn_reference: output, lse, alignment and coverage. */
+static void check_scored(const char *name, problem *p, int32_t isa, size_t threads) {
+    size_t na = rows(p) * p->d.seq_kv, nc = p->d.batch * p->d.q_heads * p->d.seq_kv;
+    float *al = calloc(na + 1, 4), *cov = calloc(nc + 1, 4), *al_ref = calloc(na + 1, 4), *cov_ref = calloc(nc + 1, 4);
+    void *ref_out;
+    float *ref_lse;
+    simd_attn_desc r = redirect(p, &ref_out, &ref_lse);
+    r.alignment = al_ref;
+    r.alignment_len = na;
+    r.coverage = cov_ref;
+    r.coverage_len = nc;
+    EXPECT_STATUS(simd_attn_reference(&r), SIMD_ATTN_OK);
+    simd_attn_desc f = p->d;
+    f.alignment = al;
+    f.alignment_len = na;
+    f.coverage = cov;
+    f.coverage_len = nc;
+    simd_attn_run_info info;
+    EXPECT_STATUS(simd_attn_forward(&f, threads, isa, &info), SIMD_ATTN_OK);
+    int dout = p->d.out.dtype;
+    double tol = dout == SIMD_ATTN_F16 ? 2e-3 : 1e-4, worst = 0;
+    for (size_t i = 0; i < out_len(p); i++) {
+        double e = get(ref_out, dout, i), err = fabs(get(p->out, dout, i) - e) / (1.0 + fabs(e));
+        if (!(err <= worst)) worst = err;
+    }
+    CHECK(worst <= tol, "%s (isa %d, %zu threads): max out error %g", name, isa, threads, worst);
+    for (size_t i = 0; i < rows(p); i++) {
+        if (isinf(ref_lse[i])) CHECK(p->lse[i] == ref_lse[i], "%s: lse[%zu] = %g, want -inf", name, i, p->lse[i]);
+        else CHECK(fabs(p->lse[i] - ref_lse[i]) <= 1e-4 * (1 + fabs(ref_lse[i])), "%s: lse[%zu] = %g, want %g", name, i, p->lse[i], ref_lse[i]);
+    }
+    worst = 0;
+    for (size_t i = 0; i < na; i++) {
+        double err = fabs((double)al[i] - al_ref[i]);
+        if (!(err <= worst)) worst = err;
+        if (al_ref[i] == 0.0f) CHECK(al[i] == 0.0f, "%s: alignment[%zu] = %g for a masked key", name, i, al[i]);
+    }
+    CHECK(worst <= 1e-4, "%s (isa %d): max alignment error %g", name, isa, worst);
+    worst = 0;
+    for (size_t i = 0; i < nc; i++) {
+        double err = fabs((double)cov[i] - cov_ref[i]) / (1.0 + cov_ref[i]);
+        if (!(err <= worst)) worst = err;
+    }
+    CHECK(worst <= 1e-4, "%s (isa %d): max coverage error %g", name, isa, worst);
+    free(ref_out);
+    free(ref_lse);
+    free(al);
+    free(cov);
+    free(al_ref);
+    free(cov_ref);
+}
+
+static void test_classic_scores(const int32_t *isas, size_t n_isas) {
+    for (size_t i = 0; i < n_isas; i++) {
+        for (size_t threads = 1; threads <= 2; threads++) {
+            problem p;
+            make(&p, 2, 4, 2, 5, 37, 64, 64, SIMD_ATTN_F16, SIMD_ATTN_F16, SIMD_ATTN_F16);
+            p.d.score = SIMD_ATTN_SCORE_COSINE;
+            p.d.temperature = 3.0f;
+            p.d.causal = 1;
+            check_scored("cosine f16", &p, isas[i], threads);
+            release(&p);
+
+            make(&p, 1, 2, 1, 6, 29, 32, 24, SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_F32);
+            widen_q(&p, 24);
+            float *w = weights(24 * 32, 0.2f);
+            p.d.score = SIMD_ATTN_SCORE_GENERAL;
+            p.d.score_w = w;
+            p.d.score_w_len = 24 * 32;
+            check_scored("general, q_dim 24", &p, isas[i], threads);
+            release(&p);
+            free(w);
+
+            make(&p, 2, 2, 1, 7, 31, 48, 16, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
+            widen_q(&p, 20);
+            float *av = weights(64, 1.0f), *wq = weights(64 * 20, 0.3f), *wk = weights(64 * 48, 0.2f);
+            p.d.score = SIMD_ATTN_SCORE_ADDITIVE;
+            p.d.additive_v = av;
+            p.d.additive_v_len = 64;
+            p.d.additive_w_q = wq;
+            p.d.additive_w_q_len = 64 * 20;
+            p.d.additive_w_k = wk;
+            p.d.additive_w_k_len = 64 * 48;
+            p.d.causal = 1;
+            check_scored("additive projected, A 64", &p, isas[i], threads);
+            release(&p);
+            free(av);
+            free(wq);
+            free(wk);
+
+            make(&p, 2, 1, 1, 4, 9, 10, 8, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F16);
+            float *v10 = weights(10, 1.0f);
+            p.kv_lens = malloc(2 * sizeof(int64_t));
+            p.kv_lens[0] = 0; /* every row of batch 0 fully masked */
+            p.kv_lens[1] = 9;
+            p.d.kv_lens = p.kv_lens;
+            p.d.kv_lens_len = 2;
+            p.d.score = SIMD_ATTN_SCORE_ADDITIVE;
+            p.d.additive_v = v10;
+            p.d.additive_v_len = 10;
+            check_scored("additive pre-projected, masked rows", &p, isas[i], threads);
+            release(&p);
+            free(v10);
+        }
+    }
+
+    /* Errors. */
+    problem p;
+    make(&p, 1, 2, 1, 3, 11, 16, 16, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
+    simd_attn_desc d = p.d;
+    d.score = 9;
+    EXPECT_STATUS(simd_attn_forward(&d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNKNOWN_SCORE);
+    d.score = SIMD_ATTN_SCORE_DOT;
+    d.use_scale = 1;
+    d.scale = 0.5f;
+    EXPECT_STATUS(simd_attn_forward(&d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_SCORE);
+    d = p.d;
+    d.score = SIMD_ATTN_SCORE_ADDITIVE; /* no v */
+    EXPECT_STATUS(simd_attn_forward(&d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_ZERO_DIM);
+    d = p.d;
+    d.score = SIMD_ATTN_SCORE_COSINE;
+    simd_attn_plan *plan = NULL;
+    EXPECT_STATUS(simd_attn_plan_create(&d, 2, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_ERR_UNSUPPORTED);
+    float *al = calloc(3 * 2 * 11 + 1, 4);
+    d = p.d;
+    d.alignment = al;
+    d.alignment_len = 2 * 3 * 11;
+    EXPECT_STATUS(simd_attn_plan_create(&d, 2, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_ERR_UNSUPPORTED);
+    d.alignment_len = 2 * 3 * 11 - 1;
+    EXPECT_STATUS(simd_attn_forward(&d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    d.alignment = (float *)p.q; /* the alignment output on top of Q */
+    d.alignment_len = 2 * 3 * 11;
+    EXPECT_STATUS(simd_attn_forward(&d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_ALIASING);
+    /* A descriptor from the header before the score fields: accepted, scaled dot. */
+    d = p.d;
+    d.struct_size = (uint32_t)offsetof(simd_attn_desc, score);
+    EXPECT_STATUS(simd_attn_forward(&d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    d.struct_size = (uint32_t)offsetof(simd_attn_desc, score) + 4;
+    EXPECT_STATUS(simd_attn_forward(&d, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_DESC_SIZE);
+    free(al);
+    release(&p);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -634,6 +792,7 @@ int main(void) {
         test_host_driven(cases[c].name, &p, cases[c].make == case_decode_f16_kv);
         release(&p);
     }
+    test_classic_scores(isas, n_isas);
     test_concurrent_forward();
     test_merge();
     test_errors();

@@ -278,6 +278,7 @@ impl Case {
             bias: self.bias.as_ref().map(|(d, st)| BiasRef::new(d, *st)),
             alibi_slopes: self.alibi.as_deref(),
             sinks: self.sinks.as_deref(),
+            ..AttentionParams::default()
         }
     }
 

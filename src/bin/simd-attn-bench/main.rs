@@ -13,7 +13,7 @@ mod unfused;
 use report::{Machine, Row};
 
 use half::f16;
-use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Element, Isa, Reference, RunConfig, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_inspect, AttentionParams, AttentionShape, Element, Inspect, Isa, Reference, RunConfig, Score, TensorMut, TensorRef};
 use std::io::IsTerminal;
 use std::time::Instant;
 
@@ -24,6 +24,7 @@ const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,ca
 simd-attn-bench compare OLD.json|csv NEW.json|csv
 simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored results)
   --set     standard (default), prefill, decode (Sq 1/4/16 x Skv 512..64k), headdim (D 32..256),
+            scores (dot, cosine, general, additive A 48/64/128, alignment pass),
             seqlen (causal prefill S 128..8192), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
@@ -65,11 +66,39 @@ struct Case {
     shape: AttentionShape,
     causal: bool,
     dtype: Dtype,
+    score: BenchScore,
+    /// Also produce the alignment matrix and coverage (the second pass).
+    inspect: bool,
+}
+
+/// The score function a case runs (weights are made up per case).
+#[derive(Clone, Copy, PartialEq)]
+enum BenchScore {
+    ScaledDot,
+    Dot,
+    Cosine,
+    General,
+    /// Pre-projected q' and k' (the attention dim is the head dim).
+    Additive,
+}
+
+fn with_score(mut c: Case, name: &str, score: BenchScore, inspect: bool) -> Case {
+    c.name = name.to_string();
+    c.score = score;
+    c.inspect = inspect;
+    c
 }
 
 #[allow(clippy::too_many_arguments)]
 fn case(name: &str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: usize, causal: bool) -> Case {
-    Case { name: name.to_string(), shape: AttentionShape::new(b, hq, hkv, sq, skv, d), causal, dtype: Dtype::F32 }
+    Case {
+        name: name.to_string(),
+        shape: AttentionShape::new(b, hq, hkv, sq, skv, d),
+        causal,
+        dtype: Dtype::F32,
+        score: BenchScore::ScaledDot,
+        inspect: false,
+    }
 }
 
 fn with_dtype(mut c: Case, dtype: Dtype) -> Case {
@@ -126,14 +155,32 @@ fn cases(set: &str) -> Vec<Case> {
             .map(|s| case("seqlen", 1, 8, 8, s, s, 128, true))
             .collect::<Vec<_>>()
     };
+    // The classic scores on one prefill shape (and the additive one per specialised attention
+    // dim, plus a decoder step), and the cost of the alignment pass.
+    let scores = || {
+        let base = || case("", 1, 8, 8, 1024, 1024, 64, false);
+        vec![
+            with_score(base(), "score-scaled", BenchScore::ScaledDot, false),
+            with_score(base(), "score-dot", BenchScore::Dot, false),
+            with_score(base(), "score-cosine", BenchScore::Cosine, false),
+            with_score(base(), "score-general", BenchScore::General, false),
+            with_score(base(), "score-additive", BenchScore::Additive, false),
+            with_score(case("", 1, 8, 8, 1024, 1024, 128, false), "score-additive", BenchScore::Additive, false),
+            with_score(case("", 1, 8, 8, 1024, 1024, 48, false), "score-additive", BenchScore::Additive, false),
+            with_score(case("", 8, 1, 1, 1, 1024, 128, false), "score-additive", BenchScore::Additive, false),
+            with_score(base(), "score-inspect", BenchScore::ScaledDot, true),
+            with_score(base(), "addit-inspect", BenchScore::Additive, true),
+        ]
+    };
     match set {
+        "scores" => scores(),
         "standard" => standard(),
         "prefill" => prefill(),
         "headdim" => headdim(),
         "seqlen" => seqlen(),
         "decode" => decode(),
         "none" => Vec::new(),
-        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).collect(),
+        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).chain(scores()).collect(),
         other => fail(&format!("unknown --set {other}")),
     }
 }
@@ -374,16 +421,34 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
     let decode = s.seq_q <= 16;
     let copies = if decode { ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize } else { 1 };
     let kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (convert(&k32), convert(&v32))).collect();
-    let params = AttentionParams::new().causal(c.causal);
+    let (w, att_v) = (random(s.head_dim * s.head_dim, 4), random(s.head_dim, 5));
+    let score = match c.score {
+        BenchScore::ScaledDot => Score::ScaledDot,
+        BenchScore::Dot => Score::Dot,
+        BenchScore::Cosine => Score::Cosine { temperature: 10.0 },
+        BenchScore::General => Score::General { w: &w, q_dim: s.head_dim },
+        BenchScore::Additive => Score::Additive { v: &att_v, projection: None },
+    };
+    let params = AttentionParams::new().causal(c.causal).score(score);
     let flops = attention_flops(&s, &params);
     let mut out = vec![TO::from_f32(0.0); no];
+    let (mut alignment, mut coverage) = if c.inspect {
+        (vec![0.0f32; s.batch * s.q_heads * s.seq_q * s.seq_kv], vec![0.0f32; s.batch * s.q_heads * s.seq_kv])
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let mut next = 0usize;
     let mut run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
         let config = RunConfig { isa: Some(isa), threads: Some(threads) };
         time(reps, min_time, || {
             let (k, v) = &kvs[next % copies];
             next += 1;
-            attention_with(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, ks), TensorRef::new(v, vs), TensorMut::new(out, os), None, &params)
+            let inspect = if c.inspect {
+                Inspect { alignment: Some(&mut alignment), coverage: Some(&mut coverage) }
+            } else {
+                Inspect::default()
+            };
+            attention_inspect(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, ks), TensorRef::new(v, vs), TensorMut::new(out, os), None, &params, inspect)
                 .expect("valid problem");
         })
     };
@@ -396,7 +461,8 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
     );
     let mut base_out = vec![0.0f32; no];
     let mut scores = Vec::new();
-    let (t_unfused, _, _) = if ctx.baselines {
+    // The unfused baseline is the scaled-dot score: no ratio for the others.
+    let (t_unfused, _, _) = if ctx.baselines && c.score == BenchScore::ScaledDot && !c.inspect {
         time(3.min(ctx.reps), 0.0, || unfused::attention(&s, c.causal, &qr, &kr, &vr, &mut base_out, &mut scores))
     } else {
         (f64::NAN, 0.0, 0.0)
@@ -437,6 +503,8 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
                 x_portable: t_portable / t,
                 x_unfused: t_unfused / t,
                 max_err: err,
+                // Visible pairs x attention dim: attention_flops counts 4 D per pair.
+                gpair_dims: if c.score == BenchScore::Additive { flops / 4.0 / t / 1e9 } else { f64::NAN },
             });
         }
     }

@@ -49,20 +49,23 @@ pub struct Row {
     pub x_portable: f64,
     pub x_unfused: f64,
     pub max_err: f64,
+    /// The additive score's throughput in 1e9 (visible pair x attention dim) per second; NaN
+    /// for the other scores.
+    pub gpair_dims: f64,
 }
 
 pub fn table_header() -> String {
     format!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>5} {:>7} {:>9} {:>9} {:>8}",
-        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "dtype", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "%bw", "x roof", "x portable", "x unfused", "max err"
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>5} {:>7} {:>9} {:>9} {:>8} {:>7}",
+        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "dtype", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "%bw", "x roof", "x portable", "x unfused", "max err", "Gpd/s"
     )
 }
 
 pub fn table_row(r: &Row) -> String {
     format!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>4.0}% {:>6.2}x {:>9.2}x {:>8.2}x {:>8.1e}",
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>4.0}% {:>6.2}x {:>9.2}x {:>8.2}x {:>8.1e} {:>7.2}",
         r.case, r.batch, r.q_heads, r.kv_heads, r.seq_q, r.seq_kv, r.head_dim, r.causal, r.dtype, r.isa, r.threads, r.ms,
-        r.spread * 100.0, r.gflops, r.gflops_best, r.pct_peak, r.gbs, r.pct_bw, r.x_roofline, r.x_portable, r.x_unfused, r.max_err
+        r.spread * 100.0, r.gflops, r.gflops_best, r.pct_peak, r.gbs, r.pct_bw, r.x_roofline, r.x_portable, r.x_unfused, r.max_err, r.gpair_dims
     )
 }
 
@@ -94,6 +97,7 @@ fn fields(r: &Row) -> Vec<(&'static str, Value)> {
         ("x_portable", Num(r.x_portable)),
         ("x_unfused", Num(r.x_unfused)),
         ("max_err", Num(r.max_err)),
+        ("gpair_dims", Num(r.gpair_dims)),
     ]
 }
 
@@ -292,6 +296,7 @@ impl Loaded {
                     x_portable: n("x_portable"),
                     x_unfused: n("x_unfused"),
                     max_err: n("max_err"),
+                    gpair_dims: n("gpair_dims"),
                 }
             })
             .collect()
