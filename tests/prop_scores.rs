@@ -186,8 +186,15 @@ impl Case {
         Reference::new(s, TensorRef::new(&self.q, qs), TensorRef::new(&self.k, ks), TensorRef::new(&self.v, vs), &self.params()).unwrap()
     }
 
-    /// The bound on one row's logit error: each score's f32 evaluation (see the closing note of
-    /// issue 8 for the derivation), plus a few roundings of terms on the final logit.
+    /// The bound on one row's logit error, in units of f32 rounding (`eps`), over its visible
+    /// keys: an f32 sum of `n` products is off by at most `n * eps * sum |products|`, so
+    /// - dot: `(D + 4) |scale| sum |q k|` (the dot product, then the scale);
+    /// - cosine: the same with Q and K normalised, plus the two norm factors' roundings;
+    /// - general: `q' = W^T q` adds `q_dim` roundings to each `q'_c`, weighted by `|k_c|`;
+    /// - additive: per attention unit, the tanh approximation (`ADDITIVE_TANH_MAX_ABS_ERROR`)
+    ///   and the rounding of its argument (tanh is 1-Lipschitz), weighted by `|v_a|`, plus the
+    ///   sum over `A` units;
+    /// plus `8 eps` times the largest term (softcap, bias, ALiBi) for their roundings.
     fn logit_error(&self, b: usize, h: usize, i: usize, r: &Reference<'_, f32, f32>) -> (f64, f64) {
         let s = &self.shape;
         let (d, qd) = (s.head_dim, self.q_cols());
