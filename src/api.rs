@@ -146,15 +146,26 @@ pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
     params: &AttentionParams<'_>,
     inspect: Inspect<'_>,
 ) -> Result<RunInfo, AttnError> {
-    if let Score::General { w, q_dim } = params.score {
-        // Validate the call as written (Q has q_dim columns), project Q once, run the dot score.
-        Problem::new(shape, q, k, v, params)?;
-        let projected = project_general(shape, &q, w, q_dim)?;
+    if let Some(projected) = general_as_dot(shape, q, k, v, params)? {
         let [qs, ..] = shape.bhsd_strides();
-        let dot = params.score(Score::Dot);
-        return scored_call(config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &dot, inspect);
+        return scored_call(config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot), inspect);
     }
     scored_call(config, shape, q, k, v, out, lse, params, inspect)
+}
+
+/// `Score::General` runs as the dot score on `q' = W^T q`: validates the call as written (Q
+/// has `q_dim` columns) and returns the projected Q (`[B, Hq, Sq, head_dim]`, contiguous);
+/// `None` for every other score.
+fn general_as_dot<TQ: Element, TKV: Element>(
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    params: &AttentionParams<'_>,
+) -> Result<Option<Vec<f32>>, AttnError> {
+    let Score::General { w, q_dim } = params.score else { return Ok(None) };
+    Problem::new(shape, q, k, v, params)?;
+    Ok(Some(project_general(shape, &q, w, q_dim)?))
 }
 
 /// [`attention_inspect`] for every score but `General` (which arrives here projected).
@@ -188,15 +199,16 @@ fn scored_call<TQ: Element, TKV: Element, TO: Element>(
     let job = Job { p: &p, out: &none, plan, tiles, isa, partials: Partials::empty(), align: Some(AlignPass { out: &rows, lse: &row_lse }) };
     let threads = info.threads.min(plan.units()).max(1);
     #[cfg(feature = "rayon")]
-    if threads > 1 {
+    let pooled = threads > 1;
+    #[cfg(not(feature = "rayon"))]
+    let pooled = false;
+    if pooled {
+        #[cfg(feature = "rayon")]
         crate::exec::run_pool(job, threads, scratch_len)?;
-        if let Some(lse) = lse {
-            lse[..row_lse.len()].copy_from_slice(&row_lse);
-        }
-        return Ok(info);
+    } else {
+        with_thread_scratch(scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc))?
+            .map_err(|_| AttnError::IsaUnavailable { isa })?;
     }
-    with_thread_scratch(scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc))?
-        .map_err(|_| AttnError::IsaUnavailable { isa })?;
     if let Some(lse) = lse {
         lse[..row_lse.len()].copy_from_slice(&row_lse);
     }
@@ -273,9 +285,7 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
-    if let Score::General { w, q_dim } = params.score {
-        Problem::new(shape, q, k, v, params)?;
-        let projected = project_general(shape, &q, w, q_dim)?;
+    if let Some(projected) = general_as_dot(shape, q, k, v, params)? {
         let [qs, ..] = shape.bhsd_strides();
         return attention_in(workspace, config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot));
     }

@@ -140,8 +140,9 @@ fn project_rows<T: Element>(
     w: Option<&[f32]>,
     pitch: usize,
 ) -> Result<Vec<f32>, AttnError> {
-    let rows = batch * heads * seq;
-    let mut out = try_zeroed(rows.checked_mul(pitch).ok_or(AttnError::OutOfMemory { bytes: usize::MAX })?)?;
+    // Inputs may broadcast (zero strides), so `batch * heads * seq` rows can exceed anything the
+    // slices bound: an overflow is an allocation that cannot succeed.
+    let mut out = try_zeroed(row_count(&[batch, heads, seq, pitch])?)?;
     let cols = w.map_or(in_dim, |w| w.len() / in_dim);
     let mut x = vec![0.0f32; in_dim];
     for b in 0..batch {
@@ -170,10 +171,15 @@ fn project_rows<T: Element>(
     Ok(out)
 }
 
+/// The product of `dims`, or `OutOfMemory` when it overflows.
+fn row_count(dims: &[usize]) -> Result<usize, AttnError> {
+    dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::OutOfMemory { bytes: usize::MAX })
+}
+
 /// `factor / max(|x|, eps)` for every row of a `[batch, heads, seq, d]` tensor, the norm in f64
 /// (so neither tiny nor huge rows underflow or overflow), clamped into f32's finite range.
 fn inv_norms<T: Element>(t: &TensorRef<'_, T>, batch: usize, heads: usize, seq: usize, d: usize, factor: f64) -> Result<Vec<f32>, AttnError> {
-    let mut out = try_zeroed(batch * heads * seq)?;
+    let mut out = try_zeroed(row_count(&[batch, heads, seq])?)?;
     for b in 0..batch {
         for h in 0..heads {
             for i in 0..seq {

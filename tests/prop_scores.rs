@@ -194,6 +194,7 @@ impl Case {
     /// - additive: per attention unit, the tanh approximation (`ADDITIVE_TANH_MAX_ABS_ERROR`)
     ///   and the rounding of its argument (tanh is 1-Lipschitz), weighted by `|v_a|`, plus the
     ///   sum over `A` units;
+    ///
     /// plus `8 eps` times the largest term (softcap, bias, ALiBi) for their roundings.
     fn logit_error(&self, b: usize, h: usize, i: usize, r: &Reference<'_, f32, f32>) -> (f64, f64) {
         let s = &self.shape;

@@ -308,8 +308,11 @@ pub(crate) fn alignment_block<S: SimdExt, TQ: Element, TKV: Element, const D: us
     }
     // exp(s - shift): a row without any weight (lse = -inf) shifts by +inf, so all its
     // probabilities are exactly 0; padding rows likewise.
-    for r in 0..rows_pad {
-        sc.max[r] = if r < rows && lse[r] != f32::NEG_INFINITY { lse[r] } else { f32::INFINITY };
+    for (r, shift) in sc.max[..rows_pad].iter_mut().enumerate() {
+        *shift = match lse.get(r).filter(|_| r < rows) {
+            Some(&l) if l != f32::NEG_INFINITY => l,
+            _ => f32::INFINITY,
+        };
     }
     let (u0, u1) = keys.union;
     let mut j0 = u0;
