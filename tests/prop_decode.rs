@@ -32,6 +32,20 @@ fn decode_spec() -> impl Strategy<Value = Spec> {
     )
 }
 
+/// Decode units of at most half a vector of rows (a GQA group's heads x one or two new tokens)
+/// with head dims in whole vectors take the few-row kernel (`decode_few`): every row count from
+/// 1 to 8 (padded to 1, 2, 4 or 8 interleaved rows), V wider or narrower than K.
+fn decode_few_spec() -> impl Strategy<Value = Spec> {
+    (decode_spec(), 1..=2usize, 1..=8usize, prop_oneof![Just(16usize), Just(32), Just(64), Just(128)], prop_oneof![3 => Just(0usize), 1 => (1..=8usize).prop_map(|v| 16 * v)])
+        .prop_map(|(mut s, sq, group, d, dv)| {
+            s.seq_q = sq;
+            s.group = group;
+            s.head_dim = d;
+            s.v_head_dim = if dv == 0 { d } else { dv };
+            s
+        })
+}
+
 fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, config: RunConfig) -> (Outcome, RunInfo) {
     let mut info = None;
     let got = run_typed::<TQ, TKV, TO>(case, |s, q, k, v, o, l, p| {
@@ -104,6 +118,21 @@ proptest! {
 
     #[test]
     fn decode_f16_everything(spec in decode_spec()) {
+        check_decode::<f16, f16, f16>(&spec, 1.0 / 2048.0)?;
+    }
+
+    #[test]
+    fn decode_few_rows_f32(spec in decode_few_spec()) {
+        check_decode::<f32, f32, f32>(&spec, 0.0)?;
+    }
+
+    #[test]
+    fn decode_few_rows_f16_kv(spec in decode_few_spec()) {
+        check_decode::<f32, f16, f32>(&spec, 0.0)?;
+    }
+
+    #[test]
+    fn decode_few_rows_f16_everything(spec in decode_few_spec()) {
         check_decode::<f16, f16, f16>(&spec, 1.0 / 2048.0)?;
     }
 }

@@ -1,16 +1,16 @@
 //! The decode kernel: a few query rows (all query heads of a KV head's sub-group x all query
 //! rows) against one key partition, in one pass over that partition's K and V.
 //!
-//! Decode is bound by reading K and V, so the kernel reads each K/V element once, straight from
-//! the caller's memory: Q.K^T through `qk_tile` (rows along the lanes) when the rows fill a
-//! vector, or through `qk_dot` (head dim along the lanes, K widened in registers) when they are
-//! few, then the online softmax per row and P.V through the same `pv_tile` as prefill, in a
-//! register tile no taller than the rows. The next chunk's K and V rows are prefetched. It leaves
-//! the rows *unnormalised* (accumulator, running max and sum) so partitions can be merged.
+//! Decode is bound by reading K and V, so each K/V element is read once. Units of at most half a
+//! vector of rows (GQA decoding's usual case) go to [`super::decode_few`], which reads K and V in
+//! place. Taller units fill whole row tiles: Q.K^T through `qk_tile` (rows along the lanes), the
+//! online softmax per row and P.V through the same `pv_rows` as prefill, with the next chunk's
+//! K and V rows prefetched. Either way the rows are left *unnormalised* (accumulator, running
+//! max and sum) so partitions can be merged.
 
 use super::flash::online_softmax;
 use super::{strided_row_terms, v_rows, KRows};
-use super::microkernel::{pv_rows, qk_dot, qk_tile};
+use super::microkernel::{pv_rows, qk_tile};
 use super::softmax::RowState;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -19,7 +19,7 @@ use crate::problem::Problem;
 use crate::simd::SimdExt;
 
 /// Keys per chunk: the scores, weights and converted K/V rows of a chunk stay in L1.
-const CHUNK: usize = 64;
+pub(crate) const CHUNK: usize = 64;
 
 #[inline(always)]
 fn round_up(x: usize, m: usize) -> usize {
@@ -35,11 +35,11 @@ fn row_tile(mr: usize, lanes: usize) -> usize {
 
 /// Buffers of one worker, carved from its workspace.
 pub(crate) struct Scratch<'w> {
-    qt: &'w mut [f32],
+    pub(super) qt: &'w mut [f32],
     k: &'w mut [f32],
     v: &'w mut [f32],
-    s: &'w mut [f32],
-    row: &'w mut [f32],
+    pub(super) s: &'w mut [f32],
+    pub(super) row: &'w mut [f32],
     /// Unnormalised output rows (pitch `dv_pad`).
     pub acc: &'w mut [f32],
     pub max: &'w mut [f32],
@@ -78,28 +78,27 @@ pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
     let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
-    // At most half a vector of rows (one query row per head of a GQA group, say): dot products,
-    // and P.V in a register tile of just those rows, so no work goes to absent rows.
-    if d.is_multiple_of(S::F32_LANES) && 2 * rows <= S::F32_LANES {
+    // At most half a vector of rows (one query row per head of a GQA group, say).
+    if super::decode_few::takes::<S>(rows, d, p.shape.v_head_dim) {
         match rows.next_power_of_two() {
-            1 => return decode_rows::<S, TQ, TKV, D, 1, 4, 1, 1>(simd, p, w, sc),
-            2 => return decode_rows::<S, TQ, TKV, D, 2, 4, 1, 2>(simd, p, w, sc),
-            4 => return decode_rows::<S, TQ, TKV, D, 4, 2, 1, 4>(simd, p, w, sc),
-            8 => return decode_rows::<S, TQ, TKV, D, 8, 2, 1, 8>(simd, p, w, sc),
+            1 => return super::decode_few::decode_few::<S, TQ, TKV, D, 1>(simd, p, w, sc),
+            2 => return super::decode_few::decode_few::<S, TQ, TKV, D, 2>(simd, p, w, sc),
+            4 => return super::decode_few::decode_few::<S, TQ, TKV, D, 4>(simd, p, w, sc),
+            8 => return super::decode_few::decode_few::<S, TQ, TKV, D, 8>(simd, p, w, sc),
             _ => {}
         }
     }
     if S::F32_LANES >= MR {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 1, 0>(simd, p, w, sc)
+        decode_rows::<S, TQ, TKV, D, MR, NRV, 1>(simd, p, w, sc)
     } else {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 2, 0>(simd, p, w, sc)
+        decode_rows::<S, TQ, TKV, D, MR, NRV, 2>(simd, p, w, sc)
     }
 }
 
-/// [`decode_unit`] with row tiles of `RV` vectors, P.V in register tiles of `MR` rows x `NRV`
-/// vectors, and Q.K^T by `qk_tile` (`RP == 0`) or by `qk_dot` for at most `RP` rows.
+/// [`decode_unit`] with row tiles of `RV` vectors, Q.K^T by `qk_tile` and P.V in register tiles
+/// of `MR` rows x `NRV` vectors.
 #[inline(always)]
-fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize, const RV: usize, const RP: usize>(
+fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize, const RV: usize>(
     simd: S,
     p: &Problem<'_, TQ, TKV>,
     w: &WorkUnit,
@@ -117,10 +116,9 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     let kv_len = p.kv_len(b);
     let row_of = |r: usize| (w.head_start + r / per_head, w.q_start + r % per_head);
 
-    // Q, pre-scaled, padding rows zero: for `qk_tile` transposed in row tiles (rows along the
-    // lanes), for `qk_dot` row-major.
+    // Q, pre-scaled, padding rows zero, transposed in row tiles (rows along the lanes).
     for r in 0..rows_pad {
-        let at = |t: usize| if RP == 0 { (r / rt * d + t) * rt + r % rt } else { r * d + t };
+        let at = |t: usize| (r / rt * d + t) * rt + r % rt;
         let st = if r < rows {
             let (h, i) = row_of(r);
             let o = p.q.strides.offset(b, h, i);
@@ -138,10 +136,6 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
         (sc.max[r], sc.sum[r]) = (st.max, st.sum);
     }
     sc.acc[..rows_pad * dv_pad].fill(0.0);
-    if RP > 0 {
-        // `qk_dot` writes only the real rows' lanes: keep the others finite.
-        sc.s[..CHUNK * rt].fill(0.0);
-    }
 
     // Keys some row may see, within the partition (intervals are monotone in the row).
     let (lo, _) = p.masker.interval(kv_len, w.q_start);
@@ -150,41 +144,33 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     let terms = any_terms(p);
     let (seq, hk) = (p.shape.seq_kv, w.kv_head);
     let dv = p.shape.v_head_dim;
-    // The rows of the next chunk are hinted into L2 while this one computes: the hardware
-    // prefetcher restarts at every page, and decode has nothing else to hide memory behind.
-    let prefetch_next = |j: usize, count: usize| {
-        for c in j + CHUNK..(j + CHUNK + count).min(k1) {
-            super::prefetch_row(simd, &p.k, seq, b, hk, c, d);
-            super::prefetch_row(simd, &p.v, seq, b, hk, c, dv);
-        }
-    };
 
     let mut j0 = k0;
     while j0 < k1 {
         let n = CHUNK.min(k1 - j0);
-        let n_pad = if RP == 0 { round_up(n, MR) } else { n };
-        let k = if RP == 0 { Some(KRows::new(simd, p, b, hk, j0, n, d, MR, sc.k)) } else { None };
+        let n_pad = round_up(n, MR);
+        let k = KRows::new(simd, p, b, hk, j0, n, d, MR, sc.k);
         let (vrows, ld_v) = v_rows(simd, p, b, hk, j0, n, dv_pad, sc.v);
 
         for tile in 0..rows_pad / rt {
             let r0 = tile * rt;
             let real = rt.min(rows - r0);
             // S^T = K Q^T for the row tile (keys by rows, key-major).
-            if let Some(k) = &k {
-                let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
-                let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
-                for g in 0..n_pad / MR {
-                    if tile == 0 {
-                        prefetch_next(j0 + g * MR, MR);
+            let qt = S::as_simd_f32s(&sc.qt[r0 * d..(r0 + rt) * d]).0;
+            let s = S::as_mut_simd_f32s(&mut sc.s[..n_pad * rt]).0;
+            for g in 0..n_pad / MR {
+                if tile == 0 {
+                    // The next chunk's rows are hinted into L2 while this one computes: the
+                    // hardware prefetcher restarts at every page, and decode has nothing else to
+                    // hide memory behind. (A loop, not a closure: closures are compiled without
+                    // the ISA's features and are not always inlined.)
+                    for c in j0 + CHUNK + g * MR..(j0 + CHUNK + (g + 1) * MR).min(k1) {
+                        super::prefetch_row(simd, &p.k, seq, b, hk, c, d);
+                        super::prefetch_row(simd, &p.v, seq, b, hk, c, dv);
                     }
-                    let (k, ld) = k.group(g);
-                    qk_tile::<S, MR, RV>(simd, d, k, ld, qt, &mut s[g * MR * RV..]);
                 }
-            } else {
-                let q = S::as_simd_f32s(&sc.qt[..RP * d]).0;
-                let (data, o, ld) = (p.k.data, p.k.strides.offset(b, hk, j0), p.k.strides.seq);
-                let k_row = |c: usize| &data[o + c * ld..][..d];
-                qk_dot::<S, TKV, RP>(simd, n, d / lanes, q, k_row, sc.s, rt, |c0| prefetch_next(j0 + c0, lanes / RP));
+                let (k, ld) = k.group(g);
+                qk_tile::<S, MR, RV>(simd, d, k, ld, qt, &mut s[g * MR * RV..]);
             }
             if let Some(scales) = p.key_scales(b, hk, j0, n) {
                 super::scale_keys(simd, sc.s, rt, scales);

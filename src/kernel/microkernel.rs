@@ -4,15 +4,16 @@
 //! - `qk_tile`: S^T[MR keys][row tile] = K[MR keys][d] . Q^T[d][row tile]. Q^T is packed once per
 //!   query block; each K element is broadcast straight from the row-major K block, so K needs
 //!   no transpose and the MR broadcasts share one base pointer at constant offsets.
-//! - `qk_dot`: the same scores for a few rows (at most half a vector of them, as in decode with
-//!   one query row per head of a GQA group): dot products with the head dim along the lanes, so
-//!   no lane computes an absent row, K is read (and widened) once straight from its rows, and a
-//!   register tile of `lanes` dot products is reduced by one `transpose_sum_f32s`.
 //! - `pv_tile`: O[MR rows][NV vectors of dims] (+)= P[MR rows][keys] . V[keys][dims], the head
 //!   dim along the lanes (V's natural layout); P is read key-major, as `qk_tile` left it.
 //!
+//! For a few rows (at most half a vector of them, as in decode with one query row per head of a
+//! GQA group) the head dim runs along the lanes instead, so no lane computes an absent row:
+//! - `qk_dot_group`: the dot products of R rows with `lanes / R` keys, K read (and widened) once
+//!   straight from its rows, all of them reduced by one `transpose_sum_f32s`.
+//! - `pv_direct`: O[R rows][NV vectors] (+)= P . V with V read in place and widened in registers.
 //! - `additive_row`: Bahdanau scores `sum_a v_a tanh(q_a + k_a)` for one row, the attention dim
-//!   along the lanes like `qk_dot`.
+//!   along the lanes like `qk_dot_group`.
 //!
 //! MR and NRV come from `kernels/` through the generated table; `d` and the pitches become
 //! constants after inlining into a head-dim specialisation. The d loop is unrolled 4x with
@@ -78,60 +79,11 @@ pub(crate) fn qk_tile<S: SimdExt, const MR: usize, const NRV: usize>(
     }
 }
 
-/// `s[c * rt + r]` = sum over t of `k_row(c)[t] * q[r][t]` for keys `c < n` and rows `r < RP`,
-/// `RP <= lanes / 2`. `q` holds RP rows of `dl` vectors, row-major. Keys go in groups of
-/// `lanes / RP`, so a group's accumulators fill exactly one `transpose_sum_f32s`; a partial last
-/// group repeats its last key. `before_group(c0)` runs ahead of the group of keys `c0..`, for
-/// prefetching.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn qk_dot<'k, S: SimdExt, T: crate::element::Element, const RP: usize>(
-    simd: S,
-    n: usize,
-    dl: usize,
-    q: &[S::f32s],
-    k_row: impl Fn(usize) -> &'k [T],
-    s: &mut [f32],
-    rt: usize,
-    mut before_group: impl FnMut(usize),
-) {
-    let lanes = S::F32_LANES;
-    let group = lanes / RP;
-    let q = &q[..RP * dl];
-    let mut c0 = 0;
-    while c0 < n {
-        before_group(c0);
-        let mut rows: [&[T]; 16] = [&[]; 16];
-        for (g, row) in rows[..group].iter_mut().enumerate() {
-            *row = k_row((c0 + g).min(n - 1));
-        }
-        let mut acc = [simd.splat_f32s(0.0); 16];
-        for t in 0..dl {
-            let mut qv = [simd.splat_f32s(0.0); RP];
-            for r in 0..RP {
-                qv[r] = q[r * dl + t];
-            }
-            for g in 0..group {
-                let kv = super::load_lanes(simd, rows[g], t);
-                for r in 0..RP {
-                    acc[g * RP + r] = simd.mul_add_e_f32s(kv, qv[r], acc[g * RP + r]);
-                }
-            }
-        }
-        let mut sums = [0.0f32; 16];
-        S::as_mut_simd_f32s(&mut sums[..lanes]).0[0] = simd.transpose_sum_f32s(&acc[..lanes]);
-        for g in 0..group.min(n - c0) {
-            s[(c0 + g) * rt..][..RP].copy_from_slice(&sums[g * RP..][..RP]);
-        }
-        c0 += group;
-    }
-}
-
 /// Additive (Bahdanau) scores of one query row: `s[c * rt]` = sum over the attention dim of
 /// `v[a] * tanh(q[a] + k_c[a])` for keys `c < n`. `q`, `v` and each of the `n` rows of `k` are
 /// `av` vectors (a constant after inlining into a specialisation), zero-padded so padding adds
 /// nothing.
-/// Like `qk_dot`, the attention dim runs along the lanes and `lanes` keys' sums are reduced by
+/// Like `qk_dot_group`, the attention dim runs along the lanes and `lanes` keys' sums are reduced by
 /// one `transpose_sum_f32s`; a partial last group repeats its last key. All `lanes` tanh chains
 /// of a step are independent, which hides the division in `tanh`.
 #[inline(always)]
@@ -218,6 +170,86 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
             o[r * ld_o + x] = acc[r][x];
         }
     }
+}
+
+/// `o[r][x0..x0 + NV]` = `o[r][x0..] * alpha[r]` (when `rescale`) + sum over keys c < n of
+/// `p[c * ld_p + r] * V_c[x0 * lanes..]` for R rows, where V row c starts at `v[v_at + c * ld_v]`.
+/// The rows are read in place and widened in registers (f16), so decode reads V once and never
+/// copies it; each key's slice is taken once, at its exact width, so the loads need no checks.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, const NV: usize>(
+    simd: S,
+    n: usize,
+    p: &[f32],
+    ld_p: usize,
+    (v, v_at, ld_v): (&[T], usize, usize),
+    x0: usize,
+    o: &mut [S::f32s],
+    ld_o: usize,
+    alpha: &[f32],
+    rescale: bool,
+    hint_ahead: usize,
+) {
+    let lanes = S::F32_LANES;
+    let mut acc = [[simd.splat_f32s(0.0); NV]; R];
+    for r in 0..R {
+        let a = simd.splat_f32s(alpha[r]);
+        for x in 0..NV {
+            let cur = o[r * ld_o + x0 + x];
+            acc[r][x] = if rescale { simd.mul_f32s(cur, a) } else { cur };
+        }
+    }
+    if n > 0 {
+        let p = &p[..(n - 1) * ld_p + R];
+        for c in 0..n {
+            let row = &v[v_at + c * ld_v + x0 * lanes..][..NV * lanes];
+            if hint_ahead > 0 {
+                // A hint, never dereferenced: the address may lie past the slice.
+                let ahead = row.as_ptr().wrapping_add(hint_ahead).cast::<u8>();
+                for line in (0..core::mem::size_of_val(row)).step_by(64) {
+                    simd.prefetch_l2(ahead.wrapping_add(line));
+                }
+            }
+            let mut pb = [simd.splat_f32s(0.0); R];
+            for r in 0..R {
+                pb[r] = simd.splat_f32s(p[c * ld_p + r]);
+            }
+            for x in 0..NV {
+                let vx = super::load_lanes(simd, row, x);
+                for r in 0..R {
+                    acc[r][x] = simd.mul_add_e_f32s(pb[r], vx, acc[r][x]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for x in 0..NV {
+            o[r * ld_o + x0 + x] = acc[r][x];
+        }
+    }
+}
+
+/// One vector of dot products for R query rows against `lanes / R` keys: lane `g * R + r` is
+/// `q_r . k_g`. `q` holds the rows' `dl` vectors each, row-major; `k[g]` is key g's row (any
+/// storage, widened in registers). The head dim runs along the lanes and one
+/// `transpose_sum_f32s` reduces all the dot products at once, so with few rows every lane of
+/// every FMA still does useful work.
+#[inline(always)]
+pub(crate) fn qk_dot_group<S: SimdExt, T: crate::element::Element, const R: usize>(simd: S, dl: usize, q: &[S::f32s], k: &[&[T]; 16]) -> S::f32s {
+    let lanes = S::F32_LANES;
+    let group = lanes / R;
+    let q = &q[..R * dl];
+    let mut acc = [simd.splat_f32s(0.0); 16];
+    for t in 0..dl {
+        for g in 0..group {
+            let kv = super::load_lanes(simd, k[g], t);
+            for r in 0..R {
+                acc[g * R + r] = simd.mul_add_e_f32s(kv, q[r * dl + t], acc[g * R + r]);
+            }
+        }
+    }
+    simd.transpose_sum_f32s(&acc[..lanes])
 }
 
 /// O += P V for a row tile: `rows` rows (those holding real rows, a multiple of MR after

@@ -2,6 +2,7 @@
 //! They never write to the caller's output; `store` does.
 
 pub(crate) mod decode;
+pub(crate) mod decode_few;
 pub(crate) mod flash;
 pub(crate) mod microkernel;
 pub(crate) mod portable;
