@@ -93,7 +93,7 @@ impl WorkPlan {
 
     /// Whether `shape` should run the decode path: a few query rows against many keys.
     pub fn prefers_decode(shape: &AttentionShape) -> bool {
-        shape.seq_q <= 16 && shape.seq_kv >= 128
+        shape.seq_q <= 16 && shape.seq_kv >= 16
     }
 
     pub fn units(&self) -> usize {
