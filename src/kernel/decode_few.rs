@@ -116,9 +116,7 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         }
         s[n * R..].fill(f32::NEG_INFINITY);
         if let Some(scales) = p.key_scales(b, hk, j0, n) {
-            for (c, &f) in scales.iter().enumerate() {
-                s[c * R..(c + 1) * R].iter_mut().for_each(|x| *x *= f);
-            }
+            super::scale_keys(simd, s, R, scales);
         }
         // Optional terms and masks, per real row (strided: rows are interleaved).
         for r in 0..rows {
@@ -135,36 +133,33 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         // O = O * alpha + P V, V rows read in place.
         let acc = S::as_mut_simd_f32s(&mut sc.acc[..R * dv_pad]).0;
         let v_rows = (vd, vo + j0 * vld, vld);
-        let wide = pv_width(R);
+        // Register tiles of R x {8, 8, 4, 2} vectors keep at most 16 accumulators, leaving
+        // registers for the widened V row and the broadcast weights (AVX2 has 16 in all, so its
+        // wider tiles spill a little; still faster than re-reading V); the rest one at a time.
         let mut x = 0;
         while x < dvv {
-            if x + wide <= dvv {
-                match R {
-                    1 | 2 => pv_direct::<S, TKV, R, 8>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint),
-                    4 => pv_direct::<S, TKV, R, 4>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint),
-                    _ => pv_direct::<S, TKV, R, 2>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint),
+            x += match R {
+                1 | 2 if x + 8 <= dvv => {
+                    pv_direct::<S, TKV, R, 8>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
+                    8
                 }
-                x += wide;
-            } else {
-                pv_direct::<S, TKV, R, 1>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
-                x += 1;
-            }
+                4 if x + 4 <= dvv => {
+                    pv_direct::<S, TKV, R, 4>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
+                    4
+                }
+                8 if x + 2 <= dvv => {
+                    pv_direct::<S, TKV, R, 2>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
+                    2
+                }
+                _ => {
+                    pv_direct::<S, TKV, R, 1>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
+                    1
+                }
+            };
         }
         j0 += n;
     }
     state.store(&mut sc.max[..R], &mut sc.sum[..R]);
-}
-
-/// Vectors of V per P.V register tile for `r` rows: `r x width` accumulators stay at 16 or fewer,
-/// leaving registers for the widened V row and the broadcast weights (AVX2 has 16 in all, so its
-/// wider tiles spill a little; they are still faster than re-reading V).
-#[inline(always)]
-const fn pv_width(r: usize) -> usize {
-    match r {
-        1 | 2 => 8,
-        4 => 4,
-        _ => 2,
-    }
 }
 
 /// The online-softmax state of `R` interleaved rows: lane `i` holds row `i % R`'s running max and

@@ -214,11 +214,16 @@ pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T>(simd: S, t: &crate::layou
 /// (cosine's `1 / |k|`).
 #[inline(always)]
 pub(crate) fn scale_keys<S: crate::simd::SimdExt>(simd: S, s: &mut [f32], rt: usize, scales: &[f32]) {
-    debug_assert!(rt.is_multiple_of(S::F32_LANES));
     for (c, &f) in scales.iter().enumerate() {
-        let f = simd.splat_f32s(f);
-        for x in S::as_mut_simd_f32s(&mut s[c * rt..(c + 1) * rt]).0 {
-            *x = simd.mul_f32s(*x, f);
+        // Whole vectors when a key's scores fill them (row tiles), element-wise otherwise (the
+        // few-row decode kernel interleaves fewer rows than a vector holds).
+        let (vecs, tail) = S::as_mut_simd_f32s(&mut s[c * rt..(c + 1) * rt]);
+        let fv = simd.splat_f32s(f);
+        for x in vecs {
+            *x = simd.mul_f32s(*x, fv);
+        }
+        for x in tail {
+            *x *= f;
         }
     }
 }
