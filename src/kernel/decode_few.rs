@@ -26,6 +26,18 @@ use crate::simd::SimdExt;
 /// each other; none at all was 1.3x slower).
 const PREFETCH_AHEAD: usize = CHUNK;
 
+/// Reads the first element of `row` (`bytes` long) when the row starts a 4 KiB page. A
+/// prefetch into a page the TLB does not hold is dropped, so with 4 KiB pages the hints a
+/// chunk ahead would mostly be lost; one real read per page walks the page table first.
+#[inline(always)]
+fn touch_new_page<T: Copy>(row: &[T], bytes: usize) {
+    if (row.as_ptr() as usize) % 4096 < bytes {
+        if let Some(&x) = row.first() {
+            core::hint::black_box(x);
+        }
+    }
+}
+
 /// Whether a unit of `rows` rows takes this path on `S`: the rows divide a vector with room for
 /// at least two keys, and the head dims are whole vectors (no tails in the dot products or P.V).
 #[inline(always)]
@@ -86,6 +98,7 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     // V rows are hinted from inside P.V, a V row's segment per key, so the hints spread over
     // the whole chunk rather than arriving in one burst that stalls on the fill buffers.
     let v_hint = PREFETCH_AHEAD * vld;
+    let v_bytes = p.shape.v_head_dim * size_of::<TKV>();
     let q = S::as_simd_f32s(&sc.qt[..R * d]).0;
     let mut alpha = [0.0f32; 16];
 
@@ -103,6 +116,8 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
             // wrapping and never dereferenced).
             for j in (j0 + c0 + PREFETCH_AHEAD..j0 + c0 + group + PREFETCH_AHEAD).take_while(|&j| j < k1) {
                 let kp = kd.as_ptr().wrapping_add(ko + j * kld).cast::<u8>();
+                touch_new_page(&kd[ko + j * kld..], k_bytes);
+                touch_new_page(&vd[vo + j * vld..], v_bytes);
                 for line in (0..k_bytes).step_by(64) {
                     simd.prefetch_l2(kp.wrapping_add(line));
                 }
