@@ -66,6 +66,31 @@ impl<'w> Scratch<'w> {
     }
 }
 
+/// Writes query row `row` = `(h, i)` of unit `w`'s batch entry, pre-scaled, to `dst[t * stride]`
+/// for `t < d` (zeros for a padding row, `None`), and returns the state the row starts from: the
+/// sink joins partition 0 only, so a merge counts it once.
+#[inline(always)]
+pub(super) fn pack_q_row<TQ: Element, TKV: Element>(
+    p: &Problem<'_, TQ, TKV>,
+    w: &WorkUnit,
+    row: Option<(usize, usize)>,
+    d: usize,
+    dst: &mut [f32],
+    stride: usize,
+) -> RowState {
+    let dst = dst.iter_mut().step_by(stride).take(d);
+    let Some((h, i)) = row else {
+        dst.for_each(|y| *y = 0.0);
+        return RowState::start(f32::NEG_INFINITY);
+    };
+    let o = p.q.strides.offset(w.batch, h, i);
+    let scale = p.q_scale(w.batch, h, i);
+    for (y, x) in dst.zip(&p.q.data[o..o + d]) {
+        *y = x.to_f32() * scale;
+    }
+    RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY })
+}
+
 /// Runs unit `w` into `sc.acc` / `sc.max` / `sc.sum` (rows ordered head-major:
 /// `r = (h - head_start) * rows_per_head + (i - q_start)`). The sink joins partition 0 only, so
 /// a merge counts it once.
@@ -118,21 +143,8 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
 
     // Q, pre-scaled, padding rows zero, transposed in row tiles (rows along the lanes).
     for r in 0..rows_pad {
-        let at = |t: usize| (r / rt * d + t) * rt + r % rt;
-        let st = if r < rows {
-            let (h, i) = row_of(r);
-            let o = p.q.strides.offset(b, h, i);
-            let scale = p.q_scale(b, h, i);
-            for (t, x) in p.q.data[o..o + d].iter().enumerate() {
-                sc.qt[at(t)] = x.to_f32() * scale;
-            }
-            RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY })
-        } else {
-            for t in 0..d {
-                sc.qt[at(t)] = 0.0;
-            }
-            RowState::start(f32::NEG_INFINITY)
-        };
+        let dst = &mut sc.qt[(r / rt * d) * rt + r % rt..];
+        let st = pack_q_row(p, w, (r < rows).then(|| row_of(r)), d, dst, rt);
         (sc.max[r], sc.sum[r]) = (st.max, st.sum);
     }
     sc.acc[..rows_pad * dv_pad].fill(0.0);

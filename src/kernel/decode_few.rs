@@ -10,9 +10,8 @@
 //! f16 in registers (`pv_direct`). K and V are read once, straight from the caller's memory,
 //! with the rows a fixed distance ahead hinted into L2.
 
-use super::decode::{Scratch, CHUNK};
+use super::decode::{pack_q_row, Scratch, CHUNK};
 use super::microkernel::{pv_direct, qk_dot_group};
-use super::softmax::RowState;
 use super::strided_row_terms;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -26,12 +25,14 @@ use crate::simd::SimdExt;
 /// each other; none at all was 1.3x slower).
 const PREFETCH_AHEAD: usize = CHUNK;
 
-/// Reads the first element of `row` (`bytes` long) when the row starts a 4 KiB page. A
-/// prefetch into a page the TLB does not hold is dropped, so with 4 KiB pages the hints a
-/// chunk ahead would mostly be lost; one real read per page walks the page table first.
+/// Reads the first element of `row` when the row starts within its own length of a 4 KiB page
+/// boundary. A prefetch into a page the TLB does not hold is dropped, so with 4 KiB pages the
+/// hints a chunk ahead would mostly be lost; one real read per page walks the page table first.
+/// With rows packed one after another (a head's keys contiguous, as in BHSD) that is one read
+/// per page; with rows further apart some pages go untouched, which only costs speed.
 #[inline(always)]
-fn touch_new_page<T: Copy>(row: &[T], bytes: usize) {
-    if (row.as_ptr() as usize) % 4096 < bytes {
+fn touch_new_page<T: Copy>(row: &[T]) {
+    if (row.as_ptr() as usize) % 4096 < core::mem::size_of_val(row) {
         if let Some(&x) = row.first() {
             core::hint::black_box(x);
         }
@@ -70,19 +71,8 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     // Q rows, pre-scaled, row-major; padding rows are zero and start empty.
     let (mut max0, mut sum0) = ([f32::NEG_INFINITY; 16], [0.0f32; 16]);
     for r in 0..R {
-        let dst = &mut sc.qt[r * d..(r + 1) * d];
-        if r < rows {
-            let (h, i) = row_of(r);
-            let o = p.q.strides.offset(b, h, i);
-            let scale = p.q_scale(b, h, i);
-            for (y, x) in dst.iter_mut().zip(&p.q.data[o..o + d]) {
-                *y = x.to_f32() * scale;
-            }
-            let st = RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY });
-            (max0[r], sum0[r]) = (st.max, st.sum);
-        } else {
-            dst.fill(0.0);
-        }
+        let st = pack_q_row(p, w, (r < rows).then(|| row_of(r)), d, &mut sc.qt[r * d..(r + 1) * d], 1);
+        (max0[r], sum0[r]) = (st.max, st.sum);
     }
     let mut state = Interleaved::<S, R>::new(&max0, &sum0);
     sc.acc[..R * dv_pad].fill(0.0);
@@ -98,7 +88,6 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     // V rows are hinted from inside P.V, a V row's segment per key, so the hints spread over
     // the whole chunk rather than arriving in one burst that stalls on the fill buffers.
     let v_hint = PREFETCH_AHEAD * vld;
-    let v_bytes = p.shape.v_head_dim * size_of::<TKV>();
     let q = S::as_simd_f32s(&sc.qt[..R * d]).0;
     let mut alpha = [0.0f32; 16];
 
@@ -112,12 +101,13 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         let sv = S::as_mut_simd_f32s(s).0;
         for (g, out) in sv.iter_mut().enumerate() {
             let c0 = g * group;
-            // K rows ahead, hinted into L2: hints, not reads (the addresses are computed
-            // wrapping and never dereferenced).
+            // K rows ahead (keys below `k1`, so in bounds), hinted into L2.
             for j in (j0 + c0 + PREFETCH_AHEAD..j0 + c0 + group + PREFETCH_AHEAD).take_while(|&j| j < k1) {
-                let kp = kd.as_ptr().wrapping_add(ko + j * kld).cast::<u8>();
-                touch_new_page(&kd[ko + j * kld..], k_bytes);
-                touch_new_page(&vd[vo + j * vld..], v_bytes);
+                let k_row = &kd[ko + j * kld..][..d];
+                touch_new_page(k_row);
+                // V is hinted inside P.V, but its pages are walked here, at the same distance.
+                touch_new_page(&vd[vo + j * vld..][..p.shape.v_head_dim]);
+                let kp = k_row.as_ptr().cast::<u8>();
                 for line in (0..k_bytes).step_by(64) {
                     simd.prefetch_l2(kp.wrapping_add(line));
                 }
@@ -196,23 +186,15 @@ impl<S: SimdExt, const R: usize> Interleaved<S, R> {
         Self { max: S::as_simd_f32s(&m[..lanes]).0[0], sum: S::as_simd_f32s(&l[..lanes]).0[0] }
     }
 
-    /// Rotations by `R`, `2R`, ... `lanes / 2` fold every lane of a row into each of them (max
-    /// or sum; written out twice because a closure would be compiled without the ISA's features).
+    /// Rotations by `R`, `2R`, ... `lanes / 2` fold every lane of a row into each of them: the
+    /// max when `MAX`, else the sum (a const parameter, not a closure: a closure would be
+    /// compiled without the ISA's features).
     #[inline(always)]
-    fn fold_max(simd: S, mut x: S::f32s) -> S::f32s {
+    fn fold<const MAX: bool>(simd: S, mut x: S::f32s) -> S::f32s {
         let mut step = R;
         while step < S::F32_LANES {
-            x = simd.max_f32s(x, simd.rotate_right_f32s(x, step));
-            step *= 2;
-        }
-        x
-    }
-
-    #[inline(always)]
-    fn fold_sum(simd: S, mut x: S::f32s) -> S::f32s {
-        let mut step = R;
-        while step < S::F32_LANES {
-            x = simd.add_f32s(x, simd.rotate_right_f32s(x, step));
+            let y = simd.rotate_right_f32s(x, step);
+            x = if MAX { simd.max_f32s(x, y) } else { simd.add_f32s(x, y) };
             step *= 2;
         }
         x
@@ -228,7 +210,7 @@ impl<S: SimdExt, const R: usize> Interleaved<S, R> {
         for &x in s.iter() {
             tile_max = simd.max_f32s(tile_max, x);
         }
-        let tile_max = Self::fold_max(simd, tile_max);
+        let tile_max = Self::fold::<true>(simd, tile_max);
         let new = simd.max_f32s(self.max, tile_max);
         let shift = simd.select_f32s(simd.equal_f32s(new, simd.splat_f32s(f32::NEG_INFINITY)), simd.splat_f32s(0.0), new);
         let factor = simd.exp_f32s(simd.sub_f32s(self.max, shift));
@@ -237,7 +219,7 @@ impl<S: SimdExt, const R: usize> Interleaved<S, R> {
             *x = simd.exp_f32s(simd.sub_f32s(*x, shift));
             tile_sum = simd.add_f32s(tile_sum, *x);
         }
-        let tile_sum = Self::fold_sum(simd, tile_sum);
+        let tile_sum = Self::fold::<false>(simd, tile_sum);
         self.sum = simd.mul_add_e_f32s(self.sum, factor, tile_sum);
         self.max = new;
         let lanes = S::F32_LANES;
