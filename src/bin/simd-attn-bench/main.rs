@@ -39,7 +39,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             peak and bandwidth, crate version, git commit); `compare` reads either back
   --plot    draw GFLOP/s against sequence length for every path measured, as SVG
 Decode rows rotate over enough K/V copies to exceed twice the last-level cache, and report
-time / roofline with roofline = max(K/V bytes / bandwidth, flops / (peak x threads)).";
+time / roofline with roofline = max(K/V bytes / bandwidth, flops / (peak x threads)), the
+bandwidth (column BW) measured with the row's own thread count.";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dtype {
@@ -333,7 +334,15 @@ fn main() {
 
     let peak = machine::fma_peak_gflops(0).unwrap_or(f64::NAN);
     let peak256 = machine::fma_peak_gflops(256);
-    let bw = machine::read_bandwidth_gbs();
+    // Bandwidth with each thread count the run uses (a row's roofline uses its own), and with
+    // one thread for the machine description.
+    let mut bws: Vec<(usize, f64)> = Vec::new();
+    for t in std::iter::once(1).chain(thread_counts.iter().copied()) {
+        if !bws.iter().any(|&(n, _)| n == t) {
+            bws.push((t, machine::read_bandwidth_gbs(t)));
+        }
+    }
+    let bw = bws[0].1;
     let m = Machine {
         cpu: machine::cpu_model(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -351,10 +360,11 @@ fn main() {
     if let Some(p) = peak256 {
         print!(", {p:.1} with 256-bit vectors");
     }
-    println!("; memory read bandwidth {bw:.1} GB/s (1 thread)");
+    let bw_list: Vec<String> = bws.iter().map(|(t, b)| format!("{b:.1} GB/s with {t} thread{}", if *t == 1 { "" } else { "s" })).collect();
+    println!("; memory read bandwidth {}", bw_list.join(", "));
     println!("# %peak is of threads x the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
     println!("{}", report::table_header());
-    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bw, llc: m.llc_bytes };
+    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bws, llc: m.llc_bytes };
     let mut rows = Vec::new();
     let total = selected.len();
     for (n, mut c) in selected.into_iter().enumerate() {
@@ -402,8 +412,15 @@ struct Ctx {
     check: bool,
     baselines: bool,
     peak: f64,
-    bw: f64,
+    /// Measured read bandwidth (GB/s) per thread count.
+    bws: Vec<(usize, f64)>,
     llc: usize,
+}
+
+impl Ctx {
+    fn bw(&self, threads: usize) -> f64 {
+        self.bws.iter().find(|&&(t, _)| t == threads).map_or(f64::NAN, |&(_, b)| b)
+    }
 }
 
 fn convert<T: Element>(v: &[f32]) -> Vec<T> {
@@ -477,7 +494,8 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
             let (t, best, spread) = run(isa, threads, &mut out, reps, min_time);
             // Check the copy the last timed call used (all copies hold the same values).
             let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
-            let roofline = (kv_bytes / (ctx.bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
+            let bw = ctx.bw(threads);
+            let roofline = (kv_bytes / (bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
             let gflops = flops / t / 1e9;
             rows.push(Row {
                 case: c.name.clone(),
@@ -498,7 +516,8 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
                 gflops_best: flops / best / 1e9,
                 pct_peak: 100.0 * gflops / (ctx.peak * threads as f64),
                 gbs: kv_bytes / t / 1e9,
-                pct_bw: 100.0 * kv_bytes / t / 1e9 / ctx.bw,
+                bw_gbs: bw,
+                pct_bw: 100.0 * kv_bytes / t / 1e9 / bw,
                 x_roofline: t / roofline,
                 x_portable: t_portable / t,
                 x_unfused: t_unfused / t,

@@ -44,6 +44,9 @@ pub struct Row {
     pub gflops_best: f64,
     pub pct_peak: f64,
     pub gbs: f64,
+    /// The read bandwidth measured with this row's thread count, which `pct_bw` and
+    /// `x_roofline` are of.
+    pub bw_gbs: f64,
     pub pct_bw: f64,
     pub x_roofline: f64,
     pub x_portable: f64,
@@ -56,16 +59,16 @@ pub struct Row {
 
 pub fn table_header() -> String {
     format!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>5} {:>7} {:>9} {:>9} {:>8} {:>7}",
-        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "dtype", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "%bw", "x roof", "x portable", "x unfused", "max err", "Gpd/s"
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9} {:>6} {:>8} {:>8} {:>6} {:>6} {:>5} {:>5} {:>7} {:>9} {:>9} {:>8} {:>7}",
+        "case", "B", "Hq", "Hkv", "Sq", "Skv", "D", "causal", "dtype", "isa", "thr", "ms", "spread", "GFLOP/s", "best", "%peak", "GB/s", "BW", "%bw", "x roof", "x portable", "x unfused", "max err", "Gpd/s"
     )
 }
 
 pub fn table_row(r: &Row) -> String {
     format!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>4.0}% {:>6.2}x {:>9.2}x {:>8.2}x {:>8.1e} {:>7.2}",
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>5.1} {:>4.0}% {:>6.2}x {:>9.2}x {:>8.2}x {:>8.1e} {:>7.2}",
         r.case, r.batch, r.q_heads, r.kv_heads, r.seq_q, r.seq_kv, r.head_dim, r.causal, r.dtype, r.isa, r.threads, r.ms,
-        r.spread * 100.0, r.gflops, r.gflops_best, r.pct_peak, r.gbs, r.pct_bw, r.x_roofline, r.x_portable, r.x_unfused, r.max_err, r.gpair_dims
+        r.spread * 100.0, r.gflops, r.gflops_best, r.pct_peak, r.gbs, r.bw_gbs, r.pct_bw, r.x_roofline, r.x_portable, r.x_unfused, r.max_err, r.gpair_dims
     )
 }
 
@@ -92,6 +95,7 @@ fn fields(r: &Row) -> Vec<(&'static str, Value)> {
         ("gflops_best", Num(r.gflops_best)),
         ("pct_peak", Num(r.pct_peak)),
         ("gbs", Num(r.gbs)),
+        ("bw_gbs", Num(r.bw_gbs)),
         ("pct_bw", Num(r.pct_bw)),
         ("x_roofline", Num(r.x_roofline)),
         ("x_portable", Num(r.x_portable)),
@@ -291,6 +295,7 @@ impl Loaded {
                     gflops_best: n("gflops_best"),
                     pct_peak: n("pct_peak"),
                     gbs: n("gbs"),
+                    bw_gbs: n("bw_gbs"),
                     pct_bw: n("pct_bw"),
                     x_roofline: n("x_roofline"),
                     x_portable: n("x_portable"),
