@@ -32,9 +32,10 @@ fn decode_spec() -> impl Strategy<Value = Spec> {
     )
 }
 
-/// Decode units of at most half a vector of rows (a GQA group's heads x one or two new tokens)
-/// with head dims in whole vectors take the few-row kernel (`decode_few`): every row count from
-/// 1 to 8 (padded to 1, 2, 4 or 8 interleaved rows), V wider or narrower than K.
+/// Decode units of at most a vector of rows (a GQA group's heads x one or two new tokens) with
+/// head dims in whole vectors take the few-row kernel (`decode_few`): every row count from 1 to
+/// 16 (padded to 1, 2, 4, 8 or 16 interleaved rows; 16 is one key per vector on AVX-512, 8 on
+/// AVX2), V wider or narrower than K.
 fn decode_few_spec() -> impl Strategy<Value = Spec> {
     (decode_spec(), 1..=2usize, 1..=8usize, prop_oneof![Just(16usize), Just(32), Just(64), Just(128)], prop_oneof![3 => Just(0usize), 1 => (1..=8usize).prop_map(|v| 16 * v)])
         .prop_map(|(mut s, sq, group, d, dv)| {

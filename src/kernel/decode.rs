@@ -1,8 +1,8 @@
 //! The decode kernel: a few query rows (all query heads of a KV head's sub-group x all query
 //! rows) against one key partition, in one pass over that partition's K and V.
 //!
-//! Decode is bound by reading K and V, so each K/V element is read once. Units of at most half a
-//! vector of rows (GQA decoding's usual case) go to [`super::decode_few`], which reads K and V in
+//! Decode is bound by reading K and V, so each K/V element is read once. Units of at most a vector
+//! of rows (GQA decoding's usual case) go to [`super::decode_few`], which reads K and V in
 //! place. Taller units fill whole row tiles: Q.K^T through `qk_tile` (rows along the lanes), the
 //! online softmax per row and P.V through the same `pv_rows` as prefill, with the next chunk's
 //! K and V rows prefetched. Either way the rows are left *unnormalised* (accumulator, running
@@ -103,13 +103,14 @@ pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
     let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
-    // At most half a vector of rows (one query row per head of a GQA group, say).
+    // At most a vector of rows (one or a few query rows per head of a GQA group, say).
     if super::decode_few::takes::<S>(rows, d, p.shape.v_head_dim) {
         match rows.next_power_of_two() {
             1 => return super::decode_few::decode_few::<S, TQ, TKV, D, 1>(simd, p, w, sc),
             2 => return super::decode_few::decode_few::<S, TQ, TKV, D, 2>(simd, p, w, sc),
             4 => return super::decode_few::decode_few::<S, TQ, TKV, D, 4>(simd, p, w, sc),
             8 => return super::decode_few::decode_few::<S, TQ, TKV, D, 8>(simd, p, w, sc),
+            16 => return super::decode_few::decode_few::<S, TQ, TKV, D, 16>(simd, p, w, sc),
             _ => {}
         }
     }

@@ -1,5 +1,5 @@
-//! Decode with a few query rows per unit: at most half a vector of them, which is what GQA
-//! decoding gives (one row per query head of a KV head's group, times a few new tokens).
+//! Decode with a few query rows per unit: at most a vector of them, which is what GQA decoding
+//! gives (one row per query head of a KV head's group, times a few new tokens).
 //!
 //! With so few rows, every per-key step must do only the rows' work, or the kernel stops being
 //! bound by reading K and V. So the scores of a chunk of keys are kept key-major with the rows
@@ -39,15 +39,19 @@ fn touch_new_page<T: Copy>(row: &[T]) {
     }
 }
 
-/// Whether a unit of `rows` rows takes this path on `S`: the rows divide a vector with room for
-/// at least two keys, and the head dims are whole vectors (no tails in the dot products or P.V).
+/// Whether a unit of `rows` rows takes this path on `S`: the rows (rounded up to a power of two)
+/// fit one vector, and the head dims are whole vectors (no tails in the dot products or P.V).
+/// A full vector of rows leaves one key per vector: each key's dot products then need a whole
+/// transpose-sum of their own, still far cheaper than the row-tile kernel's padding to a tile of
+/// keys (a few new tokens per head under GQA, as speculative decoding gives). Scalar code (one
+/// lane) keeps the row-tile path.
 #[inline(always)]
 pub(crate) fn takes<S: SimdExt>(rows: usize, head_dim: usize, v_head_dim: usize) -> bool {
     let lanes = S::F32_LANES;
-    2 * rows.next_power_of_two() <= lanes && head_dim.is_multiple_of(lanes) && v_head_dim.is_multiple_of(lanes)
+    lanes > 1 && rows.next_power_of_two() <= lanes && head_dim.is_multiple_of(lanes) && v_head_dim.is_multiple_of(lanes)
 }
 
-/// Runs unit `w` (at most `R` rows, `R` a power of two with `2R <= lanes`) into `sc.acc` /
+/// Runs unit `w` (at most `R` rows, `R` a power of two with `R <= lanes`) into `sc.acc` /
 /// `sc.max` / `sc.sum`, rows ordered as [`super::decode::decode_unit`] orders them.
 #[inline(always)]
 pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const R: usize>(
@@ -152,7 +156,8 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
                     pv_direct::<S, TKV, R, 4>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
                     4
                 }
-                8 if x + 2 <= dvv => {
+                // (With 8-lane vectors 8 rows x 2 would take all 16 registers.)
+                8 if lanes > 8 && x + 2 <= dvv => {
                     pv_direct::<S, TKV, R, 2>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
                     2
                 }

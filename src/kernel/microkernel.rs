@@ -7,8 +7,8 @@
 //! - `pv_tile`: O[MR rows][NV vectors of dims] (+)= P[MR rows][keys] . V[keys][dims], the head
 //!   dim along the lanes (V's natural layout); P is read key-major, as `qk_tile` left it.
 //!
-//! For a few rows (at most half a vector of them, as in decode with one query row per head of a
-//! GQA group) the head dim runs along the lanes instead, so no lane computes an absent row:
+//! For a few rows (at most a vector of them, as in decode with one or a few query rows per head
+//! of a GQA group) the head dim runs along the lanes instead, so no lane computes an absent row:
 //! - `qk_dot_group`: the dot products of R rows with `lanes / R` keys, K read (and widened) once
 //!   straight from its rows, all of them reduced by one `transpose_sum_f32s`.
 //! - `pv_direct`: O[R rows][NV vectors] (+)= P . V with V read in place and widened in registers.
