@@ -334,14 +334,9 @@ fn main() {
 
     let peak = machine::fma_peak_gflops(0).unwrap_or(f64::NAN);
     let peak256 = machine::fma_peak_gflops(256);
-    // Bandwidth with each thread count the run uses (a row's roofline uses its own), and with
-    // one thread for the machine description.
-    let mut bws: Vec<(usize, f64)> = Vec::new();
-    for t in std::iter::once(1).chain(thread_counts.iter().copied()) {
-        if !bws.iter().any(|&(n, _)| n == t) {
-            bws.push((t, machine::read_bandwidth_gbs(t)));
-        }
-    }
+    // A row's roofline uses the bandwidth of its own thread count; the machine description
+    // keeps the 1-thread figure (listed first).
+    let bws = machine::read_bandwidths_gbs(&thread_counts);
     let bw = bws[0].1;
     let m = Machine {
         cpu: machine::cpu_model(),
