@@ -25,14 +25,14 @@ use crate::simd::SimdExt;
 /// each other; none at all was 1.3x slower).
 const PREFETCH_AHEAD: usize = CHUNK;
 
-/// Reads the first element of `row` when the row starts within its own length of a 4 KiB page
-/// boundary. A prefetch into a page the TLB does not hold is dropped, so with 4 KiB pages the
-/// hints a chunk ahead would mostly be lost; one real read per page walks the page table first.
-/// With rows packed one after another (a head's keys contiguous, as in BHSD) that is one read
-/// per page; with rows further apart some pages go untouched, which only costs speed.
+/// Reads the first element of `row` when `row` is the first of rows `stride` elements apart to
+/// start in its 4 KiB page. A prefetch into a page the TLB does not hold is dropped, so with 4 KiB
+/// pages the hints a chunk ahead would mostly be lost; one real read per page walks the page table
+/// first. Whatever the stride (rows packed one after another as in BHSD, or a token's heads in
+/// between as in BSHD), each page the rows start in is read once.
 #[inline(always)]
-fn touch_new_page<T: Copy>(row: &[T]) {
-    if (row.as_ptr() as usize) % 4096 < core::mem::size_of_val(row) {
+fn touch_new_page<T: Copy>(row: &[T], stride: usize) {
+    if (row.as_ptr() as usize) % 4096 < stride.max(row.len()) * size_of::<T>() {
         if let Some(&x) = row.first() {
             core::hint::black_box(x);
         }
@@ -108,9 +108,9 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
             // K rows ahead (keys below `k1`, so in bounds), hinted into L2.
             for j in (j0 + c0 + PREFETCH_AHEAD..j0 + c0 + group + PREFETCH_AHEAD).take_while(|&j| j < k1) {
                 let k_row = &kd[ko + j * kld..][..d];
-                touch_new_page(k_row);
+                touch_new_page(k_row, kld);
                 // V is hinted inside P.V, but its pages are walked here, at the same distance.
-                touch_new_page(&vd[vo + j * vld..][..p.shape.v_head_dim]);
+                touch_new_page(&vd[vo + j * vld..][..p.shape.v_head_dim], vld);
                 let kp = k_row.as_ptr().cast::<u8>();
                 for line in (0..k_bytes).step_by(64) {
                     simd.prefetch_l2(kp.wrapping_add(line));
