@@ -117,38 +117,50 @@ pub fn llc_bytes() -> usize {
         .unwrap_or(64 << 20)
 }
 
-/// Memory read bandwidth in GB/s with one thread and with each of `thread_counts` (each count
-/// once, one thread first): the threads sum their own contiguous parts of one buffer of at least
-/// four times the last-level cache (at least 1 GiB), so it measures memory, not cache. Decode
-/// rows are judged against the bandwidth of their own thread count: on this class of VM a second
-/// core nearly doubles it, so a 1-thread figure would flatter every multi-thread row.
-pub fn read_bandwidths_gbs(thread_counts: &[usize]) -> Vec<(usize, f64)> {
-    let n = (4 * llc_bytes()).max(1 << 30) / 4;
-    let buf: Vec<f32> = (0..n).map(|i| (i & 7) as f32).collect();
-    let arch = pulp::Arch::new();
-    let mut counts = vec![1];
-    for &t in thread_counts {
-        if !counts.contains(&t) {
-            counts.push(t);
-        }
+/// A buffer of at least four times the last-level cache (at least 1 GiB) to measure memory read
+/// bandwidth on, so it measures memory, not cache. It is kept for the whole run: on a shared VM
+/// the bandwidth drifts by 20% or more within minutes, so decode rows are judged against a
+/// figure measured right after them rather than at start-up.
+pub struct ReadBandwidth {
+    buf: Vec<f32>,
+}
+
+impl ReadBandwidth {
+    pub fn new() -> Self {
+        let n = (4 * llc_bytes()).max(1 << 30) / 4;
+        Self { buf: (0..n).map(|i| (i & 7) as f32).collect() }
     }
-    counts
-        .into_iter()
-        .map(|threads| {
-            let part = n.div_ceil(threads.max(1));
-            let mut best = 0.0f64;
-            for _ in 0..3 {
-                let t = Instant::now();
-                std::thread::scope(|sc| {
-                    for data in buf.chunks(part) {
-                        sc.spawn(move || black_box(arch.dispatch(SumLoop { data: black_box(data) })));
-                    }
-                });
-                best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+
+    /// GB/s (best of 3) with `threads` threads, each summing its own contiguous part. A row is
+    /// judged against the bandwidth of its own thread count: on this class of VM a second core
+    /// nearly doubles it, so a 1-thread figure would flatter every multi-thread row.
+    pub fn gbs(&self, threads: usize) -> f64 {
+        let arch = pulp::Arch::new();
+        let part = self.buf.len().div_ceil(threads.max(1));
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let t = Instant::now();
+            std::thread::scope(|sc| {
+                for data in self.buf.chunks(part) {
+                    sc.spawn(move || black_box(arch.dispatch(SumLoop { data: black_box(data) })));
+                }
+            });
+            best = best.max((self.buf.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        best
+    }
+
+    /// [`Self::gbs`] with one thread and with each of `thread_counts` (each count once, one
+    /// thread first).
+    pub fn at_counts(&self, thread_counts: &[usize]) -> Vec<(usize, f64)> {
+        let mut counts = vec![1];
+        for &t in thread_counts {
+            if !counts.contains(&t) {
+                counts.push(t);
             }
-            (threads, best)
-        })
-        .collect()
+        }
+        counts.into_iter().map(|t| (t, self.gbs(t))).collect()
+    }
 }
 
 /// The CPU model, from /proc/cpuinfo where there is one.

@@ -40,7 +40,7 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
   --plot    draw GFLOP/s against sequence length for every path measured, as SVG
 Decode rows rotate over enough K/V copies to exceed twice the last-level cache, and report
 time / roofline with roofline = max(K/V bytes / bandwidth, flops / (peak x threads)), the
-bandwidth (column BW) measured with the row's own thread count.";
+bandwidth (column BW) measured with the row's own thread count right after the row.";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Dtype {
@@ -334,9 +334,10 @@ fn main() {
 
     let peak = machine::fma_peak_gflops(0).unwrap_or(f64::NAN);
     let peak256 = machine::fma_peak_gflops(256);
-    // A row's roofline uses the bandwidth of its own thread count; the machine description
-    // keeps the 1-thread figure (listed first).
-    let bws = machine::read_bandwidths_gbs(&thread_counts);
+    // A row's roofline uses the bandwidth of its own thread count (decode rows: measured again
+    // right after the row); the machine description keeps the 1-thread start-up figure.
+    let bandwidth = machine::ReadBandwidth::new();
+    let bws = bandwidth.at_counts(&thread_counts);
     let bw = bws[0].1;
     let m = Machine {
         cpu: machine::cpu_model(),
@@ -359,7 +360,7 @@ fn main() {
     println!("; memory read bandwidth {}", bw_list.join(", "));
     println!("# %peak is of threads x the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
     println!("{}", report::table_header());
-    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bws, llc: m.llc_bytes };
+    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bws, bandwidth, llc: m.llc_bytes };
     let mut rows = Vec::new();
     let total = selected.len();
     for (n, mut c) in selected.into_iter().enumerate() {
@@ -409,6 +410,7 @@ struct Ctx {
     peak: f64,
     /// Measured read bandwidth (GB/s) per thread count.
     bws: Vec<(usize, f64)>,
+    bandwidth: machine::ReadBandwidth,
     llc: usize,
 }
 
@@ -489,7 +491,9 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
             let (t, best, spread) = run(isa, threads, &mut out, reps, min_time);
             // Check the copy the last timed call used (all copies hold the same values).
             let err = reference.as_ref().map_or(f64::NAN, |r| max_error(&s, r, &out));
-            let bw = ctx.bw(threads);
+            // Decode rows are bound by memory: their bandwidth is measured right after them, so
+            // the ratio compares the kernel with the machine in the same minute.
+            let bw = if decode { ctx.bandwidth.gbs(threads) } else { ctx.bw(threads) };
             let roofline = (kv_bytes / (bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
             let gflops = flops / t / 1e9;
             rows.push(Row {
