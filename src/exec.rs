@@ -466,8 +466,9 @@ pub(crate) fn with_thread_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R
     })
 }
 
-/// Runs every unit on `threads` workers of the crate's pool (the calling thread is one of
-/// them), each taking the next unit from a shared counter, largest units first.
+/// Runs every unit on `threads` workers (the calling thread is one of them), each taking the
+/// next unit from a shared counter, largest units first. The workers are the crate's spinning
+/// helpers ([`crate::pool`]), or rayon's when those are busy with another call.
 #[cfg(feature = "rayon")]
 pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
     job: Job<'_, '_, '_, TQ, TKV, TO>,
@@ -477,15 +478,21 @@ pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
     let next = AtomicUsize::new(0);
     // A worker that cannot get scratch takes no unit; the others take them all.
     let worker = || with_thread_scratch(scratch_len, |sc| run_units(job, Units::Dynamic { next: &next }, sc));
-    let mut first = Ok(Ok(None));
-    rayon::scope(|scope| {
-        for _ in 1..threads {
-            scope.spawn(|_| {
-                let _ = worker();
+    let first = match crate::pool::run(threads, &|_| worker()) {
+        Ok(first) => first,
+        Err(()) => {
+            let mut first = Ok(Ok(None));
+            rayon::scope(|scope| {
+                for _ in 1..threads {
+                    scope.spawn(|_| {
+                        let _ = worker();
+                    });
+                }
+                first = worker();
             });
+            first
         }
-        first = worker();
-    });
+    };
     let specialised = first?.map_err(|_| AttnError::IsaUnavailable { isa: job.isa })?;
     // The scope's end is the barrier the merge needs.
     with_thread_scratch(job.p.shape.v_head_dim, |row| merge_all(&job, row))?;

@@ -21,6 +21,8 @@
 mod api;
 mod capi;
 mod exec;
+#[cfg(feature = "rayon")]
+mod pool;
 pub mod element;
 pub mod error;
 pub mod isa;
