@@ -25,18 +25,13 @@ use crate::simd::SimdExt;
 /// each other; none at all was 1.3x slower).
 const PREFETCH_AHEAD: usize = CHUNK;
 
-/// Reads the first element of `row` when `row` is the first of rows `stride` elements apart to
-/// start in its 4 KiB page. A prefetch into a page the TLB does not hold is dropped, so with 4 KiB
-/// pages the hints a chunk ahead would mostly be lost; one real read per page walks the page table
-/// first. Whatever the stride (rows packed one after another as in BHSD, or a token's heads in
-/// between as in BSHD), each page the rows start in is read once.
+/// Whether the row at `row`, of rows `span` bytes apart (or `span` bytes long, if longer), is the
+/// first of them to start in its 4 KiB page: whatever the stride (rows packed one after another
+/// as in BHSD, or a token's heads in between as in BSHD), exactly one row per page the rows start
+/// in qualifies.
 #[inline(always)]
-fn touch_new_page<T: Copy>(row: &[T], stride: usize) {
-    if (row.as_ptr() as usize) % 4096 < stride.max(row.len()) * size_of::<T>() {
-        if let Some(&x) = row.first() {
-            core::hint::black_box(x);
-        }
-    }
+fn starts_page(row: *const u8, span: usize) -> bool {
+    (row as usize) % 4096 < span
 }
 
 /// Whether a unit of `rows` rows takes this path on `S`: the rows (rounded up to a power of two)
@@ -93,6 +88,9 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     // the whole chunk rather than arriving in one burst that stalls on the fill buffers.
     let v_hint = PREFETCH_AHEAD * vld;
     let q = S::as_simd_f32s(&sc.qt[..R * d]).0;
+    let (k_base, v_base) = (kd.as_ptr().wrapping_add(ko), vd.as_ptr().wrapping_add(vo));
+    let k_span = kld.max(d) * size_of::<TKV>();
+    let v_span = vld.max(p.shape.v_head_dim) * size_of::<TKV>();
     let mut alpha = [0.0f32; 16];
 
     let mut j0 = k0;
@@ -105,15 +103,27 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         let sv = S::as_mut_simd_f32s(s).0;
         for (g, out) in sv.iter_mut().enumerate() {
             let c0 = g * group;
-            // K rows ahead (keys below `k1`, so in bounds), hinted into L2.
-            for j in (j0 + c0 + PREFETCH_AHEAD..j0 + c0 + group + PREFETCH_AHEAD).take_while(|&j| j < k1) {
-                let k_row = &kd[ko + j * kld..][..d];
-                touch_new_page(k_row, kld);
-                // V is hinted inside P.V, but its pages are walked here, at the same distance.
-                touch_new_page(&vd[vo + j * vld..][..p.shape.v_head_dim], vld);
-                let kp = k_row.as_ptr().cast::<u8>();
+            // K rows a chunk ahead hinted into L2, and the first row of each page a further chunk
+            // ahead hinted too: the hardware prefetcher stops at every 4 KiB page, and that hint's
+            // page walk brings the page into the TLB before the hints of its rows arrive (on the
+            // Xeon this was measured on, 1-4% faster than walking it with a demand read, which
+            // stalls retirement behind a miss to memory). Only addresses are computed: a hint is never dereferenced, so it needs no bounds.
+            let first = j0 + c0 + PREFETCH_AHEAD;
+            for j in first..(first + group).min(k1) {
+                let kp = k_base.wrapping_add(j * kld).cast::<u8>();
                 for line in (0..k_bytes).step_by(64) {
                     simd.prefetch_l2(kp.wrapping_add(line));
+                }
+                let j2 = j + PREFETCH_AHEAD;
+                if j2 < k1 {
+                    let kq = k_base.wrapping_add(j2 * kld).cast::<u8>();
+                    if starts_page(kq, k_span) {
+                        simd.prefetch_l2(kq);
+                    }
+                    let vq = v_base.wrapping_add(j2 * vld).cast::<u8>();
+                    if starts_page(vq, v_span) {
+                        simd.prefetch_l2(vq);
+                    }
                 }
             }
             let mut k_rows: [&[TKV]; 16] = [&[]; 16];
