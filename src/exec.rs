@@ -478,6 +478,9 @@ pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
     let next = AtomicUsize::new(0);
     // A worker that cannot get scratch takes no unit; the others take them all.
     let worker = || with_thread_scratch(scratch_len, |sc| run_units(job, Units::Dynamic { next: &next }, sc));
+    // Workers beyond the cores would only take turns (and spin against each other): every
+    // count gives the same result, so cap it.
+    let threads = threads.min(crate::pool::cores());
     let first = match crate::pool::run(threads, &|_| worker()) {
         Ok(first) => first,
         Err(()) => {

@@ -33,7 +33,8 @@ struct JobPtr(*const (dyn Fn(usize) + Sync));
 unsafe impl Send for JobPtr {}
 
 struct Shared {
-    /// Bumped (under no lock) to publish a call; helpers compare it with the last one they saw.
+    /// Bumped (under the `job` lock) to publish a call; helpers compare it with the last one they
+    /// saw.
     generation: AtomicU64,
     /// The call being published: the job and how many helpers take part (helper `i` runs when
     /// `i < helpers`). Written only by the caller that holds `busy`, which bumps `generation`
@@ -71,16 +72,15 @@ fn pool() -> &'static Pool {
     })
 }
 
-thread_local! {
-    /// Whether this thread is one of the helpers (a call from inside one must not wait on the
-    /// pool it is part of).
-    static IS_HELPER: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+/// The cores this process may run on, read once: more workers than that only take turns.
+pub(crate) fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Helper `index`'s life: poll, park, run its share of each call after generation `seen`
 /// (the one current when it was spawned, so the call that spawned it is not missed).
 fn helper_loop(shared: &'static Shared, index: usize, mut seen: u64) {
-    IS_HELPER.with(|h| h.set(true));
     let spin = Duration::from_micros(spin_us());
     loop {
         // Poll for the next call, then park.
@@ -89,7 +89,7 @@ fn helper_loop(shared: &'static Shared, index: usize, mut seen: u64) {
         while shared.generation.load(Ordering::Acquire) == seen {
             core::hint::spin_loop();
             polls = polls.wrapping_add(1);
-            if polls % 256 == 0 && start.elapsed() >= spin {
+            if polls.is_multiple_of(256) && start.elapsed() >= spin {
                 let mut guard = shared.park.lock().unwrap_or_else(|e| e.into_inner());
                 shared.sleepers.fetch_add(1, Ordering::SeqCst);
                 while shared.generation.load(Ordering::SeqCst) == seen {
@@ -120,14 +120,11 @@ fn helper_loop(shared: &'static Shared, index: usize, mut seen: u64) {
 
 /// Runs `f(0)` on the calling thread and `f(1)`, ..., `f(threads - 1)` on helpers, and returns
 /// `f(0)`'s result once every share has finished. Returns `Err(())` without running anything
-/// when the pool is busy with another call or is called from one of its own helpers; the caller
+/// when the pool is busy with another call (which includes a call from one of its shares); the caller
 /// then runs the work some other way. A panic in any share is re-raised here, after every share
 /// has finished (so nothing outlives the borrow of `f`). Helpers that cannot be spawned are done
 /// without: `f` must let any subset of its shares take all the work (a shared unit counter).
 pub(crate) fn run<R>(threads: usize, f: &(dyn Fn(usize) -> R + Sync)) -> Result<R, ()> {
-    if IS_HELPER.with(|h| h.get()) {
-        return Err(());
-    }
     let pool = pool();
     let mut spawned = match pool.busy.try_lock() {
         Ok(guard) => guard,
