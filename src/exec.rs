@@ -322,9 +322,15 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
         }
         if let PlanKind::Decode { heads_per_sub, .. } = job.plan.kind {
             let mut sc = decode::Scratch::new(scratch, heads_per_sub * s.seq_q, MR, S::F32_LANES, s.head_dim, s.v_head_dim);
-            while let Some(u) = iter.next() {
+            // The next unit is claimed before this one runs, so the kernel can hint its first
+            // keys while this one's last chunk computes: otherwise every unit starts on K/V that
+            // nothing has asked for yet (one chunk in sixteen of a 1024-key partition).
+            let mut next = iter.next();
+            while let Some(u) = next {
                 let w = job.plan.unit(u);
-                decode::decode_unit::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &w, &mut sc);
+                next = iter.next();
+                let after = next.map(|n| job.plan.unit(n));
+                decode::decode_unit::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &w, after.as_ref(), &mut sc);
                 finish_decode_unit(&job, &w, sc.acc, sc.max, sc.sum, sc.dv_pad);
             }
             return (D != 0).then_some(D);

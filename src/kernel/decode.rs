@@ -91,14 +91,26 @@ pub(super) fn pack_q_row<TQ: Element, TKV: Element>(
     RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY })
 }
 
+/// Keys some row of unit `w` may see, within its partition (a row's interval is monotone in
+/// the row, so the first and last rows bound them).
+#[inline(always)]
+pub(super) fn unit_keys<TQ, TKV>(p: &Problem<'_, TQ, TKV>, w: &WorkUnit) -> (usize, usize) {
+    let kv_len = p.kv_len(w.batch);
+    let (lo, _) = p.masker.interval(kv_len, w.q_start);
+    let (_, hi) = p.masker.interval(kv_len, w.q_end - 1);
+    (lo.max(w.key_start), hi.min(w.key_end))
+}
+
 /// Runs unit `w` into `sc.acc` / `sc.max` / `sc.sum` (rows ordered head-major:
 /// `r = (h - head_start) * rows_per_head + (i - q_start)`). The sink joins partition 0 only, so
-/// a merge counts it once.
+/// a merge counts it once. `next` is the unit the worker runs after this one, if it knows it:
+/// its first keys are hinted while this one's last chunk computes.
 #[inline(always)]
 pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
     p: &Problem<'_, TQ, TKV>,
     w: &WorkUnit,
+    next: Option<&WorkUnit>,
     sc: &mut Scratch,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
@@ -106,11 +118,11 @@ pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     // At most a vector of rows (one or a few query rows per head of a GQA group, say).
     if super::decode_few::takes::<S>(rows, d, p.shape.v_head_dim) {
         match rows.next_power_of_two() {
-            1 => return super::decode_few::decode_few::<S, TQ, TKV, D, 1>(simd, p, w, sc),
-            2 => return super::decode_few::decode_few::<S, TQ, TKV, D, 2>(simd, p, w, sc),
-            4 => return super::decode_few::decode_few::<S, TQ, TKV, D, 4>(simd, p, w, sc),
-            8 => return super::decode_few::decode_few::<S, TQ, TKV, D, 8>(simd, p, w, sc),
-            16 => return super::decode_few::decode_few::<S, TQ, TKV, D, 16>(simd, p, w, sc),
+            1 => return super::decode_few::decode_few::<S, TQ, TKV, D, 1>(simd, p, w, next, sc),
+            2 => return super::decode_few::decode_few::<S, TQ, TKV, D, 2>(simd, p, w, next, sc),
+            4 => return super::decode_few::decode_few::<S, TQ, TKV, D, 4>(simd, p, w, next, sc),
+            8 => return super::decode_few::decode_few::<S, TQ, TKV, D, 8>(simd, p, w, next, sc),
+            16 => return super::decode_few::decode_few::<S, TQ, TKV, D, 16>(simd, p, w, next, sc),
             _ => {}
         }
     }
@@ -150,10 +162,7 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     }
     sc.acc[..rows_pad * dv_pad].fill(0.0);
 
-    // Keys some row may see, within the partition (intervals are monotone in the row).
-    let (lo, _) = p.masker.interval(kv_len, w.q_start);
-    let (_, hi) = p.masker.interval(kv_len, w.q_end - 1);
-    let (k0, k1) = (lo.max(w.key_start), hi.min(w.key_end));
+    let (k0, k1) = unit_keys(p, w);
     let terms = any_terms(p);
     let (seq, hk) = (p.shape.seq_kv, w.kv_head);
     let dv = p.shape.v_head_dim;

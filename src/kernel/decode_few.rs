@@ -10,7 +10,7 @@
 //! f16 in registers (`pv_direct`). K and V are read once, straight from the caller's memory,
 //! with the rows a fixed distance ahead hinted into L2.
 
-use super::decode::{pack_q_row, Scratch, CHUNK};
+use super::decode::{pack_q_row, unit_keys, Scratch, CHUNK};
 use super::microkernel::{pv_direct, qk_dot_group};
 use super::strided_row_terms;
 use super::terms::any_terms;
@@ -24,15 +24,6 @@ use crate::simd::SimdExt;
 /// One chunk ahead measured best on the decode targets (32 to 128 keys were within noise of
 /// each other; none at all was 1.3x slower).
 const PREFETCH_AHEAD: usize = CHUNK;
-
-/// Whether the row at `row`, of rows `span` bytes apart (or `span` bytes long, if longer), is the
-/// first of them to start in its 4 KiB page: whatever the stride (rows packed one after another
-/// as in BHSD, or a token's heads in between as in BSHD), exactly one row per page the rows start
-/// in qualifies.
-#[inline(always)]
-fn starts_page(row: *const u8, span: usize) -> bool {
-    (row as usize) % 4096 < span
-}
 
 /// Whether a unit of `rows` rows takes this path on `S`: the rows (rounded up to a power of two)
 /// fit one vector, and the head dims are whole vectors (no tails in the dot products or P.V).
@@ -53,6 +44,7 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     simd: S,
     p: &Problem<'_, TQ, TKV>,
     w: &WorkUnit,
+    next: Option<&WorkUnit>,
     sc: &mut Scratch,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
@@ -76,21 +68,19 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     let mut state = Interleaved::<S, R>::new(&max0, &sum0);
     sc.acc[..R * dv_pad].fill(0.0);
 
-    // Keys some row may see, within the partition (intervals are monotone in the row).
-    let (lo, _) = p.masker.interval(kv_len, w.q_start);
-    let (_, hi) = p.masker.interval(kv_len, w.q_end - 1);
-    let (k0, k1) = (lo.max(w.key_start), hi.min(w.key_end));
+    let (k0, k1) = unit_keys(p, w);
     let terms = any_terms(p);
     let (kd, ko, kld) = (p.k.data, p.k.strides.offset(b, hk, 0), p.k.strides.seq);
     let (vd, vo, vld) = (p.v.data, p.v.strides.offset(b, hk, 0), p.v.strides.seq);
     let k_bytes = d * size_of::<TKV>();
-    // V rows are hinted from inside P.V, a V row's segment per key, so the hints spread over
-    // the whole chunk rather than arriving in one burst that stalls on the fill buffers.
-    let v_hint = PREFETCH_AHEAD * vld;
     let q = S::as_simd_f32s(&sc.qt[..R * d]).0;
-    let (k_base, v_base) = (kd.as_ptr().wrapping_add(ko), vd.as_ptr().wrapping_add(vo));
+    let ahead = HintRows::new(p, k1, w, next);
     let k_span = kld.max(d) * size_of::<TKV>();
     let v_span = vld.max(p.shape.v_head_dim) * size_of::<TKV>();
+    // Rows per page, less one, as a mask: a power of two no larger than a page's worth of the
+    // wider-spaced tensor's rows, so sampling rows at multiples of it misses no page.
+    let page_rows = (4096 / k_span.max(v_span)).max(1);
+    let page_rows = (1usize << page_rows.ilog2()) - 1;
     let mut alpha = [0.0f32; 16];
 
     let mut j0 = k0;
@@ -101,27 +91,29 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
 
         // S = Q K^T, keys by rows; a partial last group repeats its last key.
         let sv = S::as_mut_simd_f32s(s).0;
+        // Each K row of the chunk hints the row a chunk on (V rows likewise, inside P.V), which
+        // may be the next unit's.
+        let (k_hint, v_hint) = ahead.offsets(j0);
+        let k_here = kd.as_ptr().wrapping_add(ko).wrapping_add(j0.wrapping_mul(kld));
         for (g, out) in sv.iter_mut().enumerate() {
             let c0 = g * group;
-            // K rows a chunk ahead hinted into L2, and the first row of each page a further chunk
-            // ahead hinted too: the hardware prefetcher stops at every 4 KiB page, and that hint's
-            // page walk brings the page into the TLB before the hints of its rows arrive (on the
-            // Xeon this was measured on, 1-4% faster than walking it with a demand read, which
-            // stalls retirement behind a miss to memory). Only addresses are computed: a hint is never dereferenced, so it needs no bounds.
-            let first = j0 + c0 + PREFETCH_AHEAD;
-            for j in first..(first + group).min(k1) {
-                let kp = k_base.wrapping_add(j * kld).cast::<u8>();
+            // K rows a chunk ahead hinted into L2, and a row of every page two chunks ahead
+            // hinted too (every `page_rows + 1`-th row and the last): the hardware prefetcher
+            // stops at every 4 KiB page, and that hint's page walk brings the page into the TLB
+            // before the hints of its rows arrive (on the Xeon this was measured on, 1-4% faster
+            // than walking it with a demand read, which stalls retirement behind a miss to
+            // memory). The hint addresses are computed once per chunk plus a stride per row (the
+            // scalar work competes with the vector ports): 10-13% less time per key with K/V in
+            // L2, 2-3% with K/V in memory. Only addresses are computed: a hint is never
+            // dereferenced, so it needs no bounds.
+            for c in c0..c0 + group {
+                let kp = k_here.wrapping_add(c.wrapping_mul(kld)).wrapping_offset(k_hint).cast::<u8>();
                 for line in (0..k_bytes).step_by(64) {
                     simd.prefetch_l2(kp.wrapping_add(line));
                 }
-                let j2 = j + PREFETCH_AHEAD;
-                if j2 < k1 {
-                    let kq = k_base.wrapping_add(j2 * kld).cast::<u8>();
-                    if starts_page(kq, k_span) {
+                if c & page_rows == 0 || c == CHUNK - 1 {
+                    if let Some((kq, vq)) = ahead.rows(kd, vd, j0 + c + 2 * PREFETCH_AHEAD) {
                         simd.prefetch_l2(kq);
-                    }
-                    let vq = v_base.wrapping_add(j2 * vld).cast::<u8>();
-                    if starts_page(vq, v_span) {
                         simd.prefetch_l2(vq);
                     }
                 }
@@ -152,6 +144,9 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         // O = O * alpha + P V, V rows read in place.
         let acc = S::as_mut_simd_f32s(&mut sc.acc[..R * dv_pad]).0;
         let v_rows = (vd, vo + j0 * vld, vld);
+        // V rows are hinted from inside P.V (`v_hint`), a V row's segment per key, so the hints
+        // spread over the whole chunk rather than arriving in one burst that stalls on the fill
+        // buffers.
         // Register tiles of R x {8, 8, 4, 2} vectors keep at most 16 accumulators, leaving
         // registers for the widened V row and the broadcast weights (AVX2 has 16 in all, so its
         // wider tiles spill a little; still faster than re-reading V); the rest one at a time.
@@ -180,6 +175,70 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         j0 += n;
     }
     state.store(&mut sc.max[..R], &mut sc.sum[..R]);
+}
+
+/// Where the K/V rows hinted ahead of a unit lie: key `j` of the unit while `j < k1`, and past
+/// that the first keys of the unit the worker runs next (its `k0 + (j - k1)`), so that unit does
+/// not start on rows nothing has asked for. Only addresses are computed, never dereferenced.
+#[derive(Clone, Copy)]
+struct HintRows {
+    /// This unit's K and V offsets of key 0, and its end key.
+    here: (usize, usize, usize),
+    /// The next unit's K and V offsets of key 0, and its keys.
+    next: Option<(usize, usize, usize, usize)>,
+    k_ld: usize,
+    v_ld: usize,
+}
+
+impl HintRows {
+    #[inline(always)]
+    fn new<TQ, TKV>(p: &Problem<'_, TQ, TKV>, k1: usize, w: &WorkUnit, next: Option<&WorkUnit>) -> Self {
+        let (k, v) = (&p.k.strides, &p.v.strides);
+        let next = next.map(|n| {
+            let (nk0, nk1) = unit_keys(p, n);
+            (k.offset(n.batch, n.kv_head, 0), v.offset(n.batch, n.kv_head, 0), nk0, nk1)
+        });
+        Self { here: (k.offset(w.batch, w.kv_head, 0), v.offset(w.batch, w.kv_head, 0), k1), next, k_ld: k.seq, v_ld: v.seq }
+    }
+
+    /// The K and V row addresses that hint `j` refers to, or `None` past both units.
+    #[inline(always)]
+    fn rows<T>(&self, k: &[T], v: &[T], j: usize) -> Option<(*const u8, *const u8)> {
+        let (ko, vo, k1) = self.here;
+        let (ko, vo, j) = if j < k1 {
+            (ko, vo, j)
+        } else {
+            let (nko, nvo, nk0, nk1) = self.next?;
+            let jn = nk0 + (j - k1);
+            if jn >= nk1 {
+                return None;
+            }
+            (nko, nvo, jn)
+        };
+        let kp = k.as_ptr().wrapping_add(ko).wrapping_add(j.wrapping_mul(self.k_ld)).cast::<u8>();
+        let vp = v.as_ptr().wrapping_add(vo).wrapping_add(j.wrapping_mul(self.v_ld)).cast::<u8>();
+        Some((kp, vp))
+    }
+
+    /// For the K and V rows of the chunk starting at key `j0`, the offsets (in elements) from
+    /// each row to the row it hints: [`PREFETCH_AHEAD`] keys later, or the matching key of the
+    /// next unit when every target lies past this unit's end (a chunk whose targets straddle the
+    /// end hints past it, harmlessly).
+    #[inline(always)]
+    fn offsets(&self, j0: usize) -> (isize, isize) {
+        let (ko, vo, k1) = self.here;
+        let ahead = PREFETCH_AHEAD as isize;
+        match self.next {
+            // Row `o + (j0 + c) ld` hints `no + (nk0 + j0 + c + AHEAD - k1) ld`.
+            Some((nko, nvo, nk0, _)) if j0 + PREFETCH_AHEAD >= k1 => {
+                // Wrapping: a hint's address is never used but as a hint, so no overflow can matter.
+                let shift = (nk0 as isize).wrapping_add(ahead).wrapping_sub(k1 as isize);
+                let to = |o: usize, no: usize, ld: usize| (no as isize).wrapping_sub(o as isize).wrapping_add(shift.wrapping_mul(ld as isize));
+                (to(ko, nko, self.k_ld), to(vo, nvo, self.v_ld))
+            }
+            _ => (ahead.wrapping_mul(self.k_ld as isize), ahead.wrapping_mul(self.v_ld as isize)),
+        }
+    }
 }
 
 /// The online-softmax state of `R` interleaved rows: lane `i` holds row `i % R`'s running max and

@@ -177,7 +177,7 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
 /// The rows are read in place and widened in registers (f16), so decode reads V once and never
 /// copies it; each key's slice is taken once, at its exact width, so the loads need no checks.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, const NV: usize>(
     simd: S,
     n: usize,
@@ -189,7 +189,7 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
     ld_o: usize,
     alpha: &[f32],
     rescale: bool,
-    hint_ahead: usize,
+    hint_ahead: isize,
 ) {
     let lanes = S::F32_LANES;
     let mut acc = [[simd.splat_f32s(0.0); NV]; R];
@@ -204,9 +204,9 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
         let p = &p[..(n - 1) * ld_p + R];
         for c in 0..n {
             let row = &v[v_at + c * ld_v + x0 * lanes..][..NV * lanes];
-            if hint_ahead > 0 {
+            if hint_ahead != 0 {
                 // A hint, never dereferenced: the address may lie past the slice.
-                let ahead = row.as_ptr().wrapping_add(hint_ahead).cast::<u8>();
+                let ahead = row.as_ptr().wrapping_offset(hint_ahead).cast::<u8>();
                 for line in (0..core::mem::size_of_val(row)).step_by(64) {
                     simd.prefetch_l2(ahead.wrapping_add(line));
                 }
