@@ -74,7 +74,7 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     let (vd, vo, vld) = (p.v.data, p.v.strides.offset(b, hk, 0), p.v.strides.seq);
     let k_bytes = d * size_of::<TKV>();
     let q = S::as_simd_f32s(&sc.qt[..R * d]).0;
-    let ahead = HintRows::new(p, k1, w, next);
+    let ahead = HintRows::new(p, (ko, vo, k1), next);
     let k_span = kld.max(d) * size_of::<TKV>();
     let v_span = vld.max(p.shape.v_head_dim) * size_of::<TKV>();
     // Rows per page, less one, as a mask: a power of two no larger than a page's worth of the
@@ -93,7 +93,7 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         let sv = S::as_mut_simd_f32s(s).0;
         // Each K row of the chunk hints the row a chunk on (V rows likewise, inside P.V), which
         // may be the next unit's.
-        let (k_hint, v_hint) = ahead.offsets(j0);
+        let (k_hint, v_hint) = ahead.offsets(kd, vd, j0);
         let k_here = kd.as_ptr().wrapping_add(ko).wrapping_add(j0.wrapping_mul(kld));
         for (g, out) in sv.iter_mut().enumerate() {
             let c0 = g * group;
@@ -192,13 +192,13 @@ struct HintRows {
 
 impl HintRows {
     #[inline(always)]
-    fn new<TQ, TKV>(p: &Problem<'_, TQ, TKV>, k1: usize, w: &WorkUnit, next: Option<&WorkUnit>) -> Self {
+    fn new<TQ, TKV>(p: &Problem<'_, TQ, TKV>, here: (usize, usize, usize), next: Option<&WorkUnit>) -> Self {
         let (k, v) = (&p.k.strides, &p.v.strides);
         let next = next.map(|n| {
             let (nk0, nk1) = unit_keys(p, n);
             (k.offset(n.batch, n.kv_head, 0), v.offset(n.batch, n.kv_head, 0), nk0, nk1)
         });
-        Self { here: (k.offset(w.batch, w.kv_head, 0), v.offset(w.batch, w.kv_head, 0), k1), next, k_ld: k.seq, v_ld: v.seq }
+        Self { here, next, k_ld: k.seq, v_ld: v.seq }
     }
 
     /// The K and V row addresses that hint `j` refers to, or `None` past both units.
@@ -221,22 +221,19 @@ impl HintRows {
     }
 
     /// For the K and V rows of the chunk starting at key `j0`, the offsets (in elements) from
-    /// each row to the row it hints: [`PREFETCH_AHEAD`] keys later, or the matching key of the
-    /// next unit when every target lies past this unit's end (a chunk whose targets straddle the
-    /// end hints past it, harmlessly).
+    /// each row to the row it hints: where [`Self::rows`] puts key `j0 + PREFETCH_AHEAD`, less
+    /// where key `j0` is (a chunk whose targets straddle this unit's end hints past it,
+    /// harmlessly); [`PREFETCH_AHEAD`] rows on when nothing follows.
     #[inline(always)]
-    fn offsets(&self, j0: usize) -> (isize, isize) {
-        let (ko, vo, k1) = self.here;
-        let ahead = PREFETCH_AHEAD as isize;
-        match self.next {
-            // Row `o + (j0 + c) ld` hints `no + (nk0 + j0 + c + AHEAD - k1) ld`.
-            Some((nko, nvo, nk0, _)) if j0 + PREFETCH_AHEAD >= k1 => {
-                // Wrapping: a hint's address is never used but as a hint, so no overflow can matter.
-                let shift = (nk0 as isize).wrapping_add(ahead).wrapping_sub(k1 as isize);
-                let to = |o: usize, no: usize, ld: usize| (no as isize).wrapping_sub(o as isize).wrapping_add(shift.wrapping_mul(ld as isize));
-                (to(ko, nko, self.k_ld), to(vo, nvo, self.v_ld))
+    fn offsets<T>(&self, k: &[T], v: &[T], j0: usize) -> (isize, isize) {
+        let size = size_of::<T>().max(1) as isize;
+        let apart = |to: *const u8, from: *const u8| (to as isize).wrapping_sub(from as isize) / size;
+        match (self.rows(k, v, j0 + PREFETCH_AHEAD), self.rows(k, v, j0)) {
+            (Some((kt, vt)), Some((kf, vf))) => (apart(kt, kf), apart(vt, vf)),
+            _ => {
+                let ahead = PREFETCH_AHEAD as isize;
+                (ahead.wrapping_mul(self.k_ld as isize), ahead.wrapping_mul(self.v_ld as isize))
             }
-            _ => (ahead.wrapping_mul(self.k_ld as isize), ahead.wrapping_mul(self.v_ld as isize)),
         }
     }
 }
