@@ -10,7 +10,7 @@
 
 use super::flash::online_softmax;
 use super::{strided_row_terms, v_rows, KRows};
-use super::microkernel::{pv_rows, qk_tile};
+use super::microkernel::{all_finite, as_f32s, pv_rows, pv_skip_zero, qk_tile};
 use super::softmax::RowState;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -23,7 +23,7 @@ pub(crate) const CHUNK: usize = 64;
 
 #[inline(always)]
 fn round_up(x: usize, m: usize) -> usize {
-    x.div_ceil(m) * m
+    x.div_ceil(m).saturating_mul(m)
 }
 
 /// Query rows per row tile: one vector of rows, or two on narrow ISAs where a vector holds
@@ -52,12 +52,13 @@ fn parts(rows: usize, mr: usize, lanes: usize, head_dim: usize, v_head_dim: usiz
     let rt = row_tile(mr, lanes);
     let r = round_up(rows, rt);
     let dv = round_up(v_head_dim, lanes);
-    [r * head_dim, CHUNK * head_dim, CHUNK * dv, CHUNK * rt, CHUNK, r * dv, r, r, rt]
+    // Saturating: the planner rejects a total near the limit instead of wrapping.
+    [r.saturating_mul(head_dim), CHUNK.saturating_mul(head_dim), CHUNK.saturating_mul(dv), CHUNK * rt, CHUNK, r.saturating_mul(dv), r, r, rt]
 }
 
 impl<'w> Scratch<'w> {
     pub fn len(rows: usize, mr: usize, lanes: usize, head_dim: usize, v_head_dim: usize) -> usize {
-        parts(rows, mr, lanes, head_dim, v_head_dim).iter().sum()
+        parts(rows, mr, lanes, head_dim, v_head_dim).iter().fold(0, |a: usize, &x| a.saturating_add(x))
     }
 
     pub fn new(mut buf: &'w mut [f32], rows: usize, mr: usize, lanes: usize, head_dim: usize, v_head_dim: usize) -> Self {
@@ -104,7 +105,9 @@ pub(super) fn unit_keys<TQ, TKV>(p: &Problem<'_, TQ, TKV>, w: &WorkUnit) -> (usi
 /// Runs unit `w` into `sc.acc` / `sc.max` / `sc.sum` (rows ordered head-major:
 /// `r = (h - head_start) * rows_per_head + (i - q_start)`). The sink joins partition 0 only, so
 /// a merge counts it once. `next` is the unit the worker runs after this one, if it knows it:
-/// its first keys are hinted while this one's last chunk computes.
+/// its first keys are hinted while this one's last chunk computes. A unit whose accumulators
+/// are not all finite runs again with P.V skipping zero weights, so NaN or Inf in the V row of
+/// a key the mask hides never reaches them (see [`pv_skip_zero`]).
 #[inline(always)]
 pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
@@ -113,23 +116,40 @@ pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     next: Option<&WorkUnit>,
     sc: &mut Scratch,
 ) {
+    decode_unit_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, w, next, sc, false);
+    let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
+    if !all_finite(simd, &sc.acc[..rows * sc.dv_pad]) {
+        decode_unit_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, w, None, sc, true);
+    }
+}
+
+/// One pass of [`decode_unit`]; `skip_zero` picks the P.V that skips zero weights.
+#[inline(always)]
+fn decode_unit_pass<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+    simd: S,
+    p: &Problem<'_, TQ, TKV>,
+    w: &WorkUnit,
+    next: Option<&WorkUnit>,
+    sc: &mut Scratch,
+    skip_zero: bool,
+) {
     let d = if D == 0 { p.shape.head_dim } else { D };
     let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
     // At most a vector of rows (one or a few query rows per head of a GQA group, say).
     if super::decode_few::takes::<S>(rows, d, p.shape.v_head_dim) {
         match rows.next_power_of_two() {
-            1 => return super::decode_few::decode_few::<S, TQ, TKV, D, 1>(simd, p, w, next, sc),
-            2 => return super::decode_few::decode_few::<S, TQ, TKV, D, 2>(simd, p, w, next, sc),
-            4 => return super::decode_few::decode_few::<S, TQ, TKV, D, 4>(simd, p, w, next, sc),
-            8 => return super::decode_few::decode_few::<S, TQ, TKV, D, 8>(simd, p, w, next, sc),
-            16 => return super::decode_few::decode_few::<S, TQ, TKV, D, 16>(simd, p, w, next, sc),
+            1 => return super::decode_few::decode_few::<S, TQ, TKV, D, 1>(simd, p, w, next, sc, skip_zero),
+            2 => return super::decode_few::decode_few::<S, TQ, TKV, D, 2>(simd, p, w, next, sc, skip_zero),
+            4 => return super::decode_few::decode_few::<S, TQ, TKV, D, 4>(simd, p, w, next, sc, skip_zero),
+            8 => return super::decode_few::decode_few::<S, TQ, TKV, D, 8>(simd, p, w, next, sc, skip_zero),
+            16 => return super::decode_few::decode_few::<S, TQ, TKV, D, 16>(simd, p, w, next, sc, skip_zero),
             _ => {}
         }
     }
     if S::F32_LANES >= MR {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 1>(simd, p, w, sc)
+        decode_rows::<S, TQ, TKV, D, MR, NRV, 1>(simd, p, w, sc, skip_zero)
     } else {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 2>(simd, p, w, sc)
+        decode_rows::<S, TQ, TKV, D, MR, NRV, 2>(simd, p, w, sc, skip_zero)
     }
 }
 
@@ -141,6 +161,7 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
     p: &Problem<'_, TQ, TKV>,
     w: &WorkUnit,
     sc: &mut Scratch,
+    skip_zero: bool,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
     let lanes = S::F32_LANES;
@@ -211,7 +232,12 @@ fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: 
 
             // O += P V for the sub-tiles of MR rows that hold real rows.
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
-            pv_rows::<S, MR, NRV>(simd, n, real, sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
+            if skip_zero {
+                let v = (as_f32s::<S>(vrows), 0, ld_v * lanes);
+                pv_skip_zero::<S, f32>(simd, n, real, sc.s, rt, v, acc, (dvv, dvv), sc.alpha, rescale);
+            } else {
+                pv_rows::<S, MR, NRV>(simd, n, real, sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
+            }
         }
         j0 += n;
     }

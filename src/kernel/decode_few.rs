@@ -11,7 +11,7 @@
 //! with the rows a fixed distance ahead hinted into L2.
 
 use super::decode::{pack_q_row, unit_keys, Scratch, CHUNK};
-use super::microkernel::{pv_direct, qk_dot_group};
+use super::microkernel::{pv_direct, pv_skip_zero, qk_dot_group};
 use super::strided_row_terms;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -46,6 +46,7 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
     w: &WorkUnit,
     next: Option<&WorkUnit>,
     sc: &mut Scratch,
+    skip_zero: bool,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
     let lanes = S::F32_LANES;
@@ -144,6 +145,11 @@ pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, 
         // O = O * alpha + P V, V rows read in place.
         let acc = S::as_mut_simd_f32s(&mut sc.acc[..R * dv_pad]).0;
         let v_rows = (vd, vo + j0 * vld, vld);
+        if skip_zero {
+            pv_skip_zero::<S, TKV>(simd, n, rows, s, R, v_rows, acc, (dvv, dvv), &alpha, rescale);
+            j0 += n;
+            continue;
+        }
         // V rows are hinted from inside P.V (`v_hint`), a V row's segment per key, so the hints
         // spread over the whole chunk rather than arriving in one burst that stalls on the fill
         // buffers.

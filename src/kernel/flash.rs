@@ -10,7 +10,7 @@
 //! horizontal reductions), and `pv_tile` accumulates P.V in sub-tiles of `MR` rows, folding the
 //! rescale (only when some row's max grew) into its accumulator load.
 
-use super::microkernel::{additive_row, pv_rows, qk_tile};
+use super::microkernel::{additive_row, all_finite, as_f32s, pv_rows, pv_skip_zero, qk_tile};
 use super::softmax::RowState;
 use super::terms::any_terms;
 use super::{strided_row_terms, v_rows, KRows};
@@ -22,7 +22,7 @@ use crate::simd::SimdExt;
 
 #[inline(always)]
 fn round_up(x: usize, m: usize) -> usize {
-    x.div_ceil(m) * m
+    x.div_ceil(m).saturating_mul(m)
 }
 
 /// Buffers of one worker for one call, carved from its workspace (no allocation).
@@ -47,13 +47,14 @@ fn scratch_parts(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize
     let br = round_up(tiles.br, rt);
     let bc = round_up(tiles.bc, tiles.mr);
     let dv_pad = round_up(v_head_dim, lanes);
-    [br * head_dim, bc * head_dim, bc * dv_pad, bc * rt, br * dv_pad, br, br, br, rt, bc]
+    // Saturating: the planner rejects a total near the limit instead of wrapping.
+    [br.saturating_mul(head_dim), bc.saturating_mul(head_dim), bc.saturating_mul(dv_pad), bc * rt, br.saturating_mul(dv_pad), br, br, br, rt, bc]
 }
 
 impl<'w> Scratch<'w> {
     /// f32 elements of workspace one worker needs.
     pub fn len(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> usize {
-        scratch_parts(tiles, lanes, head_dim, v_head_dim).iter().sum()
+        scratch_parts(tiles, lanes, head_dim, v_head_dim).iter().fold(0, |a: usize, &x| a.saturating_add(x))
     }
 
     /// `buf` holds at least [`Scratch::len`] elements; its contents do not matter (every
@@ -65,7 +66,9 @@ impl<'w> Scratch<'w> {
     }
 }
 
-/// Computes rows `[i0, i1)` of batch `b`, query head `h` into `sc.acc` / `sc.lse`.
+/// Computes rows `[i0, i1)` of batch `b`, query head `h` into `sc.acc` / `sc.lse`. A block
+/// whose output is not all finite runs again with P.V skipping zero weights, so NaN or Inf in
+/// the V row of a key the mask hides never reaches it (see [`pv_skip_zero`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
@@ -77,6 +80,22 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     i0: usize,
     i1: usize,
     sc: &mut Scratch,
+) {
+    query_block_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, tiles, (b, h, i0, i1), sc, false);
+    if !all_finite(simd, &sc.acc[..(i1 - i0) * sc.dv_pad]) {
+        query_block_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, tiles, (b, h, i0, i1), sc, true);
+    }
+}
+
+/// One pass of [`query_block`]; `skip_zero` picks the P.V that skips zero weights.
+#[inline(always)]
+fn query_block_pass<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+    simd: S,
+    p: &Problem<'_, TQ, TKV>,
+    tiles: &Tiles,
+    (b, h, i0, i1): (usize, usize, usize, usize),
+    sc: &mut Scratch,
+    skip_zero: bool,
 ) {
     let additive = matches!(p.score, ScoreData::Additive(_));
     let d = if D == 0 || additive { p.shape.head_dim } else { D };
@@ -133,7 +152,12 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
 
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
             // Sub-tiles holding only padding rows (past the block's last row) are skipped.
-            pv_rows::<S, MR, NRV>(simd, n, rt.min(rows - r0), sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
+            if skip_zero {
+                let v = (as_f32s::<S>(vrows), 0, ld_v * lanes);
+                pv_skip_zero::<S, f32>(simd, n, rt.min(rows - r0), sc.s, rt, v, acc, (dvv, dvv), sc.alpha, rescale);
+            } else {
+                pv_rows::<S, MR, NRV>(simd, n, rt.min(rows - r0), sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
+            }
         }
         j0 += n;
     }

@@ -252,6 +252,67 @@ pub(crate) fn qk_dot_group<S: SimdExt, T: crate::element::Element, const R: usiz
     simd.transpose_sum_f32s(&acc[..lanes])
 }
 
+/// O += P V one row at a time, skipping every key whose weight is exactly 0: the kernels' redo
+/// path for a block whose output came out non-finite. A masked key has weight 0, and 0 times a
+/// NaN or Inf in its V row is NaN, so the register tiles (which multiply every weight) let
+/// garbage in an invisible cache slot reach rows that cannot see it. Weights `p[c * ld_p + r]`
+/// for keys `c < n`, rows `r < rows`; V rows of any storage start `ld_v` elements apart at
+/// `v_at`; `o` has `ld_o` vectors per row, `dvv` of them used; `rescale` first multiplies row `r`
+/// by `alpha[r]`, as the fast tiles do.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pv_skip_zero<S: SimdExt, T: crate::element::Element>(
+    simd: S,
+    n: usize,
+    rows: usize,
+    p: &[f32],
+    ld_p: usize,
+    (v, v_at, ld_v): (&[T], usize, usize),
+    o: &mut [S::f32s],
+    (ld_o, dvv): (usize, usize),
+    alpha: &[f32],
+    rescale: bool,
+) {
+    for r in 0..rows {
+        let acc = &mut o[r * ld_o..r * ld_o + dvv];
+        if rescale {
+            let a = simd.splat_f32s(alpha[r]);
+            acc.iter_mut().for_each(|x| *x = simd.mul_f32s(*x, a));
+        }
+        for c in 0..n {
+            let w = p[c * ld_p + r];
+            if w == 0.0 {
+                continue;
+            }
+            let wb = simd.splat_f32s(w);
+            let row = &v[v_at + c * ld_v..];
+            for (x, a) in acc.iter_mut().enumerate() {
+                *a = simd.mul_add_e_f32s(wb, super::load_lanes(simd, row, x), *a);
+            }
+        }
+    }
+}
+
+/// Whether every value of `acc` is finite: the test that sends a block down the
+/// [`pv_skip_zero`] redo. `x - x` is 0 for a finite `x` and NaN otherwise, so one vector sum
+/// answers it; read once per block, after all its keys, it costs a sliver of the P.V work.
+#[inline(always)]
+pub(crate) fn all_finite<S: SimdExt>(simd: S, acc: &[f32]) -> bool {
+    let (head, tail) = S::as_simd_f32s(acc);
+    let mut z = simd.splat_f32s(0.0);
+    for &x in head {
+        z = simd.add_f32s(z, simd.sub_f32s(x, x));
+    }
+    simd.reduce_sum_f32s(z) == 0.0 && tail.iter().all(|x| x.is_finite())
+}
+
+/// Vectors of f32 as the f32 elements they hold (for [`pv_skip_zero`], which reads rows of any
+/// storage).
+#[inline(always)]
+pub(crate) fn as_f32s<S: SimdExt>(v: &[S::f32s]) -> &[f32] {
+    pulp::bytemuck::cast_slice(v)
+}
+
 /// O += P V for a row tile: `rows` rows (those holding real rows, a multiple of MR after
 /// rounding up) of weights `p` (key-major, pitch `rt`), `n` keys. The value dim goes in chunks of
 /// NV vectors outermost, so each chunk of the V rows stays in L1 while every sub-tile of MR rows

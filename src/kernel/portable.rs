@@ -28,13 +28,14 @@ pub(crate) struct Scratch<'w> {
 
 fn scratch_parts(tiles: &Tiles, head_dim: usize, v_head_dim: usize) -> [usize; 8] {
     let (br, bc) = (tiles.br, tiles.bc);
-    [br * head_dim, head_dim * kt_pitch(bc), bc * v_head_dim, br * bc, br * v_head_dim, br, br, br]
+    // Saturating: the planner rejects a total near the limit instead of wrapping.
+    [br.saturating_mul(head_dim), head_dim.saturating_mul(kt_pitch(bc)), bc.saturating_mul(v_head_dim), br * bc, br.saturating_mul(v_head_dim), br, br, br]
 }
 
 impl<'w> Scratch<'w> {
     /// f32 elements of workspace one worker needs.
     pub fn len(tiles: &Tiles, head_dim: usize, v_head_dim: usize) -> usize {
-        scratch_parts(tiles, head_dim, v_head_dim).iter().sum()
+        scratch_parts(tiles, head_dim, v_head_dim).iter().fold(0, |a: usize, &x| a.saturating_add(x))
     }
 
     /// `buf` holds at least [`Scratch::len`] elements, contents irrelevant.
@@ -155,7 +156,9 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
             *st_sum += tile_sum;
             *st_max = new_max;
 
-            for (c, &pc) in s.iter().enumerate() {
+            // A zero weight (a masked key) is skipped, not multiplied: 0 times a NaN or Inf
+            // left in an invisible cache slot's V row would reach the row.
+            for (c, &pc) in s.iter().enumerate().filter(|&(_, &pc)| pc != 0.0) {
                 for (a, &vv) in acc.iter_mut().zip(&sc.vt[c * dv..(c + 1) * dv]) {
                     *a += pc * vv;
                 }

@@ -19,10 +19,12 @@ pub const fn key_block(
     quantum: usize,
 ) -> usize {
     // Zero sizes (never reached by a validated call) must not divide by zero.
-    let dims = if head_dim + v_head_dim == 0 { 1 } else { head_dim + v_head_dim };
+    // Saturating: a head dim near the integer limit (an empty call may carry one) must not wrap.
+    let dims = head_dim.saturating_add(v_head_dim);
+    let dims = if dims == 0 { 1 } else { dims };
     let rows = if rows == 0 { 1 } else { rows };
-    let mut bc = (l2_bytes / 4) / (dims * 4);
-    let q_tile = head_dim * rows * 4;
+    let mut bc = (l2_bytes / 4) / dims.saturating_mul(4);
+    let q_tile = head_dim.saturating_mul(rows).saturating_mul(4);
     let l1_keys = if l1_bytes > q_tile { (l1_bytes - q_tile) / (rows * 4) } else { 0 };
     let quantum = if quantum == 0 { 1 } else { quantum };
     if l1_keys < bc {
@@ -43,7 +45,8 @@ pub const fn key_block(
 /// tiles (`quantum` rows), at least one; at most 64 rows so causal prefill has enough blocks
 /// to balance across threads.
 pub const fn query_block(head_dim: usize, v_head_dim: usize, l2_bytes: usize, quantum: usize) -> usize {
-    let per_row = if head_dim + v_head_dim == 0 { 4 } else { (head_dim + v_head_dim) * 4 };
+    let dims = head_dim.saturating_add(v_head_dim);
+    let per_row = if dims == 0 { 4 } else { dims.saturating_mul(4) };
     let quantum = if quantum == 0 { 1 } else { quantum };
     let mut br = (l2_bytes / 4) / per_row;
     if br > 64 {
