@@ -3,7 +3,7 @@
 
 use crate::element::Element;
 use crate::error::{AttnError, TensorName};
-use crate::exec::{alignment_plan, merge_all, merge_group, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
+use crate::exec::{alignment_plan, merge_all, merge_group, merge_row_len, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
 use crate::isa::{resolve_isa, Isa};
 use crate::layout::{AttentionShape, TensorMut, TensorRef};
 use crate::params::{AttentionParams, Score};
@@ -19,8 +19,11 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunInfo {
     pub isa: Isa,
-    /// The compile-time specialised head dim that ran, or `None` for the generic path.
+    /// The compile-time specialised head dim that ran, or `None` for the generic path (and
+    /// for the portable path, the additive score and empty calls).
     pub specialised_head_dim: Option<usize>,
+    /// The additive score's compile-time specialised attention dim (padded), or `None`.
+    pub specialised_additive_dim: Option<usize>,
     pub tiles: Tiles,
     /// Workers that ran (1 when the work was too small to split).
     pub threads: usize,
@@ -146,11 +149,60 @@ pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
     params: &AttentionParams<'_>,
     inspect: Inspect<'_>,
 ) -> Result<RunInfo, AttnError> {
+    if is_empty(shape) {
+        return empty_call(config, shape, q, k, v, out, lse, params, inspect);
+    }
     if let Some(projected) = general_as_dot(shape, q, k, v, params)? {
         let [qs, ..] = shape.bhsd_strides();
         return scored_call(config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot), inspect);
     }
     scored_call(config, shape, q, k, v, out, lse, params, inspect)
+}
+
+/// Whether a call has no output row (`batch`, `q_heads` or `seq_q` is 0).
+fn is_empty(shape: &AttentionShape) -> bool {
+    shape.batch == 0 || shape.q_heads == 0 || shape.seq_q == 0
+}
+
+/// A call with no output row: validated like any other, then nothing runs and nothing is
+/// allocated (the other dims may be anything that validates, up to the integer limits). The
+/// coverage output, `[B, Hq, Skv]`, is all zeros: no row attended to anything.
+#[allow(clippy::too_many_arguments)]
+fn empty_call<TQ: Element, TKV: Element, TO: Element>(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    out: TensorMut<'_, TO>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+    inspect: Inspect<'_>,
+) -> Result<RunInfo, AttnError> {
+    Problem::new(shape, q, k, v, params)?;
+    validate_outputs(shape, &out, lse.as_deref())?;
+    validate_inspect(shape, &inspect)?;
+    let isa = resolve_isa(config.isa)?;
+    let (plan, tiles, _, _) = plan_for(isa, TKV::DTYPE, shape, shape.seq_kv, false)?;
+    if let Some(c) = inspect.coverage {
+        // The length was validated, so the product fits.
+        c[..shape.batch * shape.q_heads * shape.seq_kv].fill(0.0);
+    }
+    Ok(RunInfo { isa, specialised_head_dim: None, specialised_additive_dim: None, tiles, threads: 1, plan })
+}
+
+/// The compile-time specialisations a call runs (head dim, additive attention dim), `None`
+/// for the generic path: the same choice `run_units` makes, read from the kernel table (not
+/// from whichever worker reported).
+pub(crate) fn specialisation(isa: Isa, kv_dtype: crate::element::DType, shape: &AttentionShape, score: &ScoreData<'_>) -> (Option<usize>, Option<usize>) {
+    use crate::plan::Family;
+    let family = Family::find(isa, kv_dtype).or_else(|| Family::find(isa, crate::element::DType::F32));
+    let Some(family) = family.filter(|_| isa != Isa::Portable && !is_empty(shape)) else { return (None, None) };
+    if let ScoreData::Additive(a) = score {
+        return (None, family.additive_dims.contains(&a.a_pad).then_some(a.a_pad));
+    }
+    let d = shape.head_dim;
+    ((d == shape.v_head_dim && family.head_dims.contains(&d)).then_some(d), None)
 }
 
 /// `Score::General` runs as the dot score on `q' = W^T q`: validates the call as written (Q
@@ -186,33 +238,41 @@ fn scored_call<TQ: Element, TKV: Element, TO: Element>(
     validate_inspect(shape, &inspect)?;
     let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
     let inspecting = inspect.alignment.is_some() || inspect.coverage.is_some();
+    let mut workers = WorkerBuffers::None;
     if !inspecting {
-        return fused_pass(config, shape, q, k, v, out, lse, params, buffers.data(&params.score));
+        return fused_pass(config, shape, q, k, v, out, lse, params, buffers.data(&params.score), 0, &mut workers);
     }
-    // The second pass needs every row's LSE: run the fused pass into our own buffer.
+    // Everything the second pass needs is allocated before the first writes a row: the LSE
+    // of every row (the first pass writes it here) and the second pass's scratch.
     let mut row_lse = crate::exec::try_zeroed(shape.batch * shape.q_heads * shape.seq_q)?;
-    let info = fused_pass(config, shape, q, k, v, out, Some(&mut row_lse), params, buffers.data(&params.score))?;
+    let (isa, plan, tiles, scratch_len) = alignment_plan(resolve_isa(config.isa)?, TKV::DTYPE, shape);
+    let info = fused_pass(config, shape, q, k, v, out, Some(&mut row_lse), params, buffers.data(&params.score), scratch_len, &mut workers)?;
     let p = Problem::new(shape, q, k, v, params)?.with_score(buffers.data(&params.score));
-    let (isa, plan, tiles, scratch_len) = alignment_plan(info.isa, TKV::DTYPE, shape);
     let rows = InspectRows::new(shape, inspect.alignment, inspect.coverage);
     let none = OutRows::<TO>::none(shape);
     let job = Job { p: &p, out: &none, plan, tiles, isa, partials: Partials::empty(), align: Some(AlignPass { out: &rows, lse: &row_lse }) };
-    let threads = info.threads.min(plan.units()).max(1);
-    #[cfg(feature = "rayon")]
-    let pooled = threads > 1;
-    #[cfg(not(feature = "rayon"))]
-    let pooled = false;
-    if pooled {
+    match &mut workers {
         #[cfg(feature = "rayon")]
-        crate::exec::run_pool(job, threads, scratch_len)?;
-    } else {
-        with_thread_scratch(scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc))?
-            .map_err(|_| AttnError::IsaUnavailable { isa })?;
+        WorkerBuffers::Pool(ws) => {
+            crate::exec::run_pool(job, ws)?;
+        }
+        _ => {
+            with_thread_scratch(scratch_len, |sc| run_units(job, Units::Share { ith: 0, nth: 1 }, sc))?
+                .map_err(|_| AttnError::IsaUnavailable { isa })?;
+        }
     }
     if let Some(lse) = lse {
         lse[..row_lse.len()].copy_from_slice(&row_lse);
     }
     Ok(info)
+}
+
+/// Where a call's workers found their scratch, kept for a second pass: the calling thread's
+/// workspace (grown before the first pass), or the pool workers' buffers.
+enum WorkerBuffers {
+    None,
+    #[cfg(feature = "rayon")]
+    Pool(crate::exec::WorkerScratch),
 }
 
 /// The inspection outputs are long enough (`[B, Hq, Sq, Skv]` and `[B, Hq, Skv]`).
@@ -230,7 +290,9 @@ pub(crate) fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>) ->
     check(TensorName::Coverage, &[s.batch, s.q_heads, s.seq_kv], inspect.coverage.as_deref().map(<[f32]>::len))
 }
 
-/// The fused pass on the crate's pool (or the calling thread).
+/// The fused pass on the crate's pool (or the calling thread). The workers' scratch holds at
+/// least `reserve` floats (what a second pass will need) and is left in `workers`; all of it
+/// is allocated before the first row is written.
 #[allow(clippy::too_many_arguments)]
 fn fused_pass<TQ: Element, TKV: Element, TO: Element>(
     config: &RunConfig,
@@ -242,31 +304,45 @@ fn fused_pass<TQ: Element, TKV: Element, TO: Element>(
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
     score: ScoreData<'_>,
+    reserve: usize,
+    workers: &mut WorkerBuffers,
 ) -> Result<RunInfo, AttnError> {
     let prepared = prepare(config, shape, q, k, v, out, lse, params, score)?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
+    let (specialised, additive) = specialisation(*isa, TKV::DTYPE, shape, &p.score);
+    let scratch_len = (*scratch_len).max(reserve).max(merge_row_len(plan, shape));
     let mut threads = config.threads.unwrap_or_else(default_threads).min(plan.units()).max(1);
     if threads > 1 {
         // Counting visible pairs walks every row: only worth it when a split is on the table.
         let flops = crate::attention_flops(shape, params);
         threads = threads.min((flops / MIN_FLOPS_PER_THREAD) as usize + 1);
     }
+    // Workers beyond the cores would only take turns (and spin against each other): every
+    // count gives the same result, so cap it.
+    #[cfg(feature = "rayon")]
+    let threads = threads.min(crate::pool::cores());
     let unavailable = || AttnError::IsaUnavailable { isa: *isa };
+    #[cfg(not(feature = "rayon"))]
+    let _ = workers;
+    #[cfg(feature = "rayon")]
+    if threads > 1 {
+        *workers = WorkerBuffers::Pool(crate::exec::WorkerScratch::take(threads, scratch_len)?);
+    }
     with_thread_partials(*partials_len, |pbuf| {
         let partials = Partials::new(pbuf, plan, shape);
         let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials, align: None };
         #[cfg(feature = "rayon")]
-        if threads > 1 {
-            let specialised = crate::exec::run_pool(job, threads, *scratch_len)?;
-            return Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads, plan: *plan });
+        if let WorkerBuffers::Pool(ws) = workers {
+            crate::exec::run_pool(job, ws)?;
+            return Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: *tiles, threads, plan: *plan });
         }
-        let specialised = with_thread_scratch(*scratch_len, |sc| {
+        with_thread_scratch(scratch_len, |sc| {
             let r = run_units(job, Units::Share { ith: 0, nth: 1 }, sc);
-            merge_all(&job, &mut sc[..shape.v_head_dim]);
+            merge_all(&job, sc);
             r
         })?
         .map_err(|_| unavailable())?;
-        Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1, plan: *plan })
+        Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: *tiles, threads: 1, plan: *plan })
     })?
 }
 
@@ -285,6 +361,9 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
+    if is_empty(shape) {
+        return empty_call(config, shape, q, k, v, out, lse, params, Inspect::default());
+    }
     if let Some(projected) = general_as_dot(shape, q, k, v, params)? {
         let [qs, ..] = shape.bhsd_strides();
         return attention_in(workspace, config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot));
@@ -293,13 +372,14 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
     let prepared = prepare(config, shape, q, k, v, out, lse, params, buffers.data(&params.score))?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
-    let (scratch, pbuf) = workspace.get(*scratch_len + *partials_len)?.split_at_mut(*scratch_len);
+    let scratch_len = (*scratch_len).max(merge_row_len(plan, shape));
+    let (scratch, pbuf) = workspace.get(scratch_len + *partials_len)?.split_at_mut(scratch_len);
     let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, shape), align: None };
-    let specialised = run_units(job, Units::Share { ith: 0, nth: 1 }, scratch)
-        .map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
+    run_units(job, Units::Share { ith: 0, nth: 1 }, scratch).map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
     // The merge's row buffer: the start of the scratch, free again now.
-    merge_all(&job, &mut scratch[..shape.v_head_dim]);
-    Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, tiles: *tiles, threads: 1, plan: *plan })
+    merge_all(&job, scratch);
+    let (specialised, additive) = specialisation(*isa, TKV::DTYPE, shape, &p.score);
+    Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: *tiles, threads: 1, plan: *plan })
 }
 
 /// A validated call, planned.
@@ -329,7 +409,10 @@ fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
     validate_outputs(shape, &out, lse.as_deref())?;
     let isa = resolve_isa(config.isa)?;
     let decode = !matches!(score, ScoreData::Additive(_));
-    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, decode)?;
+    // Keys past the longest `kv_lens` entry are invisible to every row: the plan stops there,
+    // so a cache allocated far longer than it is filled costs no empty units.
+    let keys = params.kv_lens.map_or(shape.seq_kv, |lens| lens.iter().copied().max().unwrap_or(0));
+    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode)?;
     Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan, tiles, isa, scratch_len, partials_len })
 }
 
@@ -439,7 +522,7 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
     /// f32 elements of scratch each worker passes to [`HostPlan::run`] and
     /// [`HostPlan::merge`].
     pub fn workspace_len(&self) -> usize {
-        self.prepared.scratch_len.max(self.prepared.p.shape.v_head_dim)
+        self.prepared.scratch_len.max(merge_row_len(&self.prepared.plan, &self.prepared.p.shape))
     }
 
     /// The plan (units and shares), for inspection.
@@ -470,8 +553,9 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
         }
         let result = run_units(self.job(), Units::Share { ith, nth: self.nth }, &mut workspace[..pr.scratch_len]);
         self.finished.fetch_add(1, Ordering::Release);
-        let specialised = result.map_err(|_| AttnError::IsaUnavailable { isa: pr.isa })?;
-        Ok(RunInfo { isa: pr.isa, specialised_head_dim: specialised, tiles: pr.tiles, threads: self.nth, plan: pr.plan })
+        result.map_err(|_| AttnError::IsaUnavailable { isa: pr.isa })?;
+        let (specialised, additive) = specialisation(pr.isa, TKV::DTYPE, &pr.p.shape, &pr.p.score);
+        Ok(RunInfo { isa: pr.isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: pr.tiles, threads: self.nth, plan: pr.plan })
     }
 
     /// The merge step of the decode path, share `ith` of `nth` (the same `nth`): call it after
@@ -480,6 +564,9 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
     /// false.
     pub fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
         self.check_share(ith, workspace)?;
+        if !self.needs_merge() {
+            return Ok(());
+        }
         let done = self.finished.load(Ordering::Acquire);
         if done < self.nth {
             return Err(AttnError::SharesNotFinished { finished: done, nth: self.nth });

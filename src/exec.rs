@@ -159,11 +159,13 @@ impl<TQ, TKV, TO> Copy for Job<'_, '_, '_, TQ, TKV, TO> {}
 /// The plan, block sizes, per-worker scratch length and decode-partials length (f32 elements)
 /// of a path for a problem. Decode shapes get the decode plan on the SIMD paths; the portable
 /// kernel, the baseline, always runs the prefill plan.
+/// `keys` bounds the keys any row can see (the longest `kv_lens` entry, else `seq_kv`);
 /// `decode` false keeps the prefill plan (the additive score has no decode kernel).
 pub(crate) fn plan_for(
     isa: Isa,
     kv_dtype: DType,
     shape: &crate::layout::AttentionShape,
+    keys: usize,
     decode: bool,
 ) -> Result<(WorkPlan, Tiles, usize, usize), AttnError> {
     let family = Family::find(isa, kv_dtype)
@@ -171,17 +173,23 @@ pub(crate) fn plan_for(
         .expect("kernels/ declares an f32 family for every path");
     let (d, dv) = (shape.head_dim, shape.v_head_dim);
     let tiles = family.tiles(d, dv);
+    let too_big = AttnError::SizeOverflow { tensor: crate::error::TensorName::K };
+    if shape.batch == 0 || shape.seq_q == 0 {
+        // An empty call: no unit, no scratch, whatever the other dims say.
+        return Ok((WorkPlan::new(shape, tiles.br), tiles, 0, 0));
+    }
     let (plan, scratch) = if isa == Isa::Portable {
         (WorkPlan::new(shape, tiles.br), portable::Scratch::len(&tiles, d, dv))
     } else if decode && WorkPlan::prefers_decode(shape) {
-        let plan = WorkPlan::decode(shape);
+        // Partitions cover only the keys some row can see (`keys`, the longest `kv_lens`).
+        let plan = WorkPlan::decode(&crate::layout::AttentionShape { seq_kv: keys.min(shape.seq_kv), ..*shape });
         let PlanKind::Decode { heads_per_sub, .. } = plan.kind else { unreachable!() };
         (plan, decode::Scratch::len(heads_per_sub * shape.seq_q, family.mr, family.lanes, d, dv))
     } else {
         (WorkPlan::new(shape, tiles.br), flash::Scratch::len(&tiles, family.lanes, d, dv))
     };
-    let too_big = AttnError::SizeOverflow { tensor: crate::error::TensorName::K };
-    if plan.units() == usize::MAX {
+    // Scratch sizes saturate rather than wrap; anything near that is no real buffer.
+    if plan.units() == usize::MAX || scratch > isize::MAX as usize / 8 {
         return Err(too_big);
     }
     let partials = Partials::len_for(&plan, shape).ok_or(too_big)?;
@@ -202,6 +210,11 @@ pub(crate) fn alignment_plan(isa: Isa, kv_dtype: DType, shape: &crate::layout::A
     (isa, WorkPlan::new(shape, shape.seq_q.max(1)), tiles, scratch)
 }
 
+/// Scratch floats the merge of `plan` needs (one output row), 0 when it has no merge.
+pub(crate) fn merge_row_len(plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> usize {
+    if plan.parts() > 1 { shape.v_head_dim } else { 0 }
+}
+
 /// A zeroed buffer of `len` floats, or `OutOfMemory` instead of aborting.
 pub(crate) fn try_zeroed(len: usize) -> Result<Vec<f32>, AttnError> {
     let mut v = Vec::new();
@@ -219,6 +232,10 @@ pub(crate) fn run_units<TQ: Element, TKV: Element, TO: Element>(
     scratch: &mut [f32],
 ) -> Result<Option<usize>, ()> {
     let iter = UnitIter { units, total: job.plan.units(), round: 0 };
+    if iter.total == 0 {
+        // An empty call's plan: its scratch was sized 0, so no kernel may carve it.
+        return Ok(None);
+    }
     if job.isa == Isa::Portable {
         run_portable(job, iter, scratch);
         return Ok(None);
@@ -472,48 +489,98 @@ pub(crate) fn with_thread_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R
     })
 }
 
-/// Runs every unit on `threads` workers (the calling thread is one of them), each taking the
-/// next unit from a shared counter, largest units first. The workers are the crate's spinning
-/// helpers ([`crate::pool`]), or rayon's when those are busy with another call.
+/// The scratch buffers of a pooled call's workers, one per worker, allocated by the caller
+/// before any unit runs: a worker that failed to allocate after the others had written rows
+/// would leave a half-written output behind an error. Taken from a process-wide cache and
+/// returned to it on drop, so steady-state calls do not allocate.
+#[cfg(feature = "rayon")]
+pub(crate) struct WorkerScratch {
+    bufs: Vec<Vec<f32>>,
+}
+
+#[cfg(feature = "rayon")]
+static POOL_SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+#[cfg(feature = "rayon")]
+impl WorkerScratch {
+    /// `workers` buffers of at least `len` floats each, or `OutOfMemory`.
+    pub fn take(workers: usize, len: usize) -> Result<Self, AttnError> {
+        // A concurrent pooled call (on rayon's threads) may hold the cache: then this one
+        // allocates its own.
+        let mut bufs = core::mem::take(&mut *POOL_SCRATCH.lock().unwrap_or_else(|e| e.into_inner()));
+        bufs.truncate(workers);
+        let oom = || AttnError::OutOfMemory { bytes: len.saturating_mul(4) };
+        bufs.try_reserve_exact(workers - bufs.len()).map_err(|_| oom())?;
+        while bufs.len() < workers {
+            bufs.push(Vec::new());
+        }
+        for b in &mut bufs {
+            if b.len() < len {
+                b.try_reserve_exact(len - b.len()).map_err(|_| oom())?;
+                b.resize(len, 0.0);
+            }
+        }
+        Ok(Self { bufs })
+    }
+}
+
+#[cfg(feature = "rayon")]
+impl Drop for WorkerScratch {
+    fn drop(&mut self) {
+        let mut cache = POOL_SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() < self.bufs.len() {
+            *cache = core::mem::take(&mut self.bufs);
+        }
+    }
+}
+
+/// Runs every unit on as many workers as `scratch` has buffers (the calling thread is one of
+/// them), each taking the next unit from a shared counter, largest units first, then merges.
+/// The workers are the crate's spinning helpers ([`crate::pool`]), or rayon's when those are
+/// busy with another call. Nothing here allocates: a failure cannot follow a written row.
 #[cfg(feature = "rayon")]
 pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
     job: Job<'_, '_, '_, TQ, TKV, TO>,
-    threads: usize,
-    scratch_len: usize,
+    scratch: &mut WorkerScratch,
 ) -> Result<Option<usize>, AttnError> {
+    let threads = scratch.bufs.len();
     let next = AtomicUsize::new(0);
-    // A worker that cannot get scratch takes no unit; the others take them all.
-    let worker = || with_thread_scratch(scratch_len, |sc| run_units(job, Units::Dynamic { next: &next }, sc));
-    // Workers beyond the cores would only take turns (and spin against each other): every
-    // count gives the same result, so cap it.
-    let threads = threads.min(crate::pool::cores());
-    let first = match crate::pool::run(threads, &|_| worker()) {
+    // Worker indices are distinct, so each lock is taken by one worker only.
+    let slots: Vec<std::sync::Mutex<&mut [f32]>> = scratch.bufs.iter_mut().map(|b| std::sync::Mutex::new(&mut b[..])).collect();
+    let worker = |i: usize| {
+        let mut sc = slots[i].lock().unwrap_or_else(|e| e.into_inner());
+        run_units(job, Units::Dynamic { next: &next }, &mut sc)
+    };
+    let first = match crate::pool::run(threads, &worker) {
         Ok(first) => first,
         Err(()) => {
-            let mut first = Ok(Ok(None));
+            let mut first = Ok(None);
             rayon::scope(|scope| {
-                for _ in 1..threads {
-                    scope.spawn(|_| {
-                        let _ = worker();
+                for i in 1..threads {
+                    let worker = &worker;
+                    scope.spawn(move |_| {
+                        let _ = worker(i);
                     });
                 }
-                first = worker();
+                first = worker(0);
             });
             first
         }
     };
-    let specialised = first?.map_err(|_| AttnError::IsaUnavailable { isa: job.isa })?;
+    let specialised = first.map_err(|_| AttnError::IsaUnavailable { isa: job.isa })?;
     // The scope's end is the barrier the merge needs.
-    with_thread_scratch(job.p.shape.v_head_dim, |row| merge_all(&job, row))?;
+    let mut row = slots[0].lock().unwrap_or_else(|e| e.into_inner());
+    merge_all(&job, &mut row);
     Ok(specialised)
 }
 
-/// Merges every group on the calling thread (after all units ran); `row` holds at least
-/// `v_head_dim` floats of scratch.
+/// Merges every group on the calling thread (after all units ran); `row` is scratch of at
+/// least `v_head_dim` floats whenever the plan has a merge ([`merge_row_len`]).
 pub(crate) fn merge_all<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, row: &mut [f32]) {
     if job.plan.parts() <= 1 {
         return;
     }
+    let row = &mut row[..job.p.shape.v_head_dim];
     for g in 0..job.plan.merge_groups() {
         // SAFETY: called after every unit has run, once per group.
         unsafe { merge_group(job, g, row) };

@@ -19,7 +19,8 @@
 //! (tiles) → kernel (per query block) → store.
 
 mod api;
-mod capi;
+#[doc(hidden)]
+pub mod capi;
 mod exec;
 #[cfg(feature = "rayon")]
 mod pool;
@@ -58,6 +59,9 @@ pub use reference::{reference_attention, Reference, ReferenceOutput, ReferenceRo
 pub fn attention_flops(shape: &AttentionShape, params: &AttentionParams<'_>) -> f64 {
     let masker = mask::RowMasker::new(shape, params);
     let mut pairs = 0u128;
+    if shape.seq_q == 0 {
+        return 0.0; // no row: nothing to count, however many batch entries
+    }
     for b in 0..shape.batch {
         let kv_len = params.kv_lens.map_or(shape.seq_kv, |l| l.get(b).copied().unwrap_or(0));
         for i in 0..shape.seq_q {

@@ -62,8 +62,13 @@ pub fn merge_partials<TP: Element, TO: Element>(
         }
     }
 
+    if rows == 0 {
+        return Ok(());
+    }
     let mut lse = lse;
-    let mut acc = vec![0.0f64; s.v_head_dim];
+    let mut acc = Vec::new();
+    acc.try_reserve_exact(s.v_head_dim).map_err(|_| AttnError::OutOfMemory { bytes: s.v_head_dim.saturating_mul(8) })?;
+    acc.resize(s.v_head_dim, 0.0f64);
     for b in 0..s.batch {
         for h in 0..s.q_heads {
             for i in 0..s.seq_q {

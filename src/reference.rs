@@ -109,16 +109,17 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
 
     /// Every key's final logit for row `(b, h, i)` (`-inf` where invisible), and how many real
     /// keys are visible.
-    fn scores(&self, b: usize, h: usize, i: usize) -> (Vec<f64>, usize) {
+    fn scores(&self, b: usize, h: usize, i: usize) -> Result<(Vec<f64>, usize), AttnError> {
         let s = &self.shape;
         let p = &self.params;
         let hk = h / s.group_size();
         let kv_len = p.kv_lens.map_or(s.seq_kv, |l| l[b]) as f64;
         let pos = i as f64 + kv_len - s.seq_q as f64;
         let qo = self.q.strides.offset(b, h, i);
-        let q: Vec<f64> = self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()).collect();
+        let q = filled(self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()))?;
 
-        let mut scores = vec![f64::NEG_INFINITY; s.seq_kv];
+        let mut scores = filled(core::iter::repeat_n(f64::NEG_INFINITY, s.seq_kv))?;
+        let mut k = filled(core::iter::repeat_n(0.0, s.head_dim))?;
         let mut visible = 0;
         for (j, score) in scores.iter_mut().enumerate() {
             if !self.visible(b, i, j) {
@@ -126,7 +127,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
             visible += 1;
             let ko = self.k.strides.offset(b, hk, j);
-            let k: Vec<f64> = self.k.data[ko..ko + s.head_dim].iter().map(|x| x.to_f64()).collect();
+            k.iter_mut().zip(&self.k.data[ko..ko + s.head_dim]).for_each(|(y, x)| *y = x.to_f64());
             let mut x = self.score(&q, &k);
             if let Some(c) = p.softcap {
                 let c = c as f64;
@@ -140,22 +141,31 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
             *score = x;
         }
-        (scores, visible)
+        Ok((scores, visible))
     }
 
     /// The result for batch `b`, query head `h`, row `i`; `None` if out of range.
+    ///
+    /// # Panics
+    /// If the row's buffers (`seq_kv` scores) cannot be allocated; [`Reference::try_row`]
+    /// returns that as an error.
     pub fn row(&self, b: usize, h: usize, i: usize) -> Option<ReferenceRow> {
+        self.try_row(b, h, i).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Reference::row`], with allocation failure as `OutOfMemory`.
+    pub fn try_row(&self, b: usize, h: usize, i: usize) -> Result<Option<ReferenceRow>, AttnError> {
         let s = &self.shape;
         if b >= s.batch || h >= s.q_heads || i >= s.seq_q {
-            return None;
+            return Ok(None);
         }
         let hk = h / s.group_size();
-        let (scores, visible) = self.scores(b, h, i);
+        let (scores, visible) = self.scores(b, h, i)?;
         let sink = self.params.sinks.map_or(f64::NEG_INFINITY, |sk| sk[h] as f64);
         let m = scores.iter().copied().fold(sink, f64::max);
-        let mut out = vec![0.0; s.v_head_dim];
+        let mut out = filled(core::iter::repeat_n(0.0, s.v_head_dim))?;
         if m == f64::NEG_INFINITY {
-            return Some(ReferenceRow { out, lse: f64::NEG_INFINITY, visible });
+            return Ok(Some(ReferenceRow { out, lse: f64::NEG_INFINITY, visible }));
         }
         let mut denom = (sink - m).exp();
         for (j, &x) in scores.iter().enumerate() {
@@ -164,44 +174,83 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
             let w = (x - m).exp();
             denom += w;
+            // A weight of exactly 0 (possible only for scores over 745 below the max) adds
+            // nothing, as in the kernels: a NaN in its V row does not reach the row.
+            if w == 0.0 {
+                continue;
+            }
             let vo = self.v.strides.offset(b, hk, j);
             for (o, vv) in out.iter_mut().zip(&self.v.data[vo..vo + s.v_head_dim]) {
                 *o += w * vv.to_f64();
             }
         }
         out.iter_mut().for_each(|o| *o /= denom);
-        Some(ReferenceRow { out, lse: m + denom.ln(), visible })
+        Ok(Some(ReferenceRow { out, lse: m + denom.ln(), visible }))
     }
 
     /// The attention probabilities of row `(b, h, i)` over all `seq_kv` keys (one row of the
     /// alignment matrix): 0 for invisible keys, all 0 when nothing is visible; with a sink
     /// the row sums to less than 1. `None` if out of range.
     pub fn probabilities(&self, b: usize, h: usize, i: usize) -> Option<Vec<f64>> {
-        let lse = self.row(b, h, i)?.lse;
-        let (scores, _) = self.scores(b, h, i);
-        if lse == f64::NEG_INFINITY {
-            return Some(vec![0.0; scores.len()]);
+        self.try_probabilities(b, h, i).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Reference::probabilities`], with allocation failure as `OutOfMemory`.
+    pub fn try_probabilities(&self, b: usize, h: usize, i: usize) -> Result<Option<Vec<f64>>, AttnError> {
+        let Some(row) = self.try_row(b, h, i)? else { return Ok(None) };
+        let (mut scores, _) = self.scores(b, h, i)?;
+        for x in scores.iter_mut() {
+            *x = if row.lse == f64::NEG_INFINITY { 0.0 } else { (*x - row.lse).exp() };
         }
-        Some(scores.iter().map(|&x| (x - lse).exp()).collect())
+        Ok(Some(scores))
     }
 
     /// All rows.
+    ///
+    /// # Panics
+    /// If the result cannot be allocated; [`Reference::try_compute`] returns that as an error.
     pub fn compute(&self) -> ReferenceOutput {
+        self.try_compute().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// All rows, with allocation failure as `OutOfMemory` (what the C ABI calls).
+    pub fn try_compute(&self) -> Result<ReferenceOutput, AttnError> {
         let s = self.shape;
-        let rows = s.batch * s.q_heads * s.seq_q;
-        let mut out = Vec::with_capacity(rows * s.v_head_dim);
-        let mut lse = Vec::with_capacity(rows);
+        let too_big = AttnError::SizeOverflow { tensor: crate::error::TensorName::Out };
+        let dims = [s.batch, s.q_heads, s.seq_q];
+        let rows = if dims.contains(&0) { 0 } else { dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(too_big.clone())? };
+        if rows == 0 {
+            // Nothing to loop over, however large the other dims.
+            return Ok(ReferenceOutput { shape: s, out: Vec::new(), lse: Vec::new() });
+        }
+        let mut out = Vec::new();
+        let mut lse = Vec::new();
+        let floats = rows.checked_mul(s.v_head_dim).ok_or(too_big)?;
+        out.try_reserve_exact(floats).map_err(|_| oom::<f64>(floats))?;
+        lse.try_reserve_exact(rows).map_err(|_| oom::<f64>(rows))?;
         for b in 0..s.batch {
             for h in 0..s.q_heads {
                 for i in 0..s.seq_q {
-                    let r = self.row(b, h, i).expect("indices are in range");
+                    let Some(r) = self.try_row(b, h, i)? else { unreachable!("indices are in range") };
                     out.extend_from_slice(&r.out);
                     lse.push(r.lse);
                 }
             }
         }
-        ReferenceOutput { shape: s, out, lse }
+        Ok(ReferenceOutput { shape: s, out, lse })
     }
+}
+
+fn oom<T>(n: usize) -> AttnError {
+    AttnError::OutOfMemory { bytes: n.saturating_mul(size_of::<T>()) }
+}
+
+/// A vector of the iterator's items, or `OutOfMemory` instead of an abort.
+fn filled<T>(items: impl ExactSizeIterator<Item = T>) -> Result<Vec<T>, AttnError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(items.len()).map_err(|_| oom::<T>(items.len()))?;
+    v.extend(items);
+    Ok(v)
 }
 
 /// Validate and compute every row of the reference.
@@ -212,5 +261,5 @@ pub fn reference_attention<TQ: Element, TKV: Element>(
     v: TensorRef<'_, TKV>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceOutput, AttnError> {
-    Ok(Reference::new(shape, q, k, v, params)?.compute())
+    Reference::new(shape, q, k, v, params)?.try_compute()
 }

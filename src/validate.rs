@@ -202,14 +202,40 @@ fn validate_score(s: &AttentionShape, params: &AttentionParams<'_>) -> Result<()
     }
 }
 
+/// The bias fits its slice, and every entry it reaches is finite or `-inf` (a mask). NaN and
+/// `+inf` have no meaning as a logit offset (`+inf` would make a row's softmax `inf / inf`), so
+/// they are rejected here, once, rather than left for each path's arithmetic to decide. The
+/// scan reads each reachable row once (a broadcast axis once), as the kernels do.
 fn validate_bias(s: &AttentionShape, bias: &BiasRef<'_>) -> Result<(), AttnError> {
     let st = &bias.strides;
-    check_fits(
-        TensorName::Bias,
-        bias.data.len(),
-        &[(s.batch, st.batch), (s.q_heads, st.head), (s.seq_q, st.row)],
-        s.seq_kv,
-    )
+    let dims = [(s.batch, st.batch), (s.q_heads, st.head), (s.seq_q, st.row)];
+    check_fits(TensorName::Bias, bias.data.len(), &dims, s.seq_kv)?;
+    if s.seq_kv == 0 || dims.iter().any(|&(n, _)| n == 0) {
+        return Ok(());
+    }
+    // Zero-stride axes are scanned at index 0 only.
+    let [nb, nh, ni] = dims.map(|(n, stride)| if stride == 0 { 1 } else { n });
+    for b in 0..nb {
+        for h in 0..nh {
+            for i in 0..ni {
+                let o = b * st.batch + h * st.head + i * st.row;
+                let row = &bias.data[o..o + s.seq_kv];
+                // A branch-free integer test first (it vectorises: all exponent bits set and
+                // not -inf's pattern); the position is looked up only when something is off.
+                let bad = |x: &f32| {
+                    let b = x.to_bits();
+                    u32::from((b & 0x7f80_0000 == 0x7f80_0000) & (b != 0xff80_0000))
+                };
+                if row.iter().map(bad).fold(0, |a, x| a | x) == 0 {
+                    continue;
+                }
+                if let Some(j) = row.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
+                    return Err(AttnError::InvalidValue { arg: "bias", index: o + j, value: row[j], allowed: "finite or -inf" });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The output tensor and the optional LSE buffer (`[B, Hq, Sq]`, contiguous).
