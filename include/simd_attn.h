@@ -69,6 +69,7 @@ extern "C" {
 #define SIMD_ATTN_ERR_INVALID_SCORE 28      /* score weights/dims/temperature don't fit, or scale set */
 #define SIMD_ATTN_ERR_UNKNOWN_SCORE 29      /* the score field holds an unknown value */
 #define SIMD_ATTN_ERR_UNSUPPORTED 30        /* plans run the dot scores only, without inspection */
+#define SIMD_ATTN_ERR_RESERVED 31           /* a reserved field is not 0 */
 
 /* ---- element types (the dtype fields) ---- */
 #define SIMD_ATTN_F32 0 /* float */
@@ -94,7 +95,7 @@ typedef struct simd_attn_tensor {
     const void *data;     /* first element; may be NULL only when len == 0 */
     size_t len;           /* elements readable from data */
     int32_t dtype;        /* SIMD_ATTN_F32 or SIMD_ATTN_F16 */
-    int32_t reserved;     /* set to 0 */
+    int32_t reserved;     /* must be 0 (SIMD_ATTN_ERR_RESERVED otherwise) */
     int64_t stride_batch; /* elements between batch entries (>= 0; 0 broadcasts) */
     int64_t stride_head;  /* elements between heads */
     int64_t stride_seq;   /* elements between rows (tokens) */
@@ -105,7 +106,7 @@ typedef struct simd_attn_output {
     void *data;
     size_t len;
     int32_t dtype;
-    int32_t reserved;
+    int32_t reserved;     /* must be 0 */
     int64_t stride_batch;
     int64_t stride_head;
     int64_t stride_seq;
@@ -178,10 +179,12 @@ typedef struct simd_attn_partial {
 /* What a call ran on. */
 typedef struct simd_attn_run_info {
     int32_t isa;                  /* SIMD_ATTN_ISA_* */
-    int32_t specialised_head_dim; /* the compile-time head dim that ran, 0: generic path */
+    int32_t specialised_head_dim; /* the compile-time head dim that ran; 0: the generic path,
+                                     the portable path, the additive score (specialised on
+                                     its attention dim instead) or an empty call */
     size_t threads;               /* workers that ran */
     int32_t decode;               /* 1: the decode path (split keys, merged) ran */
-    int32_t reserved;
+    int32_t reserved;             /* written as 0 */
 } simd_attn_run_info;
 
 /* Fills *desc with defaults (see simd_attn_desc). */

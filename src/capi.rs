@@ -7,6 +7,9 @@
 //! validates shapes, strides and lengths against those slices. Every entry catches panics;
 //! errors leave a detailed message in a thread-local buffer ([`simd_attn_last_error`]).
 //!
+//! The module is public (hidden from the docs) so the repository's fuzzer can drive the
+//! descriptor from Rust exactly as a C caller does.
+//!
 //! The header is written by hand; `simd_attn_abi_layout` reports the library's struct sizes
 //! and field offsets so the C test can prove the header agrees with the library.
 
@@ -166,10 +169,11 @@ pub enum Status {
     InvalidScore = 28,
     UnknownScore = 29,
     Unsupported = 30,
+    Reserved = 31,
 }
 
 /// Every status, in code order, with its header name and its short message.
-const STATUS_TABLE: [(Status, &str, &str); 31] = [
+const STATUS_TABLE: [(Status, &str, &str); 32] = [
     (Status::Ok, "SIMD_ATTN_OK\0", "success\0"),
     (Status::NullPointer, "SIMD_ATTN_ERR_NULL_POINTER\0", "a required pointer is NULL (or NULL with a non-zero length)\0"),
     (Status::Misaligned, "SIMD_ATTN_ERR_MISALIGNED\0", "a pointer is not aligned to its element type\0"),
@@ -201,6 +205,7 @@ const STATUS_TABLE: [(Status, &str, &str); 31] = [
     (Status::InvalidScore, "SIMD_ATTN_ERR_INVALID_SCORE\0", "the score function's arguments do not fit the call (weights, dims, temperature, or scale with a non-scaled-dot score)\0"),
     (Status::UnknownScore, "SIMD_ATTN_ERR_UNKNOWN_SCORE\0", "the score field holds an unknown value\0"),
     (Status::Unsupported, "SIMD_ATTN_ERR_UNSUPPORTED\0", "this operation does not support the chosen score function or inspection output (host-driven plans run the dot scores only)\0"),
+    (Status::Reserved, "SIMD_ATTN_ERR_RESERVED\0", "a reserved field is not 0\0"),
 ];
 
 /// A failed call: its status and the detailed message for `simd_attn_last_error`.
@@ -248,10 +253,35 @@ fn set_last_error(msg: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
+thread_local! {
+    /// Set while this thread runs inside an entry: its panics are caught and reported as a
+    /// status, so the panic hook stays quiet for them.
+    static INSIDE_ABI: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// `catch_unwind` without the panic message on the host's stderr. The first call wraps the
+/// process's panic hook once: panics on a thread inside an entry are silent (the status and
+/// `simd_attn_last_error` carry the message), every other panic goes to the hook the host had.
+fn quiet<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let host = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !INSIDE_ABI.with(|f| f.get()) {
+                host(info);
+            }
+        }));
+    });
+    let outer = INSIDE_ABI.with(|f| f.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    INSIDE_ABI.with(|f| f.set(outer));
+    r
+}
+
 /// Runs an entry's body: catches panics (a bug, reported as `Internal`), records the message
 /// of a failure, and returns the status code.
 fn entry(body: impl FnOnce() -> Result<(), Fail>) -> i32 {
-    let (status, msg) = match catch_unwind(AssertUnwindSafe(body)) {
+    let (status, msg) = match quiet(body) {
         Ok(Ok(())) => (Status::Ok, String::new()),
         Ok(Err(Fail(s, m))) => (s, m),
         Err(panic) => {
@@ -273,6 +303,15 @@ fn dtype(code: i32, what: &str) -> Result<DType, Fail> {
         1 => Ok(DType::F16),
         _ => fail(Status::UnknownDtype, format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0) or SIMD_ATTN_F16 (1)")),
     }
+}
+
+/// A reserved field must be 0, so that a later version can give it a meaning without old
+/// callers' garbage being read as a request.
+fn reserved(x: i32, what: &str) -> Result<(), Fail> {
+    if x != 0 {
+        return fail(Status::Reserved, format!("{what}.reserved = {x}: reserved fields must be 0"));
+    }
+    Ok(())
 }
 
 fn stride(x: i64, what: &str) -> Result<usize, Fail> {
@@ -485,6 +524,7 @@ unsafe fn checked_mut<'a, T>(data: *mut c_void, len: usize, what: &'static str, 
 /// # Safety
 /// The tensor's `data` points to `len` readable elements of its dtype (see the header).
 unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<RawTensor<'a>, Fail> {
+    reserved(t.reserved, what)?;
     let st = strides(t, what)?;
     // SAFETY (both arms): forwarded contract.
     Ok(match dtype(t.dtype, what)? {
@@ -497,6 +537,7 @@ unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Spa
 /// `data` points to `len` writable elements of the dtype that nothing else touches during the
 /// call.
 unsafe fn output<'a>(t: &SimdAttnOutput, what: &'static str, spans: &mut Vec<Span>) -> Result<RawOut<'a>, Fail> {
+    reserved(t.reserved, what)?;
     let view = SimdAttnTensor { data: t.data, len: t.len, dtype: t.dtype, reserved: 0, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
     let st = strides(&view, what)?;
     // SAFETY (both arms): forwarded contract.
@@ -776,19 +817,33 @@ impl TypedOp for ReferenceOp {
         crate::validate::validate_outputs(t.shape, &t.out, t.lse.as_deref())?;
         crate::api::validate_inspect(t.shape, &t.inspect)?;
         let reference = crate::Reference::new(t.shape, t.q, t.k, t.v, &t.params)?;
-        let r = reference.compute();
+        let r = reference.try_compute()?;
         let s = t.shape;
         let out = t.out;
         let mut lse = t.lse;
         let Inspect { mut alignment, mut coverage } = t.inspect;
-        if let Some(c) = coverage.as_deref_mut() {
-            c[..s.batch * s.q_heads * s.seq_kv].fill(0.0);
-        }
-        if alignment.is_some() || coverage.is_some() {
+        // Every row's probabilities are computed (and allocated) before any output is written.
+        let mut probs = Vec::new();
+        // `try_compute` succeeded, so the rows fit (and are 0 when any of their dims is).
+        let rows = r.lse.len();
+        if rows > 0 && (alignment.is_some() || coverage.is_some()) {
+            probs.try_reserve_exact(rows).or_else(|_| fail(Status::OutOfMemory, "reference probabilities"))?;
             for b in 0..s.batch {
                 for h in 0..s.q_heads {
                     for i in 0..s.seq_q {
-                        let probs = reference.probabilities(b, h, i).unwrap_or_default();
+                        probs.push(reference.try_probabilities(b, h, i)?.unwrap_or_default());
+                    }
+                }
+            }
+        }
+        if let Some(c) = coverage.as_deref_mut() {
+            c[..s.batch * s.q_heads * s.seq_kv].fill(0.0);
+        }
+        if rows > 0 && (alignment.is_some() || coverage.is_some()) {
+            for b in 0..s.batch {
+                for h in 0..s.q_heads {
+                    for i in 0..s.seq_q {
+                        let probs = &probs[(b * s.q_heads + h) * s.seq_q + i];
                         let row = (b * s.q_heads + h) * s.seq_q + i;
                         for (j, &p) in probs.iter().enumerate() {
                             if let Some(a) = alignment.as_deref_mut() {
@@ -802,7 +857,7 @@ impl TypedOp for ReferenceOp {
                 }
             }
         }
-        for b in 0..s.batch {
+        for b in (0..s.batch).filter(|_| rows > 0) {
             for h in 0..s.q_heads {
                 for i in 0..s.seq_q {
                     let o = out.strides.offset(b, h, i);
@@ -963,7 +1018,7 @@ unsafe fn plan_ref<'p>(plan: *const SimdAttnPlan) -> Result<&'p SimdAttnPlan, Fa
 #[no_mangle]
 pub unsafe extern "C" fn simd_attn_plan_workspace_len(plan: *const SimdAttnPlan) -> usize {
     // SAFETY: the caller's contract.
-    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| p.plan.workspace_len()))).unwrap_or(0)
+    quiet(|| unsafe { plan_ref(plan) }.map_or(0, |p| p.plan.workspace_len())).unwrap_or(0)
 }
 
 /// 1 when the plan split the keys and each worker must call merge after the barrier, else 0
@@ -974,7 +1029,7 @@ pub unsafe extern "C" fn simd_attn_plan_workspace_len(plan: *const SimdAttnPlan)
 #[no_mangle]
 pub unsafe extern "C" fn simd_attn_plan_needs_merge(plan: *const SimdAttnPlan) -> i32 {
     // SAFETY: the caller's contract.
-    catch_unwind(AssertUnwindSafe(|| unsafe { plan_ref(plan) }.map_or(0, |p| i32::from(p.plan.needs_merge())))).unwrap_or(0)
+    quiet(|| unsafe { plan_ref(plan) }.map_or(0, |p| i32::from(p.plan.needs_merge()))).unwrap_or(0)
 }
 
 /// Runs share `ith`; thread-safe: each worker calls it once with its own workspace.
@@ -1018,7 +1073,7 @@ pub unsafe extern "C" fn simd_attn_plan_merge(plan: *const SimdAttnPlan, ith: us
 pub unsafe extern "C" fn simd_attn_plan_destroy(plan: *mut SimdAttnPlan) {
     if !plan.is_null() {
         // SAFETY: created by Box::into_raw in `simd_attn_plan_create`, freed once.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(plan) })));
+        let _ = quiet(|| drop(unsafe { Box::from_raw(plan) }));
     }
 }
 
@@ -1097,7 +1152,7 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
 /// The best ISA this machine has.
 #[no_mangle]
 pub extern "C" fn simd_attn_isa_best() -> i32 {
-    catch_unwind(Isa::best).map_or(Isa::Portable as i32, |i| i as i32)
+    quiet(Isa::best).map_or(Isa::Portable as i32, |i| i as i32)
 }
 
 /// The ISA a call with `isa = SIMD_ATTN_ISA_AUTO` runs on now (override, then `SIMD_ATTN_ISA`,
@@ -1115,7 +1170,7 @@ pub extern "C" fn simd_attn_isa_current() -> i32 {
 /// 1 if `isa` can run here, else 0 (also for unknown values).
 #[no_mangle]
 pub extern "C" fn simd_attn_isa_available(isa: i32) -> i32 {
-    catch_unwind(|| matches!(isa_from(isa), Ok(Some(i)) if i.is_available())).map_or(0, i32::from)
+    quiet(|| matches!(isa_from(isa), Ok(Some(i)) if i.is_available())).map_or(0, i32::from)
 }
 
 /// Forces every call that names no ISA onto `isa` (`SIMD_ATTN_ISA_AUTO` clears it).
