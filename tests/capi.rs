@@ -83,6 +83,36 @@ fn c_program_passes_against_the_header_and_both_libraries() {
     }
 }
 
+/// `tests/c/oom_test.c`: every entry under a lowered address-space limit returns
+/// OUT_OF_MEMORY with its outputs untouched (a process of its own: the limit is process-wide).
+#[test]
+#[cfg(target_os = "linux")]
+fn entries_under_memory_pressure_return_out_of_memory_and_touch_nothing() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib_dir = lib_dir();
+    let dir = profile_dir().join("capi-c");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("oom_test");
+    let mut cmd = compiler(false);
+    cmd.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-D_DEFAULT_SOURCE"])
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join("tests/c/oom_test.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(&lib_dir)
+        .arg("-lsimd_attn")
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .args(["-lpthread", "-lm"]);
+    run(cmd, "compiling tests/c/oom_test.c");
+    let mut cmd = Command::new(&exe);
+    cmd.env_remove("SIMD_ATTN_ISA");
+    let out = run(cmd, "oom_test");
+    println!("{out}");
+    assert!(out.contains(" 0 failures"), "{out}");
+}
+
 #[test]
 #[cfg(target_os = "linux")]
 fn header_compiles_as_cpp() {

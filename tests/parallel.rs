@@ -156,7 +156,9 @@ fn pool_really_splits_large_work_and_keeps_the_bits() {
                     info = r.clone().ok();
                     r
                 });
-                assert_eq!(info.unwrap().threads, threads, "[{isa}] did not run {threads} workers");
+                // Workers beyond the cores would only take turns: the pool caps them there.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                assert_eq!(info.unwrap().threads, threads.min(cores), "[{isa}] did not run {threads} workers");
                 assert!(bits(&got) == bits(&one), "[{isa}] {threads} threads differ from 1");
             }
         }

@@ -456,7 +456,7 @@ proptest! {
                 spec.att_dim = a;
                 let case = Case::build(&spec);
                 let got = run::<f32, f32, f32>(&case, f.isa);
-                prop_assert_eq!(got.info.specialised_head_dim, Some(a), "{:?} A={} did not run its specialisation", f.isa, a);
+                prop_assert_eq!(got.info.specialised_additive_dim, Some(a), "{:?} A={} did not run its specialisation", f.isa, a);
                 check(&case, &got).map_err(|e| TestCaseError::fail(format!("[{:?} A={a}] {e}", f.isa)))?;
                 ran += 1;
             }

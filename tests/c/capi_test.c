@@ -304,7 +304,7 @@ static void test_header_agrees_with_library(void) {
         CODE(SIMD_ATTN_ERR_SHARES_NOT_FINISHED), CODE(SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL),
         CODE(SIMD_ATTN_ERR_OUT_OF_MEMORY), CODE(SIMD_ATTN_ERR_ISA_UNAVAILABLE), CODE(SIMD_ATTN_ERR_UNKNOWN_ISA),
         CODE(SIMD_ATTN_ERR_INTERNAL),     CODE(SIMD_ATTN_ERR_INVALID_SCORE), CODE(SIMD_ATTN_ERR_UNKNOWN_SCORE),
-        CODE(SIMD_ATTN_ERR_UNSUPPORTED),
+        CODE(SIMD_ATTN_ERR_UNSUPPORTED),  CODE(SIMD_ATTN_ERR_RESERVED),
     };
     size_t n_codes = sizeof codes / sizeof codes[0];
     for (size_t i = 0; i < n_codes; i++) {
@@ -534,6 +534,18 @@ static void test_errors(void) {
     EXPECT_FORWARD_ERROR(d_.k.stride_seq = -64, SIMD_ATTN_ERR_NEGATIVE_STRIDE);
     EXPECT_FORWARD_ERROR((d_.bias = slopes, d_.bias_len = 4, d_.bias_stride_row = -1), SIMD_ATTN_ERR_NEGATIVE_STRIDE);
     EXPECT_FORWARD_ERROR((d_.bias = slopes, d_.bias_len = 4), SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    EXPECT_FORWARD_ERROR(d_.q.reserved = 1, SIMD_ATTN_ERR_RESERVED);
+    EXPECT_FORWARD_ERROR(d_.v.reserved = -7, SIMD_ATTN_ERR_RESERVED);
+    EXPECT_FORWARD_ERROR(d_.out.reserved = 2, SIMD_ATTN_ERR_RESERVED);
+    {
+        /* Bias entries are finite or -inf: NaN and +inf are rejected, wherever they sit. */
+        static float bias_row[20];
+        for (int i = 0; i < 20; i++) bias_row[i] = (i % 3) ? 0.0f : -INFINITY;
+        bias_row[13] = INFINITY;
+        EXPECT_FORWARD_ERROR((d_.bias = bias_row, d_.bias_len = 20), SIMD_ATTN_ERR_INVALID_VALUE);
+        bias_row[13] = NAN;
+        EXPECT_FORWARD_ERROR((d_.bias = bias_row, d_.bias_len = 20), SIMD_ATTN_ERR_INVALID_VALUE);
+    }
     EXPECT_FORWARD_ERROR(d_.head_dim = 0, SIMD_ATTN_ERR_ZERO_DIM);
     EXPECT_FORWARD_ERROR(d_.kv_heads = 0, SIMD_ATTN_ERR_ZERO_DIM);
     EXPECT_FORWARD_ERROR(d_.kv_heads = 3, SIMD_ATTN_ERR_HEADS_NOT_DIVISIBLE);
@@ -594,8 +606,23 @@ static void test_errors(void) {
     EXPECT_STATUS(simd_attn_plan_run(plan, 0, ws, len - 1, NULL), SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL);
     EXPECT_STATUS(simd_attn_plan_run(plan, 0, NULL, len, NULL), SIMD_ATTN_ERR_NULL_POINTER);
     EXPECT_STATUS(simd_attn_plan_run(plan, 0, ws, len, NULL), SIMD_ATTN_OK);
-    EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_ERR_SHARES_NOT_FINISHED);
+    /* A plan without a merge (prefill): merge is a no-op whenever it is called. */
+    CHECK(simd_attn_plan_needs_merge(plan) == 0, "a prefill plan has no merge");
+    EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_OK);
     EXPECT_STATUS(simd_attn_plan_run(plan, 0, ws, len, NULL), SIMD_ATTN_ERR_SHARE_ALREADY_RUN);
+    EXPECT_STATUS(simd_attn_plan_run(plan, 1, ws, len, NULL), SIMD_ATTN_OK);
+    EXPECT_STATUS(simd_attn_plan_merge(plan, 1, ws, len), SIMD_ATTN_OK);
+    simd_attn_plan_destroy(plan);
+    free(ws);
+    /* A decode plan splits the keys: its merge waits for every run and runs once per share. */
+    problem dp;
+    make(&dp, 1, 8, 2, 1, 4096, 64, 64, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_plan_create(&dp.d, 2, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_OK);
+    CHECK(simd_attn_plan_needs_merge(plan) == 1, "a decode plan over 4096 keys merges");
+    len = simd_attn_plan_workspace_len(plan);
+    ws = (float *)calloc(len + 1, sizeof(float));
+    EXPECT_STATUS(simd_attn_plan_run(plan, 0, ws, len, NULL), SIMD_ATTN_OK);
+    EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_ERR_SHARES_NOT_FINISHED);
     EXPECT_STATUS(simd_attn_plan_run(plan, 1, ws, len, NULL), SIMD_ATTN_OK);
     EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_OK);
     EXPECT_STATUS(simd_attn_plan_merge(plan, 0, ws, len), SIMD_ATTN_ERR_SHARE_ALREADY_RUN);
@@ -604,6 +631,7 @@ static void test_errors(void) {
     CHECK(strlen(simd_attn_last_error()) == 0, "the message is cleared by a success");
     simd_attn_plan_destroy(plan);
     free(ws);
+    release(&dp);
     release(&base);
 }
 
@@ -764,6 +792,48 @@ static void test_classic_scores(const int32_t *isas, size_t n_isas) {
     release(&p);
 }
 
+/* Calls with no output row: an engine step with no new tokens (decode shapes, every path),
+ * an empty batch with dims near the integer limits, and their host plans. */
+static void test_empty_calls(const int32_t *isas, size_t n_isas) {
+    size_t skv = 4096, d = 128;
+    float *kv = calloc(2 * skv * d, 4), coverage[8 * 4096];
+    simd_attn_desc e;
+    simd_attn_desc_init(&e);
+    e.batch = 1, e.q_heads = 8, e.kv_heads = 2, e.seq_q = 0, e.seq_kv = skv, e.head_dim = d;
+    e.k = tensor(kv, 2, skv, d, 1, SIMD_ATTN_F32), e.v = e.k;
+    e.causal = 1;
+    for (size_t i = 0; i < n_isas; i++) {
+        for (size_t threads = 1; threads <= 2; threads++) {
+            simd_attn_run_info info;
+            EXPECT_STATUS(simd_attn_forward(&e, threads, isas[i], &info), SIMD_ATTN_OK);
+            simd_attn_desc c = e;
+            for (size_t j = 0; j < 8 * skv; j++) coverage[j] = NAN;
+            c.coverage = coverage, c.coverage_len = 8 * skv;
+            EXPECT_STATUS(simd_attn_forward(&c, threads, isas[i], NULL), SIMD_ATTN_OK);
+            int zeros = 1;
+            for (size_t j = 0; j < 8 * skv; j++) zeros &= coverage[j] == 0.0f;
+            CHECK(zeros, "coverage of an empty call is all zeros (isa %d)", (int)isas[i]);
+            EXPECT_STATUS(simd_attn_reference(&c), SIMD_ATTN_OK);
+        }
+    }
+    /* B = 0 with a v_head_dim of 2^62: nothing reaches any buffer; nothing is allocated. */
+    simd_attn_desc z = e;
+    z.batch = 0, z.seq_q = 1, z.v_head_dim = (size_t)1 << 62, z.k.len = 0, z.k.data = NULL, z.v = z.k;
+    EXPECT_STATUS(simd_attn_forward(&z, 2, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    simd_attn_plan *plan = NULL;
+    EXPECT_STATUS(simd_attn_plan_create(&z, 2, SIMD_ATTN_ISA_AUTO, &plan), SIMD_ATTN_OK);
+    CHECK(simd_attn_plan_workspace_len(plan) == 0, "an empty plan needs no workspace, not %zu", simd_attn_plan_workspace_len(plan));
+    for (size_t ith = 0; ith < 2; ith++) {
+        EXPECT_STATUS(simd_attn_plan_merge(plan, ith, NULL, 0), SIMD_ATTN_OK); /* before the runs: a no-op */
+        EXPECT_STATUS(simd_attn_plan_run(plan, ith, NULL, 0, NULL), SIMD_ATTN_OK);
+    }
+    simd_attn_plan_destroy(plan);
+    /* merge_partials with an empty batch and a huge row width: nothing to do. */
+    simd_attn_output mo = {NULL, 0, SIMD_ATTN_F32, 0, 0, 0, 0};
+    EXPECT_STATUS(simd_attn_merge_partials(0, 1, 1, (size_t)1 << 36, NULL, 0, &mo, NULL, 0), SIMD_ATTN_OK);
+    free(kv);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -795,6 +865,7 @@ int main(void) {
     test_classic_scores(isas, n_isas);
     test_concurrent_forward();
     test_merge();
+    test_empty_calls(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);
