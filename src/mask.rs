@@ -13,8 +13,12 @@ use crate::params::AttentionParams;
 pub struct RowMasker {
     seq_q: i64,
     causal: bool,
-    left: Option<i64>,
-    right: Option<i64>,
+    /// Window bounds, `i64::MAX` when unbounded: plain integers rather than `Option`s, so every
+    /// byte of a masker is initialised (LLVM speculated compares on the payload of a `None`,
+    /// which valgrind reported as a branch on uninitialised memory) and the interval
+    /// arithmetic below needs no branch.
+    left: i64,
+    right: i64,
 }
 
 #[inline(always)]
@@ -28,8 +32,8 @@ impl RowMasker {
         Self {
             seq_q: to_i64(shape.seq_q),
             causal: params.causal,
-            left: w.left.map(to_i64),
-            right: w.right.map(to_i64),
+            left: w.left.map_or(i64::MAX, to_i64),
+            right: w.right.map_or(i64::MAX, to_i64),
         }
     }
 
@@ -43,13 +47,9 @@ impl RowMasker {
         if self.causal {
             hi = hi.min(pos.saturating_add(1));
         }
-        if let Some(r) = self.right {
-            hi = hi.min(pos.saturating_add(r).saturating_add(1));
-        }
-        let mut lo = 0i64;
-        if let Some(l) = self.left {
-            lo = lo.max(pos.saturating_sub(l));
-        }
+        // Unbounded sides saturate to no constraint: pos + MAX + 1 >= n, pos - MAX <= 0.
+        hi = hi.min(pos.saturating_add(self.right).saturating_add(1));
+        let lo = 0i64.max(pos.saturating_sub(self.left));
         let lo = lo.clamp(0, n);
         let hi = hi.clamp(lo, n);
         (lo as usize, hi as usize)
