@@ -537,7 +537,8 @@ impl Drop for WorkerScratch {
 /// Runs every unit on as many workers as `scratch` has buffers (the calling thread is one of
 /// them), each taking the next unit from a shared counter, largest units first, then merges.
 /// The workers are the crate's spinning helpers ([`crate::pool`]), or rayon's when those are
-/// busy with another call. Nothing here allocates: a failure cannot follow a written row.
+/// busy with another call. Its only allocation, the list of per-worker slots
+/// (one entry per worker), comes before any unit runs: no failure can follow a written row.
 #[cfg(feature = "rayon")]
 pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
     job: Job<'_, '_, '_, TQ, TKV, TO>,
