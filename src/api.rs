@@ -1,6 +1,7 @@
 //! The public entry points: validate, plan (tiles, units, threads), run the kernel per unit,
 //! store.
 
+use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, TypedOp};
 use crate::element::Element;
 use crate::error::{AttnError, TensorName};
 use crate::exec::{alignment_plan, merge_all, merge_group, merge_row_len, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
@@ -13,6 +14,7 @@ use crate::problem::Problem;
 use crate::score::{project_general, ScoreBuffers, ScoreData};
 use crate::store::{InspectRows, OutRows};
 use crate::validate::validate_outputs;
+use core::marker::PhantomData;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// What a call ran on.
@@ -90,6 +92,7 @@ const MIN_FLOPS_PER_THREAD: f64 = 4e6;
 /// println!("ran on {}", info.isa);
 /// # Ok::<(), simd_attn::AttnError>(())
 /// ```
+#[inline]
 pub fn attention<TQ: Element, TKV: Element, TO: Element>(
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
@@ -106,6 +109,7 @@ pub fn attention<TQ: Element, TKV: Element, TO: Element>(
 /// per-thread workspace that the crate keeps, so repeated calls do not allocate (the classic
 /// scores other than dot allocate their per-call projections and norms, see [`Score`]).
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
     config: &RunConfig,
     shape: &AttentionShape,
@@ -138,7 +142,53 @@ pub struct Inspect<'o> {
 /// softmax. Costs about one more Q.K^T (or additive score) pass; with neither output it is
 /// [`attention_with`].
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    out: TensorMut<'_, TO>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+    inspect: Inspect<'_>,
+) -> Result<RunInfo, AttnError> {
+    inspect_any(config, shape, AnyRef::of(q), AnyKv::of(k, v), AnyMut::of(out), lse, params, inspect)
+}
+
+/// [`attention_inspect`] with its element types erased: compiled once, here (see `dtypes`).
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn inspect_any(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: AnyRef<'_>,
+    kv: AnyKv<'_>,
+    out: AnyMut<'_>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+    inspect: Inspect<'_>,
+) -> Result<RunInfo, AttnError> {
+    struct Op<'c, 'l, 'p, 'i> {
+        config: &'c RunConfig,
+        shape: &'c AttentionShape,
+        lse: Option<&'l mut [f32]>,
+        params: &'c AttentionParams<'p>,
+        inspect: Inspect<'i>,
+    }
+    impl<'a, 'o> TypedOp<'a, 'o> for Op<'_, '_, '_, '_> {
+        type Output = Result<RunInfo, AttnError>;
+        fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output {
+            inspect_typed(self.config, self.shape, q, k, v, out, self.lse, self.params, self.inspect)
+        }
+    }
+    dispatch(q, kv, out, Op { config, shape, lse, params, inspect })
+}
+
+/// [`attention_inspect`] for one combination of element types.
+#[allow(clippy::too_many_arguments)]
+fn inspect_typed<TQ: Element, TKV: Element, TO: Element>(
     config: &RunConfig,
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
@@ -350,7 +400,53 @@ fn fused_pass<TQ: Element, TKV: Element, TO: Element>(
 /// covers every scratch need of the dot scores; the other classic scores still allocate their
 /// per-call projections and norms).
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
+    workspace: &mut Workspace,
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: TensorRef<'_, TQ>,
+    k: TensorRef<'_, TKV>,
+    v: TensorRef<'_, TKV>,
+    out: TensorMut<'_, TO>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+) -> Result<RunInfo, AttnError> {
+    in_workspace_any(workspace, config, shape, AnyRef::of(q), AnyKv::of(k, v), AnyMut::of(out), lse, params)
+}
+
+/// [`attention_in`] with its element types erased: compiled once, here (see `dtypes`).
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn in_workspace_any(
+    workspace: &mut Workspace,
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: AnyRef<'_>,
+    kv: AnyKv<'_>,
+    out: AnyMut<'_>,
+    lse: Option<&mut [f32]>,
+    params: &AttentionParams<'_>,
+) -> Result<RunInfo, AttnError> {
+    struct Op<'c, 'w, 'l, 'p> {
+        workspace: &'w mut Workspace,
+        config: &'c RunConfig,
+        shape: &'c AttentionShape,
+        lse: Option<&'l mut [f32]>,
+        params: &'c AttentionParams<'p>,
+    }
+    impl<'a, 'o> TypedOp<'a, 'o> for Op<'_, '_, '_, '_> {
+        type Output = Result<RunInfo, AttnError>;
+        fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output {
+            in_workspace_typed(self.workspace, self.config, self.shape, q, k, v, out, self.lse, self.params)
+        }
+    }
+    dispatch(q, kv, out, Op { workspace, config, shape, lse, params })
+}
+
+/// [`attention_in`] for one combination of element types.
+#[allow(clippy::too_many_arguments)]
+fn in_workspace_typed<TQ: Element, TKV: Element, TO: Element>(
     workspace: &mut Workspace,
     config: &RunConfig,
     shape: &AttentionShape,
@@ -366,7 +462,7 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     }
     if let Some(projected) = general_as_dot(shape, q, k, v, params)? {
         let [qs, ..] = shape.bhsd_strides();
-        return attention_in(workspace, config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot));
+        return in_workspace_typed(workspace, config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot));
     }
     Problem::new(shape, q, k, v, params)?;
     let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
@@ -454,7 +550,120 @@ fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
 /// assert!((out[0] - 0.3).abs() < 1e-6);
 /// # Ok::<(), simd_attn::AttnError>(())
 /// ```
-pub struct HostPlan<'a, 'o, TQ, TKV, TO> {
+pub struct HostPlan<'a: 'o, 'o, TQ, TKV, TO> {
+    /// The plan for the call's element types, compiled in this crate (see `dtypes`).
+    shares: Box<dyn PlanShares + 'o>,
+    _types: PhantomData<(TensorRef<'a, TQ>, TensorRef<'a, TKV>, TensorMut<'o, TO>)>,
+}
+
+impl<'a: 'o, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, TO> {
+    /// Validates and plans a call for `nth` workers (`config.threads` is ignored).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn new(
+        config: &RunConfig,
+        shape: &AttentionShape,
+        q: TensorRef<'a, TQ>,
+        k: TensorRef<'a, TKV>,
+        v: TensorRef<'a, TKV>,
+        out: TensorMut<'o, TO>,
+        lse: Option<&'o mut [f32]>,
+        params: &AttentionParams<'a>,
+        nth: usize,
+    ) -> Result<Self, AttnError> {
+        let shares = plan_any(config, shape, AnyRef::of(q), AnyKv::of(k, v), AnyMut::of(out), lse, params, nth)?;
+        Ok(Self { shares, _types: PhantomData })
+    }
+
+    /// f32 elements of scratch each worker passes to [`HostPlan::run`] and
+    /// [`HostPlan::merge`].
+    pub fn workspace_len(&self) -> usize {
+        self.shares.workspace_len()
+    }
+
+    /// The plan (units and shares), for inspection.
+    pub fn plan(&self) -> &WorkPlan {
+        self.shares.plan()
+    }
+
+    /// Whether [`HostPlan::merge`] has work: the decode path split the keys into partitions.
+    pub fn needs_merge(&self) -> bool {
+        self.shares.needs_merge()
+    }
+
+    /// Runs share `ith`. Each share runs at most once: a second call for the same `ith` is an
+    /// error (two workers writing the same rows would race).
+    pub fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
+        self.shares.run(ith, workspace)
+    }
+
+    /// The merge step of the decode path, share `ith` of `nth` (the same `nth`): call it after
+    /// every worker's `run` has returned (the engine's barrier). Returns an error, and touches
+    /// nothing, if some share has not finished yet. A no-op when [`HostPlan::needs_merge`] is
+    /// false.
+    pub fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
+        self.shares.merge(ith, workspace)
+    }
+}
+
+/// What a host plan does, whatever its element types.
+trait PlanShares: Send + Sync {
+    fn workspace_len(&self) -> usize;
+    fn plan(&self) -> &WorkPlan;
+    fn needs_merge(&self) -> bool;
+    fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError>;
+    fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError>;
+}
+
+impl<TQ: Element, TKV: Element, TO: Element> PlanShares for TypedPlan<'_, '_, TQ, TKV, TO> {
+    fn workspace_len(&self) -> usize {
+        TypedPlan::workspace_len(self)
+    }
+    fn plan(&self) -> &WorkPlan {
+        &self.prepared.plan
+    }
+    fn needs_merge(&self) -> bool {
+        TypedPlan::needs_merge(self)
+    }
+    fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
+        TypedPlan::run(self, ith, workspace)
+    }
+    fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
+        TypedPlan::merge(self, ith, workspace)
+    }
+}
+
+/// [`HostPlan::new`] with its element types erased: compiled once, here (see `dtypes`).
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn plan_any<'a: 'o, 'o>(
+    config: &RunConfig,
+    shape: &AttentionShape,
+    q: AnyRef<'a>,
+    kv: AnyKv<'a>,
+    out: AnyMut<'o>,
+    lse: Option<&'o mut [f32]>,
+    params: &AttentionParams<'a>,
+    nth: usize,
+) -> Result<Box<dyn PlanShares + 'o>, AttnError> {
+    struct Op<'c, 'a, 'o> {
+        config: &'c RunConfig,
+        shape: &'c AttentionShape,
+        lse: Option<&'o mut [f32]>,
+        params: &'c AttentionParams<'a>,
+        nth: usize,
+    }
+    impl<'a: 'o, 'o> TypedOp<'a, 'o> for Op<'_, 'a, 'o> {
+        type Output = Result<Box<dyn PlanShares + 'o>, AttnError>;
+        fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output {
+            Ok(Box::new(TypedPlan::new(self.config, self.shape, q, k, v, out, self.lse, self.params, self.nth)?))
+        }
+    }
+    dispatch(q, kv, out, Op { config, shape, lse, params, nth })
+}
+
+/// [`HostPlan`] for one combination of element types.
+struct TypedPlan<'a, 'o, TQ, TKV, TO> {
     prepared: Prepared<'a, 'o, TQ, TKV, TO>,
     nth: usize,
     claimed: Vec<AtomicBool>,
@@ -467,20 +676,19 @@ pub struct HostPlan<'a, 'o, TQ, TKV, TO> {
 
 // SAFETY: the raw partials buffer is owned; concurrent access follows `Partials`' rules
 // (disjoint slots in `run`, reads in `merge` only after every share finished).
-unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Sync for HostPlan<'_, '_, TQ, TKV, TO> {}
-unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Send for HostPlan<'_, '_, TQ, TKV, TO> {}
+unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Sync for TypedPlan<'_, '_, TQ, TKV, TO> {}
+unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Send for TypedPlan<'_, '_, TQ, TKV, TO> {}
 
-impl<TQ, TKV, TO> Drop for HostPlan<'_, '_, TQ, TKV, TO> {
+impl<TQ, TKV, TO> Drop for TypedPlan<'_, '_, TQ, TKV, TO> {
     fn drop(&mut self) {
         // SAFETY: created by Box::into_raw in `new`, freed once.
         drop(unsafe { Box::from_raw(self.partials) });
     }
 }
 
-impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, TO> {
-    /// Validates and plans a call for `nth` workers (`config.threads` is ignored).
+impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> TypedPlan<'a, 'o, TQ, TKV, TO> {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    fn new(
         config: &RunConfig,
         shape: &AttentionShape,
         q: TensorRef<'a, TQ>,
@@ -519,19 +727,11 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
         })
     }
 
-    /// f32 elements of scratch each worker passes to [`HostPlan::run`] and
-    /// [`HostPlan::merge`].
-    pub fn workspace_len(&self) -> usize {
+    fn workspace_len(&self) -> usize {
         self.prepared.scratch_len.max(merge_row_len(&self.prepared.plan, &self.prepared.p.shape))
     }
 
-    /// The plan (units and shares), for inspection.
-    pub fn plan(&self) -> &WorkPlan {
-        &self.prepared.plan
-    }
-
-    /// Whether [`HostPlan::merge`] has work: the decode path split the keys into partitions.
-    pub fn needs_merge(&self) -> bool {
+    fn needs_merge(&self) -> bool {
         self.prepared.plan.parts() > 1
     }
 
@@ -543,9 +743,7 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
         Job { p: &pr.p, out: &pr.out, plan: pr.plan, tiles: pr.tiles, isa: pr.isa, partials, align: None }
     }
 
-    /// Runs share `ith`. Each share runs at most once: a second call for the same `ith` is an
-    /// error (two workers writing the same rows would race).
-    pub fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
+    fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
         let pr = &self.prepared;
         self.check_share(ith, workspace)?;
         if self.claimed[ith].swap(true, Ordering::AcqRel) {
@@ -558,11 +756,7 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, T
         Ok(RunInfo { isa: pr.isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: pr.tiles, threads: self.nth, plan: pr.plan })
     }
 
-    /// The merge step of the decode path, share `ith` of `nth` (the same `nth`): call it after
-    /// every worker's `run` has returned (the engine's barrier). Returns an error, and touches
-    /// nothing, if some share has not finished yet. A no-op when [`HostPlan::needs_merge`] is
-    /// false.
-    pub fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
+    fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
         self.check_share(ith, workspace)?;
         if !self.needs_merge() {
             return Ok(());

@@ -1,0 +1,104 @@
+//! The element types of a call, erased at the public boundary and recovered at one dispatch.
+//!
+//! The public entries are generic over the storage types (`TQ`, `TKV`, `TO`), but a generic
+//! function is compiled in the crate that calls it: if the entries carried the types down to
+//! the kernels, every engine (and every test binary) would compile the whole kernel tree again
+//! for each combination it uses. Instead an entry turns its tensors into these enums (a few
+//! instructions, inlined into the caller) and calls a non-generic function of this crate,
+//! which matches the combination once and runs the typed pipeline compiled here, one copy per
+//! supported combination. A new storage type is a new variant and new lines in [`dispatch`].
+
+use crate::element::{DType, Element};
+use crate::layout::{TensorMut, TensorRef};
+use half::f16;
+
+/// An input tensor of any supported element type.
+#[derive(Clone, Copy)]
+pub(crate) enum AnyRef<'a> {
+    F32(TensorRef<'a, f32>),
+    F16(TensorRef<'a, f16>),
+}
+
+/// K and V, which share one element type.
+#[derive(Clone, Copy)]
+pub(crate) enum AnyKv<'a> {
+    F32(TensorRef<'a, f32>, TensorRef<'a, f32>),
+    F16(TensorRef<'a, f16>, TensorRef<'a, f16>),
+}
+
+/// An output tensor of any supported element type.
+pub(crate) enum AnyMut<'o> {
+    F32(TensorMut<'o, f32>),
+    F16(TensorMut<'o, f16>),
+}
+
+/// `s` as a slice of `U`, when `T` and `U` are the same storage type.
+#[inline(always)]
+fn same<T: Element, U: Element>(s: &[T]) -> Option<&[U]> {
+    // SAFETY: the trait is sealed and every implementor has a distinct DTYPE, so equal DTYPEs
+    // mean T and U are the same type.
+    (T::DTYPE == U::DTYPE).then(|| unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<U>(), s.len()) })
+}
+
+/// [`same`], for a mutable slice.
+#[inline(always)]
+fn same_mut<T: Element, U: Element>(s: &mut [T]) -> Result<&mut [U], &mut [T]> {
+    if T::DTYPE != U::DTYPE {
+        return Err(s);
+    }
+    // SAFETY: as in `same`; the borrow moves into the result.
+    Ok(unsafe { core::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<U>(), s.len()) })
+}
+
+impl<'a> AnyRef<'a> {
+    #[inline(always)]
+    pub fn of<T: Element>(t: TensorRef<'a, T>) -> Self {
+        match T::DTYPE {
+            DType::F32 => AnyRef::F32(TensorRef::new(same(t.data).expect("DTYPE is F32"), t.strides)),
+            DType::F16 => AnyRef::F16(TensorRef::new(same(t.data).expect("DTYPE is F16"), t.strides)),
+        }
+    }
+}
+
+impl<'a> AnyKv<'a> {
+    #[inline(always)]
+    pub fn of<T: Element>(k: TensorRef<'a, T>, v: TensorRef<'a, T>) -> Self {
+        match (AnyRef::of(k), AnyRef::of(v)) {
+            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(k, v),
+            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(k, v),
+            _ => unreachable!("K and V have one type parameter"),
+        }
+    }
+}
+
+impl<'o> AnyMut<'o> {
+    #[inline(always)]
+    pub fn of<T: Element>(t: TensorMut<'o, T>) -> Self {
+        let strides = t.strides;
+        match same_mut::<T, f32>(t.data) {
+            Ok(d) => AnyMut::F32(TensorMut::new(d, strides)),
+            Err(d) => AnyMut::F16(TensorMut::new(same_mut::<T, f16>(d).ok().expect("DTYPE is F16"), strides)),
+        }
+    }
+}
+
+/// Something to do with a call's typed tensors: implemented by each entry's body.
+pub(crate) trait TypedOp<'a, 'o> {
+    type Output;
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output;
+}
+
+/// Runs `op` with the call's element types: the one place the combinations are listed.
+pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>, out: AnyMut<'o>, op: Op) -> Op::Output {
+    use {AnyKv as K, AnyMut as O, AnyRef as Q};
+    match (q, kv, out) {
+        (Q::F32(q), K::F32(k, v), O::F32(o)) => op.run(q, k, v, o),
+        (Q::F32(q), K::F32(k, v), O::F16(o)) => op.run(q, k, v, o),
+        (Q::F32(q), K::F16(k, v), O::F32(o)) => op.run(q, k, v, o),
+        (Q::F32(q), K::F16(k, v), O::F16(o)) => op.run(q, k, v, o),
+        (Q::F16(q), K::F32(k, v), O::F32(o)) => op.run(q, k, v, o),
+        (Q::F16(q), K::F32(k, v), O::F16(o)) => op.run(q, k, v, o),
+        (Q::F16(q), K::F16(k, v), O::F32(o)) => op.run(q, k, v, o),
+        (Q::F16(q), K::F16(k, v), O::F16(o)) => op.run(q, k, v, o),
+    }
+}
