@@ -10,7 +10,7 @@ use super::terms::{mask_outside, score_terms};
 use crate::element::Element;
 use crate::plan::Tiles;
 use crate::problem::Problem;
-use crate::score::ScoreData;
+use crate::score::{AdditiveData, ScoreData};
 
 /// Buffers of one worker for one call, carved from its workspace (no allocation).
 pub(crate) struct Scratch<'w> {
@@ -62,6 +62,30 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
     i1: usize,
     sc: &mut Scratch,
 ) {
+    // One copy per kind of score, chosen once per block: with a single copy, LLVM hoisted the
+    // additive arm's slice-bound arithmetic out of the row loop and the backend turned it into
+    // a branch, so dot-score calls branched on the bytes of the inactive `Additive` variant
+    // (harmless, the result was never used, but valgrind rightly cannot tell). The dot copy
+    // never reads the additive payload at all.
+    match p.score {
+        ScoreData::Additive(a) => block::<TQ, TKV, true>(p, Some(a), tiles, b, h, i0, i1, sc),
+        _ => block::<TQ, TKV, false>(p, None, tiles, b, h, i0, i1, sc),
+    }
+}
+
+/// [`query_block`] for the additive score (`ADDITIVE`, with its data) or the dot scores.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block<TQ: Element, TKV: Element, const ADDITIVE: bool>(
+    p: &Problem<'_, TQ, TKV>,
+    additive: Option<AdditiveData<'_>>,
+    tiles: &Tiles,
+    b: usize,
+    h: usize,
+    i0: usize,
+    i1: usize,
+    sc: &mut Scratch,
+) {
     let (d, dv, bc) = (p.shape.head_dim, p.shape.v_head_dim, tiles.bc);
     let pitch = kt_pitch(bc);
     let rows = i1 - i0;
@@ -69,7 +93,7 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
     let kv_len = p.kv_len(b);
     let keys = p.masker.block(kv_len, i0, i1);
 
-    let dot = !matches!(p.score, ScoreData::Additive(_));
+    let dot = !ADDITIVE;
     for r in 0..rows {
         // Q as given (the additive score reads its prepared q' rows instead).
         if dot {
@@ -107,8 +131,8 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
 
         for r in 0..rows {
             let s = &mut sc.s[r * bc..r * bc + n];
-            match p.score {
-                ScoreData::Additive(a) => {
+            match additive.filter(|_| ADDITIVE) {
+                Some(a) => {
                     let q = a.q_row(&p.shape, b, h, i0 + r);
                     let k = a.k_rows(&p.shape, b, hk, j0, n);
                     for (c, x) in s.iter_mut().enumerate() {
@@ -116,7 +140,7 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
                         *x = q.iter().zip(kc).zip(a.v).map(|((&qa, &ka), &va)| va * (qa + ka).tanh()).sum();
                     }
                 }
-                _ => {
+                None => {
                     s.fill(0.0);
                     for (t, &qv) in sc.q[r * d..(r + 1) * d].iter().enumerate() {
                         for (x, &kv) in s.iter_mut().zip(&sc.kt[t * pitch..t * pitch + n]) {
