@@ -44,3 +44,25 @@ fn names_round_trip() {
     assert!(Isa::available().contains(&Isa::Portable) && Isa::available().contains(&Isa::Scalar));
     assert!(Isa::best().is_available());
 }
+
+/// Every AArch64 CPU has NEON (ARMv8.0 on) and gets the NEON path, whether or not it has the
+/// later extensions (FCMA is ARMv8.3): Graviton2, Ampere Altra and Cortex-A72 included. CI runs
+/// this under `qemu-aarch64 -cpu neoverse-n1` as well as `-cpu max`.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn every_aarch64_cpu_gets_the_neon_path() {
+    assert!(Isa::Neon.is_available());
+    assert_eq!(Isa::best(), Isa::Neon);
+    let info = run(&RunConfig { isa: Some(Isa::Neon), ..RunConfig::default() }).unwrap();
+    assert_eq!((info.isa, info.specialised_head_dim), (Isa::Neon, Some(64)));
+}
+
+/// The best path is a SIMD one wherever the CPU has one.
+#[test]
+fn the_best_path_is_the_widest_simd_the_cpu_has() {
+    let simd = [Isa::Avx512, Isa::Avx2, Isa::Neon].into_iter().find(|i| i.is_available());
+    assert_eq!(Isa::best(), simd.unwrap_or(Isa::Scalar));
+    if cfg!(target_arch = "aarch64") {
+        assert_eq!(Isa::best(), Isa::Neon);
+    }
+}

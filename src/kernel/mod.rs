@@ -24,8 +24,13 @@ pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(s
         let lanes = S::F32_LANES;
         let whole = src.len() / lanes * lanes;
         let (vecs, _) = S::as_mut_simd_f32s(&mut dst[..whole]);
-        for (i, d) in vecs.iter_mut().enumerate() {
-            *d = simd.load_f16s(&h[i * lanes..]);
+        // Two vectors per step: one 128-bit load's worth of f16 on NEON.
+        let mut pairs = vecs.chunks_exact_mut(2);
+        for (i, d) in pairs.by_ref().enumerate() {
+            (d[0], d[1]) = simd.load_f16s_pair(&h[2 * i * lanes..]);
+        }
+        if let [d] = pairs.into_remainder() {
+            *d = simd.load_f16s(&h[whole - lanes..]);
         }
         for (d, x) in dst[whole..].iter_mut().zip(&h[whole..]) {
             *d = x.to_f32();

@@ -39,6 +39,15 @@ pub(crate) trait SimdExt: Simd {
         Self::as_simd_f32s(&buf[..lanes]).0[0]
     }
 
+    /// The first `2 * F32_LANES` values of `src` (which holds at least that many), widened to
+    /// f32 as two vectors: ISAs whose vectors hold fewer f32 than one load brings in f16 (NEON:
+    /// 8 f16 per 128-bit load, 4 f32 per register) widen both halves of one load.
+    #[inline(always)]
+    fn load_f16s_pair(self, src: &[f16]) -> (Self::f32s, Self::f32s) {
+        let lanes = Self::F32_LANES;
+        (self.load_f16s(&src[..lanes]), self.load_f16s(&src[lanes..2 * lanes]))
+    }
+
     /// Lane `i` of the result is the sum of the lanes of `acc[i]` (`acc` holds `F32_LANES`
     /// vectors): the horizontal sums of a whole register tile of dot products at once, which
     /// costs a few shuffles per sum instead of a full reduction each.
@@ -62,8 +71,69 @@ pub(crate) trait SimdExt: Simd {
 }
 
 impl SimdExt for pulp::Scalar {}
+
+/// NEON (Advanced SIMD) is part of every AArch64 CPU, ARMv8.0 on: pulp's plain `Neon` token,
+/// not `NeonFcma`, whose FCMA (complex multiply, ARMv8.3) the kernels never use and which
+/// Graviton2, Ampere Altra, Cortex-A72 and other ARMv8.0-8.2 cores lack. f16 widening and the
+/// prefetch hint are single instructions with no stable intrinsic (the f16 vector types are
+/// unstable), so they are written as inline assembly.
 #[cfg(target_arch = "aarch64")]
-impl SimdExt for pulp::aarch64::NeonFcma {}
+impl SimdExt for pulp::aarch64::Neon {
+    #[inline(always)]
+    fn load_f16s(self, src: &[f16]) -> Self::f32s {
+        use core::arch::aarch64::{float32x4_t, uint16x4_t, vld1_u16};
+        let src = &src[..4];
+        // SAFETY: `src` holds 4 f16 = 8 bytes; NEON is enabled in every Neon context.
+        let bits: uint16x4_t = unsafe { vld1_u16(src.as_ptr().cast::<u16>()) };
+        let out: float32x4_t;
+        // SAFETY: `fcvtl` widens 4 half-precision lanes to single precision, registers only
+        // (exact: every f16 value, subnormals, infinities and NaNs, is an f32 value).
+        unsafe {
+            core::arch::asm!("fcvtl {out:v}.4s, {bits:v}.4h", out = lateout(vreg) out, bits = in(vreg) bits, options(pure, nomem, nostack, preserves_flags));
+            core::mem::transmute::<float32x4_t, Self::f32s>(out)
+        }
+    }
+
+    #[inline(always)]
+    fn load_f16s_pair(self, src: &[f16]) -> (Self::f32s, Self::f32s) {
+        use core::arch::aarch64::{float32x4_t, uint16x8_t, vld1q_u16};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 f16 = 16 bytes; NEON is enabled in every Neon context.
+        let bits: uint16x8_t = unsafe { vld1q_u16(src.as_ptr().cast::<u16>()) };
+        let (lo, hi): (float32x4_t, float32x4_t);
+        // SAFETY: `fcvtl`/`fcvtl2` widen the low and high 4 half-precision lanes, registers only.
+        unsafe {
+            core::arch::asm!(
+                "fcvtl {lo:v}.4s, {bits:v}.4h",
+                "fcvtl2 {hi:v}.4s, {bits:v}.8h",
+                lo = out(vreg) lo, hi = lateout(vreg) hi, bits = in(vreg) bits,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            (core::mem::transmute::<float32x4_t, Self::f32s>(lo), core::mem::transmute::<float32x4_t, Self::f32s>(hi))
+        }
+    }
+
+    #[inline(always)]
+    fn transpose_sum_f32s(self, acc: &[Self::f32s]) -> Self::f32s {
+        use core::arch::aarch64::{float32x4_t, vpaddq_f32};
+        let acc = &acc[..4];
+        // SAFETY: NEON is enabled in every Neon context; pairwise adds of registers only.
+        unsafe {
+            let a: [float32x4_t; 4] = core::mem::transmute::<[Self::f32s; 4], [float32x4_t; 4]>([acc[0], acc[1], acc[2], acc[3]]);
+            // [a0 + a1 lanes pairwise, a2 + a3 ...] then once more: lane i = sum of acc[i].
+            let lo = vpaddq_f32(a[0], a[1]);
+            let hi = vpaddq_f32(a[2], a[3]);
+            core::mem::transmute::<float32x4_t, Self::f32s>(vpaddq_f32(lo, hi))
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch_l2(self, p: *const u8) {
+        // SAFETY: `prfm` is a hint: it never faults or reads architecturally, whatever the
+        // address. PLDL2KEEP: for a load, into L2, normal (temporal) retention.
+        unsafe { core::arch::asm!("prfm pldl2keep, [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly)) }
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 impl SimdExt for pulp::x86::V4 {
@@ -237,11 +307,11 @@ pub(crate) fn run_avx512<Op: WithSimdExt>(op: Op) -> Option<Op::Output> {
     None
 }
 
-/// Runs `op` with NEON, on aarch64.
+/// Runs `op` with NEON (any AArch64 CPU, ARMv8.0 on).
 #[inline]
 pub(crate) fn run_neon<Op: WithSimdExt>(op: Op) -> Option<Op::Output> {
     #[cfg(target_arch = "aarch64")]
-    if let Some(n) = pulp::aarch64::NeonFcma::try_new() {
+    if let Some(n) = pulp::aarch64::Neon::try_new() {
         return Some(Simd::vectorize(n, Vectorize { simd: n, op }));
     }
     let _ = op;
@@ -271,9 +341,18 @@ pub(crate) fn supported(isa: Isa) -> bool {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => pulp::x86::V4::try_new().is_some(),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon => pulp::aarch64::NeonFcma::try_new().is_some(),
+        Isa::Neon => pulp::aarch64::Neon::try_new().is_some(),
         _ => false,
     }
+}
+
+/// Every SIMD runner with its path's name: per-ISA unit tests loop over this list, so a new
+/// path is tested as soon as it is added here. A runner returns `None` where the machine lacks
+/// the path.
+#[cfg(test)]
+#[allow(clippy::type_complexity)]
+pub(crate) fn runners<Op: WithSimdExt>() -> [(&'static str, fn(Op) -> Option<Op::Output>); 4] {
+    [("scalar", run_scalar::<Op>), ("avx2", run_avx2::<Op>), ("avx512", run_avx512::<Op>), ("neon", run_neon::<Op>)]
 }
 
 #[cfg(test)]
@@ -300,10 +379,73 @@ mod tests {
 
     #[test]
     fn transpose_sum_puts_each_vectors_sum_in_its_lane_on_every_isa() {
-        for run in [run_scalar::<TransposeSum>, run_avx2, run_avx512, run_neon] {
+        let mut ran = 0;
+        for (name, run) in runners::<TransposeSum>() {
             if let Some((got, want)) = run(TransposeSum) {
-                assert_eq!(got, want);
+                assert_eq!(got, want, "{name}");
+                ran += 1;
             }
         }
+        assert!(ran >= 2, "scalar and this machine's SIMD path should both run");
+    }
+
+    /// Every f16 bit pattern, widened by `load_f16s` and by `load_f16s_pair`.
+    struct WidenAll<'a>(&'a [f16]);
+    impl WithSimdExt for WidenAll<'_> {
+        type Output = (Vec<f32>, Vec<f32>);
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) -> Self::Output {
+            let lanes = S::F32_LANES;
+            let (mut one, mut pair) = (vec![0.0f32; self.0.len()], vec![0.0f32; self.0.len()]);
+            for (src, dst) in self.0.chunks_exact(lanes).zip(one.chunks_exact_mut(lanes)) {
+                S::as_mut_simd_f32s(dst).0[0] = simd.load_f16s(src);
+            }
+            for (src, dst) in self.0.chunks_exact(2 * lanes).zip(pair.chunks_exact_mut(2 * lanes)) {
+                let (a, b) = simd.load_f16s_pair(src);
+                let (lo, hi) = dst.split_at_mut(lanes);
+                (S::as_mut_simd_f32s(lo).0[0], S::as_mut_simd_f32s(hi).0[0]) = (a, b);
+            }
+            (one, pair)
+        }
+    }
+
+    #[test]
+    fn f16_widening_is_exact_for_every_bit_pattern_on_every_isa() {
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut ran = 0;
+        for (name, run) in runners::<WidenAll>() {
+            let Some((one, pair)) = run(WidenAll(&all)) else { continue };
+            for (i, (&h, (&a, &b))) in all.iter().zip(one.iter().zip(&pair)).enumerate() {
+                let want = h.to_f32();
+                // NaNs keep their sign and payload (quieted); everything else is bit-exact.
+                let same = |x: f32| if want.is_nan() { x.is_nan() && x.is_sign_negative() == want.is_sign_negative() } else { x.to_bits() == want.to_bits() };
+                assert!(same(a), "{name}: load_f16s({:#06x}) = {a:e}, want {want:e} (lane {i})", h.to_bits());
+                assert!(same(b), "{name}: load_f16s_pair({:#06x}) = {b:e}, want {want:e} (lane {i})", h.to_bits());
+            }
+            ran += 1;
+        }
+        assert!(ran >= 2);
+    }
+
+    /// Prefetches addresses that must never be dereferenced: null, unmapped, the end of a
+    /// slice, and a live row. A hint that read or faulted would crash here.
+    struct PrefetchAnywhere;
+    impl WithSimdExt for PrefetchAnywhere {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) {
+            let row = [1.0f32; 64];
+            let base = row.as_ptr().cast::<u8>();
+            for p in [core::ptr::null(), 8usize as *const u8, usize::MAX as *const u8, base.wrapping_add(256), base, base.wrapping_sub(4096)] {
+                simd.prefetch_l2(p);
+            }
+            assert_eq!(row[63], 1.0);
+        }
+    }
+
+    #[test]
+    fn prefetch_never_faults_on_any_address_on_every_isa() {
+        let ran = runners::<PrefetchAnywhere>().into_iter().filter_map(|(_, run)| run(PrefetchAnywhere)).count();
+        assert!(ran >= 2);
     }
 }
