@@ -40,6 +40,8 @@ mod store;
 mod validate;
 mod kernel;
 mod simd;
+#[doc(hidden)]
+pub mod selftest;
 
 pub use api::{attention, attention_in, attention_inspect, attention_with, Inspect, default_threads, set_default_threads, HostPlan, RunConfig, RunInfo};
 pub use exec::Workspace;

@@ -1,0 +1,135 @@
+//! Probes into the SIMD layer and the pool for the crate's own tests (`tests/simd_ops.rs`,
+//! `tests/pool.rs`). Not part of the API: hidden, and free to change.
+//!
+//! They live here, not in `#[cfg(test)]` modules, so the test suite reaches them from
+//! integration tests and the library is compiled once: a unit-test harness compiles the whole
+//! crate, every kernel included, a second time (about 4 of CI's minutes on 2 cores, per target).
+
+use crate::isa::Isa;
+use crate::simd::{run_avx2, run_avx512, run_neon, run_scalar, SimdExt, WithSimdExt};
+use half::f16;
+
+/// Runs `op` on `isa`'s SIMD layer; `None` where this machine lacks it (and for the portable
+/// kernel, which has no SIMD layer).
+fn on<Op: WithSimdExt>(isa: Isa, op: Op) -> Option<Op::Output> {
+    match isa {
+        Isa::Portable => None,
+        Isa::Scalar => run_scalar(op),
+        Isa::Avx2 => run_avx2(op),
+        Isa::Avx512 => run_avx512(op),
+        Isa::Neon => run_neon(op),
+    }
+}
+
+/// f32 lanes per vector of `isa`'s SIMD layer.
+pub fn lanes(isa: Isa) -> Option<usize> {
+    struct Lanes;
+    impl WithSimdExt for Lanes {
+        type Output = usize;
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, _: S) -> usize {
+            S::F32_LANES
+        }
+    }
+    on(isa, Lanes)
+}
+
+/// `xs[i] = exp(xs[i])` with the kernels' vector `exp` (partial last vector included).
+pub fn exp(isa: Isa, xs: &mut [f32]) -> Option<()> {
+    struct Exp<'a>(&'a mut [f32]);
+    impl WithSimdExt for Exp<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) {
+            let (head, tail) = S::as_mut_simd_f32s(self.0);
+            for x in head {
+                *x = simd.exp_f32s(*x);
+            }
+            let t = simd.exp_f32s(simd.partial_load_f32s(tail));
+            simd.partial_store_f32s(tail, t);
+        }
+    }
+    on(isa, Exp(xs))
+}
+
+/// `xs[i] = tanh(xs[i])` with the additive score's vector `tanh`.
+pub fn tanh(isa: Isa, xs: &mut [f32]) -> Option<()> {
+    struct Tanh<'a>(&'a mut [f32]);
+    impl WithSimdExt for Tanh<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) {
+            let (head, tail) = S::as_mut_simd_f32s(self.0);
+            for x in head {
+                *x = simd.tanh_f32s(*x);
+            }
+            let t = simd.tanh_f32s(simd.partial_load_f32s(tail));
+            simd.partial_store_f32s(tail, t);
+        }
+    }
+    on(isa, Tanh(xs))
+}
+
+/// `transpose_sum_f32s` of the `lanes` vectors in `vals` (`lanes * lanes` values, vector by
+/// vector): lane `i` of the result should be the sum of vector `i`.
+pub fn transpose_sum(isa: Isa, vals: &[f32]) -> Option<Vec<f32>> {
+    struct TransposeSum<'a>(&'a [f32]);
+    impl WithSimdExt for TransposeSum<'_> {
+        type Output = Vec<f32>;
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) -> Vec<f32> {
+            let lanes = S::F32_LANES;
+            let acc = S::as_simd_f32s(&self.0[..lanes * lanes]).0;
+            let mut out = vec![0.0; lanes];
+            S::as_mut_simd_f32s(&mut out).0[0] = simd.transpose_sum_f32s(acc);
+            out
+        }
+    }
+    on(isa, TransposeSum(vals))
+}
+
+/// `src` (whole vectors' worth) widened by `load_f16s` one vector at a time, and by
+/// `load_f16s_pair` two vectors at a time (a trailing single vector is left 0 there).
+pub fn widen_f16(isa: Isa, src: &[f16]) -> Option<(Vec<f32>, Vec<f32>)> {
+    struct Widen<'a>(&'a [f16]);
+    impl WithSimdExt for Widen<'_> {
+        type Output = (Vec<f32>, Vec<f32>);
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) -> Self::Output {
+            let lanes = S::F32_LANES;
+            let (mut one, mut pair) = (vec![0.0f32; self.0.len()], vec![0.0f32; self.0.len()]);
+            for (src, dst) in self.0.chunks_exact(lanes).zip(one.chunks_exact_mut(lanes)) {
+                S::as_mut_simd_f32s(dst).0[0] = simd.load_f16s(src);
+            }
+            for (src, dst) in self.0.chunks_exact(2 * lanes).zip(pair.chunks_exact_mut(2 * lanes)) {
+                let (a, b) = simd.load_f16s_pair(src);
+                let (lo, hi) = dst.split_at_mut(lanes);
+                (S::as_mut_simd_f32s(lo).0[0], S::as_mut_simd_f32s(hi).0[0]) = (a, b);
+            }
+            (one, pair)
+        }
+    }
+    on(isa, Widen(src))
+}
+
+/// `prefetch_l2` on each address (which it must never dereference).
+pub fn prefetch(isa: Isa, addrs: &[*const u8]) -> Option<()> {
+    struct Prefetch<'a>(&'a [*const u8]);
+    impl WithSimdExt for Prefetch<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) {
+            for &p in self.0 {
+                simd.prefetch_l2(p);
+            }
+        }
+    }
+    on(isa, Prefetch(addrs))
+}
+
+/// The crate's thread pool: runs `f(0)` on the caller and the other shares on helpers (see
+/// `pool::run`).
+#[cfg(feature = "rayon")]
+pub fn pool_run<R>(threads: usize, f: &(dyn Fn(usize) -> R + Sync)) -> Result<R, ()> {
+    crate::pool::run(threads, f)
+}
