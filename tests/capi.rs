@@ -108,7 +108,16 @@ fn entries_under_memory_pressure_return_out_of_memory_and_touch_nothing() {
     run(cmd, "compiling tests/c/oom_test.c");
     let mut cmd = Command::new(&exe);
     cmd.env_remove("SIMD_ATTN_ISA");
-    let out = run(cmd, "oom_test");
+    // Exit 77 (the automake convention): the address-space limit could not be set or is not
+    // enforced. Accepted only where the runner says it emulates the CPU (qemu-user ignores a
+    // guest's RLIMIT_AS); anywhere else the memory-pressure checks must run.
+    let status = cmd.output().unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+    let out = format!("{}{}", String::from_utf8_lossy(&status.stdout), String::from_utf8_lossy(&status.stderr));
+    if status.status.code() == Some(77) && std::env::var_os("SIMD_ATTN_EMULATED").is_some() {
+        println!("SKIPPED under emulation: {out}");
+        return;
+    }
+    assert!(status.status.success(), "oom_test failed ({}):\n{out}", status.status);
     println!("{out}");
     assert!(out.contains(" 0 failures"), "{out}");
 }
