@@ -160,7 +160,7 @@ pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
 /// [`attention_inspect`] with its element types erased: compiled once, here (see `dtypes`).
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn inspect_any(
+pub(crate) fn inspect_any(
     config: &RunConfig,
     shape: &AttentionShape,
     q: AnyRef<'_>,
@@ -606,8 +606,8 @@ impl<'a: 'o, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TK
     }
 }
 
-/// What a host plan does, whatever its element types.
-trait PlanShares: Send + Sync {
+/// What a host plan does, whatever its element types (the C ABI holds its plans as this).
+pub(crate) trait PlanShares: Send + Sync {
     fn workspace_len(&self) -> usize;
     fn plan(&self) -> &WorkPlan;
     fn needs_merge(&self) -> bool;
@@ -636,7 +636,7 @@ impl<TQ: Element, TKV: Element, TO: Element> PlanShares for TypedPlan<'_, '_, TQ
 /// [`HostPlan::new`] with its element types erased: compiled once, here (see `dtypes`).
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn plan_any<'a: 'o, 'o>(
+pub(crate) fn plan_any<'a: 'o, 'o>(
     config: &RunConfig,
     shape: &AttentionShape,
     q: AnyRef<'a>,

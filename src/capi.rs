@@ -19,10 +19,11 @@ use crate::isa::Isa;
 use crate::layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
 use crate::merge::PartialResult;
 use crate::params::{AdditiveProjection, AttentionParams, Score, Window};
-use crate::{Element, HostPlan, Inspect, RunConfig, RunInfo};
+use crate::api::PlanShares;
+use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, TypedOp};
+use crate::{Element, Inspect, RunConfig, RunInfo};
 use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
-use half::f16;
 use std::cell::RefCell;
 use std::ffi::CString;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -467,16 +468,23 @@ fn default_desc() -> SimdAttnDesc {
         }
 }
 
-/// A descriptor turned into the safe API's arguments (slices still untyped).
+/// A descriptor turned into the safe API's arguments (element types still erased, as the
+/// Rust entries erase them: see `dtypes`).
 struct Call<'a> {
     shape: AttentionShape,
-    dtypes: (DType, DType, DType),
-    q: RawTensor<'a>,
-    k: RawTensor<'a>,
-    v: RawTensor<'a>,
-    out: RawOut<'a>,
+    q: AnyRef<'a>,
+    kv: AnyKv<'a>,
+    out: AnyMut<'a>,
     lse: Option<&'a mut [f32]>,
+    inspect: Inspect<'a>,
+    /// Converted from the descriptor's int32 lengths; `options.params` borrows it.
     kv_lens: Option<Vec<usize>>,
+    options: Options<'a>,
+}
+
+/// Everything of [`AttentionParams`] but the KV lengths, which the call owns.
+#[derive(Clone, Copy)]
+struct Options<'a> {
     bias: Option<BiasRef<'a>>,
     alibi: Option<&'a [f32]>,
     sinks: Option<&'a [f32]>,
@@ -485,18 +493,25 @@ struct Call<'a> {
     softcap: Option<f32>,
     window: Option<Window>,
     score: Score<'a>,
-    alignment: Option<&'a mut [f32]>,
-    coverage: Option<&'a mut [f32]>,
 }
 
-enum RawTensor<'a> {
-    F32(TensorRef<'a, f32>),
-    F16(TensorRef<'a, f16>),
-}
-
-enum RawOut<'a> {
-    F32(TensorMut<'a, f32>),
-    F16(TensorMut<'a, f16>),
+impl<'a> Options<'a> {
+    fn params<'p>(self, kv_lens: Option<&'p [usize]>) -> AttentionParams<'p>
+    where
+        'a: 'p,
+    {
+        AttentionParams {
+            scale: self.scale,
+            causal: self.causal,
+            window: self.window,
+            kv_lens,
+            softcap: self.softcap,
+            bias: self.bias,
+            alibi_slopes: self.alibi,
+            sinks: self.sinks,
+            score: self.score,
+        }
+    }
 }
 
 /// [`slice`] of `len` elements of `T` at `data`, recorded in `spans` for the aliasing check.
@@ -523,27 +538,27 @@ unsafe fn checked_mut<'a, T>(data: *mut c_void, len: usize, what: &'static str, 
 
 /// # Safety
 /// The tensor's `data` points to `len` readable elements of its dtype (see the header).
-unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<RawTensor<'a>, Fail> {
+unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<AnyRef<'a>, Fail> {
     reserved(t.reserved, what)?;
     let st = strides(t, what)?;
     // SAFETY (both arms): forwarded contract.
     Ok(match dtype(t.dtype, what)? {
-        DType::F32 => RawTensor::F32(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
-        DType::F16 => RawTensor::F16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+        DType::F32 => AnyRef::F32(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+        DType::F16 => AnyRef::F16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
     })
 }
 
 /// # Safety
 /// `data` points to `len` writable elements of the dtype that nothing else touches during the
 /// call.
-unsafe fn output<'a>(t: &SimdAttnOutput, what: &'static str, spans: &mut Vec<Span>) -> Result<RawOut<'a>, Fail> {
+unsafe fn output<'a>(t: &SimdAttnOutput, what: &'static str, spans: &mut Vec<Span>) -> Result<AnyMut<'a>, Fail> {
     reserved(t.reserved, what)?;
     let view = SimdAttnTensor { data: t.data, len: t.len, dtype: t.dtype, reserved: 0, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
     let st = strides(&view, what)?;
     // SAFETY (both arms): forwarded contract.
     Ok(match dtype(t.dtype, what)? {
-        DType::F32 => RawOut::F32(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
-        DType::F16 => RawOut::F16(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
+        DType::F32 => AnyMut::F32(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
+        DType::F16 => AnyMut::F16(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
     })
 }
 
@@ -573,10 +588,11 @@ impl<'a> Call<'a> {
         let k = unsafe { tensor(&d.k, "k", &mut inputs)? };
         let v = unsafe { tensor(&d.v, "v", &mut inputs)? };
         let out = unsafe { output(&d.out, "out", &mut outputs)? };
-        let dtypes = (dtype(d.q.dtype, "q")?, dtype(d.k.dtype, "k")?, dtype(d.out.dtype, "out")?);
-        if dtype(d.v.dtype, "v")? != dtypes.1 {
-            return fail(Status::UnsupportedDtypes, "k and v must have the same dtype");
-        }
+        let kv = match (k, v) {
+            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(k, v),
+            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(k, v),
+            _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
+        };
         let lse = if d.lse.is_null() && d.lse_len == 0 {
             None
         } else {
@@ -664,112 +680,14 @@ impl<'a> Call<'a> {
         };
         Ok(Call {
             shape,
-            dtypes,
             q,
-            k,
-            v,
+            kv,
             out,
             lse,
+            inspect: Inspect { alignment, coverage },
             kv_lens,
-            bias,
-            alibi,
-            sinks,
-            scale: (d.use_scale != 0).then_some(d.scale),
-            causal: d.causal != 0,
-            softcap,
-            window,
-            score,
-            alignment,
-            coverage,
+            options: Options { bias, alibi, sinks, scale: (d.use_scale != 0).then_some(d.scale), causal: d.causal != 0, softcap, window, score },
         })
-    }
-}
-
-/// The typed arguments of one call, for the generic functions the dtype dispatch picks.
-struct Typed<'c, 'a, TQ, TKV, TO> {
-    shape: &'c AttentionShape,
-    q: TensorRef<'a, TQ>,
-    k: TensorRef<'a, TKV>,
-    v: TensorRef<'a, TKV>,
-    out: TensorMut<'c, TO>,
-    lse: Option<&'c mut [f32]>,
-    params: AttentionParams<'c>,
-    inspect: Inspect<'c>,
-}
-
-/// Something to do with a typed call.
-trait TypedOp {
-    type Output;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<Self::Output, Fail>;
-}
-
-fn tq<'a, T: Element>(t: &RawTensor<'a>) -> Option<TensorRef<'a, T>> {
-    match t {
-        RawTensor::F32(x) => f32_as::<T>(x.data).map(|d| TensorRef::new(d, x.strides)),
-        RawTensor::F16(x) => f16_as::<T>(x.data).map(|d| TensorRef::new(d, x.strides)),
-    }
-}
-
-fn f32_as<T: Element>(s: &[f32]) -> Option<&[T]> {
-    // SAFETY: only reinterprets when T is f32 (checked through DTYPE; the trait is sealed).
-    (T::DTYPE == DType::F32).then(|| unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<T>(), s.len()) })
-}
-
-fn f16_as<T: Element>(s: &[f16]) -> Option<&[T]> {
-    // SAFETY: only reinterprets when T is f16 (checked through DTYPE; the trait is sealed).
-    (T::DTYPE == DType::F16).then(|| unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<T>(), s.len()) })
-}
-
-fn out_as<'s, T: Element>(o: &'s mut RawOut<'_>) -> Option<TensorMut<'s, T>> {
-    let (ptr, len, st, dt) = match o {
-        RawOut::F32(x) => (x.data.as_mut_ptr().cast::<T>(), x.data.len(), x.strides, DType::F32),
-        RawOut::F16(x) => (x.data.as_mut_ptr().cast::<T>(), x.data.len(), x.strides, DType::F16),
-    };
-    // SAFETY: the same memory, exclusively borrowed through `o`, reinterpreted only as its own
-    // element type.
-    (T::DTYPE == dt).then(|| TensorMut::new(unsafe { core::slice::from_raw_parts_mut(ptr, len) }, st))
-}
-
-impl Call<'_> {
-    /// Runs `op` with the call's element types.
-    fn dispatch<Op: TypedOp>(&mut self, op: Op) -> Result<Op::Output, Fail> {
-        macro_rules! go {
-            ($tq:ty, $tkv:ty, $to:ty) => {{
-                let params = AttentionParams {
-                    scale: self.scale,
-                    causal: self.causal,
-                    window: self.window,
-                    kv_lens: self.kv_lens.as_deref(),
-                    softcap: self.softcap,
-                    bias: self.bias,
-                    alibi_slopes: self.alibi,
-                    sinks: self.sinks,
-                    score: self.score,
-                };
-                let typed = Typed::<$tq, $tkv, $to> {
-                    shape: &self.shape,
-                    q: tq::<$tq>(&self.q).ok_or(Fail(Status::Internal, "q dtype".into()))?,
-                    k: tq::<$tkv>(&self.k).ok_or(Fail(Status::Internal, "k dtype".into()))?,
-                    v: tq::<$tkv>(&self.v).ok_or(Fail(Status::Internal, "v dtype".into()))?,
-                    out: out_as::<$to>(&mut self.out).ok_or(Fail(Status::Internal, "out dtype".into()))?,
-                    lse: self.lse.as_deref_mut(),
-                    params,
-                    inspect: Inspect { alignment: self.alignment.as_deref_mut(), coverage: self.coverage.as_deref_mut() },
-                };
-                op.run(typed)
-            }};
-        }
-        use DType::{F16 as H, F32 as S};
-        match self.dtypes {
-            (S, S, S) => go!(f32, f32, f32),
-            (S, S, H) => go!(f32, f32, f16),
-            (S, H, S) => go!(f32, f16, f32),
-            (S, H, H) => go!(f32, f16, f16),
-            (H, S, S) => go!(f16, f32, f32),
-            (H, S, H) => go!(f16, f32, f16),
-            (H, H, S) => go!(f16, f16, f32),
-            (H, H, H) => go!(f16, f16, f16),
-        }
     }
 }
 
@@ -797,31 +715,24 @@ fn write_info(info: *mut SimdAttnRunInfo, r: &RunInfo) {
     }
 }
 
-struct Forward {
-    config: RunConfig,
-}
-
-impl TypedOp for Forward {
-    type Output = RunInfo;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<RunInfo, Fail> {
-        Ok(crate::attention_inspect(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params, t.inspect)?)
-    }
-}
-
 /// The f64 reference, rounded into the output once.
-struct ReferenceOp;
+struct ReferenceOp<'c, 'p> {
+    shape: &'c AttentionShape,
+    lse: Option<&'c mut [f32]>,
+    params: &'c AttentionParams<'p>,
+    inspect: Inspect<'c>,
+}
 
-impl TypedOp for ReferenceOp {
-    type Output = ();
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<(), Fail> {
-        crate::validate::validate_outputs(t.shape, &t.out, t.lse.as_deref())?;
-        crate::api::validate_inspect(t.shape, &t.inspect)?;
-        let reference = crate::Reference::new(t.shape, t.q, t.k, t.v, &t.params)?;
+impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
+    type Output = Result<(), Fail>;
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Result<(), Fail> {
+        crate::validate::validate_outputs(self.shape, &out, self.lse.as_deref())?;
+        crate::api::validate_inspect(self.shape, &self.inspect)?;
+        let reference = crate::Reference::new(self.shape, q, k, v, self.params)?;
         let r = reference.try_compute()?;
-        let s = t.shape;
-        let out = t.out;
-        let mut lse = t.lse;
-        let Inspect { mut alignment, mut coverage } = t.inspect;
+        let s = self.shape;
+        let mut lse = self.lse;
+        let Inspect { mut alignment, mut coverage } = self.inspect;
         // Every row's probabilities are computed (and allocated) before any output is written.
         let mut probs = Vec::new();
         // `try_compute` succeeded, so the rows fit (and are 0 when any of their dims is).
@@ -903,8 +814,8 @@ pub unsafe extern "C" fn simd_attn_forward(desc: *const SimdAttnDesc, threads: u
         let d = unsafe { read_desc(desc)? };
         let config = RunConfig { isa: isa_from(isa)?, threads: (threads > 0).then_some(threads) };
         // SAFETY: the caller's contract.
-        let mut call = unsafe { Call::new(&d)? };
-        let r = call.dispatch(Forward { config })?;
+        let Call { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Call::new(&d)? };
+        let r = crate::api::inspect_any(&config, &shape, q, kv, out, lse, &options.params(kv_lens.as_deref()), inspect)?;
         write_info(info, &r);
         Ok(())
     })
@@ -920,59 +831,17 @@ pub unsafe extern "C" fn simd_attn_reference(desc: *const SimdAttnDesc) -> i32 {
         // SAFETY: the caller's contract.
         let d = unsafe { read_desc(desc)? };
         // SAFETY: the caller's contract.
-        let mut call = unsafe { Call::new(&d)? };
-        call.dispatch(ReferenceOp)
+        let Call { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Call::new(&d)? };
+        let params = options.params(kv_lens.as_deref());
+        dispatch(q, kv, out, ReferenceOp { shape: &shape, lse, params: &params, inspect })
     })
 }
 
-/// A host-driven plan: owns the descriptor's converted arguments and the typed `HostPlan`
-/// that borrows them (declared first, so it drops first).
+/// A host-driven plan, and the KV lengths its call borrows (declared after the plan, so they
+/// are dropped after it).
 pub struct SimdAttnPlan {
-    plan: Box<dyn PlanOps>,
+    plan: Box<dyn PlanShares>,
     _kv_lens: Option<Vec<usize>>,
-}
-
-/// What the C entries do with a plan, whatever its element types.
-trait PlanOps: Send + Sync {
-    fn workspace_len(&self) -> usize;
-    fn needs_merge(&self) -> bool;
-    fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError>;
-    fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError>;
-}
-
-impl<TQ: Element, TKV: Element, TO: Element> PlanOps for HostPlan<'static, 'static, TQ, TKV, TO> {
-    fn workspace_len(&self) -> usize {
-        HostPlan::workspace_len(self)
-    }
-    fn needs_merge(&self) -> bool {
-        HostPlan::needs_merge(self)
-    }
-    fn run(&self, ith: usize, workspace: &mut [f32]) -> Result<RunInfo, AttnError> {
-        HostPlan::run(self, ith, workspace)
-    }
-    fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError> {
-        HostPlan::merge(self, ith, workspace)
-    }
-}
-
-struct MakePlan {
-    config: RunConfig,
-    nth: usize,
-}
-
-impl TypedOp for MakePlan {
-    type Output = Box<dyn PlanOps>;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, t: Typed<'_, '_, TQ, TKV, TO>) -> Result<Box<dyn PlanOps>, Fail> {
-        if t.inspect.alignment.is_some() || t.inspect.coverage.is_some() {
-            return fail(Status::Unsupported, "host-driven plans do not produce the alignment matrix or coverage: use simd_attn_forward");
-        }
-        let plan = core::mem::ManuallyDrop::new(HostPlan::new(&self.config, t.shape, t.q, t.k, t.v, t.out, t.lse, &t.params, self.nth)?);
-        // SAFETY: only the borrow lifetimes change. The plan never outlives the caller's buffers
-        // (the header's contract) nor the `kv_lens` copy stored next to it, and the original is
-        // not dropped (ManuallyDrop), so the plan is owned exactly once.
-        let plan: HostPlan<'static, 'static, TQ, TKV, TO> = unsafe { core::ptr::read((&*plan as *const HostPlan<'_, '_, TQ, TKV, TO>).cast::<HostPlan<'static, 'static, TQ, TKV, TO>>()) };
-        Ok(Box::new(plan))
-    }
 }
 
 /// Validates and plans a host-driven call for `nth` workers.
@@ -991,10 +860,17 @@ pub unsafe extern "C" fn simd_attn_plan_create(desc: *const SimdAttnDesc, nth: u
         // SAFETY: the caller's contract.
         let d = unsafe { read_desc(desc)? };
         let config = RunConfig { isa: isa_from(isa)?, threads: None };
-        // SAFETY: the caller's contract.
-        let mut call = unsafe { Call::new(&d)? };
-        let plan = call.dispatch(MakePlan { config, nth })?;
-        let boxed = Box::new(SimdAttnPlan { plan, _kv_lens: call.kv_lens.take() });
+        // SAFETY: the caller's contract, which keeps every buffer alive (and the outputs to the
+        // plan) until simd_attn_plan_destroy: the plan may borrow them for 'static.
+        let Call { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Call::<'static>::new(&d)? };
+        if inspect.alignment.is_some() || inspect.coverage.is_some() {
+            return fail(Status::Unsupported, "host-driven plans do not produce the alignment matrix or coverage: use simd_attn_forward");
+        }
+        // SAFETY: the lengths' heap buffer moves, unchanged, into the SimdAttnPlan below with
+        // the plan that borrows it, and is freed only after the plan (field order).
+        let lens: Option<&'static [usize]> = kv_lens.as_deref().map(|l| unsafe { core::slice::from_raw_parts(l.as_ptr(), l.len()) });
+        let plan = crate::api::plan_any(&config, &shape, q, kv, out, lse, &options.params(lens), nth)?;
+        let boxed = Box::new(SimdAttnPlan { plan, _kv_lens: kv_lens });
         // SAFETY: checked non-NULL.
         unsafe { plan_out.write_unaligned(Box::into_raw(boxed)) };
         Ok(())
@@ -1133,17 +1009,17 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
             let l = unsafe { slice(p.lse, p.lse_len, "a partial lse")? };
             inputs.push(Span::of(l, "a partial lse"));
             match t {
-                RawTensor::F32(t) => typed_parts.push(PartialResult { out: t, lse: l }),
-                RawTensor::F16(t) => typed_f16.push(PartialResult { out: t, lse: l }),
+                AnyRef::F32(t) => typed_parts.push(PartialResult { out: t, lse: l }),
+                AnyRef::F16(t) => typed_f16.push(PartialResult { out: t, lse: l }),
             }
         }
         check_aliasing(&inputs, &outputs)?;
         let s = &shape;
         match (&mut out, dt) {
-            (RawOut::F32(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
-            (RawOut::F16(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
-            (RawOut::F32(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
-            (RawOut::F16(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
+            (AnyMut::F32(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
+            (AnyMut::F16(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
+            (AnyMut::F32(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
+            (AnyMut::F16(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
         }
         Ok(())
     })
