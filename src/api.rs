@@ -360,7 +360,7 @@ fn fused_pass<TQ: Element, TKV: Element, TO: Element>(
     let prepared = prepare(config, shape, q, k, v, out, lse, params, score)?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
     let (specialised, additive) = specialisation(*isa, TKV::DTYPE, shape, &p.score);
-    let scratch_len = (*scratch_len).max(reserve).max(merge_row_len(plan, shape));
+    let scratch_len = (*scratch_len).max(reserve);
     let mut threads = config.threads.unwrap_or_else(default_threads).min(plan.units()).max(1);
     if threads > 1 {
         // Counting visible pairs walks every row: only worth it when a split is on the table.
@@ -468,8 +468,7 @@ fn in_workspace_typed<TQ: Element, TKV: Element, TO: Element>(
     let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
     let prepared = prepare(config, shape, q, k, v, out, lse, params, buffers.data(&params.score))?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
-    let scratch_len = (*scratch_len).max(merge_row_len(plan, shape));
-    let (scratch, pbuf) = workspace.get(scratch_len + *partials_len)?.split_at_mut(scratch_len);
+    let (scratch, pbuf) = workspace.get(*scratch_len + *partials_len)?.split_at_mut(*scratch_len);
     let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, shape), align: None };
     run_units(job, Units::Share { ith: 0, nth: 1 }, scratch).map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
     // The merge's row buffer: the start of the scratch, free again now.
@@ -485,6 +484,7 @@ struct Prepared<'a, 'o, TQ, TKV, TO> {
     plan: WorkPlan,
     tiles: Tiles,
     isa: Isa,
+    /// f32 of scratch per worker: the kernel's, or the merge's row if that is longer.
     scratch_len: usize,
     partials_len: usize,
 }
@@ -509,6 +509,8 @@ fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
     // so a cache allocated far longer than it is filled costs no empty units.
     let keys = params.kv_lens.map_or(shape.seq_kv, |lens| lens.iter().copied().max().unwrap_or(0));
     let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode)?;
+    // The merge reuses the start of the same scratch for its row once the units are done.
+    let scratch_len = scratch_len.max(merge_row_len(&plan, shape));
     Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan, tiles, isa, scratch_len, partials_len })
 }
 
@@ -728,7 +730,7 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> TypedPlan<'a, 'o, TQ, TKV, 
     }
 
     fn workspace_len(&self) -> usize {
-        self.prepared.scratch_len.max(merge_row_len(&self.prepared.plan, &self.prepared.p.shape))
+        self.prepared.scratch_len
     }
 
     fn needs_merge(&self) -> bool {
