@@ -16,18 +16,7 @@
 #include <string.h>
 #include <sys/resource.h>
 
-static int failures = 0, checks = 0;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        checks++;                                                         \
-        if (!(cond)) {                                                    \
-            failures++;                                                   \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);          \
-            fprintf(stderr, __VA_ARGS__);                                 \
-            fprintf(stderr, "\n");                                        \
-        }                                                                 \
-    } while (0)
+#include "check.h"
 
 #define SENTINEL 0x5a
 
