@@ -1,7 +1,8 @@
 //! The public entry points: validate, plan (tiles, units, threads), run the kernel per unit,
 //! store.
 
-use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, TypedOp};
+use crate::call::{Call, KvOp};
+use crate::dtypes::{AnyKv, AnyMut, AnyRef};
 use crate::element::Element;
 use crate::error::{AttnError, TensorName};
 use crate::exec::{alignment_plan, merge_all, merge_group, merge_row_len, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
@@ -154,59 +155,38 @@ pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
     params: &AttentionParams<'_>,
     inspect: Inspect<'_>,
 ) -> Result<RunInfo, AttnError> {
-    inspect_any(config, shape, AnyRef::of(q), AnyKv::of(k, v), AnyMut::of(out), lse, params, inspect)
+    let call = Call { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect };
+    run_call(config, call)
 }
 
-/// [`attention_inspect`] with its element types erased: compiled once, here (see `dtypes`).
-#[allow(clippy::too_many_arguments)]
+/// [`attention_inspect`] on a [`Call`]: compiled once, here, whatever the caller's element
+/// types (see `call`). The C ABI's forward call lands here too.
 #[inline(never)]
-pub(crate) fn inspect_any(
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: AnyRef<'_>,
-    kv: AnyKv<'_>,
-    out: AnyMut<'_>,
-    lse: Option<&mut [f32]>,
-    params: &AttentionParams<'_>,
-    inspect: Inspect<'_>,
-) -> Result<RunInfo, AttnError> {
-    struct Op<'c, 'l, 'p, 'i> {
+pub(crate) fn run_call(config: &RunConfig, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
+    struct Op<'c> {
         config: &'c RunConfig,
-        shape: &'c AttentionShape,
-        lse: Option<&'l mut [f32]>,
-        params: &'c AttentionParams<'p>,
-        inspect: Inspect<'i>,
     }
-    impl<'a, 'o> TypedOp<'a, 'o> for Op<'_, '_, '_, '_> {
+    impl<'a, 'o> KvOp<'a, 'o> for Op<'_> {
         type Output = Result<RunInfo, AttnError>;
-        fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output {
-            inspect_typed(self.config, self.shape, q, k, v, out, self.lse, self.params, self.inspect)
+        fn run<TKV: Element>(self, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>) -> Self::Output {
+            run_typed(self.config, call, k, v)
         }
     }
-    dispatch(q, kv, out, Op { config, shape, lse, params, inspect })
+    call.with_kv(Op { config })
 }
 
-/// [`attention_inspect`] for one combination of element types.
-#[allow(clippy::too_many_arguments)]
-fn inspect_typed<TQ: Element, TKV: Element, TO: Element>(
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
-    out: TensorMut<'_, TO>,
-    lse: Option<&mut [f32]>,
-    params: &AttentionParams<'_>,
-    inspect: Inspect<'_>,
-) -> Result<RunInfo, AttnError> {
-    if is_empty(shape) {
-        return empty_call(config, shape, q, k, v, out, lse, params, inspect);
+/// [`run_call`] with K and V at their storage type.
+fn run_typed<TKV: Element>(config: &RunConfig, call: Call<'_, '_>, k: TensorRef<'_, TKV>, v: TensorRef<'_, TKV>) -> Result<RunInfo, AttnError> {
+    let p = Problem::new(&call.shape, call.q, k, v, &call.params)?;
+    if is_empty(&call.shape) {
+        return empty_call(config, p, call);
     }
-    if let Some(projected) = general_as_dot(shape, q, k, v, params)? {
-        let [qs, ..] = shape.bhsd_strides();
-        return scored_call(config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot), inspect);
+    if let Some(projected) = general_as_dot(&p)? {
+        let [qs, ..] = call.shape.bhsd_strides();
+        let q = AnyRef::F32(TensorRef::new(&projected, qs));
+        return run_typed(config, Call { q, params: call.params.score(Score::Dot), ..call }, k, v);
     }
-    scored_call(config, shape, q, k, v, out, lse, params, inspect)
+    scored_call(config, p, call)
 }
 
 /// Whether a call has no output row (`batch`, `q_heads` or `seq_q` is 0).
@@ -214,27 +194,17 @@ fn is_empty(shape: &AttentionShape) -> bool {
     shape.batch == 0 || shape.q_heads == 0 || shape.seq_q == 0
 }
 
-/// A call with no output row: validated like any other, then nothing runs and nothing is
-/// allocated (the other dims may be anything that validates, up to the integer limits). The
-/// coverage output, `[B, Hq, Skv]`, is all zeros: no row attended to anything.
-#[allow(clippy::too_many_arguments)]
-fn empty_call<TQ: Element, TKV: Element, TO: Element>(
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
-    out: TensorMut<'_, TO>,
-    lse: Option<&mut [f32]>,
-    params: &AttentionParams<'_>,
-    inspect: Inspect<'_>,
-) -> Result<RunInfo, AttnError> {
-    Problem::new(shape, q, k, v, params)?;
-    validate_outputs(shape, &out, lse.as_deref())?;
-    validate_inspect(shape, &inspect)?;
+/// A call with no output row (`p` is the call's validated inputs): the outputs are validated
+/// like any other call's, then nothing runs and nothing is allocated (the other dims may be
+/// anything that validates, up to the integer limits). The coverage output, `[B, Hq, Skv]`, is
+/// all zeros: no row attended to anything.
+fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
+    let shape = &p.shape;
+    validate_outputs(shape, call.out.extent(), call.lse.as_deref())?;
+    validate_inspect(shape, &call.inspect)?;
     let isa = resolve_isa(config.isa)?;
     let (plan, tiles, _, _) = plan_for(isa, TKV::DTYPE, shape, shape.seq_kv, false)?;
-    if let Some(c) = inspect.coverage {
+    if let Some(c) = call.inspect.coverage {
         // The length was validated, so the product fits.
         c[..shape.batch * shape.q_heads * shape.seq_kv].fill(0.0);
     }
@@ -255,51 +225,33 @@ pub(crate) fn specialisation(isa: Isa, kv_dtype: crate::element::DType, shape: &
     ((d == shape.v_head_dim && family.head_dims.contains(&d)).then_some(d), None)
 }
 
-/// `Score::General` runs as the dot score on `q' = W^T q`: validates the call as written (Q
-/// has `q_dim` columns) and returns the projected Q (`[B, Hq, Sq, head_dim]`, contiguous);
-/// `None` for every other score.
-fn general_as_dot<TQ: Element, TKV: Element>(
-    shape: &AttentionShape,
-    q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
-    params: &AttentionParams<'_>,
-) -> Result<Option<Vec<f32>>, AttnError> {
-    let Score::General { w, q_dim } = params.score else { return Ok(None) };
-    Problem::new(shape, q, k, v, params)?;
-    Ok(Some(project_general(shape, &q, w, q_dim)?))
+/// `Score::General` runs as the dot score on `q' = W^T q`: the projected Q of a validated call
+/// (`[B, Hq, Sq, head_dim]`, contiguous); `None` for every other score.
+fn general_as_dot<TKV>(p: &Problem<'_, TKV>) -> Result<Option<Vec<f32>>, AttnError> {
+    let Score::General { w, q_dim } = p.params.score else { return Ok(None) };
+    Ok(Some(project_general(&p.shape, &p.q, w, q_dim)?))
 }
 
-/// [`attention_inspect`] for every score but `General` (which arrives here projected).
-#[allow(clippy::too_many_arguments)]
-fn scored_call<TQ: Element, TKV: Element, TO: Element>(
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
-    out: TensorMut<'_, TO>,
-    lse: Option<&mut [f32]>,
-    params: &AttentionParams<'_>,
-    inspect: Inspect<'_>,
-) -> Result<RunInfo, AttnError> {
-    Problem::new(shape, q, k, v, params)?;
-    validate_outputs(shape, &out, lse.as_deref())?;
-    validate_inspect(shape, &inspect)?;
-    let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
+/// [`run_call`] for every score but `General` (which arrives here projected); `p` is the
+/// call's validated inputs.
+fn scored_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
+    let Call { shape, out, lse, inspect, .. } = call;
+    validate_outputs(&shape, out.extent(), lse.as_deref())?;
+    validate_inspect(&shape, &inspect)?;
+    let buffers = ScoreBuffers::prepare(&shape, &p.q, &p.k, &p.params)?;
+    let p = p.with_score(buffers.data(&p.params.score));
     let inspecting = inspect.alignment.is_some() || inspect.coverage.is_some();
     let mut workers = WorkerBuffers::None;
     if !inspecting {
-        return fused_pass(config, shape, q, k, v, out, lse, params, buffers.data(&params.score), 0, &mut workers);
+        return fused_pass(config, prepare(config, p, out, lse)?, 0, &mut workers);
     }
     // Everything the second pass needs is allocated before the first writes a row: the LSE
     // of every row (the first pass writes it here) and the second pass's scratch.
     let mut row_lse = crate::exec::try_zeroed(shape.batch * shape.q_heads * shape.seq_q)?;
-    let (isa, plan, tiles, scratch_len) = alignment_plan(resolve_isa(config.isa)?, TKV::DTYPE, shape);
-    let info = fused_pass(config, shape, q, k, v, out, Some(&mut row_lse), params, buffers.data(&params.score), scratch_len, &mut workers)?;
-    let p = Problem::new(shape, q, k, v, params)?.with_score(buffers.data(&params.score));
-    let rows = InspectRows::new(shape, inspect.alignment, inspect.coverage);
-    let none = OutRows::<TO>::none(shape);
+    let (isa, plan, tiles, scratch_len) = alignment_plan(resolve_isa(config.isa)?, TKV::DTYPE, &shape);
+    let info = fused_pass(config, prepare(config, p, out, Some(&mut row_lse))?, scratch_len, &mut workers)?;
+    let rows = InspectRows::new(&shape, inspect.alignment, inspect.coverage);
+    let none = OutRows::none(&shape);
     let job = Job { p: &p, out: &none, plan, tiles, isa, partials: Partials::empty(), align: Some(AlignPass { out: &rows, lse: &row_lse }) };
     match &mut workers {
         #[cfg(feature = "rayon")]
@@ -340,31 +292,18 @@ pub(crate) fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>) ->
     check(TensorName::Coverage, &[s.batch, s.q_heads, s.seq_kv], inspect.coverage.as_deref().map(<[f32]>::len))
 }
 
-/// The fused pass on the crate's pool (or the calling thread). The workers' scratch holds at
-/// least `reserve` floats (what a second pass will need) and is left in `workers`; all of it
-/// is allocated before the first row is written.
-#[allow(clippy::too_many_arguments)]
-fn fused_pass<TQ: Element, TKV: Element, TO: Element>(
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
-    out: TensorMut<'_, TO>,
-    lse: Option<&mut [f32]>,
-    params: &AttentionParams<'_>,
-    score: ScoreData<'_>,
-    reserve: usize,
-    workers: &mut WorkerBuffers,
-) -> Result<RunInfo, AttnError> {
-    let prepared = prepare(config, shape, q, k, v, out, lse, params, score)?;
+/// The fused pass of a prepared call on the crate's pool (or the calling thread). The workers'
+/// scratch holds at least `reserve` floats (what a second pass will need) and is left in
+/// `workers`; all of it is allocated before the first row is written.
+fn fused_pass<TKV: Element>(config: &RunConfig, prepared: Prepared<'_, '_, TKV>, reserve: usize, workers: &mut WorkerBuffers) -> Result<RunInfo, AttnError> {
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
+    let shape = &p.shape;
     let (specialised, additive) = specialisation(*isa, TKV::DTYPE, shape, &p.score);
     let scratch_len = (*scratch_len).max(reserve);
     let mut threads = config.threads.unwrap_or_else(default_threads).min(plan.units()).max(1);
     if threads > 1 {
         // Counting visible pairs walks every row: only worth it when a split is on the table.
-        let flops = crate::attention_flops(shape, params);
+        let flops = crate::attention_flops(shape, &p.params);
         threads = threads.min((flops / MIN_FLOPS_PER_THREAD) as usize + 1);
     }
     // Workers beyond the cores would only take turns (and spin against each other): every
@@ -412,75 +351,54 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
-    in_workspace_any(workspace, config, shape, AnyRef::of(q), AnyKv::of(k, v), AnyMut::of(out), lse, params)
+    let call = Call { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect: Inspect::default() };
+    run_in_workspace(workspace, config, call)
 }
 
-/// [`attention_in`] with its element types erased: compiled once, here (see `dtypes`).
-#[allow(clippy::too_many_arguments)]
+/// [`attention_in`] on a [`Call`]: compiled once, here (see `call`).
 #[inline(never)]
-fn in_workspace_any(
-    workspace: &mut Workspace,
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: AnyRef<'_>,
-    kv: AnyKv<'_>,
-    out: AnyMut<'_>,
-    lse: Option<&mut [f32]>,
-    params: &AttentionParams<'_>,
-) -> Result<RunInfo, AttnError> {
-    struct Op<'c, 'w, 'l, 'p> {
+fn run_in_workspace(workspace: &mut Workspace, config: &RunConfig, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
+    struct Op<'c, 'w> {
         workspace: &'w mut Workspace,
         config: &'c RunConfig,
-        shape: &'c AttentionShape,
-        lse: Option<&'l mut [f32]>,
-        params: &'c AttentionParams<'p>,
     }
-    impl<'a, 'o> TypedOp<'a, 'o> for Op<'_, '_, '_, '_> {
+    impl<'a, 'o> KvOp<'a, 'o> for Op<'_, '_> {
         type Output = Result<RunInfo, AttnError>;
-        fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output {
-            in_workspace_typed(self.workspace, self.config, self.shape, q, k, v, out, self.lse, self.params)
+        fn run<TKV: Element>(self, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>) -> Self::Output {
+            in_workspace_typed(self.workspace, self.config, call, k, v)
         }
     }
-    dispatch(q, kv, out, Op { workspace, config, shape, lse, params })
+    call.with_kv(Op { workspace, config })
 }
 
-/// [`attention_in`] for one combination of element types.
-#[allow(clippy::too_many_arguments)]
-fn in_workspace_typed<TQ: Element, TKV: Element, TO: Element>(
-    workspace: &mut Workspace,
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
-    out: TensorMut<'_, TO>,
-    lse: Option<&mut [f32]>,
-    params: &AttentionParams<'_>,
-) -> Result<RunInfo, AttnError> {
-    if is_empty(shape) {
-        return empty_call(config, shape, q, k, v, out, lse, params, Inspect::default());
+/// [`run_in_workspace`] with K and V at their storage type.
+fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfig, call: Call<'_, '_>, k: TensorRef<'_, TKV>, v: TensorRef<'_, TKV>) -> Result<RunInfo, AttnError> {
+    let p = Problem::new(&call.shape, call.q, k, v, &call.params)?;
+    if is_empty(&call.shape) {
+        return empty_call(config, p, call);
     }
-    if let Some(projected) = general_as_dot(shape, q, k, v, params)? {
-        let [qs, ..] = shape.bhsd_strides();
-        return in_workspace_typed(workspace, config, shape, TensorRef::new(&projected, qs), k, v, out, lse, &params.score(Score::Dot));
+    if let Some(projected) = general_as_dot(&p)? {
+        let [qs, ..] = call.shape.bhsd_strides();
+        let q = AnyRef::F32(TensorRef::new(&projected, qs));
+        return in_workspace_typed(workspace, config, Call { q, params: call.params.score(Score::Dot), ..call }, k, v);
     }
-    Problem::new(shape, q, k, v, params)?;
-    let buffers = ScoreBuffers::prepare(shape, &q, &k, params)?;
-    let prepared = prepare(config, shape, q, k, v, out, lse, params, buffers.data(&params.score))?;
+    let buffers = ScoreBuffers::prepare(&p.shape, &p.q, &p.k, &p.params)?;
+    let p = p.with_score(buffers.data(&p.params.score));
+    let prepared = prepare(config, p, call.out, call.lse)?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
     let (scratch, pbuf) = workspace.get(*scratch_len + *partials_len)?.split_at_mut(*scratch_len);
-    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, shape), align: None };
+    let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, &p.shape), align: None };
     run_units(job, Units::Share { ith: 0, nth: 1 }, scratch).map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
     // The merge's row buffer: the start of the scratch, free again now.
     merge_all(&job, scratch);
-    let (specialised, additive) = specialisation(*isa, TKV::DTYPE, shape, &p.score);
+    let (specialised, additive) = specialisation(*isa, TKV::DTYPE, &p.shape, &p.score);
     Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: *tiles, threads: 1, plan: *plan })
 }
 
 /// A validated call, planned.
-struct Prepared<'a, 'o, TQ, TKV, TO> {
-    p: Problem<'a, TQ, TKV>,
-    out: OutRows<'o, TO>,
+struct Prepared<'a, 'o, TKV> {
+    p: Problem<'a, TKV>,
+    out: OutRows<'o>,
     plan: WorkPlan,
     tiles: Tiles,
     isa: Isa,
@@ -489,29 +407,19 @@ struct Prepared<'a, 'o, TQ, TKV, TO> {
     partials_len: usize,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prepare<'a, 'o, TQ: Element, TKV: Element, TO: Element>(
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: TensorRef<'a, TQ>,
-    k: TensorRef<'a, TKV>,
-    v: TensorRef<'a, TKV>,
-    out: TensorMut<'o, TO>,
-    lse: Option<&'o mut [f32]>,
-    params: &AttentionParams<'a>,
-    score: ScoreData<'a>,
-) -> Result<Prepared<'a, 'o, TQ, TKV, TO>, AttnError> {
-    let p = Problem::new(shape, q, k, v, params)?.with_score(score);
-    validate_outputs(shape, &out, lse.as_deref())?;
+/// Validates the outputs of a call whose inputs `p` are validated and scored, and plans it.
+fn prepare<'a, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, out: AnyMut<'o>, lse: Option<&'o mut [f32]>) -> Result<Prepared<'a, 'o, TKV>, AttnError> {
+    let shape = &p.shape;
+    validate_outputs(shape, out.extent(), lse.as_deref())?;
     let isa = resolve_isa(config.isa)?;
-    let decode = !matches!(score, ScoreData::Additive(_));
+    let decode = !matches!(p.score, ScoreData::Additive(_));
     // Keys past the longest `kv_lens` entry are invisible to every row: the plan stops there,
     // so a cache allocated far longer than it is filled costs no empty units.
-    let keys = params.kv_lens.map_or(shape.seq_kv, |lens| lens.iter().copied().max().unwrap_or(0));
+    let keys = p.params.kv_lens.map_or(shape.seq_kv, |lens| lens.iter().copied().max().unwrap_or(0));
     let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode)?;
     // The merge reuses the start of the same scratch for its row once the units are done.
     let scratch_len = scratch_len.max(merge_row_len(&plan, shape));
-    Ok(Prepared { p, out: OutRows::new(shape, out, lse), plan, tiles, isa, scratch_len, partials_len })
+    Ok(Prepared { out: OutRows::new(shape, out, lse), p, plan, tiles, isa, scratch_len, partials_len })
 }
 
 /// Host-driven execution: the engine's own workers run the call. Create it once per call (this
@@ -573,7 +481,8 @@ impl<'a: 'o, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TK
         params: &AttentionParams<'a>,
         nth: usize,
     ) -> Result<Self, AttnError> {
-        let shares = plan_any(config, shape, AnyRef::of(q), AnyKv::of(k, v), AnyMut::of(out), lse, params, nth)?;
+        let call = Call { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect: Inspect::default() };
+        let shares = plan_call(config, call, nth)?;
         Ok(Self { shares, _types: PhantomData })
     }
 
@@ -617,7 +526,7 @@ pub(crate) trait PlanShares: Send + Sync {
     fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError>;
 }
 
-impl<TQ: Element, TKV: Element, TO: Element> PlanShares for TypedPlan<'_, '_, TQ, TKV, TO> {
+impl<TKV: Element> PlanShares for TypedPlan<'_, '_, TKV> {
     fn workspace_len(&self) -> usize {
         TypedPlan::workspace_len(self)
     }
@@ -635,38 +544,25 @@ impl<TQ: Element, TKV: Element, TO: Element> PlanShares for TypedPlan<'_, '_, TQ
     }
 }
 
-/// [`HostPlan::new`] with its element types erased: compiled once, here (see `dtypes`).
-#[allow(clippy::too_many_arguments)]
+/// [`HostPlan::new`] on a [`Call`]: compiled once, here (see `call`).
 #[inline(never)]
-pub(crate) fn plan_any<'a: 'o, 'o>(
-    config: &RunConfig,
-    shape: &AttentionShape,
-    q: AnyRef<'a>,
-    kv: AnyKv<'a>,
-    out: AnyMut<'o>,
-    lse: Option<&'o mut [f32]>,
-    params: &AttentionParams<'a>,
-    nth: usize,
-) -> Result<Box<dyn PlanShares + 'o>, AttnError> {
-    struct Op<'c, 'a, 'o> {
+pub(crate) fn plan_call<'a: 'o, 'o>(config: &RunConfig, call: Call<'a, 'o>, nth: usize) -> Result<Box<dyn PlanShares + 'o>, AttnError> {
+    struct Op<'c> {
         config: &'c RunConfig,
-        shape: &'c AttentionShape,
-        lse: Option<&'o mut [f32]>,
-        params: &'c AttentionParams<'a>,
         nth: usize,
     }
-    impl<'a: 'o, 'o> TypedOp<'a, 'o> for Op<'_, 'a, 'o> {
+    impl<'a: 'o, 'o> KvOp<'a, 'o> for Op<'_> {
         type Output = Result<Box<dyn PlanShares + 'o>, AttnError>;
-        fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output {
-            Ok(Box::new(TypedPlan::new(self.config, self.shape, q, k, v, out, self.lse, self.params, self.nth)?))
+        fn run<TKV: Element>(self, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>) -> Self::Output {
+            Ok(Box::new(TypedPlan::new(self.config, call, k, v, self.nth)?))
         }
     }
-    dispatch(q, kv, out, Op { config, shape, lse, params, nth })
+    call.with_kv(Op { config, nth })
 }
 
-/// [`HostPlan`] for one combination of element types.
-struct TypedPlan<'a, 'o, TQ, TKV, TO> {
-    prepared: Prepared<'a, 'o, TQ, TKV, TO>,
+/// [`HostPlan`] for one K/V storage type.
+struct TypedPlan<'a, 'o, TKV> {
+    prepared: Prepared<'a, 'o, TKV>,
     nth: usize,
     claimed: Vec<AtomicBool>,
     merge_claimed: Vec<AtomicBool>,
@@ -678,38 +574,28 @@ struct TypedPlan<'a, 'o, TQ, TKV, TO> {
 
 // SAFETY: the raw partials buffer is owned; concurrent access follows `Partials`' rules
 // (disjoint slots in `run`, reads in `merge` only after every share finished).
-unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Sync for TypedPlan<'_, '_, TQ, TKV, TO> {}
-unsafe impl<TQ: Sync, TKV: Sync, TO: Send> Send for TypedPlan<'_, '_, TQ, TKV, TO> {}
+unsafe impl<TKV: Sync> Sync for TypedPlan<'_, '_, TKV> {}
+unsafe impl<TKV: Sync> Send for TypedPlan<'_, '_, TKV> {}
 
-impl<TQ, TKV, TO> Drop for TypedPlan<'_, '_, TQ, TKV, TO> {
+impl<TKV> Drop for TypedPlan<'_, '_, TKV> {
     fn drop(&mut self) {
         // SAFETY: created by Box::into_raw in `new`, freed once.
         drop(unsafe { Box::from_raw(self.partials) });
     }
 }
 
-impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> TypedPlan<'a, 'o, TQ, TKV, TO> {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        config: &RunConfig,
-        shape: &AttentionShape,
-        q: TensorRef<'a, TQ>,
-        k: TensorRef<'a, TKV>,
-        v: TensorRef<'a, TKV>,
-        out: TensorMut<'o, TO>,
-        lse: Option<&'o mut [f32]>,
-        params: &AttentionParams<'a>,
-        nth: usize,
-    ) -> Result<Self, AttnError> {
+impl<'a, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
+    fn new(config: &RunConfig, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, nth: usize) -> Result<Self, AttnError> {
         if nth == 0 {
             return Err(AttnError::ZeroDim { dim: "nth" });
         }
         // Host plans borrow everything from the caller and own only flags and partials; the
         // scores that need per-call projections or norms run through the fused calls.
-        if !matches!(params.score, Score::ScaledDot | Score::Dot) {
-            return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a host-driven plan" });
+        if !matches!(call.params.score, Score::ScaledDot | Score::Dot) {
+            return Err(AttnError::UnsupportedScore { score: call.params.score.name(), operation: "a host-driven plan" });
         }
-        let prepared = prepare(config, shape, q, k, v, out, lse, params, ScoreData::Dot)?;
+        let p = Problem::new(&call.shape, call.q, k, v, &call.params)?;
+        let prepared = prepare(config, p, call.out, call.lse)?;
         // Fallible allocations: an absurd `nth` or partials size is an error, not an abort.
         let flags = |n: usize| -> Result<Vec<AtomicBool>, AttnError> {
             let mut v = Vec::new();
@@ -737,7 +623,7 @@ impl<'a, 'o, TQ: Element, TKV: Element, TO: Element> TypedPlan<'a, 'o, TQ, TKV, 
         self.prepared.plan.parts() > 1
     }
 
-    fn job(&self) -> Job<'_, 'a, 'o, TQ, TKV, TO> {
+    fn job(&self) -> Job<'_, 'a, 'o, TKV> {
         let pr = &self.prepared;
         // SAFETY: the buffer lives as long as `self` and is reached only through `Partials`,
         // which hands writers disjoint slots and reads only after the barrier `merge` checks.

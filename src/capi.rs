@@ -470,7 +470,7 @@ fn default_desc() -> SimdAttnDesc {
 
 /// A descriptor turned into the safe API's arguments (element types still erased, as the
 /// Rust entries erase them: see `dtypes`).
-struct Call<'a> {
+struct Decoded<'a> {
     shape: AttentionShape,
     q: AnyRef<'a>,
     kv: AnyKv<'a>,
@@ -575,7 +575,7 @@ fn check_aliasing(inputs: &[Span], outputs: &[Span]) -> Result<(), Fail> {
     Ok(())
 }
 
-impl<'a> Call<'a> {
+impl<'a> Decoded<'a> {
     /// # Safety
     /// Every pointer in `d` follows the header's contract.
     unsafe fn new(d: &SimdAttnDesc) -> Result<Self, Fail> {
@@ -678,7 +678,7 @@ impl<'a> Call<'a> {
             0.0 => None,
             c => Some(c),
         };
-        Ok(Call {
+        Ok(Decoded {
             shape,
             q,
             kv,
@@ -726,7 +726,7 @@ struct ReferenceOp<'c, 'p> {
 impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
     type Output = Result<(), Fail>;
     fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Result<(), Fail> {
-        crate::validate::validate_outputs(self.shape, &out, self.lse.as_deref())?;
+        crate::validate::validate_outputs(self.shape, (out.data.len(), out.strides), self.lse.as_deref())?;
         crate::api::validate_inspect(self.shape, &self.inspect)?;
         let reference = crate::Reference::new(self.shape, q, k, v, self.params)?;
         let r = reference.try_compute()?;
@@ -814,8 +814,9 @@ pub unsafe extern "C" fn simd_attn_forward(desc: *const SimdAttnDesc, threads: u
         let d = unsafe { read_desc(desc)? };
         let config = RunConfig { isa: isa_from(isa)?, threads: (threads > 0).then_some(threads) };
         // SAFETY: the caller's contract.
-        let Call { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Call::new(&d)? };
-        let r = crate::api::inspect_any(&config, &shape, q, kv, out, lse, &options.params(kv_lens.as_deref()), inspect)?;
+        let Decoded { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Decoded::new(&d)? };
+        let call = crate::call::Call { shape, q, kv, out, lse, params: options.params(kv_lens.as_deref()), inspect };
+        let r = crate::api::run_call(&config, call)?;
         write_info(info, &r);
         Ok(())
     })
@@ -831,7 +832,7 @@ pub unsafe extern "C" fn simd_attn_reference(desc: *const SimdAttnDesc) -> i32 {
         // SAFETY: the caller's contract.
         let d = unsafe { read_desc(desc)? };
         // SAFETY: the caller's contract.
-        let Call { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Call::new(&d)? };
+        let Decoded { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Decoded::new(&d)? };
         let params = options.params(kv_lens.as_deref());
         dispatch(q, kv, out, ReferenceOp { shape: &shape, lse, params: &params, inspect })
     })
@@ -862,14 +863,15 @@ pub unsafe extern "C" fn simd_attn_plan_create(desc: *const SimdAttnDesc, nth: u
         let config = RunConfig { isa: isa_from(isa)?, threads: None };
         // SAFETY: the caller's contract, which keeps every buffer alive (and the outputs to the
         // plan) until simd_attn_plan_destroy: the plan may borrow them for 'static.
-        let Call { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Call::<'static>::new(&d)? };
+        let Decoded { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Decoded::<'static>::new(&d)? };
         if inspect.alignment.is_some() || inspect.coverage.is_some() {
             return fail(Status::Unsupported, "host-driven plans do not produce the alignment matrix or coverage: use simd_attn_forward");
         }
         // SAFETY: the lengths' heap buffer moves, unchanged, into the SimdAttnPlan below with
         // the plan that borrows it, and is freed only after the plan (field order).
         let lens: Option<&'static [usize]> = kv_lens.as_deref().map(|l| unsafe { core::slice::from_raw_parts(l.as_ptr(), l.len()) });
-        let plan = crate::api::plan_any(&config, &shape, q, kv, out, lse, &options.params(lens), nth)?;
+        let call = crate::call::Call { shape, q, kv, out, lse, params: options.params(lens), inspect };
+        let plan = crate::api::plan_call(&config, call, nth)?;
         let boxed = Box::new(SimdAttnPlan { plan, _kv_lens: kv_lens });
         // SAFETY: checked non-NULL.
         unsafe { plan_out.write_unaligned(Box::into_raw(boxed)) };

@@ -9,7 +9,7 @@
 //! supported combination. A new storage type is a new variant and new lines in [`dispatch`].
 
 use crate::element::{DType, Element};
-use crate::layout::{TensorMut, TensorRef};
+use crate::layout::{Strides, TensorMut, TensorRef};
 use half::f16;
 
 /// An input tensor of any supported element type.
@@ -77,7 +77,7 @@ impl<'o> AnyMut<'o> {
         let strides = t.strides;
         match same_mut::<T, f32>(t.data) {
             Ok(d) => AnyMut::F32(TensorMut::new(d, strides)),
-            Err(d) => AnyMut::F16(TensorMut::new(same_mut::<T, f16>(d).ok().expect("DTYPE is F16"), strides)),
+            Err(d) => AnyMut::F16(TensorMut::new(same_mut::<T, f16>(d).expect("DTYPE is F16"), strides)),
         }
     }
 }
@@ -100,5 +100,52 @@ pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>
         (Q::F16(q), K::F32(k, v), O::F16(o)) => op.run(q, k, v, o),
         (Q::F16(q), K::F16(k, v), O::F32(o)) => op.run(q, k, v, o),
         (Q::F16(q), K::F16(k, v), O::F16(o)) => op.run(q, k, v, o),
+    }
+}
+
+impl<'a> AnyRef<'a> {
+    /// Elements in the tensor's slice.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        match self {
+            AnyRef::F32(t) => t.data.len(),
+            AnyRef::F16(t) => t.data.len(),
+        }
+    }
+
+    #[inline(always)]
+    pub fn strides(&self) -> Strides {
+        match self {
+            AnyRef::F32(t) => t.strides,
+            AnyRef::F16(t) => t.strides,
+        }
+    }
+
+    /// Passes `(t, x)` for the `d` elements of row `(b, h, i)`, widened to f32: the one place
+    /// a kernel reads Q, whatever its storage (Q is packed once per block, so the match per row
+    /// costs nothing and the kernels are compiled once, not once per Q type).
+    #[inline(always)]
+    pub fn for_row(&self, b: usize, h: usize, i: usize, d: usize, mut put: impl FnMut(usize, f32)) {
+        match self {
+            AnyRef::F32(t) => {
+                let o = t.strides.offset(b, h, i);
+                t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x));
+            }
+            AnyRef::F16(t) => {
+                let o = t.strides.offset(b, h, i);
+                t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x.to_f32()));
+            }
+        }
+    }
+}
+
+impl AnyMut<'_> {
+    /// Elements in the tensor's slice, and its strides.
+    #[inline(always)]
+    pub fn extent(&self) -> (usize, Strides) {
+        match self {
+            AnyMut::F32(t) => (t.data.len(), t.strides),
+            AnyMut::F16(t) => (t.data.len(), t.strides),
+        }
     }
 }

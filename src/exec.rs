@@ -49,9 +49,9 @@ impl UnitIter<'_> {
 }
 
 /// Everything a worker needs besides its scratch and its units.
-pub(crate) struct Job<'j, 'a, 'o, TQ, TKV, TO> {
-    pub p: &'j Problem<'a, TQ, TKV>,
-    pub out: &'j OutRows<'o, TO>,
+pub(crate) struct Job<'j, 'a, 'o, TKV> {
+    pub p: &'j Problem<'a, TKV>,
+    pub out: &'j OutRows<'o>,
     pub plan: WorkPlan,
     pub tiles: Tiles,
     pub isa: Isa,
@@ -149,12 +149,12 @@ impl<'j> Partials<'j> {
     }
 }
 
-impl<TQ, TKV, TO> Clone for Job<'_, '_, '_, TQ, TKV, TO> {
+impl<TKV> Clone for Job<'_, '_, '_, TKV> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<TQ, TKV, TO> Copy for Job<'_, '_, '_, TQ, TKV, TO> {}
+impl<TKV> Copy for Job<'_, '_, '_, TKV> {}
 
 /// The plan, block sizes, per-worker scratch length and decode-partials length (f32 elements)
 /// of a path for a problem. Decode shapes get the decode plan on the SIMD paths; the portable
@@ -226,8 +226,8 @@ pub(crate) fn try_zeroed(len: usize) -> Result<Vec<f32>, AttnError> {
 /// Runs `units` of `job` with `scratch` (at least the length `tiles_and_scratch` gave).
 /// Returns the specialised head dim that ran, or `None` for the generic path; `Err` if the
 /// job's ISA cannot run here.
-pub(crate) fn run_units<TQ: Element, TKV: Element, TO: Element>(
-    job: Job<'_, '_, '_, TQ, TKV, TO>,
+pub(crate) fn run_units<TKV: Element>(
+    job: Job<'_, '_, '_, TKV>,
     units: Units<'_>,
     scratch: &mut [f32],
 ) -> Result<Option<usize>, ()> {
@@ -264,19 +264,19 @@ pub(crate) fn run_units<TQ: Element, TKV: Element, TO: Element>(
                         Some(a) => {
                             $(
                                 if a == $ad {
-                                    return run_isa!($isa, Specialised::<_, _, _, $ad, $mr, $nrv> { job, iter, scratch }).ok_or(());
+                                    return run_isa!($isa, Specialised::<_, $ad, $mr, $nrv> { job, iter, scratch }).ok_or(());
                                 }
                             )*
                         }
                         None => {
                             $(
                                 if d == $hd && dv == $hd {
-                                    return run_isa!($isa, Specialised::<_, _, _, $hd, $mr, $nrv> { job, iter, scratch }).ok_or(());
+                                    return run_isa!($isa, Specialised::<_, $hd, $mr, $nrv> { job, iter, scratch }).ok_or(());
                                 }
                             )*
                         }
                     }
-                    return run_isa!($isa, Specialised::<_, _, _, 0, $mr, $nrv> { job, iter, scratch }).ok_or(());
+                    return run_isa!($isa, Specialised::<_, 0, $mr, $nrv> { job, iter, scratch }).ok_or(());
                 }
             )*
         };
@@ -285,7 +285,7 @@ pub(crate) fn run_units<TQ: Element, TKV: Element, TO: Element>(
     Err(())
 }
 
-fn run_portable<TQ: Element, TKV: Element, TO: Element>(job: Job<'_, '_, '_, TQ, TKV, TO>, mut iter: UnitIter<'_>, scratch: &mut [f32]) {
+fn run_portable<TKV: Element>(job: Job<'_, '_, '_, TKV>, mut iter: UnitIter<'_>, scratch: &mut [f32]) {
     let s = &job.p.shape;
     let mut sc = portable::Scratch::new(scratch, &job.tiles, s.head_dim, s.v_head_dim);
     while let Some(u) = iter.next() {
@@ -300,14 +300,14 @@ fn run_portable<TQ: Element, TKV: Element, TO: Element>(job: Job<'_, '_, '_, TQ,
 }
 
 /// A job bound to one specialisation: head dim `D` (0 = generic) and register tile `MR x NRV`.
-struct Specialised<'j, 'a, 'o, 'n, 's, TQ, TKV, TO, const D: usize, const MR: usize, const NRV: usize> {
-    job: Job<'j, 'a, 'o, TQ, TKV, TO>,
+struct Specialised<'j, 'a, 'o, 'n, 's, TKV, const D: usize, const MR: usize, const NRV: usize> {
+    job: Job<'j, 'a, 'o, TKV>,
     iter: UnitIter<'n>,
     scratch: &'s mut [f32],
 }
 
-impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdExt
-    for Specialised<'_, '_, '_, '_, '_, TQ, TKV, TO, D, MR, NRV>
+impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdExt
+    for Specialised<'_, '_, '_, '_, '_, TKV, D, MR, NRV>
 {
     type Output = Option<usize>;
 
@@ -331,7 +331,7 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
                         let lse = &al.lse[(w.batch * s.q_heads + h) * s.seq_q + i0..][..i1 - i0];
                         let rows = probs.as_deref_mut().map(|p| &mut p[i0 * skv..i1 * skv]);
                         let at = (w.batch, h, i0, i1);
-                        flash::alignment_block::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &job.tiles, at, lse, &mut sc, rows, cov.as_deref_mut());
+                        flash::alignment_block::<S, TKV, D, MR, NRV>(simd, job.p, &job.tiles, at, lse, &mut sc, rows, cov.as_deref_mut());
                     }
                 }
             }
@@ -347,7 +347,7 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
                 let w = job.plan.unit(u);
                 next = iter.next();
                 let after = next.map(|n| job.plan.unit(n));
-                decode::decode_unit::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &w, after.as_ref(), &mut sc);
+                decode::decode_unit::<S, TKV, D, MR, NRV>(simd, job.p, &w, after.as_ref(), &mut sc);
                 finish_decode_unit(&job, &w, sc.acc, sc.max, sc.sum, sc.dv_pad);
             }
             return (D != 0).then_some(D);
@@ -356,7 +356,7 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
         while let Some(u) = iter.next() {
             let w = job.plan.unit(u);
             for h in w.head_start..w.head_end {
-                flash::query_block::<S, TQ, TKV, D, MR, NRV>(simd, job.p, &job.tiles, w.batch, h, w.q_start, w.q_end, &mut sc);
+                flash::query_block::<S, TKV, D, MR, NRV>(simd, job.p, &job.tiles, w.batch, h, w.q_start, w.q_end, &mut sc);
                 let n = w.q_end - w.q_start;
                 // SAFETY: unit `u` is run once (see `store`), so its rows have no other writer.
                 unsafe { job.out.store(w.batch, h, w.q_start, sc.acc, sc.dv_pad, n, sc.lse) };
@@ -368,7 +368,7 @@ impl<TQ: Element, TKV: Element, TO: Element, const D: usize, const MR: usize, co
 
 /// A decode unit's rows: normalised into the output when its partition is the only one, else
 /// left in its partial slot for the merge.
-fn finish_decode_unit<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, w: &WorkUnit, acc: &mut [f32], max: &[f32], sum: &[f32], pitch: usize) {
+fn finish_decode_unit<TKV>(job: &Job<'_, '_, '_, TKV>, w: &WorkUnit, acc: &mut [f32], max: &[f32], sum: &[f32], pitch: usize) {
     let s = &job.p.shape;
     let per_head = w.q_end - w.q_start;
     let rows = (w.head_end - w.head_start) * per_head;
@@ -399,7 +399,7 @@ fn finish_decode_unit<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, 
 ///
 /// # Safety
 /// Every unit of the plan has finished (the caller's barrier), and only this call merges `g`.
-pub(crate) unsafe fn merge_group<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, g: usize, row: &mut [f32]) {
+pub(crate) unsafe fn merge_group<TKV>(job: &Job<'_, '_, '_, TKV>, g: usize, row: &mut [f32]) {
     let PlanKind::Decode { heads_per_sub, subs, parts } = job.plan.kind else { return };
     if parts == 1 {
         return;
@@ -540,8 +540,8 @@ impl Drop for WorkerScratch {
 /// busy with another call. Its only allocation, the list of per-worker slots
 /// (one entry per worker), comes before any unit runs: no failure can follow a written row.
 #[cfg(feature = "rayon")]
-pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
-    job: Job<'_, '_, '_, TQ, TKV, TO>,
+pub(crate) fn run_pool<TKV: Element>(
+    job: Job<'_, '_, '_, TKV>,
     scratch: &mut WorkerScratch,
 ) -> Result<Option<usize>, AttnError> {
     let threads = scratch.bufs.len();
@@ -577,7 +577,7 @@ pub(crate) fn run_pool<TQ: Element, TKV: Element, TO: Element>(
 
 /// Merges every group on the calling thread (after all units ran); `row` is scratch of at
 /// least `v_head_dim` floats whenever the plan has a merge ([`merge_row_len`]).
-pub(crate) fn merge_all<TQ, TKV, TO: Element>(job: &Job<'_, '_, '_, TQ, TKV, TO>, row: &mut [f32]) {
+pub(crate) fn merge_all<TKV>(job: &Job<'_, '_, '_, TKV>, row: &mut [f32]) {
     if job.plan.parts() <= 1 {
         return;
     }

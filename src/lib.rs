@@ -19,6 +19,7 @@
 //! (tiles) → kernel (per query block) → store.
 
 mod api;
+mod call;
 mod dtypes;
 #[doc(hidden)]
 pub mod capi;

@@ -1,5 +1,6 @@
 //! A validated call: what every kernel reads.
 
+use crate::dtypes::AnyRef;
 use crate::element::Element;
 use crate::error::AttnError;
 use crate::layout::{AttentionShape, TensorRef};
@@ -11,9 +12,11 @@ use crate::validate::validate_inputs;
 /// The inputs of one call after validation: every index reachable from the shape and strides is
 /// inside the slices, and every option has been checked against the contract.
 #[derive(Clone, Copy)]
-pub(crate) struct Problem<'a, TQ, TKV> {
+pub(crate) struct Problem<'a, TKV> {
     pub shape: AttentionShape,
-    pub q: TensorRef<'a, TQ>,
+    /// Q in its own storage type: kernels read it through [`AnyRef::for_row`] as they pack
+    /// it, so they are compiled per K/V type only.
+    pub q: AnyRef<'a>,
     pub k: TensorRef<'a, TKV>,
     pub v: TensorRef<'a, TKV>,
     pub params: AttentionParams<'a>,
@@ -23,15 +26,15 @@ pub(crate) struct Problem<'a, TQ, TKV> {
     pub score: ScoreData<'a>,
 }
 
-impl<'a, TQ: Element, TKV: Element> Problem<'a, TQ, TKV> {
+impl<'a, TKV: Element> Problem<'a, TKV> {
     pub fn new(
         shape: &AttentionShape,
-        q: TensorRef<'a, TQ>,
+        q: AnyRef<'a>,
         k: TensorRef<'a, TKV>,
         v: TensorRef<'a, TKV>,
         params: &AttentionParams<'a>,
     ) -> Result<Self, AttnError> {
-        let scale = validate_inputs(shape, &q, &k, &v, params)?;
+        let scale = validate_inputs(shape, (q.len(), q.strides()), (k.data.len(), k.strides), (v.data.len(), v.strides), params)?;
         Ok(Self {
             shape: *shape,
             q,
@@ -45,9 +48,9 @@ impl<'a, TQ: Element, TKV: Element> Problem<'a, TQ, TKV> {
     }
 }
 
-impl<'a, TQ, TKV> Problem<'a, TQ, TKV> {
+impl<'a, TKV> Problem<'a, TKV> {
     /// The same problem with its score function's prepared data (borrowed for `'b`).
-    pub fn with_score<'b>(self, score: ScoreData<'b>) -> Problem<'b, TQ, TKV>
+    pub fn with_score<'b>(self, score: ScoreData<'b>) -> Problem<'b, TKV>
     where
         'a: 'b,
     {
@@ -76,7 +79,7 @@ impl<'a, TQ, TKV> Problem<'a, TQ, TKV> {
     }
 }
 
-impl<TQ, TKV> Problem<'_, TQ, TKV> {
+impl<TKV> Problem<'_, TKV> {
     #[inline]
     pub fn kv_len(&self, b: usize) -> usize {
         self.params.kv_lens.map_or(self.shape.seq_kv, |l| l[b])

@@ -64,7 +64,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         v: TensorRef<'a, TKV>,
         params: &AttentionParams<'a>,
     ) -> Result<Self, AttnError> {
-        let scale = validate_inputs(shape, &q, &k, &v, params)? as f64;
+        let scale = validate_inputs(shape, (q.data.len(), q.strides), (k.data.len(), k.strides), (v.data.len(), v.strides), params)? as f64;
         Ok(Self { shape: *shape, q, k, v, params: *params, scale })
     }
 

@@ -10,6 +10,7 @@
 //!   when the caller gives them already projected) and `v` padded with zeros, so padding lanes
 //!   add `0 * tanh(..) = 0`.
 
+use crate::dtypes::AnyRef;
 use crate::element::Element;
 use crate::error::AttnError;
 use crate::exec::try_zeroed;
@@ -65,9 +66,9 @@ pub(crate) struct ScoreBuffers {
 impl ScoreBuffers {
     /// Prepares the score of a validated call (`params.score` is not `General`: that one is
     /// projected into a plain Q before validation of the rest, see `api`).
-    pub fn prepare<TQ: Element, TKV: Element>(
+    pub fn prepare<TKV: Element>(
         shape: &AttentionShape,
-        q: &TensorRef<'_, TQ>,
+        q: &AnyRef<'_>,
         k: &TensorRef<'_, TKV>,
         params: &AttentionParams<'_>,
     ) -> Result<Self, AttnError> {
@@ -76,7 +77,10 @@ impl ScoreBuffers {
         match params.score {
             Score::ScaledDot | Score::Dot | Score::General { .. } => none(),
             Score::Cosine { temperature } => Ok(Self {
-                q: inv_norms(q, s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
+                q: match q {
+                    AnyRef::F32(q) => inv_norms(q, s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
+                    AnyRef::F16(q) => inv_norms(q, s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
+                },
                 k: inv_norms(k, s.batch, s.kv_heads, s.seq_kv, s.head_dim, 1.0)?,
                 v: Vec::new(),
                 a_pad: 0,
@@ -88,11 +92,11 @@ impl ScoreBuffers {
                 vp[..a].copy_from_slice(v);
                 let (qp, kp) = match projection {
                     None => (
-                        project_rows(q, s.batch, s.q_heads, s.seq_q, s.head_dim, None, a_pad)?,
+                        project_any(q, s.batch, s.q_heads, s.seq_q, s.head_dim, None, a_pad)?,
                         project_rows(k, s.batch, s.kv_heads, s.seq_kv, s.head_dim, None, a_pad)?,
                     ),
                     Some(pr) => (
-                        project_rows(q, s.batch, s.q_heads, s.seq_q, pr.q_dim, Some(&transpose(pr.w_q, a, pr.q_dim)?), a_pad)?,
+                        project_any(q, s.batch, s.q_heads, s.seq_q, pr.q_dim, Some(&transpose(pr.w_q, a, pr.q_dim)?), a_pad)?,
                         project_rows(k, s.batch, s.kv_heads, s.seq_kv, s.head_dim, Some(&transpose(pr.w_k, a, s.head_dim)?), a_pad)?,
                     ),
                 };
@@ -111,9 +115,9 @@ impl ScoreBuffers {
 }
 
 /// Q projected for [`Score::General`]: `q' = W^T q` as contiguous `[B, Hq, Sq, head_dim]` f32.
-pub(crate) fn project_general<TQ: Element>(shape: &AttentionShape, q: &TensorRef<'_, TQ>, w: &[f32], q_dim: usize) -> Result<Vec<f32>, AttnError> {
+pub(crate) fn project_general(shape: &AttentionShape, q: &AnyRef<'_>, w: &[f32], q_dim: usize) -> Result<Vec<f32>, AttnError> {
     let s = shape;
-    project_rows(q, s.batch, s.q_heads, s.seq_q, q_dim, Some(w), s.head_dim)
+    project_any(q, s.batch, s.q_heads, s.seq_q, q_dim, Some(w), s.head_dim)
 }
 
 /// `w` (`rows x cols`, row-major) transposed, so projections run as row-times-matrix with the
@@ -169,6 +173,14 @@ fn project_rows<T: Element>(
         }
     }
     Ok(out)
+}
+
+/// [`project_rows`] of an erased input.
+fn project_any(q: &AnyRef<'_>, batch: usize, heads: usize, seq: usize, in_dim: usize, w: Option<&[f32]>, pitch: usize) -> Result<Vec<f32>, AttnError> {
+    match q {
+        AnyRef::F32(t) => project_rows(t, batch, heads, seq, in_dim, w, pitch),
+        AnyRef::F16(t) => project_rows(t, batch, heads, seq, in_dim, w, pitch),
+    }
 }
 
 /// The product of `dims`, or `OutOfMemory` when it overflows.

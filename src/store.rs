@@ -6,48 +6,52 @@
 //! no two output elements share memory, and (2) the work plan gives every output row (and LSE
 //! entry) to exactly one unit, and each unit runs once.
 
-use crate::element::Element;
-use crate::layout::{AttentionShape, Strides, TensorMut};
+use crate::dtypes::AnyMut;
+use crate::layout::{AttentionShape, Strides};
 use core::marker::PhantomData;
 
+/// Where the output's elements are, by storage type: the one match `store` makes per row, so
+/// the kernels that call it are compiled once whatever the output type.
+#[derive(Clone, Copy)]
+enum OutPtr {
+    F32(*mut f32),
+    F16(*mut half::f16),
+}
+
 /// The output tensor and LSE buffer of one call, shareable by the call's workers.
-pub(crate) struct OutRows<'a, TO> {
-    out: *mut TO,
+pub(crate) struct OutRows<'a> {
+    out: OutPtr,
     out_len: usize,
     strides: Strides,
     lse: *mut f32,
     lse_len: usize,
     shape: AttentionShape,
-    _borrow: PhantomData<&'a mut TO>,
+    _borrow: PhantomData<&'a mut [u8]>,
 }
 
 // SAFETY: see the module docs: workers write disjoint, validated elements.
-unsafe impl<TO: Send> Send for OutRows<'_, TO> {}
-unsafe impl<TO: Send> Sync for OutRows<'_, TO> {}
+unsafe impl Send for OutRows<'_> {}
+unsafe impl Sync for OutRows<'_> {}
 
-impl<'a, TO: Element> OutRows<'a, TO> {
+impl<'a> OutRows<'a> {
     /// Takes the (validated) output and LSE for the duration of the call.
-    pub fn new(shape: &AttentionShape, out: TensorMut<'a, TO>, lse: Option<&'a mut [f32]>) -> Self {
+    pub fn new(shape: &AttentionShape, out: AnyMut<'a>, lse: Option<&'a mut [f32]>) -> Self {
         let (lse, lse_len) = match lse {
             Some(l) => (l.as_mut_ptr(), l.len()),
             None => (core::ptr::null_mut(), 0),
         };
-        Self {
-            out: out.data.as_mut_ptr(),
-            out_len: out.data.len(),
-            strides: out.strides,
-            lse,
-            lse_len,
-            shape: *shape,
-            _borrow: PhantomData,
-        }
+        let (out, out_len, strides) = match out {
+            AnyMut::F32(t) => (OutPtr::F32(t.data.as_mut_ptr()), t.data.len(), t.strides),
+            AnyMut::F16(t) => (OutPtr::F16(t.data.as_mut_ptr()), t.data.len(), t.strides),
+        };
+        Self { out, out_len, strides, lse, lse_len, shape: *shape, _borrow: PhantomData }
     }
 
     /// An output that receives nothing: the alignment pass's jobs, which write only through
     /// [`InspectRows`].
     pub fn none(shape: &AttentionShape) -> Self {
         Self {
-            out: core::ptr::null_mut(),
+            out: OutPtr::F32(core::ptr::null_mut()),
             out_len: 0,
             strides: Strides::bhsd(0, 0, 0),
             lse: core::ptr::null_mut(),
@@ -70,10 +74,16 @@ impl<'a, TO: Element> OutRows<'a, TO> {
             let src = &rows[r * pitch..r * pitch + dv];
             let o = self.strides.offset(b, h, i0 + r);
             assert!(o + dv <= self.out_len, "validated offsets stay inside the output");
-            // SAFETY: in bounds (validated, checked above); disjoint from every other row.
-            let dst = unsafe { core::slice::from_raw_parts_mut(self.out.add(o), dv) };
-            for (d, &x) in dst.iter_mut().zip(src) {
-                *d = TO::from_f32(x);
+            // SAFETY (both arms): in bounds (validated, checked above); disjoint from every
+            // other row.
+            match self.out {
+                OutPtr::F32(p) => unsafe { core::slice::from_raw_parts_mut(p.add(o), dv) }.copy_from_slice(src),
+                OutPtr::F16(p) => {
+                    let dst = unsafe { core::slice::from_raw_parts_mut(p.add(o), dv) };
+                    for (d, &x) in dst.iter_mut().zip(src) {
+                        *d = half::f16::from_f32(x);
+                    }
+                }
             }
         }
         if !self.lse.is_null() {

@@ -4,7 +4,7 @@
 //! caller's slices, and no two output elements share memory; the kernels rely on exactly this.
 
 use crate::error::{AttnError, TensorName};
-use crate::layout::{AttentionShape, BiasRef, Strides, TensorMut, TensorRef};
+use crate::layout::{AttentionShape, BiasRef, Strides};
 use crate::params::{AttentionParams, Score};
 
 /// One past the highest element index reachable through `dims` (size, stride) and a contiguous
@@ -82,11 +82,12 @@ fn check_len(arg: &'static str, expected: usize, got: usize) -> Result<(), AttnE
 }
 
 /// Shape, input tensors and options. Returns the scale to use.
-pub(crate) fn validate_inputs<TQ, TKV>(
+/// Each tensor is given as its slice length and strides.
+pub(crate) fn validate_inputs(
     shape: &AttentionShape,
-    q: &TensorRef<'_, TQ>,
-    k: &TensorRef<'_, TKV>,
-    v: &TensorRef<'_, TKV>,
+    q: (usize, Strides),
+    k: (usize, Strides),
+    v: (usize, Strides),
     params: &AttentionParams<'_>,
 ) -> Result<f32, AttnError> {
     let s = shape;
@@ -105,9 +106,9 @@ pub(crate) fn validate_inputs<TQ, TKV>(
     }
     validate_score(s, params)?;
     let q_dim = params.score.q_dim(s.head_dim);
-    check_fits(TensorName::Q, q.data.len(), &dims4(s.q_heads, s.seq_q, s.batch, &q.strides), q_dim)?;
-    check_fits(TensorName::K, k.data.len(), &dims4(s.kv_heads, s.seq_kv, s.batch, &k.strides), s.head_dim)?;
-    check_fits(TensorName::V, v.data.len(), &dims4(s.kv_heads, s.seq_kv, s.batch, &v.strides), s.v_head_dim)?;
+    check_fits(TensorName::Q, q.0, &dims4(s.q_heads, s.seq_q, s.batch, &q.1), q_dim)?;
+    check_fits(TensorName::K, k.0, &dims4(s.kv_heads, s.seq_kv, s.batch, &k.1), s.head_dim)?;
+    check_fits(TensorName::V, v.0, &dims4(s.kv_heads, s.seq_kv, s.batch, &v.1), s.v_head_dim)?;
 
     let scale = params.effective_scale(s.head_dim);
     if !scale.is_finite() {
@@ -239,14 +240,11 @@ fn validate_bias(s: &AttentionShape, bias: &BiasRef<'_>) -> Result<(), AttnError
 }
 
 /// The output tensor and the optional LSE buffer (`[B, Hq, Sq]`, contiguous).
-pub(crate) fn validate_outputs<TO>(
-    shape: &AttentionShape,
-    out: &TensorMut<'_, TO>,
-    lse: Option<&[f32]>,
-) -> Result<(), AttnError> {
+/// `out` is the output's slice length and strides.
+pub(crate) fn validate_outputs(shape: &AttentionShape, out: (usize, Strides), lse: Option<&[f32]>) -> Result<(), AttnError> {
     let s = shape;
-    let st = &out.strides;
-    check_fits(TensorName::Out, out.data.len(), &dims4(s.q_heads, s.seq_q, s.batch, st), s.v_head_dim)?;
+    let st = &out.1;
+    check_fits(TensorName::Out, out.0, &dims4(s.q_heads, s.seq_q, s.batch, st), s.v_head_dim)?;
     check_no_overlap(
         TensorName::Out,
         &[("batch", s.batch, st.batch), ("head", s.q_heads, st.head), ("seq", s.seq_q, st.seq)],

@@ -71,31 +71,27 @@ impl<'w> Scratch<'w> {
 /// for `t < d` (zeros for a padding row, `None`), and returns the state the row starts from: the
 /// sink joins partition 0 only, so a merge counts it once.
 #[inline(always)]
-pub(super) fn pack_q_row<TQ: Element, TKV: Element>(
-    p: &Problem<'_, TQ, TKV>,
+pub(super) fn pack_q_row<TKV: Element>(
+    p: &Problem<'_, TKV>,
     w: &WorkUnit,
     row: Option<(usize, usize)>,
     d: usize,
     dst: &mut [f32],
     stride: usize,
 ) -> RowState {
-    let dst = dst.iter_mut().step_by(stride).take(d);
     let Some((h, i)) = row else {
-        dst.for_each(|y| *y = 0.0);
+        dst.iter_mut().step_by(stride).take(d).for_each(|y| *y = 0.0);
         return RowState::start(f32::NEG_INFINITY);
     };
-    let o = p.q.strides.offset(w.batch, h, i);
     let scale = p.q_scale(w.batch, h, i);
-    for (y, x) in dst.zip(&p.q.data[o..o + d]) {
-        *y = x.to_f32() * scale;
-    }
+    p.q.for_row(w.batch, h, i, d, |t, x| dst[t * stride] = x * scale);
     RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY })
 }
 
 /// Keys some row of unit `w` may see, within its partition (a row's interval is monotone in
 /// the row, so the first and last rows bound them).
 #[inline(always)]
-pub(super) fn unit_keys<TQ, TKV>(p: &Problem<'_, TQ, TKV>, w: &WorkUnit) -> (usize, usize) {
+pub(super) fn unit_keys<TKV>(p: &Problem<'_, TKV>, w: &WorkUnit) -> (usize, usize) {
     let kv_len = p.kv_len(w.batch);
     let (lo, _) = p.masker.interval(kv_len, w.q_start);
     let (_, hi) = p.masker.interval(kv_len, w.q_end - 1);
@@ -109,25 +105,25 @@ pub(super) fn unit_keys<TQ, TKV>(p: &Problem<'_, TQ, TKV>, w: &WorkUnit) -> (usi
 /// are not all finite runs again with P.V skipping zero weights, so NaN or Inf in the V row of
 /// a key the mask hides never reaches them (see [`pv_skip_zero`]).
 #[inline(always)]
-pub(crate) fn decode_unit<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn decode_unit<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     w: &WorkUnit,
     next: Option<&WorkUnit>,
     sc: &mut Scratch,
 ) {
-    decode_unit_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, w, next, sc, false);
+    decode_unit_pass::<S, TKV, D, MR, NRV>(simd, p, w, next, sc, false);
     let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
     if !all_finite(simd, &sc.acc[..rows * sc.dv_pad]) {
-        decode_unit_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, w, None, sc, true);
+        decode_unit_pass::<S, TKV, D, MR, NRV>(simd, p, w, None, sc, true);
     }
 }
 
 /// One pass of [`decode_unit`]; `skip_zero` picks the P.V that skips zero weights.
 #[inline(always)]
-fn decode_unit_pass<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+fn decode_unit_pass<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     w: &WorkUnit,
     next: Option<&WorkUnit>,
     sc: &mut Scratch,
@@ -138,27 +134,27 @@ fn decode_unit_pass<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const
     // At most a vector of rows (one or a few query rows per head of a GQA group, say).
     if super::decode_few::takes::<S>(rows, d, p.shape.v_head_dim) {
         match rows.next_power_of_two() {
-            1 => return super::decode_few::decode_few::<S, TQ, TKV, D, 1>(simd, p, w, next, sc, skip_zero),
-            2 => return super::decode_few::decode_few::<S, TQ, TKV, D, 2>(simd, p, w, next, sc, skip_zero),
-            4 => return super::decode_few::decode_few::<S, TQ, TKV, D, 4>(simd, p, w, next, sc, skip_zero),
-            8 => return super::decode_few::decode_few::<S, TQ, TKV, D, 8>(simd, p, w, next, sc, skip_zero),
-            16 => return super::decode_few::decode_few::<S, TQ, TKV, D, 16>(simd, p, w, next, sc, skip_zero),
+            1 => return super::decode_few::decode_few::<S, TKV, D, 1>(simd, p, w, next, sc, skip_zero),
+            2 => return super::decode_few::decode_few::<S, TKV, D, 2>(simd, p, w, next, sc, skip_zero),
+            4 => return super::decode_few::decode_few::<S, TKV, D, 4>(simd, p, w, next, sc, skip_zero),
+            8 => return super::decode_few::decode_few::<S, TKV, D, 8>(simd, p, w, next, sc, skip_zero),
+            16 => return super::decode_few::decode_few::<S, TKV, D, 16>(simd, p, w, next, sc, skip_zero),
             _ => {}
         }
     }
     if S::F32_LANES >= MR {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 1>(simd, p, w, sc, skip_zero)
+        decode_rows::<S, TKV, D, MR, NRV, 1>(simd, p, w, sc, skip_zero)
     } else {
-        decode_rows::<S, TQ, TKV, D, MR, NRV, 2>(simd, p, w, sc, skip_zero)
+        decode_rows::<S, TKV, D, MR, NRV, 2>(simd, p, w, sc, skip_zero)
     }
 }
 
 /// [`decode_unit`] with row tiles of `RV` vectors, Q.K^T by `qk_tile` and P.V in register tiles
 /// of `MR` rows x `NRV` vectors.
 #[inline(always)]
-fn decode_rows<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize, const RV: usize>(
+fn decode_rows<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize, const RV: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     w: &WorkUnit,
     sc: &mut Scratch,
     skip_zero: bool,

@@ -40,9 +40,9 @@ pub(crate) fn takes<S: SimdExt>(rows: usize, head_dim: usize, v_head_dim: usize)
 /// Runs unit `w` (at most `R` rows, `R` a power of two with `R <= lanes`) into `sc.acc` /
 /// `sc.max` / `sc.sum`, rows ordered as [`super::decode::decode_unit`] orders them.
 #[inline(always)]
-pub(crate) fn decode_few<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const R: usize>(
+pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     w: &WorkUnit,
     next: Option<&WorkUnit>,
     sc: &mut Scratch,
@@ -198,7 +198,7 @@ struct HintRows {
 
 impl HintRows {
     #[inline(always)]
-    fn new<TQ, TKV>(p: &Problem<'_, TQ, TKV>, here: (usize, usize, usize), next: Option<&WorkUnit>) -> Self {
+    fn new<TKV>(p: &Problem<'_, TKV>, here: (usize, usize, usize), next: Option<&WorkUnit>) -> Self {
         let (k, v) = (&p.k.strides, &p.v.strides);
         let next = next.map(|n| {
             let (nk0, nk1) = unit_keys(p, n);

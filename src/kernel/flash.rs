@@ -71,9 +71,9 @@ impl<'w> Scratch<'w> {
 /// the V row of a key the mask hides never reaches it (see [`pv_skip_zero`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn query_block<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     tiles: &Tiles,
     b: usize,
     h: usize,
@@ -81,17 +81,17 @@ pub(crate) fn query_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize,
     i1: usize,
     sc: &mut Scratch,
 ) {
-    query_block_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, tiles, (b, h, i0, i1), sc, false);
+    query_block_pass::<S, TKV, D, MR, NRV>(simd, p, tiles, (b, h, i0, i1), sc, false);
     if !all_finite(simd, &sc.acc[..(i1 - i0) * sc.dv_pad]) {
-        query_block_pass::<S, TQ, TKV, D, MR, NRV>(simd, p, tiles, (b, h, i0, i1), sc, true);
+        query_block_pass::<S, TKV, D, MR, NRV>(simd, p, tiles, (b, h, i0, i1), sc, true);
     }
 }
 
 /// One pass of [`query_block`]; `skip_zero` picks the P.V that skips zero weights.
 #[inline(always)]
-fn query_block_pass<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     tiles: &Tiles,
     (b, h, i0, i1): (usize, usize, usize, usize),
     sc: &mut Scratch,
@@ -140,7 +140,7 @@ fn query_block_pass<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const
             // diagonal stop early, tiles that see nothing here are skipped.
             let Some((n, mask)) = tile_keys(p, &keys, kv_len, i0, i1, r0, rt, j0, n) else { continue };
             let tile = TileRows { b, h, i0, r0, real: rt.min(rows.saturating_sub(r0)) };
-            score_tile::<S, TQ, TKV, D, MR, NRV>(simd, p, &bkeys, sc.qt, &tile, j0, n, mask, terms, sc.s, sc.row);
+            score_tile::<S, TKV, D, MR, NRV>(simd, p, &bkeys, sc.qt, &tile, j0, n, mask, terms, sc.s, sc.row);
 
             let rescale = online_softmax::<S, NRV>(
                 simd,
@@ -180,9 +180,9 @@ impl<'a> KeySource<'a> {
     /// Keys `j0..j0 + n` of KV head `hk`, batch `b` (`scratch` as for [`KRows::new`]).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub fn new<S: SimdExt, TQ, TKV: Element>(
+    pub fn new<S: SimdExt, TKV: Element>(
         simd: S,
-        p: &'a Problem<'a, TQ, TKV>,
+        p: &'a Problem<'a, TKV>,
         b: usize,
         hk: usize,
         j0: usize,
@@ -212,8 +212,8 @@ pub(crate) struct TileRows {
 /// some of its rows need the visibility mask there; `None` when the tile sees none of them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile_keys<TQ, TKV>(
-    p: &Problem<'_, TQ, TKV>,
+fn tile_keys<TKV>(
+    p: &Problem<'_, TKV>,
     keys: &crate::mask::BlockKeys,
     kv_len: usize,
     i0: usize,
@@ -241,9 +241,9 @@ fn tile_keys<TQ, TKV>(
 /// numbers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn score_tile<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+fn score_tile<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     keys: &KeySource<'_>,
     qt: &[f32],
     tile: &TileRows,
@@ -304,9 +304,9 @@ fn score_tile<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: u
 /// here first; `coverage` (if any, `seq_kv` long) accumulates each key's sum over these rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn alignment_block<S: SimdExt, TQ: Element, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn alignment_block<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
-    p: &Problem<'_, TQ, TKV>,
+    p: &Problem<'_, TKV>,
     tiles: &Tiles,
     (b, h, i0, i1): (usize, usize, usize, usize),
     lse: &[f32],
@@ -348,7 +348,7 @@ pub(crate) fn alignment_block<S: SimdExt, TQ: Element, TKV: Element, const D: us
             let Some((n, mask)) = tile_keys(p, &keys, kv_len, i0, i1, r0, rt, j0, n) else { continue };
             let real = rt.min(rows - r0);
             let tile = TileRows { b, h, i0, r0, real };
-            score_tile::<S, TQ, TKV, D, MR, NRV>(simd, p, &bkeys, sc.qt, &tile, j0, n, mask, terms, sc.s, sc.row);
+            score_tile::<S, TKV, D, MR, NRV>(simd, p, &bkeys, sc.qt, &tile, j0, n, mask, terms, sc.s, sc.row);
             let mut shift = [simd.splat_f32s(0.0); NRV];
             for (v, sh) in shift.iter_mut().enumerate() {
                 *sh = S::as_simd_f32s(&sc.max[r0 + v * lanes..r0 + (v + 1) * lanes]).0[0];
@@ -430,16 +430,13 @@ pub(crate) fn online_softmax<S: SimdExt, const NRV: usize>(
 /// of row `tile * rt + lane`; padding rows are zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_qt<TQ: Element, TKV>(p: &Problem<'_, TQ, TKV>, b: usize, h: usize, i0: usize, rows: usize, rows_pad: usize, d: usize, rt: usize, qt: &mut [f32]) {
+fn pack_qt<TKV>(p: &Problem<'_, TKV>, b: usize, h: usize, i0: usize, rows: usize, rows_pad: usize, d: usize, rt: usize, qt: &mut [f32]) {
     for r in 0..rows_pad {
         let (tile, lane) = (r / rt, r % rt);
         let dst = &mut qt[tile * d * rt..(tile + 1) * d * rt];
         if r < rows {
-            let o = p.q.strides.offset(b, h, i0 + r);
             let scale = p.q_scale(b, h, i0 + r);
-            for (t, x) in p.q.data[o..o + d].iter().enumerate() {
-                dst[t * rt + lane] = x.to_f32() * scale;
-            }
+            p.q.for_row(b, h, i0 + r, d, |t, x| dst[t * rt + lane] = x * scale);
         } else {
             for t in 0..d {
                 dst[t * rt + lane] = 0.0;

@@ -89,9 +89,9 @@ impl<'a> KRows<'a> {
     /// packed groups' pitch stays a compile-time constant in `qk_tile`'s addressing.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub fn new<S: crate::simd::SimdExt, TQ, TKV: crate::element::Element>(
+    pub fn new<S: crate::simd::SimdExt, TKV: crate::element::Element>(
         simd: S,
-        p: &'a crate::problem::Problem<'a, TQ, TKV>,
+        p: &'a crate::problem::Problem<'a, TKV>,
         b: usize,
         hk: usize,
         j0: usize,
@@ -131,9 +131,9 @@ impl<'a> KRows<'a> {
 /// `scratch` (pitch `dv_pad`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TQ, TKV: crate::element::Element>(
+pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TKV: crate::element::Element>(
     simd: S,
-    p: &'a crate::problem::Problem<'a, TQ, TKV>,
+    p: &'a crate::problem::Problem<'a, TKV>,
     b: usize,
     hk: usize,
     j0: usize,
@@ -158,8 +158,8 @@ pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TQ, TKV: crate::element::Eleme
 /// scores sit strided in a key-major tile: `s[c * rt + lane]` for keys `j0 + c`, `c < buf.len()`.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn strided_row_terms<TQ, TKV>(
-    p: &crate::problem::Problem<'_, TQ, TKV>,
+pub(crate) fn strided_row_terms<TKV>(
+    p: &crate::problem::Problem<'_, TKV>,
     terms: bool,
     mask: Option<(usize, usize)>,
     (b, h, i): (usize, usize, usize),

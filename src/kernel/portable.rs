@@ -53,8 +53,8 @@ fn kt_pitch(bc: usize) -> usize {
 
 /// Computes the rows `[i0, i1)` of batch `b`, query head `h` (`i1 - i0 <= tiles.br`) into
 /// `sc.acc` (normalised, `v_head_dim` per row) and `sc.lse`.
-pub(crate) fn query_block<TQ: Element, TKV: Element>(
-    p: &Problem<'_, TQ, TKV>,
+pub(crate) fn query_block<TKV: Element>(
+    p: &Problem<'_, TKV>,
     tiles: &Tiles,
     b: usize,
     h: usize,
@@ -68,16 +68,16 @@ pub(crate) fn query_block<TQ: Element, TKV: Element>(
     // (harmless, the result was never used, but valgrind rightly cannot tell). The dot copy
     // never reads the additive payload at all.
     match p.score {
-        ScoreData::Additive(a) => block::<TQ, TKV, true>(p, Some(a), tiles, b, h, i0, i1, sc),
-        _ => block::<TQ, TKV, false>(p, None, tiles, b, h, i0, i1, sc),
+        ScoreData::Additive(a) => block::<TKV, true>(p, Some(a), tiles, b, h, i0, i1, sc),
+        _ => block::<TKV, false>(p, None, tiles, b, h, i0, i1, sc),
     }
 }
 
 /// [`query_block`] for the additive score (`ADDITIVE`, with its data) or the dot scores.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block<TQ: Element, TKV: Element, const ADDITIVE: bool>(
-    p: &Problem<'_, TQ, TKV>,
+fn block<TKV: Element, const ADDITIVE: bool>(
+    p: &Problem<'_, TKV>,
     additive: Option<AdditiveData<'_>>,
     tiles: &Tiles,
     b: usize,
@@ -97,10 +97,8 @@ fn block<TQ: Element, TKV: Element, const ADDITIVE: bool>(
     for r in 0..rows {
         // Q as given (the additive score reads its prepared q' rows instead).
         if dot {
-            let o = p.q.strides.offset(b, h, i0 + r);
-            for (dst, src) in sc.q[r * d..(r + 1) * d].iter_mut().zip(&p.q.data[o..o + d]) {
-                *dst = src.to_f32();
-            }
+            let dst = &mut sc.q[r * d..(r + 1) * d];
+            p.q.for_row(b, h, i0 + r, d, |t, x| dst[t] = x);
         }
         let st = RowState::start(p.sink(h));
         (sc.max[r], sc.sum[r]) = (st.max, st.sum);
