@@ -70,6 +70,7 @@ extern "C" {
 #define SIMD_ATTN_ERR_UNKNOWN_SCORE 29      /* the score field holds an unknown value */
 #define SIMD_ATTN_ERR_UNSUPPORTED 30        /* plans run the dot scores only, without inspection */
 #define SIMD_ATTN_ERR_RESERVED 31           /* a reserved field is not 0 */
+#define SIMD_ATTN_ERR_INVALID_PAGE 32       /* a block-table entry a visible key reaches names no page */
 
 /* ---- element types (the dtype fields) ---- */
 #define SIMD_ATTN_F32 0 /* float */
@@ -166,6 +167,19 @@ typedef struct simd_attn_desc {
     size_t alignment_len; /*   (a second pass from the LSE; forward and reference only) */
     float *coverage;      /* optional output [B, Hq, Skv] f32: attention summed over rows */
     size_t coverage_len;
+    /* Paged K/V (appended; a descriptor up to coverage_len reads them as 0: K and V are tensors).
+     * With a block table, k and v are pools of num_pages pages read in place: their strides are
+     * (stride_batch, stride_head, stride_seq) = (between pages, between KV heads, between the
+     * tokens of a page), e.g. [num_pages, page_size, Hkv, D] or [num_pages, Hkv, page_size, D].
+     * Key j of sequence b is slot j % page_size of page block_table[b * pages_per_seq +
+     * j / page_size]; kv_lens (or seq_kv) gives each sequence's keys, at most pages_per_seq *
+     * page_size. Every entry a key reaches must be in 0..num_pages (SIMD_ATTN_ERR_INVALID_PAGE);
+     * the others are never read. */
+    const int32_t *block_table; /* [B, pages_per_seq] page indices; NULL: K/V are tensors */
+    size_t block_table_len;
+    size_t pages_per_seq;
+    size_t page_size;     /* tokens per page, >= 1 */
+    size_t num_pages;
 } simd_attn_desc;
 
 /* One partial result for simd_attn_merge_partials: rows normalised over its keys, and their
@@ -292,7 +306,12 @@ size_t simd_attn_abi_layout(size_t *out, size_t cap);
             offsetof(simd_attn_desc, alignment),\
             offsetof(simd_attn_desc, alignment_len),\
             offsetof(simd_attn_desc, coverage),\
-            offsetof(simd_attn_desc, coverage_len)\
+            offsetof(simd_attn_desc, coverage_len),\
+            offsetof(simd_attn_desc, block_table),\
+            offsetof(simd_attn_desc, block_table_len),\
+            offsetof(simd_attn_desc, pages_per_seq),\
+            offsetof(simd_attn_desc, page_size),\
+            offsetof(simd_attn_desc, num_pages)\
     }
 
 #ifdef __cplusplus

@@ -1,8 +1,8 @@
 //! The public entry points: validate, plan (tiles, units, threads), run the kernel per unit,
 //! store.
 
-use crate::call::{Call, KvOp};
-use crate::dtypes::{AnyKv, AnyMut, AnyRef};
+use crate::request::{KvOp, Request};
+use crate::dtypes::{AnyKv, AnyMut, AnyRef, Kv};
 use crate::element::Element;
 use crate::error::{AttnError, TensorName};
 use crate::exec::{alignment_plan, merge_all, merge_group, merge_row_len, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
@@ -155,36 +155,43 @@ pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
     params: &AttentionParams<'_>,
     inspect: Inspect<'_>,
 ) -> Result<RunInfo, AttnError> {
-    let call = Call { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect };
+    let call = Request { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect };
     run_call(config, call)
 }
 
-/// [`attention_inspect`] on a [`Call`]: compiled once, here, whatever the caller's element
-/// types (see `call`). The C ABI's forward call lands here too.
+/// Runs a [`Request`]: [`attention_inspect`] for any K/V layout (a paged pool too) and any
+/// element types, on the crate's pool. Every argument is validated first; on error nothing is
+/// written.
+pub fn run(config: &RunConfig, request: Request<'_, '_>) -> Result<RunInfo, AttnError> {
+    run_call(config, request)
+}
+
+/// [`attention_inspect`] on a [`Request`]: compiled once, here, whatever the caller's element
+/// types (see `request`). The C ABI's forward call lands here too.
 #[inline(never)]
-pub(crate) fn run_call(config: &RunConfig, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
+pub(crate) fn run_call(config: &RunConfig, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
     struct Op<'c> {
         config: &'c RunConfig,
     }
     impl<'a, 'o> KvOp<'a, 'o> for Op<'_> {
         type Output = Result<RunInfo, AttnError>;
-        fn run<TKV: Element>(self, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>) -> Self::Output {
-            run_typed(self.config, call, k, v)
+        fn run<TKV: Element>(self, call: Request<'a, 'o>, kv: Kv<'a, TKV>) -> Self::Output {
+            run_typed(self.config, call, kv)
         }
     }
     call.with_kv(Op { config })
 }
 
 /// [`run_call`] with K and V at their storage type.
-fn run_typed<TKV: Element>(config: &RunConfig, call: Call<'_, '_>, k: TensorRef<'_, TKV>, v: TensorRef<'_, TKV>) -> Result<RunInfo, AttnError> {
-    let p = Problem::new(&call.shape, call.q, k, v, &call.params)?;
+fn run_typed<TKV: Element>(config: &RunConfig, call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
+    let p = Problem::new(&call.shape, call.q, kv, &call.params)?;
     if is_empty(&call.shape) {
         return empty_call(config, p, call);
     }
     if let Some(projected) = general_as_dot(&p)? {
         let [qs, ..] = call.shape.bhsd_strides();
         let q = AnyRef::F32(TensorRef::new(&projected, qs));
-        return run_typed(config, Call { q, params: call.params.score(Score::Dot), ..call }, k, v);
+        return run_typed(config, Request { q, params: call.params.score(Score::Dot), ..call }, kv);
     }
     scored_call(config, p, call)
 }
@@ -198,7 +205,7 @@ fn is_empty(shape: &AttentionShape) -> bool {
 /// like any other call's, then nothing runs and nothing is allocated (the other dims may be
 /// anything that validates, up to the integer limits). The coverage output, `[B, Hq, Skv]`, is
 /// all zeros: no row attended to anything.
-fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
+fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
     let shape = &p.shape;
     validate_outputs(shape, call.out.extent(), call.lse.as_deref())?;
     validate_inspect(shape, &call.inspect)?;
@@ -234,8 +241,8 @@ fn general_as_dot<TKV>(p: &Problem<'_, TKV>) -> Result<Option<Vec<f32>>, AttnErr
 
 /// [`run_call`] for every score but `General` (which arrives here projected); `p` is the
 /// call's validated inputs.
-fn scored_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
-    let Call { shape, out, lse, inspect, .. } = call;
+fn scored_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
+    let Request { shape, out, lse, inspect, .. } = call;
     validate_outputs(&shape, out.extent(), lse.as_deref())?;
     validate_inspect(&shape, &inspect)?;
     let buffers = ScoreBuffers::prepare(&shape, &p.q, &p.k, &p.params)?;
@@ -351,36 +358,36 @@ pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
 ) -> Result<RunInfo, AttnError> {
-    let call = Call { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect: Inspect::default() };
+    let call = Request { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect: Inspect::default() };
     run_in_workspace(workspace, config, call)
 }
 
-/// [`attention_in`] on a [`Call`]: compiled once, here (see `call`).
+/// [`attention_in`] on a [`Request`]: compiled once, here (see `request`).
 #[inline(never)]
-fn run_in_workspace(workspace: &mut Workspace, config: &RunConfig, call: Call<'_, '_>) -> Result<RunInfo, AttnError> {
+fn run_in_workspace(workspace: &mut Workspace, config: &RunConfig, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
     struct Op<'c, 'w> {
         workspace: &'w mut Workspace,
         config: &'c RunConfig,
     }
     impl<'a, 'o> KvOp<'a, 'o> for Op<'_, '_> {
         type Output = Result<RunInfo, AttnError>;
-        fn run<TKV: Element>(self, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>) -> Self::Output {
-            in_workspace_typed(self.workspace, self.config, call, k, v)
+        fn run<TKV: Element>(self, call: Request<'a, 'o>, kv: Kv<'a, TKV>) -> Self::Output {
+            in_workspace_typed(self.workspace, self.config, call, kv)
         }
     }
     call.with_kv(Op { workspace, config })
 }
 
 /// [`run_in_workspace`] with K and V at their storage type.
-fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfig, call: Call<'_, '_>, k: TensorRef<'_, TKV>, v: TensorRef<'_, TKV>) -> Result<RunInfo, AttnError> {
-    let p = Problem::new(&call.shape, call.q, k, v, &call.params)?;
+fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfig, call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
+    let p = Problem::new(&call.shape, call.q, kv, &call.params)?;
     if is_empty(&call.shape) {
         return empty_call(config, p, call);
     }
     if let Some(projected) = general_as_dot(&p)? {
         let [qs, ..] = call.shape.bhsd_strides();
         let q = AnyRef::F32(TensorRef::new(&projected, qs));
-        return in_workspace_typed(workspace, config, Call { q, params: call.params.score(Score::Dot), ..call }, k, v);
+        return in_workspace_typed(workspace, config, Request { q, params: call.params.score(Score::Dot), ..call }, kv);
     }
     let buffers = ScoreBuffers::prepare(&p.shape, &p.q, &p.k, &p.params)?;
     let p = p.with_score(buffers.data(&p.params.score));
@@ -460,10 +467,25 @@ fn prepare<'a, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, out: A
 /// assert!((out[0] - 0.3).abs() < 1e-6);
 /// # Ok::<(), simd_attn::AttnError>(())
 /// ```
-pub struct HostPlan<'a: 'o, 'o, TQ, TKV, TO> {
+///
+/// The type parameters name the element types of [`HostPlan::new`]'s tensors; a plan made from a
+/// [`Request`] ([`HostPlan::from_request`]) leaves them `()`.
+pub struct HostPlan<'a: 'o, 'o, TQ = (), TKV = (), TO = ()> {
     /// The plan for the call's element types, compiled in this crate (see `dtypes`).
     shares: Box<dyn PlanShares + 'o>,
     _types: PhantomData<(TensorRef<'a, TQ>, TensorRef<'a, TKV>, TensorMut<'o, TO>)>,
+}
+
+impl<'a: 'o, 'o> HostPlan<'a, 'o> {
+    /// Validates and plans a [`Request`] for `nth` workers (`config.threads` is ignored): any
+    /// K/V layout (a paged pool too) and element types. Host plans run the dot scores and
+    /// produce no inspection outputs.
+    pub fn from_request(config: &RunConfig, request: Request<'a, 'o>, nth: usize) -> Result<Self, AttnError> {
+        if request.inspect.alignment.is_some() || request.inspect.coverage.is_some() {
+            return Err(AttnError::UnsupportedScore { score: "alignment or coverage output of any", operation: "a host-driven plan" });
+        }
+        Ok(Self { shares: plan_call(config, request, nth)?, _types: PhantomData })
+    }
 }
 
 impl<'a: 'o, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, TO> {
@@ -481,11 +503,14 @@ impl<'a: 'o, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TK
         params: &AttentionParams<'a>,
         nth: usize,
     ) -> Result<Self, AttnError> {
-        let call = Call { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect: Inspect::default() };
+        let call = Request { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect: Inspect::default() };
         let shares = plan_call(config, call, nth)?;
         Ok(Self { shares, _types: PhantomData })
     }
 
+}
+
+impl<'a: 'o, 'o, TQ, TKV, TO> HostPlan<'a, 'o, TQ, TKV, TO> {
     /// f32 elements of scratch each worker passes to [`HostPlan::run`] and
     /// [`HostPlan::merge`].
     pub fn workspace_len(&self) -> usize {
@@ -544,17 +569,17 @@ impl<TKV: Element> PlanShares for TypedPlan<'_, '_, TKV> {
     }
 }
 
-/// [`HostPlan::new`] on a [`Call`]: compiled once, here (see `call`).
+/// [`HostPlan::new`] on a [`Request`]: compiled once, here (see `request`).
 #[inline(never)]
-pub(crate) fn plan_call<'a: 'o, 'o>(config: &RunConfig, call: Call<'a, 'o>, nth: usize) -> Result<Box<dyn PlanShares + 'o>, AttnError> {
+pub(crate) fn plan_call<'a: 'o, 'o>(config: &RunConfig, call: Request<'a, 'o>, nth: usize) -> Result<Box<dyn PlanShares + 'o>, AttnError> {
     struct Op<'c> {
         config: &'c RunConfig,
         nth: usize,
     }
     impl<'a: 'o, 'o> KvOp<'a, 'o> for Op<'_> {
         type Output = Result<Box<dyn PlanShares + 'o>, AttnError>;
-        fn run<TKV: Element>(self, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>) -> Self::Output {
-            Ok(Box::new(TypedPlan::new(self.config, call, k, v, self.nth)?))
+        fn run<TKV: Element>(self, call: Request<'a, 'o>, kv: Kv<'a, TKV>) -> Self::Output {
+            Ok(Box::new(TypedPlan::new(self.config, call, kv, self.nth)?))
         }
     }
     call.with_kv(Op { config, nth })
@@ -585,7 +610,7 @@ impl<TKV> Drop for TypedPlan<'_, '_, TKV> {
 }
 
 impl<'a, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
-    fn new(config: &RunConfig, call: Call<'a, 'o>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, nth: usize) -> Result<Self, AttnError> {
+    fn new(config: &RunConfig, call: Request<'a, 'o>, kv: Kv<'a, TKV>, nth: usize) -> Result<Self, AttnError> {
         if nth == 0 {
             return Err(AttnError::ZeroDim { dim: "nth" });
         }
@@ -594,7 +619,7 @@ impl<'a, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
         if !matches!(call.params.score, Score::ScaledDot | Score::Dot) {
             return Err(AttnError::UnsupportedScore { score: call.params.score.name(), operation: "a host-driven plan" });
         }
-        let p = Problem::new(&call.shape, call.q, k, v, &call.params)?;
+        let p = Problem::new(&call.shape, call.q, kv, &call.params)?;
         let prepared = prepare(config, p, call.out, call.lse)?;
         // Fallible allocations: an absurd `nth` or partials size is an error, not an abort.
         let flags = |n: usize| -> Result<Vec<AtomicBool>, AttnError> {

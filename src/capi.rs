@@ -16,11 +16,11 @@
 use crate::element::DType;
 use crate::error::AttnError;
 use crate::isa::Isa;
-use crate::layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
+use crate::layout::{AttentionShape, BiasRef, BiasStrides, PageStrides, PageTable, PagedKv, Strides, TensorMut, TensorRef};
 use crate::merge::PartialResult;
 use crate::params::{AdditiveProjection, AttentionParams, Score, Window};
 use crate::api::PlanShares;
-use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, TypedOp};
+use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, Kv, TypedOp};
 use crate::{Element, Inspect, RunConfig, RunInfo};
 use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
@@ -109,11 +109,22 @@ pub struct SimdAttnDesc {
     pub alignment_len: usize,
     pub coverage: *mut f32,
     pub coverage_len: usize,
+    // Appended for paged K/V (older descriptors read these as 0: K and V are tensors).
+    pub block_table: *const i32,
+    pub block_table_len: usize,
+    pub pages_per_seq: usize,
+    pub page_size: usize,
+    pub num_pages: usize,
 }
 
 /// The descriptor's size before the score and inspection fields were appended: callers
 /// compiled against that header pass it, and get the defaults for everything after.
 const DESC_V1_SIZE: usize = offset_of!(SimdAttnDesc, score);
+
+/// Every size a descriptor has had, oldest first: before the score fields, before the paged
+/// K/V fields, and now. A caller's `struct_size` must be one of them (or larger, with the
+/// unknown tail zero).
+const DESC_SIZES: [usize; 3] = [DESC_V1_SIZE, offset_of!(SimdAttnDesc, block_table), size_of::<SimdAttnDesc>()];
 
 /// One partial result for [`simd_attn_merge_partials`].
 #[repr(C)]
@@ -171,10 +182,11 @@ pub enum Status {
     UnknownScore = 29,
     Unsupported = 30,
     Reserved = 31,
+    InvalidPage = 32,
 }
 
 /// Every status, in code order, with its header name and its short message.
-const STATUS_TABLE: [(Status, &str, &str); 32] = [
+const STATUS_TABLE: [(Status, &str, &str); 33] = [
     (Status::Ok, "SIMD_ATTN_OK\0", "success\0"),
     (Status::NullPointer, "SIMD_ATTN_ERR_NULL_POINTER\0", "a required pointer is NULL (or NULL with a non-zero length)\0"),
     (Status::Misaligned, "SIMD_ATTN_ERR_MISALIGNED\0", "a pointer is not aligned to its element type\0"),
@@ -207,6 +219,7 @@ const STATUS_TABLE: [(Status, &str, &str); 32] = [
     (Status::UnknownScore, "SIMD_ATTN_ERR_UNKNOWN_SCORE\0", "the score field holds an unknown value\0"),
     (Status::Unsupported, "SIMD_ATTN_ERR_UNSUPPORTED\0", "this operation does not support the chosen score function or inspection output (host-driven plans run the dot scores only)\0"),
     (Status::Reserved, "SIMD_ATTN_ERR_RESERVED\0", "a reserved field is not 0\0"),
+    (Status::InvalidPage, "SIMD_ATTN_ERR_INVALID_PAGE\0", "a block-table entry that a visible key reaches names no page of the pool\0"),
 ];
 
 /// A failed call: its status and the detailed message for `simd_attn_last_error`.
@@ -223,6 +236,7 @@ impl From<AttnError> for Fail {
             OverlappingOutput { .. } => Status::OverlappingOutput,
             WrongLength { .. } => Status::WrongLength,
             KvLenOutOfRange { .. } => Status::KvLenOutOfRange,
+            InvalidPage { .. } => Status::InvalidPage,
             NonFiniteScale { .. } => Status::NonFiniteScale,
             InvalidSoftcap { .. } => Status::InvalidSoftcap,
             InvalidWindow { .. } => Status::InvalidWindow,
@@ -392,8 +406,8 @@ unsafe fn read_desc(desc: *const SimdAttnDesc) -> Result<SimdAttnDesc, Fail> {
     // SAFETY: the first field is a u32 every version has.
     let size = unsafe { (desc as *const u32).read_unaligned() } as usize;
     let ours = size_of::<SimdAttnDesc>();
-    if size < DESC_V1_SIZE || (size > DESC_V1_SIZE && size < ours) {
-        return fail(Status::DescSize, format!("desc->struct_size = {size}: expected {ours} (or {DESC_V1_SIZE} from an older header; call simd_attn_desc_init)"));
+    if size < ours && !DESC_SIZES.contains(&size) {
+        return fail(Status::DescSize, format!("desc->struct_size = {size}: expected {ours} (or {DESC_SIZES:?} from an older header; call simd_attn_desc_init)"));
     }
     if size > ours {
         // SAFETY: the caller's struct has `size` bytes.
@@ -465,6 +479,11 @@ fn default_desc() -> SimdAttnDesc {
             alignment_len: 0,
             coverage: core::ptr::null_mut(),
             coverage_len: 0,
+            block_table: core::ptr::null(),
+            block_table_len: 0,
+            pages_per_seq: 0,
+            page_size: 0,
+            num_pages: 0,
         }
 }
 
@@ -588,9 +607,25 @@ impl<'a> Decoded<'a> {
         let k = unsafe { tensor(&d.k, "k", &mut inputs)? };
         let v = unsafe { tensor(&d.v, "v", &mut inputs)? };
         let out = unsafe { output(&d.out, "out", &mut outputs)? };
-        let kv = match (k, v) {
-            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(k, v),
-            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(k, v),
+        // A paged pool: k and v are its pages, their strides (batch, head, seq) those of
+        // (page, head, slot).
+        let pages = if d.block_table.is_null() && d.block_table_len == 0 && d.page_size == 0 {
+            None
+        } else {
+            let table = unsafe { slice(d.block_table, d.block_table_len, "block_table")? };
+            inputs.push(Span::of(table, "block_table"));
+            Some(PageTable { block_table: table, pages_per_seq: d.pages_per_seq, page_size: d.page_size, num_pages: d.num_pages })
+        };
+        let page_strides = |t: Strides| PageStrides::new(t.batch, t.head, t.seq);
+        let kv = match (k, v, pages) {
+            (AnyRef::F32(k), AnyRef::F32(v), None) => AnyKv::F32(Kv::Tensors(k, v)),
+            (AnyRef::F16(k), AnyRef::F16(v), None) => AnyKv::F16(Kv::Tensors(k, v)),
+            (AnyRef::F32(k), AnyRef::F32(v), Some(pages)) => {
+                AnyKv::F32(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
+            }
+            (AnyRef::F16(k), AnyRef::F16(v), Some(pages)) => {
+                AnyKv::F16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
+            }
             _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
         };
         let lse = if d.lse.is_null() && d.lse_len == 0 {
@@ -725,7 +760,17 @@ struct ReferenceOp<'c, 'p> {
 
 impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
     type Output = Result<(), Fail>;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Result<(), Fail> {
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, kv: Kv<'a, TKV>, out: TensorMut<'o, TO>) -> Result<(), Fail> {
+        // A paged pool is gathered into tensors: the reference's definition of a paged call.
+        let gathered;
+        let (k, v) = match kv {
+            Kv::Tensors(k, v) => (k, v),
+            Kv::Paged(pk) => {
+                gathered = crate::reference::gather_paged(self.shape, &pk, self.params.kv_lens)?;
+                let [_, ks, vs, _] = self.shape.bhsd_strides();
+                (TensorRef::new(&gathered.0[..], ks), TensorRef::new(&gathered.1[..], vs))
+            }
+        };
         crate::validate::validate_outputs(self.shape, (out.data.len(), out.strides), self.lse.as_deref())?;
         crate::api::validate_inspect(self.shape, &self.inspect)?;
         let reference = crate::Reference::new(self.shape, q, k, v, self.params)?;
@@ -815,7 +860,7 @@ pub unsafe extern "C" fn simd_attn_forward(desc: *const SimdAttnDesc, threads: u
         let config = RunConfig { isa: isa_from(isa)?, threads: (threads > 0).then_some(threads) };
         // SAFETY: the caller's contract.
         let Decoded { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Decoded::new(&d)? };
-        let call = crate::call::Call { shape, q, kv, out, lse, params: options.params(kv_lens.as_deref()), inspect };
+        let call = crate::request::Request { shape, q, kv, out, lse, params: options.params(kv_lens.as_deref()), inspect };
         let r = crate::api::run_call(&config, call)?;
         write_info(info, &r);
         Ok(())
@@ -870,7 +915,7 @@ pub unsafe extern "C" fn simd_attn_plan_create(desc: *const SimdAttnDesc, nth: u
         // SAFETY: the lengths' heap buffer moves, unchanged, into the SimdAttnPlan below with
         // the plan that borrows it, and is freed only after the plan (field order).
         let lens: Option<&'static [usize]> = kv_lens.as_deref().map(|l| unsafe { core::slice::from_raw_parts(l.as_ptr(), l.len()) });
-        let call = crate::call::Call { shape, q, kv, out, lse, params: options.params(lens), inspect };
+        let call = crate::request::Request { shape, q, kv, out, lse, params: options.params(lens), inspect };
         let plan = crate::api::plan_call(&config, call, nth)?;
         let boxed = Box::new(SimdAttnPlan { plan, _kv_lens: kv_lens });
         // SAFETY: checked non-NULL.
@@ -1178,6 +1223,11 @@ pub unsafe extern "C" fn simd_attn_abi_layout(out: *mut usize, cap: usize) -> us
         offset_of!(SimdAttnDesc, alignment_len),
         offset_of!(SimdAttnDesc, coverage),
         offset_of!(SimdAttnDesc, coverage_len),
+        offset_of!(SimdAttnDesc, block_table),
+        offset_of!(SimdAttnDesc, block_table_len),
+        offset_of!(SimdAttnDesc, pages_per_seq),
+        offset_of!(SimdAttnDesc, page_size),
+        offset_of!(SimdAttnDesc, num_pages),
     ];
     if !out.is_null() {
         for (n, &x) in layout.iter().enumerate().take(cap) {

@@ -9,25 +9,34 @@
 //! supported combination. A new storage type is a new variant and new lines in [`dispatch`].
 
 use crate::element::{DType, Element};
-use crate::layout::{Strides, TensorMut, TensorRef};
+use crate::layout::{PagedKv, Strides, TensorMut, TensorRef};
 use half::f16;
 
-/// An input tensor of any supported element type.
-#[derive(Clone, Copy)]
-pub(crate) enum AnyRef<'a> {
+/// An input tensor of any supported element type (`TensorRef::into()` makes one).
+#[derive(Clone, Copy, Debug)]
+pub enum AnyRef<'a> {
     F32(TensorRef<'a, f32>),
     F16(TensorRef<'a, f16>),
 }
 
-/// K and V, which share one element type.
-#[derive(Clone, Copy)]
-pub(crate) enum AnyKv<'a> {
-    F32(TensorRef<'a, f32>, TensorRef<'a, f32>),
-    F16(TensorRef<'a, f16>, TensorRef<'a, f16>),
+/// K and V as the caller keeps them: two strided tensors or one paged pool.
+#[derive(Clone, Copy, Debug)]
+pub enum Kv<'a, T> {
+    Tensors(TensorRef<'a, T>, TensorRef<'a, T>),
+    Paged(PagedKv<'a, T>),
 }
 
-/// An output tensor of any supported element type.
-pub(crate) enum AnyMut<'o> {
+/// K and V of any supported element type (they share one), in any layout: `(k, v).into()` for
+/// two tensors, `paged.into()` for a [`PagedKv`] pool.
+#[derive(Clone, Copy, Debug)]
+pub enum AnyKv<'a> {
+    F32(Kv<'a, f32>),
+    F16(Kv<'a, f16>),
+}
+
+/// An output tensor of any supported element type (`TensorMut::into()` makes one).
+#[derive(Debug)]
+pub enum AnyMut<'o> {
     F32(TensorMut<'o, f32>),
     F16(TensorMut<'o, f16>),
 }
@@ -52,7 +61,7 @@ fn same_mut<T: Element, U: Element>(s: &mut [T]) -> Result<&mut [U], &mut [T]> {
 
 impl<'a> AnyRef<'a> {
     #[inline(always)]
-    pub fn of<T: Element>(t: TensorRef<'a, T>) -> Self {
+    pub(crate) fn of<T: Element>(t: TensorRef<'a, T>) -> Self {
         match T::DTYPE {
             DType::F32 => AnyRef::F32(TensorRef::new(same(t.data).expect("DTYPE is F32"), t.strides)),
             DType::F16 => AnyRef::F16(TensorRef::new(same(t.data).expect("DTYPE is F16"), t.strides)),
@@ -62,10 +71,20 @@ impl<'a> AnyRef<'a> {
 
 impl<'a> AnyKv<'a> {
     #[inline(always)]
-    pub fn of<T: Element>(k: TensorRef<'a, T>, v: TensorRef<'a, T>) -> Self {
+    pub(crate) fn of<T: Element>(k: TensorRef<'a, T>, v: TensorRef<'a, T>) -> Self {
         match (AnyRef::of(k), AnyRef::of(v)) {
-            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(k, v),
-            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(k, v),
+            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(Kv::Tensors(k, v)),
+            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(Kv::Tensors(k, v)),
+            _ => unreachable!("K and V have one type parameter"),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn paged<T: Element>(kv: PagedKv<'a, T>) -> Self {
+        let PagedKv { k, v, k_strides, v_strides, pages } = kv;
+        match (AnyRef::of(TensorRef::new(k, Strides::default())), AnyRef::of(TensorRef::new(v, Strides::default()))) {
+            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
+            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
             _ => unreachable!("K and V have one type parameter"),
         }
     }
@@ -73,7 +92,7 @@ impl<'a> AnyKv<'a> {
 
 impl<'o> AnyMut<'o> {
     #[inline(always)]
-    pub fn of<T: Element>(t: TensorMut<'o, T>) -> Self {
+    pub(crate) fn of<T: Element>(t: TensorMut<'o, T>) -> Self {
         let strides = t.strides;
         match same_mut::<T, f32>(t.data) {
             Ok(d) => AnyMut::F32(TensorMut::new(d, strides)),
@@ -85,28 +104,28 @@ impl<'o> AnyMut<'o> {
 /// Something to do with a call's typed tensors: implemented by each entry's body.
 pub(crate) trait TypedOp<'a, 'o> {
     type Output;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, k: TensorRef<'a, TKV>, v: TensorRef<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output;
+    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, kv: Kv<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output;
 }
 
 /// Runs `op` with the call's element types: the one place the combinations are listed.
 pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>, out: AnyMut<'o>, op: Op) -> Op::Output {
     use {AnyKv as K, AnyMut as O, AnyRef as Q};
     match (q, kv, out) {
-        (Q::F32(q), K::F32(k, v), O::F32(o)) => op.run(q, k, v, o),
-        (Q::F32(q), K::F32(k, v), O::F16(o)) => op.run(q, k, v, o),
-        (Q::F32(q), K::F16(k, v), O::F32(o)) => op.run(q, k, v, o),
-        (Q::F32(q), K::F16(k, v), O::F16(o)) => op.run(q, k, v, o),
-        (Q::F16(q), K::F32(k, v), O::F32(o)) => op.run(q, k, v, o),
-        (Q::F16(q), K::F32(k, v), O::F16(o)) => op.run(q, k, v, o),
-        (Q::F16(q), K::F16(k, v), O::F32(o)) => op.run(q, k, v, o),
-        (Q::F16(q), K::F16(k, v), O::F16(o)) => op.run(q, k, v, o),
+        (Q::F32(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
     }
 }
 
 impl<'a> AnyRef<'a> {
     /// Elements in the tensor's slice.
     #[inline(always)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             AnyRef::F32(t) => t.data.len(),
             AnyRef::F16(t) => t.data.len(),
@@ -114,7 +133,7 @@ impl<'a> AnyRef<'a> {
     }
 
     #[inline(always)]
-    pub fn strides(&self) -> Strides {
+    pub(crate) fn strides(&self) -> Strides {
         match self {
             AnyRef::F32(t) => t.strides,
             AnyRef::F16(t) => t.strides,
@@ -125,7 +144,7 @@ impl<'a> AnyRef<'a> {
     /// a kernel reads Q, whatever its storage (Q is packed once per block, so the match per row
     /// costs nothing and the kernels are compiled once, not once per Q type).
     #[inline(always)]
-    pub fn for_row(&self, b: usize, h: usize, i: usize, d: usize, mut put: impl FnMut(usize, f32)) {
+    pub(crate) fn for_row(&self, b: usize, h: usize, i: usize, d: usize, mut put: impl FnMut(usize, f32)) {
         match self {
             AnyRef::F32(t) => {
                 let o = t.strides.offset(b, h, i);
@@ -142,10 +161,38 @@ impl<'a> AnyRef<'a> {
 impl AnyMut<'_> {
     /// Elements in the tensor's slice, and its strides.
     #[inline(always)]
-    pub fn extent(&self) -> (usize, Strides) {
+    pub(crate) fn extent(&self) -> (usize, Strides) {
         match self {
             AnyMut::F32(t) => (t.data.len(), t.strides),
             AnyMut::F16(t) => (t.data.len(), t.strides),
         }
+    }
+}
+
+impl<'a, T: Element> From<TensorRef<'a, T>> for AnyRef<'a> {
+    #[inline(always)]
+    fn from(t: TensorRef<'a, T>) -> Self {
+        AnyRef::of(t)
+    }
+}
+
+impl<'a, T: Element> From<(TensorRef<'a, T>, TensorRef<'a, T>)> for AnyKv<'a> {
+    #[inline(always)]
+    fn from((k, v): (TensorRef<'a, T>, TensorRef<'a, T>)) -> Self {
+        AnyKv::of(k, v)
+    }
+}
+
+impl<'a, T: Element> From<PagedKv<'a, T>> for AnyKv<'a> {
+    #[inline(always)]
+    fn from(kv: PagedKv<'a, T>) -> Self {
+        AnyKv::paged(kv)
+    }
+}
+
+impl<'o, T: Element> From<TensorMut<'o, T>> for AnyMut<'o> {
+    #[inline(always)]
+    fn from(t: TensorMut<'o, T>) -> Self {
+        AnyMut::of(t)
     }
 }

@@ -20,6 +20,8 @@ pub enum TensorName {
     Alignment,
     /// The coverage output `[B, Hq, Skv]`.
     Coverage,
+    /// The block table of a paged K/V pool.
+    BlockTable,
 }
 
 impl fmt::Display for TensorName {
@@ -34,6 +36,7 @@ impl fmt::Display for TensorName {
             TensorName::Partial => "partial result",
             TensorName::Alignment => "alignment",
             TensorName::Coverage => "coverage",
+            TensorName::BlockTable => "block_table",
         })
     }
 }
@@ -57,6 +60,8 @@ pub enum AttnError {
     WrongLength { arg: &'static str, expected: usize, got: usize },
     /// `kv_lens[batch]` is larger than the key sequence length.
     KvLenOutOfRange { batch: usize, kv_len: usize, seq_kv: usize },
+    /// A block-table entry that a visible key reaches names no page of the pool.
+    InvalidPage { batch: usize, slot: usize, page: i32, num_pages: usize },
     /// `scale` is NaN or infinite.
     NonFiniteScale { scale: f32 },
     /// `softcap` is not a finite positive number.
@@ -111,6 +116,10 @@ impl fmt::Display for AttnError {
             KvLenOutOfRange { batch, kv_len, seq_kv } => write!(
                 f,
                 "kv_lens[{batch}] = {kv_len} exceeds the key sequence length {seq_kv}"
+            ),
+            InvalidPage { batch, slot, page, num_pages } => write!(
+                f,
+                "block_table[{batch}][{slot}] = {page}: a key of sequence {batch} lies there, so it must name a page in 0..{num_pages}"
             ),
             NonFiniteScale { scale } => write!(f, "scale must be finite, got {scale}"),
             InvalidSoftcap { softcap } => {

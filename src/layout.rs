@@ -165,3 +165,55 @@ impl<'a> BiasRef<'a> {
         b * self.strides.batch + h * self.strides.head + i * self.strides.row
     }
 }
+
+/// Element strides of a paged K or V pool: between pages, between KV heads and between the
+/// tokens (slots) of a page; the head dim is contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PageStrides {
+    pub page: usize,
+    pub head: usize,
+    pub slot: usize,
+}
+
+impl PageStrides {
+    pub const fn new(page: usize, head: usize, slot: usize) -> Self {
+        Self { page, head, slot }
+    }
+
+    /// `[num_pages, page_size, heads, dim]`, as vLLM and FlashAttention keep their pages.
+    pub const fn token_major(page_size: usize, heads: usize, dim: usize) -> Self {
+        Self { page: page_size.saturating_mul(heads).saturating_mul(dim), head: dim, slot: heads.saturating_mul(dim) }
+    }
+
+    /// `[num_pages, heads, page_size, dim]`: each head's rows of a page contiguous.
+    pub const fn head_major(page_size: usize, heads: usize, dim: usize) -> Self {
+        Self { page: page_size.saturating_mul(heads).saturating_mul(dim), head: page_size.saturating_mul(dim), slot: dim }
+    }
+}
+
+/// Which pages hold each sequence's keys: key `j` of sequence `b` is slot `j % page_size` of
+/// page `block_table[b * pages_per_seq + j / page_size]`. Page indices are `i32`, as engines
+/// keep them; only the entries a sequence's length reaches are read (and validated), so the
+/// rest may hold anything (-1, say). Pages may be shared between sequences (prefix caching).
+#[derive(Clone, Copy, Debug)]
+pub struct PageTable<'a> {
+    /// `[batch, pages_per_seq]`, row-major.
+    pub block_table: &'a [i32],
+    pub pages_per_seq: usize,
+    /// Tokens per page: any size from 1.
+    pub page_size: usize,
+    /// Pages in the pool: every index must be below it.
+    pub num_pages: usize,
+}
+
+/// K and V kept in a paged pool, read in place. The keys of sequence `b` are its first
+/// `kv_lens[b]` slots ([`crate::AttentionParams::kv_lens`]; without it every sequence has
+/// `seq_kv` keys), which must fit in `pages_per_seq * page_size`.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKv<'a, T> {
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub k_strides: PageStrides,
+    pub v_strides: PageStrides,
+    pub pages: PageTable<'a>,
+}

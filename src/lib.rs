@@ -19,7 +19,7 @@
 //! (tiles) → kernel (per query block) → store.
 
 mod api;
-mod call;
+mod request;
 mod dtypes;
 #[doc(hidden)]
 pub mod capi;
@@ -40,18 +40,21 @@ pub mod reference;
 mod store;
 mod validate;
 mod kernel;
+mod kv;
 mod simd;
 #[doc(hidden)]
 pub mod selftest;
 
-pub use api::{attention, attention_in, attention_inspect, attention_with, Inspect, default_threads, set_default_threads, HostPlan, RunConfig, RunInfo};
+pub use api::{attention, attention_in, attention_inspect, attention_with, run, Inspect, default_threads, set_default_threads, HostPlan, RunConfig, RunInfo};
+pub use dtypes::{AnyKv, AnyMut, AnyRef, Kv};
+pub use request::Request;
 pub use exec::Workspace;
 pub use plan::work::{WorkPlan, WorkUnit};
 pub use element::{DType, Element};
 pub use error::{AttnError, TensorName};
 pub use isa::{isa_override, resolve_isa, set_isa_override, Isa};
 pub use merge::{merge_partials, PartialResult};
-pub use layout::{AttentionShape, BiasRef, BiasStrides, Strides, TensorMut, TensorRef};
+pub use layout::{AttentionShape, BiasRef, BiasStrides, PageStrides, PageTable, PagedKv, Strides, TensorMut, TensorRef};
 pub use params::{AdditiveProjection, AttentionParams, Score, Window, COSINE_EPS};
 /// The bound on the additive score's vectorised `tanh` error (absolute, per element): an
 /// additive score `sum_a v_a tanh(..)` carries at most this times `sum_a |v_a|` from it.

@@ -1,13 +1,14 @@
 //! A validated call: what every kernel reads.
 
-use crate::dtypes::AnyRef;
+use crate::dtypes::{AnyRef, Kv};
 use crate::element::Element;
-use crate::error::AttnError;
-use crate::layout::{AttentionShape, TensorRef};
+use crate::error::{AttnError, TensorName};
+use crate::kv::{validate_paged, KvSource};
+use crate::layout::AttentionShape;
 use crate::mask::RowMasker;
 use crate::params::AttentionParams;
 use crate::score::ScoreData;
-use crate::validate::validate_inputs;
+use crate::validate::{validate_inputs, validate_kv_tensors};
 
 /// The inputs of one call after validation: every index reachable from the shape and strides is
 /// inside the slices, and every option has been checked against the contract.
@@ -17,8 +18,8 @@ pub(crate) struct Problem<'a, TKV> {
     /// Q in its own storage type: kernels read it through [`AnyRef::for_row`] as they pack
     /// it, so they are compiled per K/V type only.
     pub q: AnyRef<'a>,
-    pub k: TensorRef<'a, TKV>,
-    pub v: TensorRef<'a, TKV>,
+    pub k: KvSource<'a, TKV>,
+    pub v: KvSource<'a, TKV>,
     pub params: AttentionParams<'a>,
     pub scale: f32,
     pub masker: RowMasker,
@@ -27,24 +28,23 @@ pub(crate) struct Problem<'a, TKV> {
 }
 
 impl<'a, TKV: Element> Problem<'a, TKV> {
-    pub fn new(
-        shape: &AttentionShape,
-        q: AnyRef<'a>,
-        k: TensorRef<'a, TKV>,
-        v: TensorRef<'a, TKV>,
-        params: &AttentionParams<'a>,
-    ) -> Result<Self, AttnError> {
-        let scale = validate_inputs(shape, (q.len(), q.strides()), (k.data.len(), k.strides), (v.data.len(), v.strides), params)?;
-        Ok(Self {
-            shape: *shape,
-            q,
-            k,
-            v,
-            params: *params,
-            scale,
-            masker: RowMasker::new(shape, params),
-            score: ScoreData::Dot,
-        })
+    pub fn new(shape: &AttentionShape, q: AnyRef<'a>, kv: Kv<'a, TKV>, params: &AttentionParams<'a>) -> Result<Self, AttnError> {
+        let s = shape;
+        let scale = validate_inputs(s, (q.len(), q.strides()), params)?;
+        let (k, v) = match kv {
+            Kv::Tensors(k, v) => {
+                validate_kv_tensors(s, (k.data.len(), k.strides), (v.data.len(), v.strides))?;
+                (KvSource::strided(k.data, k.strides), KvSource::strided(v.data, v.strides))
+            }
+            Kv::Paged(pk) => {
+                // Validated above: `kv_lens` has `batch` entries, each at most `seq_kv`.
+                let lens = || (0..s.batch).map(|b| params.kv_lens.map_or(s.seq_kv, |l| l[b]));
+                let k = validate_paged(TensorName::K, pk.k, pk.k_strides, &pk.pages, s.batch, s.kv_heads, s.head_dim, lens())?;
+                let v = validate_paged(TensorName::V, pk.v, pk.v_strides, &pk.pages, s.batch, s.kv_heads, s.v_head_dim, lens())?;
+                (k, v)
+            }
+        };
+        Ok(Self { shape: *shape, q, k, v, params: *params, scale, masker: RowMasker::new(shape, params), score: ScoreData::Dot })
     }
 }
 

@@ -6,10 +6,11 @@
 //! it to check their integration (strides, GQA mapping, masks) on small shapes.
 
 use crate::element::Element;
-use crate::error::AttnError;
-use crate::layout::{AttentionShape, TensorRef};
+use crate::error::{AttnError, TensorName};
+use crate::kv::validate_paged;
+use crate::layout::{AttentionShape, PagedKv, TensorRef};
 use crate::params::{AttentionParams, Score, COSINE_EPS};
-use crate::validate::validate_inputs;
+use crate::validate::{validate_inputs, validate_kv_tensors};
 
 /// A validated problem that computes reference rows on demand.
 pub struct Reference<'a, TQ, TKV> {
@@ -64,7 +65,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         v: TensorRef<'a, TKV>,
         params: &AttentionParams<'a>,
     ) -> Result<Self, AttnError> {
-        let scale = validate_inputs(shape, (q.data.len(), q.strides), (k.data.len(), k.strides), (v.data.len(), v.strides), params)? as f64;
+        let scale = validate_inputs(shape, (q.data.len(), q.strides), params)? as f64;
+        validate_kv_tensors(shape, (k.data.len(), k.strides), (v.data.len(), v.strides))?;
         Ok(Self { shape: *shape, q, k, v, params: *params, scale })
     }
 
@@ -262,4 +264,35 @@ pub fn reference_attention<TQ: Element, TKV: Element>(
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceOutput, AttnError> {
     Reference::new(shape, q, k, v, params)?.try_compute()
+}
+
+/// A paged pool gathered into contiguous `[B, Hkv, Skv, D]` K and `[B, Hkv, Skv, Dv]` V (the
+/// strides `shape.bhsd_strides()` gives), literally: row `j < kv_lens[b]` of sequence `b` is
+/// copied from slot `j % page_size` of page `block_table[b * pages_per_seq + j / page_size]`;
+/// the rows past each sequence's length are zero (no row can see them). This is what the
+/// reference means by a paged call: its result is the reference of the gathered tensors.
+/// The pool is validated as a call validates it.
+pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_lens: Option<&[usize]>) -> Result<(Vec<T>, Vec<T>), AttnError> {
+    let s = shape;
+    if let Some(l) = kv_lens {
+        if l.len() != s.batch {
+            return Err(AttnError::WrongLength { arg: "kv_lens", expected: s.batch, got: l.len() });
+        }
+    }
+    let len = |b: usize| kv_lens.map_or(s.seq_kv, |l| l[b]);
+    let gather = |tensor, data: &[T], strides, dim: usize| -> Result<Vec<T>, AttnError> {
+        let src = validate_paged(tensor, data, strides, &kv.pages, s.batch, s.kv_heads, dim, (0..s.batch).map(len))?;
+        let n = [s.batch, s.kv_heads, s.seq_kv, dim].iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::SizeOverflow { tensor })?;
+        let mut out = filled((0..n).map(|_| T::default()))?;
+        for b in 0..s.batch {
+            for hk in 0..s.kv_heads {
+                for j in 0..len(b).min(s.seq_kv) {
+                    let to = ((b * s.kv_heads + hk) * s.seq_kv + j) * dim;
+                    out[to..to + dim].copy_from_slice(src.row(b, hk, j, dim));
+                }
+            }
+        }
+        Ok(out)
+    };
+    Ok((gather(TensorName::K, kv.k, kv.k_strides, s.head_dim)?, gather(TensorName::V, kv.v, kv.v_strides, s.v_head_dim)?))
 }

@@ -14,6 +14,7 @@ use crate::dtypes::AnyRef;
 use crate::element::Element;
 use crate::error::AttnError;
 use crate::exec::try_zeroed;
+use crate::kv::KvSource;
 use crate::layout::{AttentionShape, TensorRef};
 use crate::params::{AttentionParams, Score, COSINE_EPS};
 
@@ -69,19 +70,22 @@ impl ScoreBuffers {
     pub fn prepare<TKV: Element>(
         shape: &AttentionShape,
         q: &AnyRef<'_>,
-        k: &TensorRef<'_, TKV>,
+        k: &KvSource<'_, TKV>,
         params: &AttentionParams<'_>,
     ) -> Result<Self, AttnError> {
+        // Rows a paged K may lack a page for (past the sequence's length) are never scored.
+        let len = |b: usize| params.kv_lens.map_or(shape.seq_kv, |l| l[b]);
+        let k_row = |b: usize, h: usize, j: usize| (!k.is_paged() || j < len(b)).then(|| k.row(b, h, j, shape.head_dim));
         let s = shape;
         let none = || Ok(Self { q: Vec::new(), k: Vec::new(), v: Vec::new(), a_pad: 0 });
         match params.score {
             Score::ScaledDot | Score::Dot | Score::General { .. } => none(),
             Score::Cosine { temperature } => Ok(Self {
                 q: match q {
-                    AnyRef::F32(q) => inv_norms(q, s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
-                    AnyRef::F16(q) => inv_norms(q, s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
+                    AnyRef::F32(q) => inv_norms(tensor_rows(q, s.head_dim), s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
+                    AnyRef::F16(q) => inv_norms(tensor_rows(q, s.head_dim), s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
                 },
-                k: inv_norms(k, s.batch, s.kv_heads, s.seq_kv, s.head_dim, 1.0)?,
+                k: inv_norms(k_row, s.batch, s.kv_heads, s.seq_kv, s.head_dim, 1.0)?,
                 v: Vec::new(),
                 a_pad: 0,
             }),
@@ -93,11 +97,11 @@ impl ScoreBuffers {
                 let (qp, kp) = match projection {
                     None => (
                         project_any(q, s.batch, s.q_heads, s.seq_q, s.head_dim, None, a_pad)?,
-                        project_rows(k, s.batch, s.kv_heads, s.seq_kv, s.head_dim, None, a_pad)?,
+                        project_rows(k_row, s.batch, s.kv_heads, s.seq_kv, s.head_dim, None, a_pad)?,
                     ),
                     Some(pr) => (
                         project_any(q, s.batch, s.q_heads, s.seq_q, pr.q_dim, Some(&transpose(pr.w_q, a, pr.q_dim)?), a_pad)?,
-                        project_rows(k, s.batch, s.kv_heads, s.seq_kv, s.head_dim, Some(&transpose(pr.w_k, a, s.head_dim)?), a_pad)?,
+                        project_rows(k_row, s.batch, s.kv_heads, s.seq_kv, s.head_dim, Some(&transpose(pr.w_k, a, s.head_dim)?), a_pad)?,
                     ),
                 };
                 Ok(Self { q: qp, k: kp, v: vp, a_pad })
@@ -134,9 +138,10 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, AttnError>
 
 /// Every row `x` (`in_dim` wide) of a `[batch, heads, seq, in_dim]` tensor as `x W` with `w`
 /// of `[in_dim, pitch-or-fewer]` (row-major, `w.len() / in_dim` columns), or `x` itself when
-/// `w` is `None`; contiguous rows of `pitch` f32, zero-padded.
-fn project_rows<T: Element>(
-    t: &TensorRef<'_, T>,
+/// `w` is `None`; contiguous rows of `pitch` f32, zero-padded. `rows(b, h, i)` is the row, or
+/// `None` for one that is never read (its output stays zero).
+fn project_rows<'t, T: Element + 't>(
+    rows: impl Fn(usize, usize, usize) -> Option<&'t [T]>,
     batch: usize,
     heads: usize,
     seq: usize,
@@ -152,10 +157,10 @@ fn project_rows<T: Element>(
     for b in 0..batch {
         for h in 0..heads {
             for i in 0..seq {
-                let o = t.strides.offset(b, h, i);
+                let Some(row) = rows(b, h, i) else { continue };
                 let r = (b * heads + h) * seq + i;
                 let dst = &mut out[r * pitch..r * pitch + cols];
-                for (d, s) in x.iter_mut().zip(&t.data[o..o + in_dim]) {
+                for (d, s) in x.iter_mut().zip(row) {
                     *d = s.to_f32();
                 }
                 match w {
@@ -178,8 +183,8 @@ fn project_rows<T: Element>(
 /// [`project_rows`] of an erased input.
 fn project_any(q: &AnyRef<'_>, batch: usize, heads: usize, seq: usize, in_dim: usize, w: Option<&[f32]>, pitch: usize) -> Result<Vec<f32>, AttnError> {
     match q {
-        AnyRef::F32(t) => project_rows(t, batch, heads, seq, in_dim, w, pitch),
-        AnyRef::F16(t) => project_rows(t, batch, heads, seq, in_dim, w, pitch),
+        AnyRef::F32(t) => project_rows(tensor_rows(t, in_dim), batch, heads, seq, in_dim, w, pitch),
+        AnyRef::F16(t) => project_rows(tensor_rows(t, in_dim), batch, heads, seq, in_dim, w, pitch),
     }
 }
 
@@ -188,17 +193,18 @@ fn row_count(dims: &[usize]) -> Result<usize, AttnError> {
     dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::OutOfMemory { bytes: usize::MAX })
 }
 
-/// `factor / max(|x|, eps)` for every row of a `[batch, heads, seq, d]` tensor, the norm in f64
+/// `factor / max(|x|, eps)` for every row of a `[batch, heads, seq, d]` tensor (`rows` as for
+/// [`project_rows`]), the norm in f64
 /// (so neither tiny nor huge rows underflow or overflow), clamped into f32's finite range.
-fn inv_norms<T: Element>(t: &TensorRef<'_, T>, batch: usize, heads: usize, seq: usize, d: usize, factor: f64) -> Result<Vec<f32>, AttnError> {
+fn inv_norms<'t, T: Element + 't>(rows: impl Fn(usize, usize, usize) -> Option<&'t [T]>, batch: usize, heads: usize, seq: usize, d: usize, factor: f64) -> Result<Vec<f32>, AttnError> {
     let mut out = try_zeroed(row_count(&[batch, heads, seq])?)?;
     for b in 0..batch {
         for h in 0..heads {
             for i in 0..seq {
-                let o = t.strides.offset(b, h, i);
+                let Some(row) = rows(b, h, i) else { continue };
                 // Eight partial sums: independent chains the compiler can vectorise.
                 let mut acc = [0.0f64; 8];
-                for (c, x) in t.data[o..o + d].iter().enumerate() {
+                for (c, x) in row[..d].iter().enumerate() {
                     let x = x.to_f64();
                     acc[c % 8] += x * x;
                 }
@@ -209,4 +215,13 @@ fn inv_norms<T: Element>(t: &TensorRef<'_, T>, batch: usize, heads: usize, seq: 
         }
     }
     Ok(out)
+}
+
+/// The rows of a strided tensor, `width` elements each, as [`project_rows`] reads them.
+fn tensor_rows<'t, T>(t: &TensorRef<'t, T>, width: usize) -> impl Fn(usize, usize, usize) -> Option<&'t [T]> {
+    let (data, strides) = (t.data, t.strides);
+    move |b, h, i| {
+        let o = strides.offset(b, h, i);
+        Some(&data[o..o + width])
+    }
 }

@@ -128,8 +128,9 @@ pub fn prefetch(isa: Isa, addrs: &[*const u8]) -> Option<()> {
 }
 
 /// The crate's thread pool: runs `f(0)` on the caller and the other shares on helpers (see
-/// `pool::run`).
+/// `pool::run`); `Err(())` when the helpers are busy with another call.
 #[cfg(feature = "rayon")]
+#[allow(clippy::result_unit_err)]
 pub fn pool_run<R>(threads: usize, f: &(dyn Fn(usize) -> R + Sync)) -> Result<R, ()> {
     crate::pool::run(threads, f)
 }

@@ -82,14 +82,9 @@ fn check_len(arg: &'static str, expected: usize, got: usize) -> Result<(), AttnE
 }
 
 /// Shape, input tensors and options. Returns the scale to use.
-/// Each tensor is given as its slice length and strides.
-pub(crate) fn validate_inputs(
-    shape: &AttentionShape,
-    q: (usize, Strides),
-    k: (usize, Strides),
-    v: (usize, Strides),
-    params: &AttentionParams<'_>,
-) -> Result<f32, AttnError> {
+/// Q is given as its slice length and strides; K and V are checked by their layout's own
+/// function ([`validate_kv_tensors`], `kv::validate_paged`) after this.
+pub(crate) fn validate_inputs(shape: &AttentionShape, q: (usize, Strides), params: &AttentionParams<'_>) -> Result<f32, AttnError> {
     let s = shape;
     for (dim, n) in [
         ("head_dim", s.head_dim),
@@ -107,8 +102,6 @@ pub(crate) fn validate_inputs(
     validate_score(s, params)?;
     let q_dim = params.score.q_dim(s.head_dim);
     check_fits(TensorName::Q, q.0, &dims4(s.q_heads, s.seq_q, s.batch, &q.1), q_dim)?;
-    check_fits(TensorName::K, k.0, &dims4(s.kv_heads, s.seq_kv, s.batch, &k.1), s.head_dim)?;
-    check_fits(TensorName::V, v.0, &dims4(s.kv_heads, s.seq_kv, s.batch, &v.1), s.v_head_dim)?;
 
     let scale = params.effective_scale(s.head_dim);
     if !scale.is_finite() {
@@ -148,6 +141,13 @@ pub(crate) fn validate_inputs(
         }
     }
     Ok(scale)
+}
+
+/// K and V as strided tensors (slice length and strides each) hold every row the shape reaches.
+pub(crate) fn validate_kv_tensors(shape: &AttentionShape, k: (usize, Strides), v: (usize, Strides)) -> Result<(), AttnError> {
+    let s = shape;
+    check_fits(TensorName::K, k.0, &dims4(s.kv_heads, s.seq_kv, s.batch, &k.1), s.head_dim)?;
+    check_fits(TensorName::V, v.0, &dims4(s.kv_heads, s.seq_kv, s.batch, &v.1), s.v_head_dim)
 }
 
 /// The score function's own arguments: lengths against the shape, finite weights, and no

@@ -567,7 +567,7 @@ fn run_case(c: &mut Case, isa: i32, rng: &mut Rng, stats: &mut Stats) {
 fn rust_attention_in(c: &Case, isa: i32, forward: &[Vec<u8>]) {
     let d = &c.d;
     let f = |t: &SimdAttnTensor| -> Option<(&[f32], Strides)> {
-        if t.len > 0 && t.data.is_null() || (t.data as usize) % 4 != 0 || t.stride_batch < 0 || t.stride_head < 0 || t.stride_seq < 0 {
+        if t.len > 0 && t.data.is_null() || !(t.data as usize).is_multiple_of(4) || t.stride_batch < 0 || t.stride_head < 0 || t.stride_seq < 0 {
             return None;
         }
         let data: &[f32] = if t.len == 0 { &[] } else { unsafe { core::slice::from_raw_parts(t.data.cast(), t.len) } };

@@ -10,7 +10,7 @@
 
 use super::flash::online_softmax;
 use super::{strided_row_terms, v_rows, KRows};
-use super::microkernel::{all_finite, as_f32s, pv_rows, pv_skip_zero, qk_tile};
+use super::microkernel::{all_finite, as_f32s, pv_rows, pv_skip_zero, qk_tile, RowsAt};
 use super::softmax::RowState;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -181,7 +181,7 @@ fn decode_rows<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const 
 
     let (k0, k1) = unit_keys(p, w);
     let terms = any_terms(p);
-    let (seq, hk) = (p.shape.seq_kv, w.kv_head);
+    let hk = w.kv_head;
     let dv = p.shape.v_head_dim;
 
     let mut j0 = k0;
@@ -204,8 +204,8 @@ fn decode_rows<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const 
                     // hide memory behind. (A loop, not a closure: closures are compiled without
                     // the ISA's features and are not always inlined.)
                     for c in j0 + CHUNK + g * MR..(j0 + CHUNK + (g + 1) * MR).min(k1) {
-                        super::prefetch_row(simd, &p.k, seq, b, hk, c, d);
-                        super::prefetch_row(simd, &p.v, seq, b, hk, c, dv);
+                        super::prefetch_row(simd, &p.k, kv_len, b, hk, c, d);
+                        super::prefetch_row(simd, &p.v, kv_len, b, hk, c, dv);
                     }
                 }
                 let (k, ld) = k.group(g);
@@ -229,7 +229,7 @@ fn decode_rows<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const 
             // O += P V for the sub-tiles of MR rows that hold real rows.
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
             if skip_zero {
-                let v = (as_f32s::<S>(vrows), 0, ld_v * lanes);
+                let v = (as_f32s::<S>(vrows), RowsAt::Strided { at: 0, ld: ld_v * lanes });
                 pv_skip_zero::<S, f32>(simd, n, real, sc.s, rt, v, acc, (dvv, dvv), sc.alpha, rescale);
             } else {
                 pv_rows::<S, MR, NRV>(simd, n, real, sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);

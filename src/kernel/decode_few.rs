@@ -11,7 +11,7 @@
 //! with the rows a fixed distance ahead hinted into L2.
 
 use super::decode::{pack_q_row, unit_keys, Scratch, CHUNK};
-use super::microkernel::{pv_direct, pv_skip_zero, qk_dot_group};
+use super::microkernel::{pv_direct, pv_skip_zero, qk_dot_group, RowsAt};
 use super::strided_row_terms;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -71,58 +71,62 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
 
     let (k0, k1) = unit_keys(p, w);
     let terms = any_terms(p);
-    let (kd, ko, kld) = (p.k.data, p.k.strides.offset(b, hk, 0), p.k.strides.seq);
-    let (vd, vo, vld) = (p.v.data, p.v.strides.offset(b, hk, 0), p.v.strides.seq);
+    let (kd, vd) = (p.k.data, p.v.data);
     let k_bytes = d * size_of::<TKV>();
     let q = S::as_simd_f32s(&sc.qt[..R * d]).0;
-    let ahead = HintRows::new(p, (ko, vo, k1), next);
-    let k_span = kld.max(d) * size_of::<TKV>();
-    let v_span = vld.max(p.shape.v_head_dim) * size_of::<TKV>();
-    // Rows per page, less one, as a mask: a power of two no larger than a page's worth of the
-    // wider-spaced tensor's rows, so sampling rows at multiples of it misses no page.
+    let ahead = HintRows::new(p, w, k1, next);
+    // Rows per 4 KiB page, less one, as a mask: a power of two no larger than a page's worth of
+    // the wider-spaced tensor's rows (a paged cache's slots within a page), so sampling rows at
+    // multiples of it misses no page.
+    let (k_span, v_span) = (p.k.run(k0).1.max(d) * size_of::<TKV>(), p.v.run(k0).1.max(p.shape.v_head_dim) * size_of::<TKV>());
     let page_rows = (4096 / k_span.max(v_span)).max(1);
     let page_rows = (1usize << page_rows.ilog2()) - 1;
     let mut alpha = [0.0f32; 16];
+    // Per chunk: where each key's K and V rows start, and the rows a chunk ahead to hint (null
+    // past the unit and the next one). A table rather than a stride, so the same loops read a
+    // contiguous cache and one whose pages end inside a chunk; filling it costs a few scalar
+    // operations per key against the key's `2 * D` loaded elements.
+    let (mut k_at, mut v_at) = ([0usize; CHUNK], [0usize; CHUNK]);
+    let (mut k_ahead, mut v_ahead) = ([core::ptr::null::<TKV>(); CHUNK], [core::ptr::null::<TKV>(); CHUNK]);
 
     let mut j0 = k0;
     while j0 < k1 {
         let n = CHUNK.min(k1 - j0);
         let n_pad = n.div_ceil(group) * group;
         let s = &mut sc.s[..n_pad * R];
+        p.k.row_offsets(b, hk, j0, &mut k_at[..n]);
+        p.v.row_offsets(b, hk, j0, &mut v_at[..n]);
+        ahead.fill(j0 + PREFETCH_AHEAD, &mut k_ahead[..n], &mut v_ahead[..n]);
 
         // S = Q K^T, keys by rows; a partial last group repeats its last key.
         let sv = S::as_mut_simd_f32s(s).0;
-        // Each K row of the chunk hints the row a chunk on (V rows likewise, inside P.V), which
-        // may be the next unit's.
-        let (k_hint, v_hint) = ahead.offsets(kd, vd, j0);
-        let k_here = kd.as_ptr().wrapping_add(ko).wrapping_add(j0.wrapping_mul(kld));
         for (g, out) in sv.iter_mut().enumerate() {
             let c0 = g * group;
-            // K rows a chunk ahead hinted into L2, and a row of every page two chunks ahead
-            // hinted too (every `page_rows + 1`-th row and the last): the hardware prefetcher
-            // stops at every 4 KiB page, and that hint's page walk brings the page into the TLB
-            // before the hints of its rows arrive (on the Xeon this was measured on, 1-4% faster
-            // than walking it with a demand read, which stalls retirement behind a miss to
-            // memory). The hint addresses are computed once per chunk plus a stride per row (the
-            // scalar work competes with the vector ports): 10-13% less time per key with K/V in
-            // L2, 2-3% with K/V in memory. Only addresses are computed: a hint is never
+            // K rows a chunk ahead hinted into L2 (each K row of the chunk hints the row a chunk
+            // on, which may be the next unit's; V rows likewise, inside P.V), and a row of every
+            // page two chunks ahead hinted too (every `page_rows + 1`-th row and the last): the
+            // hardware prefetcher stops at every 4 KiB page, and that hint's page walk brings the
+            // page into the TLB before the hints of its rows arrive (on the Xeon this was
+            // measured on, 1-4% faster than walking it with a demand read, which stalls
+            // retirement behind a miss to memory). Only addresses are computed: a hint is never
             // dereferenced, so it needs no bounds.
-            for c in c0..c0 + group {
-                let kp = k_here.wrapping_add(c.wrapping_mul(kld)).wrapping_offset(k_hint).cast::<u8>();
-                for line in (0..k_bytes).step_by(64) {
-                    simd.prefetch_l2(kp.wrapping_add(line));
+            for (c, kp) in k_ahead[..n].iter().enumerate().skip(c0).take(group) {
+                let kp = kp.cast::<u8>();
+                if !kp.is_null() {
+                    for line in (0..k_bytes).step_by(64) {
+                        simd.prefetch_l2(kp.wrapping_add(line));
+                    }
                 }
                 if c & page_rows == 0 || c == CHUNK - 1 {
-                    if let Some((kq, vq)) = ahead.rows(kd, vd, j0 + c + 2 * PREFETCH_AHEAD) {
-                        simd.prefetch_l2(kq);
-                        simd.prefetch_l2(vq);
+                    if let Some((kq, vq)) = ahead.rows(j0 + c + 2 * PREFETCH_AHEAD) {
+                        simd.prefetch_l2(kq.cast::<u8>());
+                        simd.prefetch_l2(vq.cast::<u8>());
                     }
                 }
             }
             let mut k_rows: [&[TKV]; 16] = [&[]; 16];
             for (c, row) in k_rows[..group].iter_mut().enumerate() {
-                let j = j0 + (c0 + c).min(n - 1);
-                *row = &kd[ko + j * kld..][..d];
+                *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d];
             }
             *out = qk_dot_group::<S, TKV, R>(simd, dl, q, &k_rows);
         }
@@ -144,9 +148,10 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
 
         // O = O * alpha + P V, V rows read in place.
         let acc = S::as_mut_simd_f32s(&mut sc.acc[..R * dv_pad]).0;
-        let v_rows = (vd, vo + j0 * vld, vld);
+        let v_rows = (vd, &v_at[..n]);
+        let v_hint = Some(&v_ahead[..n]);
         if skip_zero {
-            pv_skip_zero::<S, TKV>(simd, n, rows, s, R, v_rows, acc, (dvv, dvv), &alpha, rescale);
+            pv_skip_zero::<S, TKV>(simd, n, rows, s, R, (vd, RowsAt::Table(&v_at[..n])), acc, (dvv, dvv), &alpha, rescale);
             j0 += n;
             continue;
         }
@@ -185,62 +190,64 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
 
 /// Where the K/V rows hinted ahead of a unit lie: key `j` of the unit while `j < k1`, and past
 /// that the first keys of the unit the worker runs next (its `k0 + (j - k1)`), so that unit does
-/// not start on rows nothing has asked for. Only addresses are computed, never dereferenced.
-#[derive(Clone, Copy)]
-struct HintRows {
-    /// This unit's K and V offsets of key 0, and its end key.
+/// not start on rows nothing has asked for. Only addresses are computed, never dereferenced, and
+/// only of keys some row of either unit sees (so a paged cache has their pages).
+struct HintRows<'p, 'a, TKV> {
+    p: &'p Problem<'a, TKV>,
+    /// This unit's batch entry, KV head and end key.
     here: (usize, usize, usize),
-    /// The next unit's K and V offsets of key 0, and its keys.
+    /// The next unit's batch entry, KV head and keys.
     next: Option<(usize, usize, usize, usize)>,
-    k_ld: usize,
-    v_ld: usize,
 }
 
-impl HintRows {
+impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
     #[inline(always)]
-    fn new<TKV>(p: &Problem<'_, TKV>, here: (usize, usize, usize), next: Option<&WorkUnit>) -> Self {
-        let (k, v) = (&p.k.strides, &p.v.strides);
+    fn new(p: &'p Problem<'a, TKV>, w: &WorkUnit, k1: usize, next: Option<&WorkUnit>) -> Self {
         let next = next.map(|n| {
             let (nk0, nk1) = unit_keys(p, n);
-            (k.offset(n.batch, n.kv_head, 0), v.offset(n.batch, n.kv_head, 0), nk0, nk1)
+            (n.batch, n.kv_head, nk0, nk1)
         });
-        Self { here, next, k_ld: k.seq, v_ld: v.seq }
+        Self { p, here: (w.batch, w.kv_head, k1), next }
     }
 
-    /// The K and V row addresses that hint `j` refers to, or `None` past both units.
+    /// `k[c]` and `v[c]` = the rows hint `j + c` refers to ([`Self::rows`]), null past both
+    /// units; a page-table lookup per page, not per row.
     #[inline(always)]
-    fn rows<T>(&self, k: &[T], v: &[T], j: usize) -> Option<(*const u8, *const u8)> {
-        let (ko, vo, k1) = self.here;
-        let (ko, vo, j) = if j < k1 {
-            (ko, vo, j)
+    fn fill(&self, j: usize, k: &mut [*const TKV], v: &mut [*const TKV]) {
+        let (b, hk, k1) = self.here;
+        let mut at = [0usize; CHUNK];
+        let n = k.len();
+        let here = k1.saturating_sub(j).min(n);
+        let (nb, nhk, nk0, there) = match self.next {
+            Some((nb, nhk, nk0, nk1)) => (nb, nhk, nk0 + j.saturating_sub(k1), (nk1.saturating_sub(nk0 + j.saturating_sub(k1))).min(n - here)),
+            None => (0, 0, 0, 0),
+        };
+        for (src, (out, data)) in [(&self.p.k, (&mut *k, self.p.k.data)), (&self.p.v, (&mut *v, self.p.v.data))] {
+            src.row_offsets(b, hk, j, &mut at[..here]);
+            src.row_offsets(nb, nhk, nk0, &mut at[here..here + there]);
+            for (o, &a) in out.iter_mut().zip(&at[..here + there]) {
+                *o = data.as_ptr().wrapping_add(a);
+            }
+            out[here + there..].fill(core::ptr::null());
+        }
+    }
+
+    /// The K and V rows that hint `j` refers to, or `None` past both units.
+    #[inline(always)]
+    fn rows(&self, j: usize) -> Option<(*const TKV, *const TKV)> {
+        let (b, hk, k1) = self.here;
+        let (b, hk, j) = if j < k1 {
+            (b, hk, j)
         } else {
-            let (nko, nvo, nk0, nk1) = self.next?;
+            let (nb, nhk, nk0, nk1) = self.next?;
             let jn = nk0 + (j - k1);
             if jn >= nk1 {
                 return None;
             }
-            (nko, nvo, jn)
+            (nb, nhk, jn)
         };
-        let kp = k.as_ptr().wrapping_add(ko).wrapping_add(j.wrapping_mul(self.k_ld)).cast::<u8>();
-        let vp = v.as_ptr().wrapping_add(vo).wrapping_add(j.wrapping_mul(self.v_ld)).cast::<u8>();
-        Some((kp, vp))
-    }
-
-    /// For the K and V rows of the chunk starting at key `j0`, the offsets (in elements) from
-    /// each row to the row it hints: where [`Self::rows`] puts key `j0 + PREFETCH_AHEAD`, less
-    /// where key `j0` is (a chunk whose targets straddle this unit's end hints past it,
-    /// harmlessly); [`PREFETCH_AHEAD`] rows on when nothing follows.
-    #[inline(always)]
-    fn offsets<T>(&self, k: &[T], v: &[T], j0: usize) -> (isize, isize) {
-        let size = size_of::<T>().max(1) as isize;
-        let apart = |to: *const u8, from: *const u8| (to as isize).wrapping_sub(from as isize) / size;
-        match (self.rows(k, v, j0 + PREFETCH_AHEAD), self.rows(k, v, j0)) {
-            (Some((kt, vt)), Some((kf, vf))) => (apart(kt, kf), apart(vt, vf)),
-            _ => {
-                let ahead = PREFETCH_AHEAD as isize;
-                (ahead.wrapping_mul(self.k_ld as isize), ahead.wrapping_mul(self.v_ld as isize))
-            }
-        }
+        let (k, v) = (&self.p.k, &self.p.v);
+        Some((k.data.as_ptr().wrapping_add(k.offset(b, hk, j)), v.data.as_ptr().wrapping_add(v.offset(b, hk, j))))
     }
 }
 

@@ -10,7 +10,7 @@
 //! horizontal reductions), and `pv_tile` accumulates P.V in sub-tiles of `MR` rows, folding the
 //! rescale (only when some row's max grew) into its accumulator load.
 
-use super::microkernel::{additive_row, all_finite, as_f32s, pv_rows, pv_skip_zero, qk_tile};
+use super::microkernel::{additive_row, all_finite, as_f32s, pv_rows, pv_skip_zero, qk_tile, RowsAt};
 use super::softmax::RowState;
 use super::terms::any_terms;
 use super::{strided_row_terms, v_rows, KRows};
@@ -153,7 +153,7 @@ fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const MR: usize, c
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
             // Sub-tiles holding only padding rows (past the block's last row) are skipped.
             if skip_zero {
-                let v = (as_f32s::<S>(vrows), 0, ld_v * lanes);
+                let v = (as_f32s::<S>(vrows), RowsAt::Strided { at: 0, ld: ld_v * lanes });
                 pv_skip_zero::<S, f32>(simd, n, rt.min(rows - r0), sc.s, rt, v, acc, (dvv, dvv), sc.alpha, rescale);
             } else {
                 pv_rows::<S, MR, NRV>(simd, n, rt.min(rows - r0), sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);

@@ -173,7 +173,8 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
 }
 
 /// `o[r][x0..x0 + NV]` = `o[r][x0..] * alpha[r]` (when `rescale`) + sum over keys c < n of
-/// `p[c * ld_p + r] * V_c[x0 * lanes..]` for R rows, where V row c starts at `v[v_at + c * ld_v]`.
+/// `p[c * ld_p + r] * V_c[x0 * lanes..]` for R rows, where V row c starts at `v[v_at[c]]`; with
+/// `hints`, the same segment of the row at `hints[c]` (unless null) is hinted into L2.
 /// The rows are read in place and widened in registers (f16), so decode reads V once and never
 /// copies it; each key's slice is taken once, at its exact width, so the loads need no checks.
 #[inline(always)]
@@ -183,13 +184,13 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
     n: usize,
     p: &[f32],
     ld_p: usize,
-    (v, v_at, ld_v): (&[T], usize, usize),
+    (v, v_at): (&[T], &[usize]),
     x0: usize,
     o: &mut [S::f32s],
     ld_o: usize,
     alpha: &[f32],
     rescale: bool,
-    hint_ahead: isize,
+    hints: Option<&[*const T]>,
 ) {
     let lanes = S::F32_LANES;
     let mut acc = [[simd.splat_f32s(0.0); NV]; R];
@@ -203,12 +204,14 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
     if n > 0 {
         let p = &p[..(n - 1) * ld_p + R];
         for c in 0..n {
-            let row = &v[v_at + c * ld_v + x0 * lanes..][..NV * lanes];
-            if hint_ahead != 0 {
-                // A hint, never dereferenced: the address may lie past the slice.
-                let ahead = row.as_ptr().wrapping_offset(hint_ahead).cast::<u8>();
-                for line in (0..core::mem::size_of_val(row)).step_by(64) {
-                    simd.prefetch_l2(ahead.wrapping_add(line));
+            let row = &v[v_at[c] + x0 * lanes..][..NV * lanes];
+            if let Some(hints) = hints {
+                // A hint, never dereferenced (null: nothing to hint).
+                let ahead = hints[c].wrapping_add(x0 * lanes).cast::<u8>();
+                if !hints[c].is_null() {
+                    for line in (0..core::mem::size_of_val(row)).step_by(64) {
+                        simd.prefetch_l2(ahead.wrapping_add(line));
+                    }
                 }
             }
             let mut pb = [simd.splat_f32s(0.0); R];
@@ -252,12 +255,29 @@ pub(crate) fn qk_dot_group<S: SimdExt, T: crate::element::Element, const R: usiz
     simd.transpose_sum_f32s(&acc[..lanes])
 }
 
+/// Where the V rows of a block start, in elements: `ld` apart from `at`, or at each key's own
+/// offset (the few-row decode kernel's per-chunk table, which covers paged caches).
+#[derive(Clone, Copy)]
+pub(crate) enum RowsAt<'t> {
+    Strided { at: usize, ld: usize },
+    Table(&'t [usize]),
+}
+
+impl RowsAt<'_> {
+    #[inline(always)]
+    pub fn at(&self, c: usize) -> usize {
+        match self {
+            RowsAt::Strided { at, ld } => at + c * ld,
+            RowsAt::Table(t) => t[c],
+        }
+    }
+}
+
 /// O += P V one row at a time, skipping every key whose weight is exactly 0: the kernels' redo
 /// path for a block whose output came out non-finite. A masked key has weight 0, and 0 times a
 /// NaN or Inf in its V row is NaN, so the register tiles (which multiply every weight) let
 /// garbage in an invisible cache slot reach rows that cannot see it. Weights `p[c * ld_p + r]`
-/// for keys `c < n`, rows `r < rows`; V rows of any storage start `ld_v` elements apart at
-/// `v_at`; `o` has `ld_o` vectors per row, `dvv` of them used; `rescale` first multiplies row `r`
+/// for keys `c < n`, rows `r < rows`; V rows of any storage start where `v_rows` says; `o` has `ld_o` vectors per row, `dvv` of them used; `rescale` first multiplies row `r`
 /// by `alpha[r]`, as the fast tiles do.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -267,7 +287,7 @@ pub(crate) fn pv_skip_zero<S: SimdExt, T: crate::element::Element>(
     rows: usize,
     p: &[f32],
     ld_p: usize,
-    (v, v_at, ld_v): (&[T], usize, usize),
+    (v, v_rows): (&[T], RowsAt<'_>),
     o: &mut [S::f32s],
     (ld_o, dvv): (usize, usize),
     alpha: &[f32],
@@ -285,7 +305,7 @@ pub(crate) fn pv_skip_zero<S: SimdExt, T: crate::element::Element>(
                 continue;
             }
             let wb = simd.splat_f32s(w);
-            let row = &v[v_at + c * ld_v..];
+            let row = &v[v_rows.at(c)..];
             for (x, a) in acc.iter_mut().enumerate() {
                 *a = simd.mul_add_e_f32s(wb, super::load_lanes(simd, row, x), *a);
             }

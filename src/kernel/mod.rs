@@ -48,7 +48,7 @@ pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(s
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_rows<S: crate::simd::SimdExt, T: crate::element::Element>(
     simd: S,
-    t: &crate::layout::TensorRef<'_, T>,
+    t: &crate::kv::KvSource<'_, T>,
     b: usize,
     hk: usize,
     j0: usize,
@@ -58,16 +58,18 @@ pub(crate) fn pack_rows<S: crate::simd::SimdExt, T: crate::element::Element>(
     pitch: usize,
     dst: &mut [f32],
 ) {
-    for c in 0..n_pad {
-        let row = &mut dst[c * pitch..(c + 1) * pitch];
-        if c < n {
-            let o = t.strides.offset(b, hk, j0 + c);
+    // Row offsets a chunk at a time: one page-table lookup per page, not a division per row.
+    let mut at = [0usize; 64];
+    for c0 in (0..n).step_by(at.len()) {
+        let m = at.len().min(n - c0);
+        t.row_offsets(b, hk, j0 + c0, &mut at[..m]);
+        for (c, &o) in (c0..c0 + m).zip(&at[..m]) {
+            let row = &mut dst[c * pitch..(c + 1) * pitch];
             convert_row(simd, &t.data[o..o + width], row);
             row[width..].fill(0.0);
-        } else {
-            row.fill(0.0);
         }
     }
+    dst[n * pitch..n_pad * pitch].fill(0.0);
 }
 
 /// The K rows of one key block as `qk_tile` reads them, in groups of `mr` keys: f32 K is read in
@@ -101,13 +103,16 @@ impl<'a> KRows<'a> {
         scratch: &'a mut [f32],
     ) -> Self {
         let n_pad = n.div_ceil(mr) * mr;
-        let in_place = TKV::as_f32_slice(p.k.data);
+        // In place when the block's rows lie one stride apart (always, unless a page ends
+        // inside the block).
+        let (run, ld) = p.k.run(j0);
+        let in_place = TKV::as_f32_slice(p.k.data).filter(|_| run >= n);
         let full = if in_place.is_some() { n - n % mr } else { 0 };
         pack_rows(simd, &p.k, b, hk, j0 + full, n - full, n_pad - full, d, d, scratch);
         Self {
             src: in_place.unwrap_or(&[]),
-            base: p.k.strides.offset(b, hk, j0),
-            ld: p.k.strides.seq,
+            base: if in_place.is_some() { p.k.offset(b, hk, j0) } else { 0 },
+            ld,
             full_groups: full / mr,
             packed: scratch,
             d,
@@ -142,10 +147,11 @@ pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TKV: crate::element::Element>(
     scratch: &'a mut [f32],
 ) -> (&'a [S::f32s], usize) {
     let (dv, lanes) = (p.shape.v_head_dim, S::F32_LANES);
-    match TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && p.v.strides.seq.is_multiple_of(lanes)) {
+    let (run, ld) = p.v.run(j0);
+    match TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && ld.is_multiple_of(lanes) && run >= n) {
         Some(v) => {
-            let o = p.v.strides.offset(b, hk, j0);
-            (S::as_simd_f32s(&v[o..o + (n - 1) * p.v.strides.seq + dv]).0, p.v.strides.seq / lanes)
+            let o = p.v.offset(b, hk, j0);
+            (S::as_simd_f32s(&v[o..o + (n - 1) * ld + dv]).0, ld / lanes)
         }
         None => {
             pack_rows(simd, &p.v, b, hk, j0, n, n, dv, dv_pad, scratch);
@@ -202,14 +208,13 @@ pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(si
 }
 
 /// Hints every cache line of row `j` of K or V (KV head `hk`, batch `b`, `width` elements) into
-/// L2. Rows past the tensor's sequence are skipped.
+/// L2. Rows from `len` on (past the sequence's keys) are skipped.
 #[inline(always)]
-pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T>(simd: S, t: &crate::layout::TensorRef<'_, T>, seq: usize, b: usize, hk: usize, j: usize, width: usize) {
-    if j < seq {
-        let row = &t.data[t.strides.offset(b, hk, j)..][..width];
-        let bytes = core::mem::size_of_val(row);
-        let base = row.as_ptr().cast::<u8>();
-        for line in (0..bytes).step_by(64) {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T>(simd: S, t: &crate::kv::KvSource<'_, T>, len: usize, b: usize, hk: usize, j: usize, width: usize) {
+    if let Some(row) = t.hint(b, hk, j, len) {
+        let base = row.cast::<u8>();
+        for line in (0..width * size_of::<T>()).step_by(64) {
             simd.prefetch_l2(base.wrapping_add(line));
         }
     }

@@ -113,15 +113,13 @@ fn block<TKV: Element, const ADDITIVE: bool>(
         // (the additive score reads its prepared k' rows instead).
         for c0 in (0..n).step_by(16).filter(|_| dot) {
             for c in c0..(c0 + 16).min(n) {
-                let ko = p.k.strides.offset(b, hk, j0 + c);
-                for (t, x) in p.k.data[ko..ko + d].iter().enumerate() {
+                for (t, x) in p.k.row(b, hk, j0 + c, d).iter().enumerate() {
                     sc.kt[t * pitch + c] = x.to_f32();
                 }
             }
         }
         for c in 0..n {
-            let vo = p.v.strides.offset(b, hk, j0 + c);
-            for (dst, x) in sc.vt[c * dv..(c + 1) * dv].iter_mut().zip(&p.v.data[vo..vo + dv]) {
+            for (dst, x) in sc.vt[c * dv..(c + 1) * dv].iter_mut().zip(p.v.row(b, hk, j0 + c, dv)) {
                 *dst = x.to_f32();
             }
         }

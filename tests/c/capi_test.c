@@ -292,7 +292,7 @@ static void test_header_agrees_with_library(void) {
         CODE(SIMD_ATTN_ERR_SHARES_NOT_FINISHED), CODE(SIMD_ATTN_ERR_WORKSPACE_TOO_SMALL),
         CODE(SIMD_ATTN_ERR_OUT_OF_MEMORY), CODE(SIMD_ATTN_ERR_ISA_UNAVAILABLE), CODE(SIMD_ATTN_ERR_UNKNOWN_ISA),
         CODE(SIMD_ATTN_ERR_INTERNAL),     CODE(SIMD_ATTN_ERR_INVALID_SCORE), CODE(SIMD_ATTN_ERR_UNKNOWN_SCORE),
-        CODE(SIMD_ATTN_ERR_UNSUPPORTED),  CODE(SIMD_ATTN_ERR_RESERVED),
+        CODE(SIMD_ATTN_ERR_UNSUPPORTED),  CODE(SIMD_ATTN_ERR_RESERVED), CODE(SIMD_ATTN_ERR_INVALID_PAGE),
     };
     size_t n_codes = sizeof codes / sizeof codes[0];
     for (size_t i = 0; i < n_codes; i++) {
@@ -826,6 +826,115 @@ static void test_empty_calls(const int32_t *isas, size_t n_isas) {
     free(kv);
 }
 
+/* ---- paged K/V ---- */
+/* The same problem with its K/V rows scattered into a pool of token-major pages ([pages,
+ * page_size, Hkv, D], in reverse order, one spare page of NaN, NaN past each sequence's keys,
+ * -1 past each sequence's last page): the same bits as the tensors, from forward and from a
+ * host plan; the reference of the paged descriptor agrees; a bad page index is an error that
+ * leaves the output alone; a descriptor from the header before the paged fields still works. */
+static void check_paged(const char *name, problem *p, size_t ps, const int32_t *isas, size_t n_isas) {
+    size_t b = p->d.batch, hkv = p->d.kv_heads, skv = p->d.seq_kv, d = p->d.head_dim, dv = p->d.v_head_dim;
+    int dkv = p->d.k.dtype;
+    size_t es = esize(dkv), pps = (skv + ps - 1) / ps, pages = b * pps + 1;
+    size_t kpage = ps * hkv * d, vpage = ps * hkv * dv;
+    unsigned char *kp = (unsigned char *)malloc(pages * kpage * es), *vp = (unsigned char *)malloc(pages * vpage * es);
+    for (size_t i = 0; i < pages * kpage * es; i++) kp[i] = 0xff; /* NaN in f32 and f16 */
+    for (size_t i = 0; i < pages * vpage * es; i++) vp[i] = 0xff;
+    int32_t *table = (int32_t *)malloc(b * pps * sizeof *table);
+    for (size_t bi = 0; bi < b; bi++) {
+        size_t len = p->kv_lens ? (size_t)p->kv_lens[bi] : skv;
+        for (size_t pg = 0; pg < pps; pg++) table[bi * pps + pg] = pg * ps < len ? (int32_t)(pages - 2 - (bi * pps + pg)) : -1;
+        for (size_t j = 0; j < len; j++) {
+            size_t page = (size_t)table[bi * pps + j / ps];
+            for (size_t h = 0; h < hkv; h++) {
+                memcpy(kp + ((page * ps + j % ps) * hkv + h) * d * es, (unsigned char *)p->k + (((bi * hkv + h) * skv + j) * d) * es, d * es);
+                memcpy(vp + ((page * ps + j % ps) * hkv + h) * dv * es, (unsigned char *)p->v + (((bi * hkv + h) * skv + j) * dv) * es, dv * es);
+            }
+        }
+    }
+    simd_attn_desc paged = p->d;
+    paged.k.data = kp;
+    paged.k.len = pages * kpage;
+    paged.k.stride_batch = (int64_t)kpage, paged.k.stride_head = (int64_t)d, paged.k.stride_seq = (int64_t)(hkv * d);
+    paged.v.data = vp;
+    paged.v.len = pages * vpage;
+    paged.v.stride_batch = (int64_t)vpage, paged.v.stride_head = (int64_t)dv, paged.v.stride_seq = (int64_t)(hkv * dv);
+    paged.block_table = table, paged.block_table_len = b * pps;
+    paged.pages_per_seq = pps, paged.page_size = ps, paged.num_pages = pages;
+    for (size_t i = 0; i < n_isas; i++) {
+        void *want_out, *got_out;
+        float *want_lse, *got_lse;
+        simd_attn_desc w = redirect(p, &want_out, &want_lse);
+        simd_attn_desc g = redirect(p, &got_out, &got_lse);
+        g.k = paged.k, g.v = paged.v, g.block_table = table, g.block_table_len = b * pps;
+        g.pages_per_seq = pps, g.page_size = ps, g.num_pages = pages;
+        EXPECT_STATUS(simd_attn_forward(&w, 2, isas[i], NULL), SIMD_ATTN_OK);
+        EXPECT_STATUS(simd_attn_forward(&g, 2, isas[i], NULL), SIMD_ATTN_OK);
+        CHECK(memcmp(want_out, got_out, out_len(p) * esize(p->d.out.dtype)) == 0, "%s (isa %d): paged output differs", name, isas[i]);
+        CHECK(memcmp(want_lse, got_lse, rows(p) * 4) == 0, "%s (isa %d): paged lse differs", name, isas[i]);
+        /* A host plan on the pages. */
+        memset(got_out, 0, out_len(p) * 4);
+        simd_attn_plan *plan = NULL;
+        EXPECT_STATUS(simd_attn_plan_create(&g, 3, isas[i], &plan), SIMD_ATTN_OK);
+        if (plan) {
+            worker ws[8];
+            memset(ws, 0, sizeof ws);
+            run_threads(plan, 3, 0, ws);
+            run_threads(plan, 3, 1, ws);
+            simd_attn_plan_destroy(plan);
+            CHECK(memcmp(want_out, got_out, out_len(p) * esize(p->d.out.dtype)) == 0, "%s (isa %d): paged host plan differs", name, isas[i]);
+        }
+        /* The reference of the paged descriptor. */
+        EXPECT_STATUS(simd_attn_reference(&g), SIMD_ATTN_OK);
+        double worst = 0;
+        for (size_t e = 0; e < out_len(p); e++) {
+            double err = fabs((double)get(want_out, p->d.out.dtype, e) - get(got_out, p->d.out.dtype, e));
+            if (!(err <= worst)) worst = err;
+        }
+        CHECK(worst <= 2e-5 * (double)(d + 8), "%s (isa %d): paged reference differs by %g", name, isas[i], worst);
+        free(want_out), free(want_lse), free(got_out), free(got_lse);
+    }
+    /* A page index out of the pool, where a key lies: rejected, output untouched. */
+    void *o;
+    float *l;
+    simd_attn_desc bad = redirect(p, &o, &l);
+    bad.k = paged.k, bad.v = paged.v, bad.block_table = table, bad.block_table_len = b * pps;
+    bad.pages_per_seq = pps, bad.page_size = ps, bad.num_pages = pages;
+    int32_t saved = table[0];
+    table[0] = (int32_t)pages;
+    memset(o, 0x5a, out_len(p) * 4);
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_PAGE);
+    int untouched = 1;
+    for (size_t e = 0; e < out_len(p) * 4; e++) untouched &= ((unsigned char *)o)[e] == 0x5a;
+    CHECK(untouched, "%s: output written on a bad page index", name);
+    table[0] = saved;
+    bad.num_pages = 0;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_PAGE);
+    bad.num_pages = pages;
+    bad.page_size = 0;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_ZERO_DIM);
+    /* The header before the paged fields: the struct ends at coverage_len, K/V are tensors. */
+    simd_attn_desc old = p->d;
+    old.struct_size = (uint32_t)offsetof(simd_attn_desc, block_table);
+    old.block_table = table; /* past struct_size: never read */
+    EXPECT_STATUS(simd_attn_forward(&old, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    free(o), free(l), free(kp), free(vp), free(table);
+}
+
+static void test_paged(const int32_t *isas, size_t n_isas) {
+    problem p;
+    make(&p, 2, 8, 2, 1, 700, 128, 128, SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_F32);
+    p.kv_lens = (int64_t *)malloc(2 * sizeof(int64_t));
+    p.kv_lens[0] = 700, p.kv_lens[1] = 333;
+    p.d.kv_lens = p.kv_lens, p.d.kv_lens_len = 2;
+    check_paged("paged decode", &p, 16, isas, n_isas);
+    release(&p);
+    make(&p, 2, 4, 2, 37, 300, 64, 64, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
+    p.d.causal = 1;
+    check_paged("paged prefill", &p, 7, isas, n_isas);
+    release(&p);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -858,6 +967,7 @@ int main(void) {
     test_concurrent_forward();
     test_merge();
     test_empty_calls(isas, n_isas);
+    test_paged(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);

@@ -13,7 +13,7 @@ mod unfused;
 use report::{Machine, Row};
 
 use half::f16;
-use simd_attn::{attention_flops, attention_inspect, AttentionParams, AttentionShape, Element, Inspect, Isa, Reference, RunConfig, Score, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_inspect, AttentionParams, AttentionShape, Element, Inspect, Isa, PageStrides, PageTable, PagedKv, Reference, Request, RunConfig, Score, Strides, TensorMut, TensorRef};
 use std::io::IsTerminal;
 use std::time::Instant;
 
@@ -25,6 +25,8 @@ simd-attn-bench compare OLD.json|csv NEW.json|csv
 simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored results)
   --set     standard (default), prefill, decode (Sq 1/4/16 x Skv 512..64k), headdim (D 32..256),
             scores (dot, cosine, general, additive A 48/64/128, alignment pass),
+            paged (K/V in shuffled pages of 16 and 256 tokens, head-major next to [B, Hkv, S, D]
+            tensors and token-major (`-bshd`) next to [B, S, Hkv, D] ones),
             seqlen (causal prefill S 128..8192), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
@@ -70,6 +72,11 @@ struct Case {
     score: BenchScore,
     /// Also produce the alignment matrix and coverage (the second pass).
     inspect: bool,
+    /// K/V as `[B, S, Hkv, D]` tensors (and token-major pages) instead of `[B, Hkv, S, D]`
+    /// (and head-major pages).
+    token_major: bool,
+    /// K/V in a paged pool of pages of this many tokens (shuffled block table), read in place.
+    paged: Option<usize>,
 }
 
 /// The score function a case runs (weights are made up per case).
@@ -99,7 +106,21 @@ fn case(name: &str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: u
         dtype: Dtype::F32,
         score: BenchScore::ScaledDot,
         inspect: false,
+        paged: None,
+        token_major: false,
     }
+}
+
+fn token_major(mut c: Case) -> Case {
+    c.name = format!("{}-bshd", c.name);
+    c.token_major = true;
+    c
+}
+
+fn with_pages(mut c: Case, page_size: usize) -> Case {
+    c.name = format!("{}-page{page_size}", c.name);
+    c.paged = Some(page_size);
+    c
 }
 
 fn with_dtype(mut c: Case, dtype: Dtype) -> Case {
@@ -173,15 +194,34 @@ fn cases(set: &str) -> Vec<Case> {
             with_score(base(), "addit-inspect", BenchScore::Additive, true),
         ]
     };
+    // Paged K/V next to its contiguous twin (the row above it): decode at the decode target's
+    // shape, and a GQA prefill.
+    let paged = || {
+        let mut v = Vec::new();
+        let bases: [fn() -> Case; 4] = [
+            || with_dtype(case("decode", 1, 32, 8, 1, 8192, 128, true), Dtype::F16Kv),
+            || token_major(with_dtype(case("decode", 1, 32, 8, 1, 8192, 128, true), Dtype::F16Kv)),
+            || with_dtype(case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true), Dtype::F16),
+            || token_major(with_dtype(case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true), Dtype::F16)),
+        ];
+        for base in bases {
+            v.push(base());
+            for ps in [16, 256] {
+                v.push(with_pages(base(), ps));
+            }
+        }
+        v
+    };
     match set {
         "scores" => scores(),
+        "paged" => paged(),
         "standard" => standard(),
         "prefill" => prefill(),
         "headdim" => headdim(),
         "seqlen" => seqlen(),
         "decode" => decode(),
         "none" => Vec::new(),
-        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).chain(scores()).collect(),
+        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).chain(scores()).chain(paged()).collect(),
         other => fail(&format!("unknown --set {other}")),
     }
 }
@@ -385,6 +425,7 @@ fn main() {
         }
         rows.extend(new);
     }
+    print_twin_ratios(&rows);
     if let Some(path) = json {
         write_file(&path, &report::to_json(&m, &rows));
     }
@@ -426,7 +467,10 @@ fn convert<T: Element>(v: &[f32]) -> Vec<T> {
 
 fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Vec<Row> {
     let s = c.shape;
-    let [qs, ks, vs, os] = s.bhsd_strides();
+    let [qs, mut ks, mut vs, os] = s.bhsd_strides();
+    if c.token_major {
+        (ks, vs) = (Strides::bshd(s.kv_heads, s.seq_kv, s.head_dim), Strides::bshd(s.kv_heads, s.seq_kv, s.v_head_dim));
+    }
     let [nq, nk, nv, no] = s.bhsd_lens();
     let (q32, k32, v32) = (random(nq, 1), random(nk, 2), random(nv, 3));
     let q: Vec<TQ> = convert(&q32);
@@ -435,6 +479,10 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
     let decode = s.seq_q <= 16;
     let copies = if decode { ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize } else { 1 };
     let kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (convert(&k32), convert(&v32))).collect();
+    let pools: Vec<Pool<TKV>> = match c.paged {
+        Some(ps) => kvs.iter().enumerate().map(|(n, (k, v))| Pool::new(&s, (k, ks), (v, vs), ps, c.token_major, n as u64)).collect(),
+        None => Vec::new(),
+    };
     let (w, att_v) = (random(s.head_dim * s.head_dim, 4), random(s.head_dim, 5));
     let score = match c.score {
         BenchScore::ScaledDot => Score::ScaledDot,
@@ -455,15 +503,19 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
     let mut run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
         let config = RunConfig { isa: Some(isa), threads: Some(threads) };
         time(reps, min_time, || {
-            let (k, v) = &kvs[next % copies];
+            let copy = next % copies;
             next += 1;
+            let (k, v) = &kvs[copy];
             let inspect = if c.inspect {
                 Inspect { alignment: Some(&mut alignment), coverage: Some(&mut coverage) }
             } else {
                 Inspect::default()
             };
-            attention_inspect(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, ks), TensorRef::new(v, vs), TensorMut::new(out, os), None, &params, inspect)
-                .expect("valid problem");
+            match pools.get(copy) {
+                Some(pool) => simd_attn::run(&config, Request::new(s, TensorRef::new(&q, qs), pool.kv(), TensorMut::new(out, os), params)),
+                None => attention_inspect(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, ks), TensorRef::new(v, vs), TensorMut::new(out, os), None, &params, inspect),
+            }
+            .expect("valid problem");
         })
     };
     let (t_portable, _, _) = if ctx.baselines { run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0) } else { (f64::NAN, 0.0, 0.0) };
@@ -546,3 +598,75 @@ fn max_error<TQ: Element, TKV: Element, TO: Element>(s: &AttentionShape, r: &Ref
     }
     err
 }
+
+/// A paged copy of a contiguous K/V: head-major pages (`[pages, Hkv, page_size, D]`, as
+/// vLLM's CPU backend keeps them) or token-major ones (`[pages, page_size, Hkv, D]`, as
+/// vLLM's GPU backends and FlashAttention do), in shuffled order.
+struct Pool<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    strides: (PageStrides, PageStrides),
+    table: Vec<i32>,
+    pages_per_seq: usize,
+    page_size: usize,
+}
+
+impl<T: Element> Pool<T> {
+    fn new(s: &AttentionShape, k: (&[T], Strides), v: (&[T], Strides), page_size: usize, token_major: bool, seed: u64) -> Self {
+        let pages_per_seq = s.seq_kv.div_ceil(page_size);
+        let pages = s.batch * pages_per_seq;
+        // A fixed shuffle (xorshift Fisher-Yates): pages scattered as a long-running engine's are.
+        let mut order: Vec<usize> = (0..pages).collect();
+        let mut x = (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for i in (1..pages).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            order.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let table: Vec<i32> = order.iter().map(|&p| p as i32).collect();
+        let scatter = |(src, from_st): (&[T], Strides), d: usize| {
+            let st = if token_major { PageStrides::token_major(page_size, s.kv_heads, d) } else { PageStrides::head_major(page_size, s.kv_heads, d) };
+            let mut pool = vec![T::from_f32(0.0); pages * st.page];
+            for b in 0..s.batch {
+                for hk in 0..s.kv_heads {
+                    for j in 0..s.seq_kv {
+                        let page = table[b * pages_per_seq + j / page_size] as usize;
+                        let from = b * from_st.batch + hk * from_st.head + j * from_st.seq;
+                        let to = page * st.page + hk * st.head + (j % page_size) * st.slot;
+                        pool[to..to + d].copy_from_slice(&src[from..from + d]);
+                    }
+                }
+            }
+            (pool, st)
+        };
+        let ((k, ks), (v, vs)) = (scatter(k, s.head_dim), scatter(v, s.v_head_dim));
+        Self { k, v, strides: (ks, vs), table, pages_per_seq, page_size }
+    }
+
+    fn kv(&self) -> PagedKv<'_, T> {
+        let pages = PageTable { block_table: &self.table, pages_per_seq: self.pages_per_seq, page_size: self.page_size, num_pages: self.table.len() };
+        PagedKv { k: &self.k, v: &self.v, k_strides: self.strides.0, v_strides: self.strides.1, pages }
+    }
+}
+
+/// For every paged row (`NAME-pageN`), its median time over that of its contiguous twin (the
+/// row `NAME` with the same shape, dtype, path and threads) measured in the same run.
+fn print_twin_ratios(rows: &[Row]) {
+    let mut lines = Vec::new();
+    for r in rows {
+        let Some((base, _)) = r.case.rsplit_once("-page").filter(|(_, n)| n.parse::<usize>().is_ok()) else { continue };
+        let twin = rows.iter().find(|t| {
+            t.case == base && (t.batch, t.q_heads, t.kv_heads, t.seq_q, t.seq_kv, t.head_dim, t.causal) == (r.batch, r.q_heads, r.kv_heads, r.seq_q, r.seq_kv, r.head_dim, r.causal)
+                && t.dtype == r.dtype && t.isa == r.isa && t.threads == r.threads
+        });
+        if let Some(t) = twin {
+            lines.push(format!("#   {:<22} {:<6} {}t  {:.3}x the time of {base}", r.case, r.isa, r.threads, r.ms / t.ms));
+        }
+    }
+    if !lines.is_empty() {
+        println!("# paged rows against their contiguous twins (median time ratio, same run):");
+        lines.iter().for_each(|l| println!("{l}"));
+    }
+}
+
