@@ -183,17 +183,37 @@ pub(crate) fn run_call(config: &RunConfig, call: Request<'_, '_>) -> Result<RunI
 }
 
 /// [`run_call`] with K and V at their storage type.
-fn run_typed<TKV: Element>(config: &RunConfig, call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
+fn run_typed<TKV: Element>(config: &RunConfig, mut call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
+    match start(config, &mut call, kv)? {
+        Start::Done(info) => Ok(info),
+        Start::Projected(q) => run_typed(config, call.with_dot_q(&q), kv),
+        Start::Run(p) => scored_call(config, p, call),
+    }
+}
+
+/// Where a call goes once its inputs are validated. (One value per call: the size of the
+/// `Run` variant costs nothing worth boxing.)
+#[allow(clippy::large_enum_variant)]
+enum Start<'a, TKV> {
+    /// An empty call, finished.
+    Done(RunInfo),
+    /// `Score::General`: run the dot score on this projected Q instead.
+    Projected(Vec<f32>),
+    /// Everything else: the validated inputs.
+    Run(Problem<'a, TKV>),
+}
+
+/// The common start of every fused entry: validate the inputs, finish an empty call, project
+/// Q for `Score::General`.
+fn start<'a, 'c: 'a, TKV: Element>(config: &RunConfig, call: &mut Request<'c, '_>, kv: Kv<'a, TKV>) -> Result<Start<'a, TKV>, AttnError> {
     let p = Problem::new(&call.shape, call.q, kv, &call.params)?;
     if is_empty(&call.shape) {
-        return empty_call(config, p, call);
+        return empty_call(config, p, call).map(Start::Done);
     }
-    if let Some(projected) = general_as_dot(&p)? {
-        let [qs, ..] = call.shape.bhsd_strides();
-        let q = AnyRef::F32(TensorRef::new(&projected, qs));
-        return run_typed(config, Request { q, params: call.params.score(Score::Dot), ..call }, kv);
-    }
-    scored_call(config, p, call)
+    Ok(match general_as_dot(&p)? {
+        Some(q) => Start::Projected(q),
+        None => Start::Run(p),
+    })
 }
 
 /// Whether a call has no output row (`batch`, `q_heads` or `seq_q` is 0).
@@ -205,13 +225,13 @@ fn is_empty(shape: &AttentionShape) -> bool {
 /// like any other call's, then nothing runs and nothing is allocated (the other dims may be
 /// anything that validates, up to the integer limits). The coverage output, `[B, Hq, Skv]`, is
 /// all zeros: no row attended to anything.
-fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
+fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: &mut Request<'_, '_>) -> Result<RunInfo, AttnError> {
     let shape = &p.shape;
     validate_outputs(shape, call.out.extent(), call.lse.as_deref())?;
     validate_inspect(shape, &call.inspect)?;
     let isa = resolve_isa(config.isa)?;
     let (plan, tiles, _, _) = plan_for(isa, TKV::DTYPE, shape, shape.seq_kv, false)?;
-    if let Some(c) = call.inspect.coverage {
+    if let Some(c) = call.inspect.coverage.as_deref_mut() {
         // The length was validated, so the product fits.
         c[..shape.batch * shape.q_heads * shape.seq_kv].fill(0.0);
     }
@@ -379,16 +399,12 @@ fn run_in_workspace(workspace: &mut Workspace, config: &RunConfig, call: Request
 }
 
 /// [`run_in_workspace`] with K and V at their storage type.
-fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfig, call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
-    let p = Problem::new(&call.shape, call.q, kv, &call.params)?;
-    if is_empty(&call.shape) {
-        return empty_call(config, p, call);
-    }
-    if let Some(projected) = general_as_dot(&p)? {
-        let [qs, ..] = call.shape.bhsd_strides();
-        let q = AnyRef::F32(TensorRef::new(&projected, qs));
-        return in_workspace_typed(workspace, config, Request { q, params: call.params.score(Score::Dot), ..call }, kv);
-    }
+fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfig, mut call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
+    let p = match start(config, &mut call, kv)? {
+        Start::Done(info) => return Ok(info),
+        Start::Projected(q) => return in_workspace_typed(workspace, config, call.with_dot_q(&q), kv),
+        Start::Run(p) => p,
+    };
     let buffers = ScoreBuffers::prepare(&p.shape, &p.q, &p.k, &p.params)?;
     let p = p.with_score(buffers.data(&p.params.score));
     let prepared = prepare(config, p, call.out, call.lse)?;

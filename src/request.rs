@@ -9,8 +9,8 @@
 use crate::api::Inspect;
 use crate::dtypes::{AnyKv, AnyMut, AnyRef, Kv};
 use crate::element::Element;
-use crate::layout::AttentionShape;
-use crate::params::AttentionParams;
+use crate::layout::{AttentionShape, TensorRef};
+use crate::params::{AttentionParams, Score};
 
 /// One attention call as a value: everything it reads and writes (`'a` borrows the inputs, `'o`
 /// the outputs). [`crate::run`] runs it; [`crate::HostPlan::from_request`] plans it for the
@@ -72,6 +72,16 @@ impl<'a, 'o> Request<'a, 'o> {
     /// Also write the alignment matrix and/or coverage (see [`Inspect`]).
     pub fn inspect(self, inspect: Inspect<'o>) -> Self {
         Self { inspect, ..self }
+    }
+
+    /// This call with the dot score on `q` (`[B, Hq, Sq, head_dim]`, contiguous f32): how
+    /// `Score::General` runs once Q is projected.
+    pub(crate) fn with_dot_q<'q>(self, q: &'q [f32]) -> Request<'q, 'o>
+    where
+        'a: 'q,
+    {
+        let [qs, ..] = self.shape.bhsd_strides();
+        Request { q: AnyRef::F32(TensorRef::new(q, qs)), params: self.params.score(Score::Dot), ..self }
     }
 
     /// Runs `op` on this call with K and V at their storage type: the one place the K/V types
