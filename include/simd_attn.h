@@ -71,6 +71,7 @@ extern "C" {
 #define SIMD_ATTN_ERR_UNSUPPORTED 30        /* plans run the dot scores only, without inspection */
 #define SIMD_ATTN_ERR_RESERVED 31           /* a reserved field is not 0 */
 #define SIMD_ATTN_ERR_INVALID_PAGE 32       /* a block-table entry a visible key reaches names no page */
+#define SIMD_ATTN_ERR_INVALID_SEQLENS 33    /* cu_seqlens: not B+1 non-negative, non-decreasing offsets that fit */
 
 /* ---- element types (the dtype fields) ---- */
 #define SIMD_ATTN_F32 0 /* float */
@@ -180,6 +181,19 @@ typedef struct simd_attn_desc {
     size_t pages_per_seq;
     size_t page_size;     /* tokens per page, >= 1 */
     size_t num_pages;
+    /* Packed variable-length sequences (appended; a descriptor up to num_pages reads them as
+     * NULL), as flash_attn_varlen_func takes them: B + 1 non-decreasing int32 offsets from >= 0.
+     * cu_seqlens_q: q and out hold tokens; row i of sequence b is token cu_seqlens_q[b] + i
+     * (stride_seq between tokens, stride_head between heads, stride_batch unused); sequence b
+     * has cu_seqlens_q[b+1] - cu_seqlens_q[b] <= seq_q rows, its causal mask and ALiBi aligned
+     * to its own last row; lse is [Hq, cu_seqlens_q[B]]. Dot scores only, no bias, no
+     * alignment/coverage (SIMD_ATTN_ERR_UNSUPPORTED).
+     * cu_seqlens_k: k and v (tensors, not pages) hold tokens likewise; sequence b has its
+     * segment's keys (<= seq_kv), or kv_lens[b] of them when kv_lens is set. */
+    const int32_t *cu_seqlens_q;
+    size_t cu_seqlens_q_len;
+    const int32_t *cu_seqlens_k;
+    size_t cu_seqlens_k_len;
 } simd_attn_desc;
 
 /* One partial result for simd_attn_merge_partials: rows normalised over its keys, and their
@@ -311,7 +325,11 @@ size_t simd_attn_abi_layout(size_t *out, size_t cap);
             offsetof(simd_attn_desc, block_table_len),\
             offsetof(simd_attn_desc, pages_per_seq),\
             offsetof(simd_attn_desc, page_size),\
-            offsetof(simd_attn_desc, num_pages)\
+            offsetof(simd_attn_desc, num_pages),\
+            offsetof(simd_attn_desc, cu_seqlens_q),\
+            offsetof(simd_attn_desc, cu_seqlens_q_len),\
+            offsetof(simd_attn_desc, cu_seqlens_k),\
+            offsetof(simd_attn_desc, cu_seqlens_k_len)\
     }
 
 #ifdef __cplusplus

@@ -227,8 +227,8 @@ fn is_empty(shape: &AttentionShape) -> bool {
 /// all zeros: no row attended to anything.
 fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: &mut Request<'_, '_>) -> Result<RunInfo, AttnError> {
     let shape = &p.shape;
-    validate_outputs(shape, call.out.extent(), call.lse.as_deref())?;
-    validate_inspect(shape, &call.inspect)?;
+    validate_outputs(shape, call.out.extent(), call.lse.as_deref(), call.params.cu_seqlens_q)?;
+    validate_inspect(shape, &call.inspect, &call.params)?;
     let isa = resolve_isa(config.isa)?;
     let (plan, tiles, _, _) = plan_for(isa, TKV::DTYPE, shape, shape.seq_kv, false)?;
     if let Some(c) = call.inspect.coverage.as_deref_mut() {
@@ -263,8 +263,8 @@ fn general_as_dot<TKV>(p: &Problem<'_, TKV>) -> Result<Option<Vec<f32>>, AttnErr
 /// call's validated inputs.
 fn scored_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
     let Request { shape, out, lse, inspect, .. } = call;
-    validate_outputs(&shape, out.extent(), lse.as_deref())?;
-    validate_inspect(&shape, &inspect)?;
+    validate_outputs(&shape, out.extent(), lse.as_deref(), p.params.cu_seqlens_q)?;
+    validate_inspect(&shape, &inspect, &p.params)?;
     let buffers = ScoreBuffers::prepare(&shape, &p.q, &p.k, &p.params)?;
     let p = p.with_score(buffers.data(&p.params.score));
     let inspecting = inspect.alignment.is_some() || inspect.coverage.is_some();
@@ -304,9 +304,13 @@ enum WorkerBuffers {
     Pool(crate::exec::WorkerScratch),
 }
 
-/// The inspection outputs are long enough (`[B, Hq, Sq, Skv]` and `[B, Hq, Skv]`).
-pub(crate) fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>) -> Result<(), AttnError> {
+/// The inspection outputs are long enough (`[B, Hq, Sq, Skv]` and `[B, Hq, Skv]`), and the
+/// call's rows are padded (packed queries have no alignment matrix).
+pub(crate) fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>, params: &AttentionParams<'_>) -> Result<(), AttnError> {
     let s = shape;
+    if params.cu_seqlens_q.is_some() && (inspect.alignment.is_some() || inspect.coverage.is_some()) {
+        return Err(AttnError::Unsupported { what: "alignment or coverage outputs with packed variable-length queries (cu_seqlens_q)" });
+    }
     let check = |tensor: TensorName, dims: &[usize], len: Option<usize>| -> Result<(), AttnError> {
         let Some(len) = len else { return Ok(()) };
         let needed = dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::SizeOverflow { tensor })?;
@@ -431,18 +435,22 @@ struct Prepared<'a, 'o, TKV> {
 }
 
 /// Validates the outputs of a call whose inputs `p` are validated and scored, and plans it.
-fn prepare<'a, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, out: AnyMut<'o>, lse: Option<&'o mut [f32]>) -> Result<Prepared<'a, 'o, TKV>, AttnError> {
+fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, out: AnyMut<'o>, lse: Option<&'o mut [f32]>) -> Result<Prepared<'a, 'o, TKV>, AttnError> {
     let shape = &p.shape;
-    validate_outputs(shape, out.extent(), lse.as_deref())?;
+    validate_outputs(shape, out.extent(), lse.as_deref(), p.params.cu_seqlens_q)?;
     let isa = resolve_isa(config.isa)?;
     let decode = !matches!(p.score, ScoreData::Additive(_));
     // Keys past the longest `kv_lens` entry are invisible to every row: the plan stops there,
     // so a cache allocated far longer than it is filled costs no empty units.
-    let keys = p.params.kv_lens.map_or(shape.seq_kv, |lens| lens.iter().copied().max().unwrap_or(0));
+    let keys = if p.params.kv_lens.is_some() || p.params.cu_seqlens_k.is_some() {
+        (0..shape.batch).map(|b| p.params.kv_len(b, shape.seq_kv)).max().unwrap_or(0)
+    } else {
+        shape.seq_kv
+    };
     let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode)?;
     // The merge reuses the start of the same scratch for its row once the units are done.
     let scratch_len = scratch_len.max(merge_row_len(&plan, shape));
-    Ok(Prepared { out: OutRows::new(shape, out, lse), p, plan, tiles, isa, scratch_len, partials_len })
+    Ok(Prepared { out: OutRows::new(shape, out, lse, p.rows), p, plan, tiles, isa, scratch_len, partials_len })
 }
 
 /// Host-driven execution: the engine's own workers run the call. Create it once per call (this
@@ -625,7 +633,7 @@ impl<TKV> Drop for TypedPlan<'_, '_, TKV> {
     }
 }
 
-impl<'a, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
+impl<'a: 'o, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
     fn new(config: &RunConfig, call: Request<'a, 'o>, kv: Kv<'a, TKV>, nth: usize) -> Result<Self, AttnError> {
         if nth == 0 {
             return Err(AttnError::ZeroDim { dim: "nth" });

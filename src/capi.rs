@@ -115,6 +115,12 @@ pub struct SimdAttnDesc {
     pub pages_per_seq: usize,
     pub page_size: usize,
     pub num_pages: usize,
+    // Appended for packed variable-length sequences (older descriptors read these as NULL:
+    // padded batches).
+    pub cu_seqlens_q: *const i32,
+    pub cu_seqlens_q_len: usize,
+    pub cu_seqlens_k: *const i32,
+    pub cu_seqlens_k_len: usize,
 }
 
 /// The descriptor's size before the score and inspection fields were appended: callers
@@ -124,7 +130,7 @@ const DESC_V1_SIZE: usize = offset_of!(SimdAttnDesc, score);
 /// Every size a descriptor has had, oldest first: before the score fields, before the paged
 /// K/V fields, and now. A caller's `struct_size` must be one of them (or larger, with the
 /// unknown tail zero).
-const DESC_SIZES: [usize; 3] = [DESC_V1_SIZE, offset_of!(SimdAttnDesc, block_table), size_of::<SimdAttnDesc>()];
+const DESC_SIZES: [usize; 4] = [DESC_V1_SIZE, offset_of!(SimdAttnDesc, block_table), offset_of!(SimdAttnDesc, cu_seqlens_q), size_of::<SimdAttnDesc>()];
 
 /// One partial result for [`simd_attn_merge_partials`].
 #[repr(C)]
@@ -183,10 +189,11 @@ pub enum Status {
     Unsupported = 30,
     Reserved = 31,
     InvalidPage = 32,
+    InvalidSeqlens = 33,
 }
 
 /// Every status, in code order, with its header name and its short message.
-const STATUS_TABLE: [(Status, &str, &str); 33] = [
+const STATUS_TABLE: [(Status, &str, &str); 34] = [
     (Status::Ok, "SIMD_ATTN_OK\0", "success\0"),
     (Status::NullPointer, "SIMD_ATTN_ERR_NULL_POINTER\0", "a required pointer is NULL (or NULL with a non-zero length)\0"),
     (Status::Misaligned, "SIMD_ATTN_ERR_MISALIGNED\0", "a pointer is not aligned to its element type\0"),
@@ -220,6 +227,7 @@ const STATUS_TABLE: [(Status, &str, &str); 33] = [
     (Status::Unsupported, "SIMD_ATTN_ERR_UNSUPPORTED\0", "this operation does not support the chosen score function or inspection output (host-driven plans run the dot scores only)\0"),
     (Status::Reserved, "SIMD_ATTN_ERR_RESERVED\0", "a reserved field is not 0\0"),
     (Status::InvalidPage, "SIMD_ATTN_ERR_INVALID_PAGE\0", "a block-table entry that a visible key reaches names no page of the pool\0"),
+    (Status::InvalidSeqlens, "SIMD_ATTN_ERR_INVALID_SEQLENS\0", "a cu_seqlens array is not batch + 1 non-negative, non-decreasing offsets whose segments fit seq_q / seq_kv\0"),
 ];
 
 /// A failed call: its status and the detailed message for `simd_attn_last_error`.
@@ -249,7 +257,8 @@ impl From<AttnError> for Fail {
             IsaUnavailable { .. } => Status::IsaUnavailable,
             UnknownIsaName { .. } => Status::UnknownIsa,
             InvalidScore { .. } => Status::InvalidScore,
-            UnsupportedScore { .. } => Status::Unsupported,
+            UnsupportedScore { .. } | Unsupported { .. } => Status::Unsupported,
+            InvalidSeqlens { .. } => Status::InvalidSeqlens,
         };
         Fail(status, e.to_string())
     }
@@ -484,6 +493,10 @@ fn default_desc() -> SimdAttnDesc {
             pages_per_seq: 0,
             page_size: 0,
             num_pages: 0,
+            cu_seqlens_q: core::ptr::null(),
+            cu_seqlens_q_len: 0,
+            cu_seqlens_k: core::ptr::null(),
+            cu_seqlens_k_len: 0,
         }
 }
 
@@ -512,6 +525,8 @@ struct Options<'a> {
     softcap: Option<f32>,
     window: Option<Window>,
     score: Score<'a>,
+    cu_seqlens_q: Option<&'a [i32]>,
+    cu_seqlens_k: Option<&'a [i32]>,
 }
 
 impl<'a> Options<'a> {
@@ -529,6 +544,8 @@ impl<'a> Options<'a> {
             alibi_slopes: self.alibi,
             sinks: self.sinks,
             score: self.score,
+            cu_seqlens_q: self.cu_seqlens_q,
+            cu_seqlens_k: self.cu_seqlens_k,
         }
     }
 }
@@ -670,6 +687,16 @@ impl<'a> Decoded<'a> {
             inputs.push(Span::of(s, what));
             Ok(Some(s))
         };
+        let cu_seqlens = |p: *const i32, len: usize, what: &'static str, inputs: &mut Vec<Span>| -> Result<Option<&'a [i32]>, Fail> {
+            if p.is_null() && len == 0 {
+                return Ok(None);
+            }
+            let s = unsafe { slice(p, len, what)? };
+            inputs.push(Span::of(s, what));
+            Ok(Some(s))
+        };
+        let cu_seqlens_q = cu_seqlens(d.cu_seqlens_q, d.cu_seqlens_q_len, "cu_seqlens_q", &mut inputs)?;
+        let cu_seqlens_k = cu_seqlens(d.cu_seqlens_k, d.cu_seqlens_k_len, "cu_seqlens_k", &mut inputs)?;
         let alibi = per_head(d.alibi_slopes, d.alibi_slopes_len, "alibi_slopes", &mut inputs)?;
         let sinks = per_head(d.sinks, d.sinks_len, "sinks", &mut inputs)?;
         let weights = |p: *const f32, len: usize, what: &'static str, inputs: &mut Vec<Span>| Ok::<_, Fail>(per_head(p, len, what, inputs)?.unwrap_or(&[]));
@@ -721,7 +748,7 @@ impl<'a> Decoded<'a> {
             lse,
             inspect: Inspect { alignment, coverage },
             kv_lens,
-            options: Options { bias, alibi, sinks, scale: (d.use_scale != 0).then_some(d.scale), causal: d.causal != 0, softcap, window, score },
+            options: Options { bias, alibi, sinks, scale: (d.use_scale != 0).then_some(d.scale), causal: d.causal != 0, softcap, window, score, cu_seqlens_q, cu_seqlens_k },
         })
     }
 }
@@ -771,8 +798,9 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
                 (TensorRef::new(&gathered.0[..], ks), TensorRef::new(&gathered.1[..], vs))
             }
         };
-        crate::validate::validate_outputs(self.shape, (out.data.len(), out.strides), self.lse.as_deref())?;
-        crate::api::validate_inspect(self.shape, &self.inspect)?;
+        let cu_q = self.params.cu_seqlens_q;
+        crate::validate::validate_outputs(self.shape, (out.data.len(), out.strides), self.lse.as_deref(), cu_q)?;
+        crate::api::validate_inspect(self.shape, &self.inspect, self.params)?;
         let reference = crate::Reference::new(self.shape, q, k, v, self.params)?;
         let r = reference.try_compute()?;
         let s = self.shape;
@@ -813,15 +841,24 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
                 }
             }
         }
+        // Packed queries: row `i` of sequence `b` is token `cu[b] + i`, LSE `[Hq, tokens]`.
+        let q_len = |b: usize| cu_q.map_or(s.seq_q, |cu| (cu[b + 1] - cu[b]) as usize);
+        let locate = |b: usize, h: usize, i: usize| match cu_q {
+            None => (out.strides.offset(b, h, i), (b * s.q_heads + h) * s.seq_q + i),
+            Some(cu) => {
+                let t = cu[b] as usize + i;
+                (t * out.strides.seq + h * out.strides.head, h * cu[cu.len() - 1] as usize + t)
+            }
+        };
         for b in (0..s.batch).filter(|_| rows > 0) {
             for h in 0..s.q_heads {
-                for i in 0..s.seq_q {
-                    let o = out.strides.offset(b, h, i);
+                for i in 0..q_len(b) {
+                    let (o, li) = locate(b, h, i);
                     for (d, &x) in out.data[o..o + s.v_head_dim].iter_mut().zip(r.out_row(b, h, i).unwrap_or(&[])) {
                         *d = TO::from_f32(x as f32);
                     }
                     if let Some(l) = lse.as_deref_mut() {
-                        l[(b * s.q_heads + h) * s.seq_q + i] = r.lse_at(b, h, i).unwrap_or(f64::NEG_INFINITY) as f32;
+                        l[li] = r.lse_at(b, h, i).unwrap_or(f64::NEG_INFINITY) as f32;
                     }
                 }
             }
@@ -1228,6 +1265,10 @@ pub unsafe extern "C" fn simd_attn_abi_layout(out: *mut usize, cap: usize) -> us
         offset_of!(SimdAttnDesc, pages_per_seq),
         offset_of!(SimdAttnDesc, page_size),
         offset_of!(SimdAttnDesc, num_pages),
+        offset_of!(SimdAttnDesc, cu_seqlens_q),
+        offset_of!(SimdAttnDesc, cu_seqlens_q_len),
+        offset_of!(SimdAttnDesc, cu_seqlens_k),
+        offset_of!(SimdAttnDesc, cu_seqlens_k_len),
     ];
     if !out.is_null() {
         for (n, &x) in layout.iter().enumerate().take(cap) {

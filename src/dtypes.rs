@@ -140,20 +140,14 @@ impl<'a> AnyRef<'a> {
         }
     }
 
-    /// Passes `(t, x)` for the `d` elements of row `(b, h, i)`, widened to f32: the one place
-    /// a kernel reads Q, whatever its storage (Q is packed once per block, so the match per row
-    /// costs nothing and the kernels are compiled once, not once per Q type).
+    /// Passes `(t, x)` for the `d` elements at offset `o`, widened to f32, whatever the
+    /// storage (Q is packed once per block, so the match per row costs nothing and the kernels
+    /// are compiled once, not once per Q type).
     #[inline(always)]
-    pub(crate) fn for_row(&self, b: usize, h: usize, i: usize, d: usize, mut put: impl FnMut(usize, f32)) {
+    pub(crate) fn row_at(&self, o: usize, d: usize, mut put: impl FnMut(usize, f32)) {
         match self {
-            AnyRef::F32(t) => {
-                let o = t.strides.offset(b, h, i);
-                t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x));
-            }
-            AnyRef::F16(t) => {
-                let o = t.strides.offset(b, h, i);
-                t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x.to_f32()));
-            }
+            AnyRef::F32(t) => t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x)),
+            AnyRef::F16(t) => t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x.to_f32())),
         }
     }
 }

@@ -89,6 +89,11 @@ pub enum AttnError {
     InvalidScore { detail: String },
     /// The operation does not support this score function.
     UnsupportedScore { score: &'static str, operation: &'static str },
+    /// A combination of options the call cannot take (named in `what`).
+    Unsupported { what: &'static str },
+    /// A `cu_seqlens` array is not `batch + 1` non-negative, non-decreasing offsets whose
+    /// segments fit the shape.
+    InvalidSeqlens { arg: &'static str, index: usize, detail: String },
 }
 
 impl fmt::Display for AttnError {
@@ -151,6 +156,8 @@ impl fmt::Display for AttnError {
             UnsupportedScore { score, operation } => {
                 write!(f, "{operation} does not support the {score} score; use the fused call")
             }
+            Unsupported { what } => write!(f, "not supported: {what}"),
+            InvalidSeqlens { arg, index, detail } => write!(f, "{arg}[{index}]: {detail}"),
         }
     }
 }

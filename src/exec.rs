@@ -289,7 +289,7 @@ fn run_portable<TKV: Element>(job: Job<'_, '_, '_, TKV>, mut iter: UnitIter<'_>,
     let s = &job.p.shape;
     let mut sc = portable::Scratch::new(scratch, &job.tiles, s.head_dim, s.v_head_dim);
     while let Some(u) = iter.next() {
-        let w = job.plan.unit(u);
+        let Some(w) = job.p.rows.clip(job.plan.unit(u)) else { continue };
         for h in w.head_start..w.head_end {
             portable::query_block(job.p, &job.tiles, w.batch, h, w.q_start, w.q_end, &mut sc);
             let n = w.q_end - w.q_start;
@@ -342,11 +342,21 @@ impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdEx
             // The next unit is claimed before this one runs, so the kernel can hint its first
             // keys while this one's last chunk computes: otherwise every unit starts on K/V that
             // nothing has asked for yet (one chunk in sixteen of a 1024-key partition).
-            let mut next = iter.next();
-            while let Some(u) = next {
-                let w = job.plan.unit(u);
-                next = iter.next();
-                let after = next.map(|n| job.plan.unit(n));
+            // Units without a present row (packed sequences shorter than `seq_q`) are skipped.
+            let mut claim = || loop {
+                match iter.next() {
+                    None => break None,
+                    Some(u) => {
+                        if let Some(w) = job.p.rows.clip(job.plan.unit(u)) {
+                            break Some(w);
+                        }
+                    }
+                }
+            };
+            let mut next = claim();
+            while let Some(w) = next {
+                next = claim();
+                let after = next;
                 decode::decode_unit::<S, TKV, D, MR, NRV>(simd, job.p, &w, after.as_ref(), &mut sc);
                 finish_decode_unit(&job, &w, sc.acc, sc.max, sc.sum, sc.dv_pad);
             }
@@ -354,7 +364,7 @@ impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdEx
         }
         let mut sc = flash::Scratch::new(scratch, &job.tiles, S::F32_LANES, s.head_dim, s.v_head_dim);
         while let Some(u) = iter.next() {
-            let w = job.plan.unit(u);
+            let Some(w) = job.p.rows.clip(job.plan.unit(u)) else { continue };
             for h in w.head_start..w.head_end {
                 flash::query_block::<S, TKV, D, MR, NRV>(simd, job.p, &job.tiles, w.batch, h, w.q_start, w.q_end, &mut sc);
                 let n = w.q_end - w.q_start;
@@ -410,7 +420,10 @@ pub(crate) unsafe fn merge_group<TKV>(job: &Job<'_, '_, '_, TKV>, g: usize, row:
     let (b, hk) = (bk / s.kv_heads, bk % s.kv_heads);
     let head_start = hk * s.group_size() + sub * heads_per_sub;
     let heads = heads_per_sub.min((hk + 1) * s.group_size() - head_start);
-    for r in 0..heads * s.seq_q {
+    // The rows the units stored: the present ones (see `rows`), head by head.
+    let first = job.p.rows.first(b);
+    let per_head = s.seq_q - first;
+    for r in 0..heads * per_head {
         let slots = |p: usize| {
             // SAFETY: every unit has run (contract).
             unsafe { job.partials.slot((g * parts) + p) }
@@ -435,7 +448,7 @@ pub(crate) unsafe fn merge_group<TKV>(job: &Job<'_, '_, '_, TKV>, g: usize, row:
         }
         let (inv, lse) = RowState { max, sum }.finish();
         row.iter_mut().for_each(|x| *x *= inv);
-        let (h, i) = (head_start + r / s.seq_q, r % s.seq_q);
+        let (h, i) = (head_start + r / per_head, first + r % per_head);
         // SAFETY: group `g`'s rows are merged by this call only.
         unsafe { job.out.store(b, h, i, row, dv, 1, &[lse]) };
     }

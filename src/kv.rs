@@ -18,6 +18,9 @@ pub(crate) enum KvIndex<'a> {
     Strided(Strides),
     /// Pages of `page_size` rows, found through a block table.
     Paged(Paged<'a>),
+    /// Packed variable-length sequences: key `j` of sequence `b` is token `cu[b] + j`
+    /// (`strides.seq` between tokens, `strides.head` between heads; `batch` unused).
+    Packed { strides: Strides, cu: &'a [i32] },
 }
 
 /// A validated paged layout: every block-table entry a visible key reaches names a page of the
@@ -49,6 +52,7 @@ impl<'a, T> KvSource<'a, T> {
         match &self.index {
             KvIndex::Strided(s) => s.offset(b, hk, j),
             KvIndex::Paged(p) => p.offset(b, hk, j),
+            KvIndex::Packed { strides, cu } => (cu[b] as usize + j) * strides.seq + hk * strides.head,
         }
     }
 
@@ -57,7 +61,7 @@ impl<'a, T> KvSource<'a, T> {
     #[inline(always)]
     pub fn run(&self, j: usize) -> (usize, usize) {
         match &self.index {
-            KvIndex::Strided(s) => (usize::MAX, s.seq),
+            KvIndex::Strided(s) | KvIndex::Packed { strides: s, .. } => (usize::MAX, s.seq),
             KvIndex::Paged(p) => (p.page_size - j % p.page_size, p.strides.slot),
         }
     }
@@ -69,6 +73,15 @@ impl<'a, T> KvSource<'a, T> {
         match &self.index {
             KvIndex::Strided(s) => {
                 let base = s.offset(b, hk, j0);
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = base + c * s.seq;
+                }
+            }
+            KvIndex::Packed { strides: s, .. } => {
+                if out.is_empty() {
+                    return; // `j0` may be past the sequence, even past the last token
+                }
+                let base = self.offset(b, hk, j0);
                 for (c, o) in out.iter_mut().enumerate() {
                     *o = base + c * s.seq;
                 }
@@ -109,9 +122,10 @@ impl<'a, T> KvSource<'a, T> {
         (j < len).then(|| self.data.as_ptr().wrapping_add(self.offset(b, hk, j)))
     }
 
-    /// Whether this source is paged.
-    pub fn is_paged(&self) -> bool {
-        matches!(self.index, KvIndex::Paged(_))
+    /// Whether rows past a sequence's key count may not exist (a paged pool, packed
+    /// sequences): such rows must never be addressed, not even for a norm.
+    pub fn bounded_by_len(&self) -> bool {
+        matches!(self.index, KvIndex::Paged(_) | KvIndex::Packed { .. })
     }
 }
 
@@ -121,6 +135,17 @@ impl Paged<'_> {
         let page = self.table[b * self.pages_per_seq + j / self.page_size] as usize;
         page * self.strides.page + hk * self.strides.head + (j % self.page_size) * self.strides.slot
     }
+}
+
+/// Checks packed variable-length K or V (`heads` heads of `dim` elements per token) against a
+/// call: `cu` was validated (`cu_seqlens_k`), so the tokens are `0..cu[batch]`.
+pub(crate) fn validate_packed<'a, T>(tensor: TensorName, data: &'a [T], strides: Strides, cu: &'a [i32], heads: usize, dim: usize) -> Result<KvSource<'a, T>, AttnError> {
+    let tokens = cu[cu.len() - 1] as usize;
+    let needed = reach(tensor, &[(tokens, strides.seq), (heads, strides.head)], dim)?;
+    if needed > data.len() {
+        return Err(AttnError::BufferTooSmall { tensor, needed, len: data.len() });
+    }
+    Ok(KvSource { data, index: KvIndex::Packed { strides, cu } })
 }
 
 /// Checks a paged pool against a call: the page table's shape, every page index that a key

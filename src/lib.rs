@@ -20,6 +20,7 @@
 
 mod api;
 mod request;
+mod rows;
 mod dtypes;
 #[doc(hidden)]
 pub mod capi;
@@ -70,8 +71,9 @@ pub fn attention_flops(shape: &AttentionShape, params: &AttentionParams<'_>) -> 
         return 0.0; // no row: nothing to count, however many batch entries
     }
     for b in 0..shape.batch {
-        let kv_len = params.kv_lens.map_or(shape.seq_kv, |l| l.get(b).copied().unwrap_or(0));
-        for i in 0..shape.seq_q {
+        let kv_len = params.kv_len(b, shape.seq_kv);
+        // A packed sequence's rows are the last `q_len` of `seq_q` (see `rows`).
+        for i in shape.seq_q.saturating_sub(params.q_len(b, shape.seq_q))..shape.seq_q {
             let (lo, hi) = masker.interval(kv_len, i);
             pairs += (hi - lo) as u128;
         }

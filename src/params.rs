@@ -111,6 +111,28 @@ pub struct AttentionParams<'a> {
     pub sinks: Option<&'a [f32]>,
     /// The score function; [`Score::ScaledDot`] by default.
     pub score: Score<'a>,
+    /// Packed variable-length queries, as `flash_attn_varlen_func`'s `cu_seqlens_q`
+    /// (`len == batch + 1`, non-negative, non-decreasing): Q and out hold tokens, and row `i` of
+    /// sequence `b` is token `cu_seqlens_q[b] + i` (their strides' `seq` steps between tokens,
+    /// `head` between heads; `batch` is not used). Sequence `b` has
+    /// `q_len = cu_seqlens_q[b + 1] - cu_seqlens_q[b] <= seq_q` rows and its own bottom-right
+    /// alignment, `off = kv_len - q_len`; the LSE is `[q_heads, cu_seqlens_q[batch]]`. Only the
+    /// dot scores, without `bias` or inspection outputs.
+    pub cu_seqlens_q: Option<&'a [i32]>,
+    /// Packed variable-length keys (`flash_attn_varlen_func`'s `cu_seqlens_k`): K and V hold
+    /// tokens, key `j` of sequence `b` is token `cu_seqlens_k[b] + j`, and sequence `b` has
+    /// `cu_seqlens_k[b + 1] - cu_seqlens_k[b] <= seq_kv` keys (fewer if `kv_lens` says so,
+    /// as `seqused_k`). K and V must be tensors, not a paged pool.
+    pub cu_seqlens_k: Option<&'a [i32]>,
+}
+
+/// Entries of segment `b` of a `cu_seqlens` array (0 past its end or where it decreases).
+#[inline]
+fn segment(cu: &[i32], b: usize) -> usize {
+    match (cu.get(b), cu.get(b + 1)) {
+        (Some(&lo), Some(&hi)) => usize::try_from(i64::from(hi) - i64::from(lo)).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 impl<'a> AttentionParams<'a> {
@@ -153,6 +175,33 @@ impl<'a> AttentionParams<'a> {
     pub fn score(mut self, score: Score<'a>) -> Self {
         self.score = score;
         self
+    }
+    /// Packed variable-length queries (see [`AttentionParams::cu_seqlens_q`]).
+    pub fn cu_seqlens_q(mut self, cu: &'a [i32]) -> Self {
+        self.cu_seqlens_q = Some(cu);
+        self
+    }
+    /// Packed variable-length keys (see [`AttentionParams::cu_seqlens_k`]).
+    pub fn cu_seqlens_k(mut self, cu: &'a [i32]) -> Self {
+        self.cu_seqlens_k = Some(cu);
+        self
+    }
+
+    /// The keys of sequence `b` (`kv_lens`, else its `cu_seqlens_k` segment, else `seq_kv`);
+    /// 0 past the arrays' ends, so unvalidated callers (FLOP counts) never panic.
+    #[inline]
+    pub(crate) fn kv_len(&self, b: usize, seq_kv: usize) -> usize {
+        match (self.kv_lens, self.cu_seqlens_k) {
+            (Some(l), _) => l.get(b).copied().unwrap_or(0),
+            (None, Some(cu)) => segment(cu, b),
+            (None, None) => seq_kv,
+        }
+    }
+
+    /// The query rows of sequence `b` (its `cu_seqlens_q` segment, else `seq_q`).
+    #[inline]
+    pub(crate) fn q_len(&self, b: usize, seq_q: usize) -> usize {
+        self.cu_seqlens_q.map_or(seq_q, |cu| segment(cu, b))
     }
 
     /// The factor on `q . k` for a head dim: the scale under [`Score::ScaledDot`], 1 under the

@@ -3,10 +3,11 @@
 use crate::dtypes::{AnyRef, Kv};
 use crate::element::Element;
 use crate::error::{AttnError, TensorName};
-use crate::kv::{validate_paged, KvSource};
+use crate::kv::{validate_packed, validate_paged, KvSource};
 use crate::layout::AttentionShape;
 use crate::mask::RowMasker;
 use crate::params::AttentionParams;
+use crate::rows::QRows;
 use crate::score::ScoreData;
 use crate::validate::{validate_inputs, validate_kv_tensors};
 
@@ -15,7 +16,7 @@ use crate::validate::{validate_inputs, validate_kv_tensors};
 #[derive(Clone, Copy)]
 pub(crate) struct Problem<'a, TKV> {
     pub shape: AttentionShape,
-    /// Q in its own storage type: kernels read it through [`AnyRef::for_row`] as they pack
+    /// Q in its own storage type: kernels read it through [`Problem::q_row`] as they pack
     /// it, so they are compiled per K/V type only.
     pub q: AnyRef<'a>,
     pub k: KvSource<'a, TKV>,
@@ -23,6 +24,8 @@ pub(crate) struct Problem<'a, TKV> {
     pub params: AttentionParams<'a>,
     pub scale: f32,
     pub masker: RowMasker,
+    /// Where the query (and output) rows are: padded, or packed sequences.
+    pub rows: QRows<'a>,
     /// The score function's per-call data (see `score`).
     pub score: ScoreData<'a>,
 }
@@ -32,19 +35,29 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
         let s = shape;
         let scale = validate_inputs(s, (q.len(), q.strides()), params)?;
         let (k, v) = match kv {
-            Kv::Tensors(k, v) => {
-                validate_kv_tensors(s, (k.data.len(), k.strides), (v.data.len(), v.strides))?;
-                (KvSource::strided(k.data, k.strides), KvSource::strided(v.data, v.strides))
+            Kv::Tensors(k, v) => match params.cu_seqlens_k {
+                // Validated above: `cu_seqlens_k` has `batch + 1` non-decreasing entries.
+                Some(cu) => (
+                    validate_packed(TensorName::K, k.data, k.strides, cu, s.kv_heads, s.head_dim)?,
+                    validate_packed(TensorName::V, v.data, v.strides, cu, s.kv_heads, s.v_head_dim)?,
+                ),
+                None => {
+                    validate_kv_tensors(s, (k.data.len(), k.strides), (v.data.len(), v.strides))?;
+                    (KvSource::strided(k.data, k.strides), KvSource::strided(v.data, v.strides))
+                }
+            },
+            Kv::Paged(_) if params.cu_seqlens_k.is_some() => {
+                return Err(AttnError::Unsupported { what: "cu_seqlens_k with a paged K/V pool (its block table and kv_lens say where each sequence's keys are)" });
             }
             Kv::Paged(pk) => {
                 // Validated above: `kv_lens` has `batch` entries, each at most `seq_kv`.
-                let lens = || (0..s.batch).map(|b| params.kv_lens.map_or(s.seq_kv, |l| l[b]));
+                let lens = || (0..s.batch).map(|b| params.kv_len(b, s.seq_kv));
                 let k = validate_paged(TensorName::K, pk.k, pk.k_strides, &pk.pages, s.batch, s.kv_heads, s.head_dim, lens())?;
                 let v = validate_paged(TensorName::V, pk.v, pk.v_strides, &pk.pages, s.batch, s.kv_heads, s.v_head_dim, lens())?;
                 (k, v)
             }
         };
-        Ok(Self { shape: *shape, q, k, v, params: *params, scale, masker: RowMasker::new(shape, params), score: ScoreData::Dot })
+        Ok(Self { shape: *shape, q, k, v, params: *params, scale, masker: RowMasker::new(shape, params), rows: QRows::new(shape, params), score: ScoreData::Dot })
     }
 }
 
@@ -55,6 +68,13 @@ impl<'a, TKV> Problem<'a, TKV> {
         'a: 'b,
     {
         Problem { score, ..self }
+    }
+
+    /// Passes `(t, x)` for the `d` elements of Q row `(b, h, i)` (`i` virtual, see `rows`),
+    /// widened to f32: the one place a kernel reads Q.
+    #[inline(always)]
+    pub fn q_row(&self, b: usize, h: usize, i: usize, d: usize, put: impl FnMut(usize, f32)) {
+        self.q.row_at(self.rows.offset(&self.q.strides(), b, h, i), d, put)
     }
 
     /// The factor Q row `(b, h, i)` is multiplied by as it is packed.
@@ -82,7 +102,7 @@ impl<'a, TKV> Problem<'a, TKV> {
 impl<TKV> Problem<'_, TKV> {
     #[inline]
     pub fn kv_len(&self, b: usize) -> usize {
-        self.params.kv_lens.map_or(self.shape.seq_kv, |l| l[b])
+        self.params.kv_len(b, self.shape.seq_kv)
     }
 
     #[inline]

@@ -7,7 +7,7 @@
 
 use crate::element::Element;
 use crate::error::{AttnError, TensorName};
-use crate::kv::validate_paged;
+use crate::kv::{validate_packed, validate_paged};
 use crate::layout::{AttentionShape, PagedKv, TensorRef};
 use crate::params::{AttentionParams, Score, COSINE_EPS};
 use crate::validate::{validate_inputs, validate_kv_tensors};
@@ -33,18 +33,23 @@ pub struct ReferenceRow {
     pub visible: usize,
 }
 
-/// Every row: `out` is contiguous `[B, Hq, Sq, Dv]`, `lse` is `[B, Hq, Sq]`.
+/// Every row: `out` is contiguous `[B, Hq, Sq, Dv]`, `lse` is `[B, Hq, Sq]`. With packed
+/// queries (`cu_seqlens_q`) row `i` of sequence `b` is its `i`-th token, at `(b, h, i)` here;
+/// the rows past a sequence's `q_len` are 0 (out) and NaN (LSE), and the accessors say `None`.
 #[derive(Clone, Debug)]
 pub struct ReferenceOutput {
     pub shape: AttentionShape,
     pub out: Vec<f64>,
     pub lse: Vec<f64>,
+    /// Rows per sequence with packed queries; empty otherwise.
+    pub q_lens: Vec<usize>,
 }
 
 impl ReferenceOutput {
     fn row_index(&self, b: usize, h: usize, i: usize) -> Option<usize> {
         let s = &self.shape;
-        (b < s.batch && h < s.q_heads && i < s.seq_q).then(|| (b * s.q_heads + h) * s.seq_q + i)
+        let present = self.q_lens.get(b).is_none_or(|&n| i < n);
+        (b < s.batch && h < s.q_heads && i < s.seq_q && present).then(|| (b * s.q_heads + h) * s.seq_q + i)
     }
     /// Output row `(b, h, i)`, or `None` out of range.
     pub fn out_row(&self, b: usize, h: usize, i: usize) -> Option<&[f64]> {
@@ -66,16 +71,52 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         params: &AttentionParams<'a>,
     ) -> Result<Self, AttnError> {
         let scale = validate_inputs(shape, (q.data.len(), q.strides), params)? as f64;
-        validate_kv_tensors(shape, (k.data.len(), k.strides), (v.data.len(), v.strides))?;
+        match params.cu_seqlens_k {
+            Some(cu) => {
+                validate_packed(TensorName::K, k.data, k.strides, cu, shape.kv_heads, shape.head_dim)?;
+                validate_packed(TensorName::V, v.data, v.strides, cu, shape.kv_heads, shape.v_head_dim)?;
+            }
+            None => validate_kv_tensors(shape, (k.data.len(), k.strides), (v.data.len(), v.strides))?,
+        }
         Ok(Self { shape: *shape, q, k, v, params: *params, scale })
+    }
+
+    /// Rows of sequence `b`: its `cu_seqlens_q` segment, else `seq_q`.
+    fn q_len(&self, b: usize) -> usize {
+        self.params.cu_seqlens_q.map_or(self.shape.seq_q, |cu| (cu[b + 1] - cu[b]) as usize)
+    }
+
+    /// Keys of sequence `b`: `kv_lens[b]`, else its `cu_seqlens_k` segment, else `seq_kv`.
+    fn kv_len(&self, b: usize) -> usize {
+        match (self.params.kv_lens, self.params.cu_seqlens_k) {
+            (Some(l), _) => l[b],
+            (None, Some(cu)) => (cu[b + 1] - cu[b]) as usize,
+            (None, None) => self.shape.seq_kv,
+        }
+    }
+
+    /// Where row `(b, h, i)` of Q starts: token `cu_seqlens_q[b] + i` when packed.
+    fn q_offset(&self, b: usize, h: usize, i: usize) -> usize {
+        let st = &self.q.strides;
+        match self.params.cu_seqlens_q {
+            Some(cu) => (cu[b] as usize + i) * st.seq + h * st.head,
+            None => st.offset(b, h, i),
+        }
+    }
+
+    /// Where key row `j` of KV head `hk`, sequence `b` starts in a K or V tensor.
+    fn kv_offset(&self, st: &crate::layout::Strides, b: usize, hk: usize, j: usize) -> usize {
+        match self.params.cu_seqlens_k {
+            Some(cu) => (cu[b] as usize + j) * st.seq + hk * st.head,
+            None => st.offset(b, hk, j),
+        }
     }
 
     /// Whether key `j` is visible to row `i` of batch `b`, as the contract words it.
     pub fn visible(&self, b: usize, i: usize, j: usize) -> bool {
-        let s = &self.shape;
-        let kv_len = self.params.kv_lens.map_or(s.seq_kv, |l| l[b]) as i128;
+        let kv_len = self.kv_len(b) as i128;
         let (i, j) = (i as i128, j as i128);
-        let pos = i + kv_len - s.seq_q as i128; // i + off
+        let pos = i + kv_len - self.q_len(b) as i128; // i + off
         let w = self.params.window.unwrap_or_default();
         j < kv_len
             && (!self.params.causal || j <= pos)
@@ -115,9 +156,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         let s = &self.shape;
         let p = &self.params;
         let hk = h / s.group_size();
-        let kv_len = p.kv_lens.map_or(s.seq_kv, |l| l[b]) as f64;
-        let pos = i as f64 + kv_len - s.seq_q as f64;
-        let qo = self.q.strides.offset(b, h, i);
+        let pos = i as f64 + self.kv_len(b) as f64 - self.q_len(b) as f64;
+        let qo = self.q_offset(b, h, i);
         let q = filled(self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()))?;
 
         let mut scores = filled(core::iter::repeat_n(f64::NEG_INFINITY, s.seq_kv))?;
@@ -128,7 +168,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
                 continue;
             }
             visible += 1;
-            let ko = self.k.strides.offset(b, hk, j);
+            let ko = self.kv_offset(&self.k.strides, b, hk, j);
             k.iter_mut().zip(&self.k.data[ko..ko + s.head_dim]).for_each(|(y, x)| *y = x.to_f64());
             let mut x = self.score(&q, &k);
             if let Some(c) = p.softcap {
@@ -158,7 +198,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
     /// [`Reference::row`], with allocation failure as `OutOfMemory`.
     pub fn try_row(&self, b: usize, h: usize, i: usize) -> Result<Option<ReferenceRow>, AttnError> {
         let s = &self.shape;
-        if b >= s.batch || h >= s.q_heads || i >= s.seq_q {
+        if b >= s.batch || h >= s.q_heads || i >= s.seq_q || i >= self.q_len(b) {
             return Ok(None);
         }
         let hk = h / s.group_size();
@@ -181,7 +221,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             if w == 0.0 {
                 continue;
             }
-            let vo = self.v.strides.offset(b, hk, j);
+            let vo = self.kv_offset(&self.v.strides, b, hk, j);
             for (o, vv) in out.iter_mut().zip(&self.v.data[vo..vo + s.v_head_dim]) {
                 *o += w * vv.to_f64();
             }
@@ -223,7 +263,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         let rows = if dims.contains(&0) { 0 } else { dims.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(too_big.clone())? };
         if rows == 0 {
             // Nothing to loop over, however large the other dims.
-            return Ok(ReferenceOutput { shape: s, out: Vec::new(), lse: Vec::new() });
+            return Ok(ReferenceOutput { shape: s, out: Vec::new(), lse: Vec::new(), q_lens: Vec::new() });
         }
         let mut out = Vec::new();
         let mut lse = Vec::new();
@@ -233,13 +273,25 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         for b in 0..s.batch {
             for h in 0..s.q_heads {
                 for i in 0..s.seq_q {
-                    let Some(r) = self.try_row(b, h, i)? else { unreachable!("indices are in range") };
-                    out.extend_from_slice(&r.out);
-                    lse.push(r.lse);
+                    match self.try_row(b, h, i)? {
+                        Some(r) => {
+                            out.extend_from_slice(&r.out);
+                            lse.push(r.lse);
+                        }
+                        // Past a packed sequence's rows.
+                        None => {
+                            out.extend(core::iter::repeat_n(0.0, s.v_head_dim));
+                            lse.push(f64::NAN);
+                        }
+                    }
                 }
             }
         }
-        Ok(ReferenceOutput { shape: s, out, lse })
+        let q_lens = match self.params.cu_seqlens_q {
+            Some(_) => (0..s.batch).map(|b| self.q_len(b)).collect(),
+            None => Vec::new(),
+        };
+        Ok(ReferenceOutput { shape: s, out, lse, q_lens })
     }
 }
 

@@ -73,9 +73,8 @@ impl ScoreBuffers {
         k: &KvSource<'_, TKV>,
         params: &AttentionParams<'_>,
     ) -> Result<Self, AttnError> {
-        // Rows a paged K may lack a page for (past the sequence's length) are never scored.
-        let len = |b: usize| params.kv_lens.map_or(shape.seq_kv, |l| l[b]);
-        let k_row = |b: usize, h: usize, j: usize| (!k.is_paged() || j < len(b)).then(|| k.row(b, h, j, shape.head_dim));
+        // Rows a paged or packed K may lack (past the sequence's length) are never scored.
+        let k_row = |b: usize, h: usize, j: usize| (!k.bounded_by_len() || j < params.kv_len(b, shape.seq_kv)).then(|| k.row(b, h, j, shape.head_dim));
         let s = shape;
         let none = || Ok(Self { q: Vec::new(), k: Vec::new(), v: Vec::new(), a_pad: 0 });
         match params.score {

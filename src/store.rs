@@ -8,6 +8,7 @@
 
 use crate::dtypes::AnyMut;
 use crate::layout::{AttentionShape, Strides};
+use crate::rows::QRows;
 use core::marker::PhantomData;
 
 /// Where the output's elements are, by storage type: the one match `store` makes per row, so
@@ -26,6 +27,8 @@ pub(crate) struct OutRows<'a> {
     lse: *mut f32,
     lse_len: usize,
     shape: AttentionShape,
+    /// Padded rows, or packed sequences' tokens.
+    rows: QRows<'a>,
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
@@ -35,7 +38,7 @@ unsafe impl Sync for OutRows<'_> {}
 
 impl<'a> OutRows<'a> {
     /// Takes the (validated) output and LSE for the duration of the call.
-    pub fn new(shape: &AttentionShape, out: AnyMut<'a>, lse: Option<&'a mut [f32]>) -> Self {
+    pub fn new(shape: &AttentionShape, out: AnyMut<'a>, lse: Option<&'a mut [f32]>, rows: QRows<'a>) -> Self {
         let (lse, lse_len) = match lse {
             Some(l) => (l.as_mut_ptr(), l.len()),
             None => (core::ptr::null_mut(), 0),
@@ -44,7 +47,7 @@ impl<'a> OutRows<'a> {
             AnyMut::F32(t) => (OutPtr::F32(t.data.as_mut_ptr()), t.data.len(), t.strides),
             AnyMut::F16(t) => (OutPtr::F16(t.data.as_mut_ptr()), t.data.len(), t.strides),
         };
-        Self { out, out_len, strides, lse, lse_len, shape: *shape, _borrow: PhantomData }
+        Self { out, out_len, strides, lse, lse_len, shape: *shape, rows, _borrow: PhantomData }
     }
 
     /// An output that receives nothing: the alignment pass's jobs, which write only through
@@ -57,6 +60,7 @@ impl<'a> OutRows<'a> {
             lse: core::ptr::null_mut(),
             lse_len: 0,
             shape: *shape,
+            rows: QRows::new(shape, &Default::default()),
             _borrow: PhantomData,
         }
     }
@@ -72,7 +76,7 @@ impl<'a> OutRows<'a> {
         let dv = self.shape.v_head_dim;
         for r in 0..n {
             let src = &rows[r * pitch..r * pitch + dv];
-            let o = self.strides.offset(b, h, i0 + r);
+            let o = self.rows.offset(&self.strides, b, h, i0 + r);
             assert!(o + dv <= self.out_len, "validated offsets stay inside the output");
             // SAFETY (both arms): in bounds (validated, checked above); disjoint from every
             // other row.
@@ -87,7 +91,8 @@ impl<'a> OutRows<'a> {
             }
         }
         if !self.lse.is_null() {
-            let at = (b * self.shape.q_heads + h) * self.shape.seq_q + i0;
+            // A row's LSEs are contiguous in both layouts (`[B, Hq, Sq]`, `[Hq, tokens]`).
+            let at = self.rows.lse_index(b, h, i0);
             assert!(at + n <= self.lse_len, "validated LSE length");
             // SAFETY: as above.
             let dst = unsafe { core::slice::from_raw_parts_mut(self.lse.add(at), n) };

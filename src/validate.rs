@@ -74,6 +74,35 @@ fn dims4(heads: usize, seq: usize, batch: usize, st: &Strides) -> [(usize, usize
     [(batch, st.batch), (heads, st.head), (seq, st.seq)]
 }
 
+/// [`dims4`] of a Q or out tensor: padded, or packed tokens `0..cu[batch]` when `cu` is a
+/// validated `cu_seqlens_q` (the batch stride is then unused).
+fn row_dims(heads: usize, seq: usize, batch: usize, st: &Strides, cu: Option<&[i32]>) -> [(usize, usize); 3] {
+    match cu {
+        None => dims4(heads, seq, batch, st),
+        Some(cu) => [(1, 0), (heads, st.head), (cu[cu.len() - 1] as usize, st.seq)],
+    }
+}
+
+/// A `cu_seqlens` array: `batch + 1` entries, from a non-negative start, non-decreasing, each
+/// segment at most `max` (`max_name`) long.
+fn validate_cu_seqlens(arg: &'static str, cu: &[i32], batch: usize, max: usize, max_name: &str) -> Result<(), AttnError> {
+    let expected = batch.checked_add(1).ok_or(AttnError::SizeOverflow { tensor: TensorName::Q })?;
+    check_len(arg, expected, cu.len())?;
+    if cu[0] < 0 {
+        return Err(AttnError::InvalidSeqlens { arg, index: 0, detail: format!("{} is negative", cu[0]) });
+    }
+    for (b, w) in cu.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(AttnError::InvalidSeqlens { arg, index: b + 1, detail: format!("{} is below the entry before it ({})", w[1], w[0]) });
+        }
+        let len = (w[1] - w[0]) as usize;
+        if len > max {
+            return Err(AttnError::InvalidSeqlens { arg, index: b + 1, detail: format!("sequence {b} has {len} tokens, more than {max_name} = {max}") });
+        }
+    }
+    Ok(())
+}
+
 fn check_len(arg: &'static str, expected: usize, got: usize) -> Result<(), AttnError> {
     if expected != got {
         return Err(AttnError::WrongLength { arg, expected, got });
@@ -100,8 +129,20 @@ pub(crate) fn validate_inputs(shape: &AttentionShape, q: (usize, Strides), param
         return Err(AttnError::HeadsNotDivisible { q_heads: s.q_heads, kv_heads: s.kv_heads });
     }
     validate_score(s, params)?;
+    if let Some(cu) = params.cu_seqlens_q {
+        validate_cu_seqlens("cu_seqlens_q", cu, s.batch, s.seq_q, "seq_q")?;
+        if params.bias.is_some() {
+            return Err(AttnError::Unsupported { what: "bias with packed variable-length queries (cu_seqlens_q)" });
+        }
+        if !matches!(params.score, Score::ScaledDot | Score::Dot) {
+            return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "packed variable-length queries (cu_seqlens_q)" });
+        }
+    }
+    if let Some(cu) = params.cu_seqlens_k {
+        validate_cu_seqlens("cu_seqlens_k", cu, s.batch, s.seq_kv, "seq_kv")?;
+    }
     let q_dim = params.score.q_dim(s.head_dim);
-    check_fits(TensorName::Q, q.0, &dims4(s.q_heads, s.seq_q, s.batch, &q.1), q_dim)?;
+    check_fits(TensorName::Q, q.0, &row_dims(s.q_heads, s.seq_q, s.batch, &q.1, params.cu_seqlens_q), q_dim)?;
 
     let scale = params.effective_scale(s.head_dim);
     if !scale.is_finite() {
@@ -114,8 +155,10 @@ pub(crate) fn validate_inputs(shape: &AttentionShape, q: (usize, Strides), param
     }
     if let Some(lens) = params.kv_lens {
         check_len("kv_lens", s.batch, lens.len())?;
-        if let Some((batch, &kv_len)) = lens.iter().enumerate().find(|&(_, &l)| l > s.seq_kv) {
-            return Err(AttnError::KvLenOutOfRange { batch, kv_len, seq_kv: s.seq_kv });
+        // With packed keys, `kv_lens` (as `seqused_k`) may use part of each segment only.
+        let cap = |b: usize| params.cu_seqlens_k.map_or(s.seq_kv, |cu| (cu[b + 1] - cu[b]) as usize);
+        if let Some((batch, &kv_len)) = lens.iter().enumerate().find(|&(b, &l)| l > cap(b)) {
+            return Err(AttnError::KvLenOutOfRange { batch, kv_len, seq_kv: cap(batch) });
         }
     }
     if let Some(bias) = &params.bias {
@@ -239,22 +282,20 @@ fn validate_bias(s: &AttentionShape, bias: &BiasRef<'_>) -> Result<(), AttnError
     Ok(())
 }
 
-/// The output tensor and the optional LSE buffer (`[B, Hq, Sq]`, contiguous).
-/// `out` is the output's slice length and strides.
-pub(crate) fn validate_outputs(shape: &AttentionShape, out: (usize, Strides), lse: Option<&[f32]>) -> Result<(), AttnError> {
+/// The output tensor and the optional LSE buffer (`[B, Hq, Sq]`, contiguous; `[Hq, tokens]`
+/// for packed queries). `out` is the output's slice length and strides; `cu` the call's
+/// validated `cu_seqlens_q`.
+pub(crate) fn validate_outputs(shape: &AttentionShape, out: (usize, Strides), lse: Option<&[f32]>, cu: Option<&[i32]>) -> Result<(), AttnError> {
     let s = shape;
     let st = &out.1;
-    check_fits(TensorName::Out, out.0, &dims4(s.q_heads, s.seq_q, s.batch, st), s.v_head_dim)?;
-    check_no_overlap(
-        TensorName::Out,
-        &[("batch", s.batch, st.batch), ("head", s.q_heads, st.head), ("seq", s.seq_q, st.seq)],
-        s.v_head_dim,
-    )?;
+    let dims = row_dims(s.q_heads, s.seq_q, s.batch, st, cu);
+    check_fits(TensorName::Out, out.0, &dims, s.v_head_dim)?;
+    let [(nb, sb), (nh, sh), (ns, ss)] = dims;
+    check_no_overlap(TensorName::Out, &[("batch", nb, sb), ("head", nh, sh), ("seq", ns, ss)], s.v_head_dim)?;
     if let Some(lse) = lse {
-        let needed = s
-            .batch
-            .checked_mul(s.q_heads)
-            .and_then(|x| x.checked_mul(s.seq_q))
+        let needed = nb
+            .checked_mul(nh)
+            .and_then(|x| x.checked_mul(ns))
             .ok_or(AttnError::SizeOverflow { tensor: TensorName::Lse })?;
         if lse.len() < needed {
             return Err(AttnError::BufferTooSmall { tensor: TensorName::Lse, needed, len: lse.len() });

@@ -84,7 +84,7 @@ pub(super) fn pack_q_row<TKV: Element>(
         return RowState::start(f32::NEG_INFINITY);
     };
     let scale = p.q_scale(w.batch, h, i);
-    p.q.for_row(w.batch, h, i, d, |t, x| dst[t * stride] = x * scale);
+    p.q_row(w.batch, h, i, d, |t, x| dst[t * stride] = x * scale);
     RowState::start(if w.part == 0 { p.sink(h) } else { f32::NEG_INFINITY })
 }
 

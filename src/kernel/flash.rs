@@ -436,7 +436,7 @@ fn pack_qt<TKV>(p: &Problem<'_, TKV>, b: usize, h: usize, i0: usize, rows: usize
         let dst = &mut qt[tile * d * rt..(tile + 1) * d * rt];
         if r < rows {
             let scale = p.q_scale(b, h, i0 + r);
-            p.q.for_row(b, h, i0 + r, d, |t, x| dst[t * rt + lane] = x * scale);
+            p.q_row(b, h, i0 + r, d, |t, x| dst[t * rt + lane] = x * scale);
         } else {
             for t in 0..d {
                 dst[t * rt + lane] = 0.0;

@@ -98,7 +98,7 @@ fn block<TKV: Element, const ADDITIVE: bool>(
         // Q as given (the additive score reads its prepared q' rows instead).
         if dot {
             let dst = &mut sc.q[r * d..(r + 1) * d];
-            p.q.for_row(b, h, i0 + r, d, |t, x| dst[t] = x);
+            p.q_row(b, h, i0 + r, d, |t, x| dst[t] = x);
         }
         let st = RowState::start(p.sink(h));
         (sc.max[r], sc.sum[r]) = (st.max, st.sum);

@@ -194,8 +194,9 @@ impl WorkPlan {
     /// inspecting balance.
     pub fn cost(&self, unit: &WorkUnit, shape: &AttentionShape, params: &AttentionParams<'_>) -> u64 {
         let masker = RowMasker::new(shape, params);
-        let kv_len = params.kv_lens.map_or(shape.seq_kv, |l| l.get(unit.batch).copied().unwrap_or(0));
-        let pairs: u64 = (unit.q_start..unit.q_end)
+        let kv_len = params.kv_len(unit.batch, shape.seq_kv);
+        let first = shape.seq_q.saturating_sub(params.q_len(unit.batch, shape.seq_q));
+        let pairs: u64 = (unit.q_start.max(first)..unit.q_end)
             .map(|i| {
                 let (lo, hi) = masker.interval(kv_len, i);
                 hi.min(unit.key_end).saturating_sub(lo.max(unit.key_start)) as u64

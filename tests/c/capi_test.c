@@ -293,6 +293,7 @@ static void test_header_agrees_with_library(void) {
         CODE(SIMD_ATTN_ERR_OUT_OF_MEMORY), CODE(SIMD_ATTN_ERR_ISA_UNAVAILABLE), CODE(SIMD_ATTN_ERR_UNKNOWN_ISA),
         CODE(SIMD_ATTN_ERR_INTERNAL),     CODE(SIMD_ATTN_ERR_INVALID_SCORE), CODE(SIMD_ATTN_ERR_UNKNOWN_SCORE),
         CODE(SIMD_ATTN_ERR_UNSUPPORTED),  CODE(SIMD_ATTN_ERR_RESERVED), CODE(SIMD_ATTN_ERR_INVALID_PAGE),
+        CODE(SIMD_ATTN_ERR_INVALID_SEQLENS),
     };
     size_t n_codes = sizeof codes / sizeof codes[0];
     for (size_t i = 0; i < n_codes; i++) {
@@ -935,6 +936,99 @@ static void test_paged(const int32_t *isas, size_t n_isas) {
     release(&p);
 }
 
+/* ---- packed variable-length sequences ---- */
+/* Three packed sequences (q rows 5, 0, 3 against 9, 4, 0 keys: an empty query sequence and a
+ * sequence with no keys) in token-major buffers with a lead token before the first: forward
+ * on every path and with 1 and 2 threads agrees with the reference of the same descriptor,
+ * a host plan writes the same bits as forward, nothing outside the packed rows is written,
+ * a decreasing cu_seqlens is rejected with the output untouched, and a descriptor from the
+ * header before these fields ignores them. */
+static void test_varlen(const int32_t *isas, size_t n_isas) {
+    enum { B = 3, HQ = 4, HKV = 2, D = 32 };
+    const int32_t cu_q[B + 1] = {1, 6, 6, 9}, cu_k[B + 1] = {1, 10, 14, 14};
+    size_t tq = 9, tk = 14, q_len = tq * HQ * D, kv_len = tk * HKV * D;
+    float *q = (float *)alloc_filled(q_len, SIMD_ATTN_F32);
+    float *k = (float *)alloc_filled(kv_len, SIMD_ATTN_F32), *v = (float *)alloc_filled(kv_len, SIMD_ATTN_F32);
+    simd_attn_desc d;
+    simd_attn_desc_init(&d);
+    d.batch = B, d.q_heads = HQ, d.kv_heads = HKV, d.seq_q = 5, d.seq_kv = 9, d.head_dim = D;
+    d.causal = 1;
+    d.q.data = q, d.q.len = q_len, d.q.stride_head = D, d.q.stride_seq = HQ * D;
+    d.k.data = k, d.k.len = kv_len, d.k.stride_head = D, d.k.stride_seq = HKV * D;
+    d.v = d.k;
+    d.v.data = v;
+    d.out.len = q_len, d.out.stride_head = D, d.out.stride_seq = HQ * D;
+    d.lse_len = HQ * tq;
+    d.cu_seqlens_q = cu_q, d.cu_seqlens_q_len = B + 1;
+    d.cu_seqlens_k = cu_k, d.cu_seqlens_k_len = B + 1;
+    float *ref = (float *)malloc(q_len * 4), *ref_lse = (float *)malloc(HQ * tq * 4);
+    float *out = (float *)malloc(q_len * 4), *lse = (float *)malloc(HQ * tq * 4);
+    for (size_t e = 0; e < q_len; e++) ref[e] = 555.0f;
+    simd_attn_desc r = d;
+    r.out.data = ref, r.lse = ref_lse;
+    EXPECT_STATUS(simd_attn_reference(&r), SIMD_ATTN_OK);
+    for (size_t e = 0; e < HQ * D; e++) CHECK(ref[e] == 555.0f, "varlen reference wrote the lead token");
+    for (size_t i = 0; i < n_isas; i++) {
+        for (size_t threads = 1; threads <= 2; threads++) {
+            for (size_t e = 0; e < q_len; e++) out[e] = 555.0f;
+            simd_attn_desc g = d;
+            g.out.data = out, g.lse = lse;
+            EXPECT_STATUS(simd_attn_forward(&g, threads, isas[i], NULL), SIMD_ATTN_OK);
+            double worst = 0;
+            for (size_t e = 0; e < q_len; e++) {
+                double err = e < HQ * D ? (out[e] == 555.0f ? 0 : 1) : fabs((double)out[e] - ref[e]);
+                if (!(err <= worst)) worst = err;
+            }
+            CHECK(worst <= 2e-5 * (D + 8), "varlen (isa %d, %zu threads): max error %g", isas[i], threads, worst);
+            for (size_t e = 0; e < HQ * tq; e++) {
+                size_t t = e % tq;
+                if (t == 0) continue; /* the lead token has no row */
+                CHECK(isinf(ref_lse[e]) ? lse[e] == ref_lse[e] : fabs(lse[e] - ref_lse[e]) <= 1e-4 * (1 + fabs(ref_lse[e])), "varlen lse[%zu] = %g, want %g", e, lse[e], ref_lse[e]);
+            }
+            if (threads == 2) {
+                float *plan_out = (float *)malloc(q_len * 4);
+                for (size_t e = 0; e < q_len; e++) plan_out[e] = 555.0f;
+                simd_attn_desc h = g;
+                h.out.data = plan_out, h.lse = NULL, h.lse_len = 0;
+                simd_attn_plan *plan = NULL;
+                EXPECT_STATUS(simd_attn_plan_create(&h, 3, isas[i], &plan), SIMD_ATTN_OK);
+                if (plan) {
+                    worker ws[8];
+                    memset(ws, 0, sizeof ws);
+                    run_threads(plan, 3, 0, ws);
+                    run_threads(plan, 3, 1, ws);
+                    simd_attn_plan_destroy(plan);
+                    CHECK(memcmp(plan_out, out, q_len * 4) == 0, "varlen host plan (isa %d) differs from forward", isas[i]);
+                }
+                free(plan_out);
+            }
+        }
+    }
+    /* A decreasing cu_seqlens_q: rejected before anything runs. */
+    const int32_t bad_cu[B + 1] = {0, 5, 4, 9};
+    simd_attn_desc bad = d;
+    for (size_t e = 0; e < q_len; e++) out[e] = 555.0f;
+    bad.out.data = out, bad.lse = lse;
+    bad.cu_seqlens_q = bad_cu;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_SEQLENS);
+    int untouched = 1;
+    for (size_t e = 0; e < q_len; e++) untouched &= out[e] == 555.0f;
+    CHECK(untouched, "varlen: output written on a bad cu_seqlens_q");
+    /* Packed queries refuse a bias. */
+    float bias[9] = {0};
+    bad.cu_seqlens_q = cu_q, bad.bias = bias, bad.bias_len = 9;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED);
+    /* The header before these fields: struct_size ends at num_pages, cu_seqlens never read
+     * (the same buffers are then one padded batch of 1). */
+    simd_attn_desc old = d;
+    old.struct_size = (uint32_t)offsetof(simd_attn_desc, cu_seqlens_q);
+    old.batch = 1, old.seq_q = 9, old.seq_kv = 14, old.lse = NULL, old.lse_len = 0;
+    old.q.stride_batch = old.k.stride_batch = old.v.stride_batch = old.out.stride_batch = 0;
+    old.out.data = out;
+    EXPECT_STATUS(simd_attn_forward(&old, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    free(q), free(k), free(v), free(ref), free(ref_lse), free(out), free(lse);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -968,6 +1062,7 @@ int main(void) {
     test_merge();
     test_empty_calls(isas, n_isas);
     test_paged(isas, n_isas);
+    test_varlen(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);

@@ -26,7 +26,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
   --set     standard (default), prefill, decode (Sq 1/4/16 x Skv 512..64k), headdim (D 32..256),
             scores (dot, cosine, general, additive A 48/64/128, alignment pass),
             paged (K/V in shuffled pages of 16 and 256 tokens, head-major next to [B, Hkv, S, D]
-            tensors and token-major (`-bshd`) next to [B, S, Hkv, D] ones),
+            tensors and token-major (`-bshd`) next to [B, S, Hkv, D] ones; a packed varlen
+            prefill of 4 sequences next to 4 separate calls),
             seqlen (causal prefill S 128..8192), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
@@ -77,6 +78,9 @@ struct Case {
     token_major: bool,
     /// K/V in a paged pool of pages of this many tokens (shuffled block table), read in place.
     paged: Option<usize>,
+    /// A packed batch of sequences of these lengths (`seq_q` and `seq_kv` their maximum), run
+    /// as one varlen call, or as one call per sequence (`separate`).
+    varlen: Option<(&'static [usize], bool)>,
 }
 
 /// The score function a case runs (weights are made up per case).
@@ -108,7 +112,18 @@ fn case(name: &str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: u
         inspect: false,
         paged: None,
         token_major: false,
+        varlen: None,
     }
+}
+
+/// The varlen prefill of the target: four causal sequences (Hq8 Hkv2 D128), packed into one
+/// call, or (`separate`) one call per sequence.
+fn varlen_case(separate: bool) -> Case {
+    const LENS: &[usize] = &[300, 1000, 2000, 700];
+    let name = if separate { "varlen4-separate" } else { "varlen4" };
+    let mut c = with_dtype(case(name, LENS.len(), 8, 2, 2000, 2000, 128, true), Dtype::F16);
+    c.varlen = Some((LENS, separate));
+    c
 }
 
 fn token_major(mut c: Case) -> Case {
@@ -210,6 +225,8 @@ fn cases(set: &str) -> Vec<Case> {
                 v.push(with_pages(base(), ps));
             }
         }
+        v.push(varlen_case(true));
+        v.push(varlen_case(false));
         v
     };
     match set {
@@ -466,6 +483,9 @@ fn convert<T: Element>(v: &[f32]) -> Vec<T> {
 }
 
 fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Vec<Row> {
+    if let Some((lens, separate)) = c.varlen {
+        return bench_varlen::<TQ, TKV, TO>(c, lens, separate, ctx);
+    }
     let s = c.shape;
     let [qs, mut ks, mut vs, os] = s.bhsd_strides();
     if c.token_major {
@@ -547,35 +567,110 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
             // the ratio compares the kernel with the machine in the same minute.
             let bw = if decode { ctx.bandwidth.gbs(threads) } else { ctx.bw(threads) };
             let roofline = (kv_bytes / (bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
-            let gflops = flops / t / 1e9;
-            rows.push(Row {
-                case: c.name.clone(),
-                batch: s.batch,
-                q_heads: s.q_heads,
-                kv_heads: s.kv_heads,
-                seq_q: s.seq_q,
-                seq_kv: s.seq_kv,
-                head_dim: s.head_dim,
-                causal: c.causal,
-                dtype: c.dtype.name().into(),
-                isa: isa.name().into(),
-                threads,
-                ms: t * 1e3,
-                best_ms: best * 1e3,
-                spread,
-                gflops,
-                gflops_best: flops / best / 1e9,
-                pct_peak: 100.0 * gflops / (ctx.peak * threads as f64),
-                gbs: kv_bytes / t / 1e9,
-                bw_gbs: bw,
-                pct_bw: 100.0 * kv_bytes / t / 1e9 / bw,
-                x_roofline: t / roofline,
-                x_portable: t_portable / t,
-                x_unfused: t_unfused / t,
-                max_err: err,
-                // Visible pairs x attention dim: attention_flops counts 4 D per pair.
-                gpair_dims: if c.score == BenchScore::Additive { flops / 4.0 / t / 1e9 } else { f64::NAN },
+            rows.push(row_of(c, isa, threads, (t, best, spread), flops, kv_bytes, bw, roofline, ctx.peak, (t_portable, t_unfused), err));
+        }
+    }
+    rows
+}
+
+/// One result row: a timed (median, best, spread) path and thread count of case `c`, with the
+/// ratios to the roofline and the baselines (portable, unfused) measured in the same run.
+#[allow(clippy::too_many_arguments)]
+fn row_of(c: &Case, isa: Isa, threads: usize, (t, best, spread): (f64, f64, f64), flops: f64, kv_bytes: f64, bw: f64, roofline: f64, peak: f64, (t_portable, t_unfused): (f64, f64), err: f64) -> Row {
+    let s = c.shape;
+    let gflops = flops / t / 1e9;
+    Row {
+        case: c.name.clone(),
+        batch: s.batch,
+        q_heads: s.q_heads,
+        kv_heads: s.kv_heads,
+        seq_q: s.seq_q,
+        seq_kv: s.seq_kv,
+        head_dim: s.head_dim,
+        causal: c.causal,
+        dtype: c.dtype.name().into(),
+        isa: isa.name().into(),
+        threads,
+        ms: t * 1e3,
+        best_ms: best * 1e3,
+        spread,
+        gflops,
+        gflops_best: flops / best / 1e9,
+        pct_peak: 100.0 * gflops / (peak * threads as f64),
+        gbs: kv_bytes / t / 1e9,
+        bw_gbs: bw,
+        pct_bw: 100.0 * kv_bytes / t / 1e9 / bw,
+        x_roofline: t / roofline,
+        x_portable: t_portable / t,
+        x_unfused: t_unfused / t,
+        max_err: err,
+        // Visible pairs x attention dim: attention_flops counts 4 D per pair.
+        gpair_dims: if c.score == BenchScore::Additive { flops / 4.0 / t / 1e9 } else { f64::NAN },
+    }
+}
+
+/// A packed variable-length batch (`Case::varlen`): the sequences' tokens as `[T, H, D]`,
+/// run either as one call with `cu_seqlens_q` / `cu_seqlens_k` or (`separate`) as one
+/// contiguous call per sequence on the same buffers, the way an engine without varlen runs
+/// them. Both rows count the same flops.
+fn bench_varlen<TQ: Element, TKV: Element, TO: Element>(c: &Case, lens: &[usize], separate: bool, ctx: &Ctx) -> Vec<Row> {
+    let s = c.shape;
+    let mut cu = vec![0i32];
+    for &l in lens {
+        cu.push(cu[cu.len() - 1] + l as i32);
+    }
+    let total = cu[lens.len()] as usize;
+    let (qs, ks) = (Strides::bshd(s.q_heads, 0, s.head_dim), Strides::bshd(s.kv_heads, 0, s.head_dim));
+    let q: Vec<TQ> = convert(&random(total * s.q_heads * s.head_dim, 1));
+    let k: Vec<TKV> = convert(&random(total * s.kv_heads * s.head_dim, 2));
+    let v: Vec<TKV> = convert(&random(total * s.kv_heads * s.head_dim, 3));
+    let params = AttentionParams::new().causal(c.causal).cu_seqlens_q(&cu).cu_seqlens_k(&cu);
+    let flops = attention_flops(&s, &params);
+    let kv_bytes = (2 * total * s.kv_heads * s.head_dim * c.dtype.kv_bytes()) as f64;
+    let mut out = vec![TO::from_f32(0.0); total * s.q_heads * s.head_dim];
+    let run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
+        let config = RunConfig { isa: Some(isa), threads: Some(threads) };
+        time(reps, min_time, || {
+            if !separate {
+                let kv = (TensorRef::new(&k[..], ks), TensorRef::new(&v[..], ks));
+                simd_attn::run(&config, Request::new(s, TensorRef::new(&q, qs), kv, TensorMut::new(out, qs), params)).expect("valid problem");
+                return;
+            }
+            for (b, &n) in lens.iter().enumerate() {
+                let one = AttentionShape::new(1, s.q_heads, s.kv_heads, n, n, s.head_dim);
+                let (t0, tq, tk) = (cu[b] as usize, s.q_heads * s.head_dim, s.kv_heads * s.head_dim);
+                let (q1, k1, v1) = (&q[t0 * tq..], &k[t0 * tk..], &v[t0 * tk..]);
+                let (qs1, ks1) = (Strides::bshd(s.q_heads, n, s.head_dim), Strides::bshd(s.kv_heads, n, s.head_dim));
+                let o1 = &mut out[t0 * tq..(t0 + n) * tq];
+                let p1 = AttentionParams::new().causal(c.causal);
+                simd_attn::attention_with(&config, &one, TensorRef::new(q1, qs1), TensorRef::new(k1, ks1), TensorRef::new(v1, ks1), TensorMut::new(o1, qs1), None, &p1).expect("valid problem");
+            }
+        })
+    };
+    let t_portable = if ctx.baselines { run(Isa::Portable, 1, &mut out, 1, 0.0).0 } else { f64::NAN };
+    let reference = ctx.check.then(|| Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&k, ks), TensorRef::new(&v, ks), &params).unwrap());
+    let mut rows = Vec::new();
+    for &isa in &ctx.isas {
+        for &threads in &ctx.thread_counts {
+            let timing = run(isa, threads, &mut out, ctx.reps, ctx.min_time);
+            // Sampled rows of each sequence (row i of sequence b is token cu[b] + i).
+            let err = reference.as_ref().map_or(f64::NAN, |r| {
+                let mut err = 0.0f64;
+                for (b, &n) in lens.iter().enumerate() {
+                    for i in (0..n).step_by(n.div_ceil(6).max(1)) {
+                        let h = (b + i) % s.q_heads;
+                        let want = r.row(b, h, i).unwrap();
+                        let o = (cu[b] as usize + i) * qs.seq + h * qs.head;
+                        for (g, w) in out[o..o + s.head_dim].iter().zip(&want.out) {
+                            err = err.max((g.to_f64() - w).abs());
+                        }
+                    }
+                }
+                err
             });
+            let bw = ctx.bw(threads);
+            let roofline = (kv_bytes / (bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
+            rows.push(row_of(c, isa, threads, timing, flops, kv_bytes, bw, roofline, ctx.peak, (t_portable, f64::NAN), err));
         }
     }
     rows
@@ -655,7 +750,11 @@ impl<T: Element> Pool<T> {
 fn print_twin_ratios(rows: &[Row]) {
     let mut lines = Vec::new();
     for r in rows {
-        let Some((base, _)) = r.case.rsplit_once("-page").filter(|(_, n)| n.parse::<usize>().is_ok()) else { continue };
+        let base = match r.case.rsplit_once("-page").filter(|(_, n)| n.parse::<usize>().is_ok()) {
+            Some((base, _)) => base.to_string(),
+            None if r.case.starts_with("varlen") && !r.case.ends_with("-separate") => format!("{}-separate", r.case),
+            None => continue,
+        };
         let twin = rows.iter().find(|t| {
             t.case == base && (t.batch, t.q_heads, t.kv_heads, t.seq_q, t.seq_kv, t.head_dim, t.causal) == (r.batch, r.q_heads, r.kv_heads, r.seq_q, r.seq_kv, r.head_dim, r.causal)
                 && t.dtype == r.dtype && t.isa == r.isa && t.threads == r.threads
@@ -665,7 +764,7 @@ fn print_twin_ratios(rows: &[Row]) {
         }
     }
     if !lines.is_empty() {
-        println!("# paged rows against their contiguous twins (median time ratio, same run):");
+        println!("# paged and varlen rows against their contiguous twins (median time ratio, same run):");
         lines.iter().for_each(|l| println!("{l}"));
     }
 }
