@@ -259,6 +259,7 @@ impl From<AttnError> for Fail {
             InvalidScore { .. } => Status::InvalidScore,
             UnsupportedScore { .. } | Unsupported { .. } => Status::Unsupported,
             InvalidSeqlens { .. } => Status::InvalidSeqlens,
+            InvalidRope { .. } => Status::InvalidValue,
         };
         Fail(status, e.to_string())
     }
@@ -546,6 +547,7 @@ impl<'a> Options<'a> {
             score: self.score,
             cu_seqlens_q: self.cu_seqlens_q,
             cu_seqlens_k: self.cu_seqlens_k,
+            rope: None,
         }
     }
 }

@@ -43,7 +43,7 @@ pub enum AnyMut<'o> {
 
 /// `s` as a slice of `U`, when `T` and `U` are the same storage type.
 #[inline(always)]
-fn same<T: Element, U: Element>(s: &[T]) -> Option<&[U]> {
+pub(crate) fn same<T: Element, U: Element>(s: &[T]) -> Option<&[U]> {
     // SAFETY: the trait is sealed and every implementor has a distinct DTYPE, so equal DTYPEs
     // mean T and U are the same type.
     (T::DTYPE == U::DTYPE).then(|| unsafe { core::slice::from_raw_parts(s.as_ptr().cast::<U>(), s.len()) })
@@ -51,7 +51,7 @@ fn same<T: Element, U: Element>(s: &[T]) -> Option<&[U]> {
 
 /// [`same`], for a mutable slice.
 #[inline(always)]
-fn same_mut<T: Element, U: Element>(s: &mut [T]) -> Result<&mut [U], &mut [T]> {
+pub(crate) fn same_mut<T: Element, U: Element>(s: &mut [T]) -> Result<&mut [U], &mut [T]> {
     if T::DTYPE != U::DTYPE {
         return Err(s);
     }
@@ -148,6 +148,40 @@ impl<'a> AnyRef<'a> {
         match self {
             AnyRef::F32(t) => t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x)),
             AnyRef::F16(t) => t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x.to_f32())),
+        }
+    }
+}
+
+impl AnyRef<'_> {
+    /// [`AnyRef::row_at`], rotated by `rope` at position `pos` (within its tables: validated):
+    /// a pass over the pairs with the position's cos/sin rows, then the unrotated tail.
+    #[inline(always)]
+    pub(crate) fn row_rotated(&self, o: usize, d: usize, rope: &crate::rope::Rope<'_>, pos: usize, put: impl FnMut(usize, f32)) {
+        #[inline(always)]
+        fn pairs(rope: &crate::rope::Rope<'_>, pos: usize, d: usize, x: impl Fn(usize) -> f32, mut put: impl FnMut(usize, f32)) {
+            let half = rope.rotary_dim / 2;
+            let (cos, sin) = (&rope.cos[pos * half..][..half], &rope.sin[pos * half..][..half]);
+            // Pair k is (2k, 2k + 1) interleaved (GPT-J), (k, k + half) otherwise (NeoX).
+            let (step, second) = if rope.interleaved { (2, 1) } else { (1, half) };
+            for (k, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+                let (i, j) = (k * step, k * step + second);
+                let (a, b) = (x(i), x(j));
+                put(i, a * c - b * s);
+                put(j, b * c + a * s);
+            }
+            for t in rope.rotary_dim..d {
+                put(t, x(t));
+            }
+        }
+        match self {
+            AnyRef::F32(t) => {
+                let row = &t.data[o..o + d];
+                pairs(rope, pos, d, |u| row[u], put);
+            }
+            AnyRef::F16(t) => {
+                let row = &t.data[o..o + d];
+                pairs(rope, pos, d, |u| row[u].to_f32(), put);
+            }
         }
     }
 }

@@ -22,6 +22,10 @@ pub enum TensorName {
     Coverage,
     /// The block table of a paged K/V pool.
     BlockTable,
+    /// The new K rows of a KV cache append.
+    KNew,
+    /// The new V rows of a KV cache append.
+    VNew,
 }
 
 impl fmt::Display for TensorName {
@@ -37,6 +41,8 @@ impl fmt::Display for TensorName {
             TensorName::Alignment => "alignment",
             TensorName::Coverage => "coverage",
             TensorName::BlockTable => "block_table",
+            TensorName::KNew => "k_new",
+            TensorName::VNew => "v_new",
         })
     }
 }
@@ -94,6 +100,8 @@ pub enum AttnError {
     /// A `cu_seqlens` array is not `batch + 1` non-negative, non-decreasing offsets whose
     /// segments fit the shape.
     InvalidSeqlens { arg: &'static str, index: usize, detail: String },
+    /// Rotary tables that do not fit the call (dims, lengths, positions past the tables).
+    InvalidRope { detail: String },
 }
 
 impl fmt::Display for AttnError {
@@ -158,6 +166,7 @@ impl fmt::Display for AttnError {
             }
             Unsupported { what } => write!(f, "not supported: {what}"),
             InvalidSeqlens { arg, index, detail } => write!(f, "{arg}[{index}]: {detail}"),
+            InvalidRope { detail } => write!(f, "rope: {detail}"),
         }
     }
 }

@@ -23,6 +23,23 @@ pub(crate) enum KvIndex<'a> {
     Packed { strides: Strides, cu: &'a [i32] },
 }
 
+impl<'a> KvIndex<'a> {
+    /// Element offset of row `j` of KV head `hk`, sequence `b` (a validated row).
+    #[inline(always)]
+    pub fn offset(&self, b: usize, hk: usize, j: usize) -> usize {
+        match self {
+            KvIndex::Strided(s) => s.offset(b, hk, j),
+            KvIndex::Paged(p) => p.offset(b, hk, j),
+            KvIndex::Packed { strides, cu } => (cu[b] as usize + j) * strides.seq + hk * strides.head,
+        }
+    }
+
+    /// The index of a paged layout, without its pool (for writers, who hold the pool `mut`).
+    pub fn paged(table: &PageTable<'a>, strides: PageStrides) -> Self {
+        KvIndex::Paged(Paged { table: table.block_table, pages_per_seq: table.pages_per_seq, page_size: table.page_size, strides })
+    }
+}
+
 /// A validated paged layout: every block-table entry a visible key reaches names a page of the
 /// pool.
 #[derive(Clone, Copy, Debug)]
@@ -49,11 +66,7 @@ impl<'a, T> KvSource<'a, T> {
     /// page exists).
     #[inline(always)]
     pub fn offset(&self, b: usize, hk: usize, j: usize) -> usize {
-        match &self.index {
-            KvIndex::Strided(s) => s.offset(b, hk, j),
-            KvIndex::Paged(p) => p.offset(b, hk, j),
-            KvIndex::Packed { strides, cu } => (cu[b] as usize + j) * strides.seq + hk * strides.head,
-        }
+        self.index.offset(b, hk, j)
     }
 
     /// From row `j` on, how many rows lie `ld` elements apart (at least 1), and `ld`: the whole

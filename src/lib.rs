@@ -19,8 +19,10 @@
 //! (tiles) → kernel (per query block) → store.
 
 mod api;
+mod append;
 mod request;
 mod rows;
+mod rope;
 mod dtypes;
 #[doc(hidden)]
 pub mod capi;
@@ -49,6 +51,8 @@ pub mod selftest;
 pub use api::{attention, attention_in, attention_inspect, attention_with, run, Inspect, default_threads, set_default_threads, HostPlan, RunConfig, RunInfo};
 pub use dtypes::{AnyKv, AnyMut, AnyRef, Kv};
 pub use request::Request;
+pub use append::{attention_with_kvcache, KvCacheMut, NewKv};
+pub use rope::Rope;
 pub use exec::Workspace;
 pub use plan::work::{WorkPlan, WorkUnit};
 pub use element::{DType, Element};

@@ -124,6 +124,12 @@ pub struct AttentionParams<'a> {
     /// `cu_seqlens_k[b + 1] - cu_seqlens_k[b] <= seq_kv` keys (fewer if `kv_lens` says so,
     /// as `seqused_k`). K and V must be tensors, not a paged pool.
     pub cu_seqlens_k: Option<&'a [i32]>,
+    /// Rotary embedding of Q ([`crate::Rope`]): row `i` of sequence `b` is rotated at its
+    /// position `i + off` (`off = kv_len - q_len`, so the last row is at `kv_len - 1`: the
+    /// positions of a cache's new tokens) as the kernels pack it. Keys are read as stored (an
+    /// append rotates them as it writes, see [`crate::attention_with_kvcache`]). Needs
+    /// `kv_len >= q_len` for every sequence and a dot or cosine score.
+    pub rope: Option<crate::rope::Rope<'a>>,
 }
 
 /// Entries of segment `b` of a `cu_seqlens` array (0 past its end or where it decreases).
@@ -179,6 +185,11 @@ impl<'a> AttentionParams<'a> {
     /// Packed variable-length queries (see [`AttentionParams::cu_seqlens_q`]).
     pub fn cu_seqlens_q(mut self, cu: &'a [i32]) -> Self {
         self.cu_seqlens_q = Some(cu);
+        self
+    }
+    /// Rotary embedding of Q (see [`AttentionParams::rope`]).
+    pub fn rope(mut self, rope: crate::rope::Rope<'a>) -> Self {
+        self.rope = Some(rope);
         self
     }
     /// Packed variable-length keys (see [`AttentionParams::cu_seqlens_k`]).

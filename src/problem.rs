@@ -74,7 +74,12 @@ impl<'a, TKV> Problem<'a, TKV> {
     /// widened to f32: the one place a kernel reads Q.
     #[inline(always)]
     pub fn q_row(&self, b: usize, h: usize, i: usize, d: usize, put: impl FnMut(usize, f32)) {
-        self.q.row_at(self.rows.offset(&self.q.strides(), b, h, i), d, put)
+        let o = self.rows.offset(&self.q.strides(), b, h, i);
+        match &self.params.rope {
+            None => self.q.row_at(o, d, put),
+            // The row's aligned position `i + kv_len - seq_q` (virtual `i`): validated >= 0.
+            Some(rope) => self.q.row_rotated(o, d, rope, i + self.kv_len(b) - self.shape.seq_q, put),
+        }
     }
 
     /// The factor Q row `(b, h, i)` is multiplied by as it is packed.

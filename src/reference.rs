@@ -158,7 +158,19 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         let hk = h / s.group_size();
         let pos = i as f64 + self.kv_len(b) as f64 - self.q_len(b) as f64;
         let qo = self.q_offset(b, h, i);
-        let q = filled(self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()))?;
+        let mut q = filled(self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()))?;
+        if let Some(rope) = &p.rope {
+            // Rotated at the row's position, pair by pair, as the contract words it.
+            let at = (i + self.kv_len(b) - self.q_len(b)) * (rope.rotary_dim / 2);
+            let x = q.clone();
+            let half = rope.rotary_dim / 2;
+            for t in 0..half {
+                let (a, bb) = if rope.interleaved { (2 * t, 2 * t + 1) } else { (t, t + half) };
+                let (c, sn) = (rope.cos[at + t] as f64, rope.sin[at + t] as f64);
+                q[a] = x[a] * c - x[bb] * sn;
+                q[bb] = x[bb] * c + x[a] * sn;
+            }
+        }
 
         let mut scores = filled(core::iter::repeat_n(f64::NEG_INFINITY, s.seq_kv))?;
         let mut k = filled(core::iter::repeat_n(0.0, s.head_dim))?;

@@ -83,6 +83,30 @@ fn row_dims(heads: usize, seq: usize, batch: usize, st: &Strides, cu: Option<&[i
     }
 }
 
+/// Rotary tables against the call: the tables' own shape, a score that reads Q as the kernels
+/// pack it, and every present row's position `i + kv_len - q_len` in `0..positions`.
+fn validate_rope(s: &AttentionShape, params: &AttentionParams<'_>, rope: &crate::rope::Rope<'_>) -> Result<(), AttnError> {
+    rope.validate(s.head_dim)?;
+    if !matches!(params.score, Score::ScaledDot | Score::Dot | Score::Cosine { .. }) {
+        return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "rope (Q is rotated as the dot kernels pack it)" });
+    }
+    let positions = rope.positions();
+    for b in 0..s.batch {
+        let (q_len, kv_len) = (params.q_len(b, s.seq_q), params.kv_len(b, s.seq_kv));
+        if q_len == 0 {
+            continue;
+        }
+        if kv_len < q_len {
+            return Err(AttnError::InvalidRope { detail: format!("sequence {b} has {q_len} query rows but {kv_len} keys: its first row would sit at a negative position") });
+        }
+        if kv_len > positions {
+            return Err(AttnError::InvalidRope { detail: format!("sequence {b}'s last row sits at position {} but the tables hold {positions}", kv_len - 1) });
+        }
+        rope.check_rows(kv_len - q_len..kv_len)?;
+    }
+    Ok(())
+}
+
 /// A `cu_seqlens` array: `batch + 1` entries, from a non-negative start, non-decreasing, each
 /// segment at most `max` (`max_name`) long.
 fn validate_cu_seqlens(arg: &'static str, cu: &[i32], batch: usize, max: usize, max_name: &str) -> Result<(), AttnError> {
@@ -163,6 +187,9 @@ pub(crate) fn validate_inputs(shape: &AttentionShape, q: (usize, Strides), param
     }
     if let Some(bias) = &params.bias {
         validate_bias(s, bias)?;
+    }
+    if let Some(rope) = &params.rope {
+        validate_rope(s, params, rope)?;
     }
     if let Some(slopes) = params.alibi_slopes {
         check_len("alibi_slopes", s.q_heads, slopes.len())?;
