@@ -13,7 +13,7 @@ mod unfused;
 use report::{Machine, Row};
 
 use half::f16;
-use simd_attn::{attention_flops, attention_inspect, AttentionParams, AttentionShape, Element, Inspect, Isa, PageStrides, PageTable, PagedKv, Reference, Request, RunConfig, Score, Strides, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_inspect, attention_with_kvcache, KvCacheMut, NewKv, Rope, AttentionParams, AttentionShape, Element, Inspect, Isa, PageStrides, PageTable, PagedKv, Reference, Request, RunConfig, Score, Strides, TensorMut, TensorRef};
 use std::io::IsTerminal;
 use std::time::Instant;
 
@@ -27,7 +27,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             scores (dot, cosine, general, additive A 48/64/128, alignment pass),
             paged (K/V in shuffled pages of 16 and 256 tokens, head-major next to [B, Hkv, S, D]
             tensors and token-major (`-bshd`) next to [B, S, Hkv, D] ones; a packed varlen
-            prefill of 4 sequences next to 4 separate calls),
+            prefill of 4 sequences next to 4 separate calls; the decode step with its token
+            appended and RoPE applied in the call, `-append`, next to the plain step),
             seqlen (causal prefill S 128..8192), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
@@ -81,6 +82,9 @@ struct Case {
     /// A packed batch of sequences of these lengths (`seq_q` and `seq_kv` their maximum), run
     /// as one varlen call, or as one call per sequence (`separate`).
     varlen: Option<(&'static [usize], bool)>,
+    /// Each call appends one new token per sequence (RoPE on it and on Q) to a cache filled
+    /// to `seq_kv - 1`, then attends (`attention_with_kvcache`).
+    append: bool,
 }
 
 /// The score function a case runs (weights are made up per case).
@@ -113,7 +117,19 @@ fn case(name: &str, b: usize, hq: usize, hkv: usize, sq: usize, skv: usize, d: u
         paged: None,
         token_major: false,
         varlen: None,
+        append: false,
     }
+}
+
+/// The decode target's step with its token appended (and RoPE applied) in the same call.
+fn append_case(token_major_kv: bool) -> Case {
+    let mut c = with_dtype(case("decode", 1, 32, 8, 1, 8192, 128, true), Dtype::F16Kv);
+    if token_major_kv {
+        c = token_major(c);
+    }
+    c.name = format!("{}-append", c.name);
+    c.append = true;
+    c
 }
 
 /// The varlen prefill of the target: four causal sequences (Hq8 Hkv2 D128), packed into one
@@ -225,6 +241,8 @@ fn cases(set: &str) -> Vec<Case> {
                 v.push(with_pages(base(), ps));
             }
         }
+        v.push(append_case(false));
+        v.push(append_case(true));
         v.push(varlen_case(true));
         v.push(varlen_case(false));
         v
@@ -486,6 +504,9 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
     if let Some((lens, separate)) = c.varlen {
         return bench_varlen::<TQ, TKV, TO>(c, lens, separate, ctx);
     }
+    if c.append {
+        return bench_append::<TQ, TKV, TO>(c, ctx);
+    }
     let s = c.shape;
     let [qs, mut ks, mut vs, os] = s.bhsd_strides();
     if c.token_major {
@@ -676,6 +697,48 @@ fn bench_varlen<TQ: Element, TKV: Element, TO: Element>(c: &Case, lens: &[usize]
     rows
 }
 
+/// A decode step that appends its token (K rotated, V copied) to a cache of `seq_kv - 1`
+/// tokens and attends with Q rotated (`attention_with_kvcache`), rotating over as many cache
+/// copies as the plain decode row. Compare with that row (`decode`, same shape).
+fn bench_append<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Vec<Row> {
+    let s = c.shape;
+    let [qs, mut ks, _, os] = s.bhsd_strides();
+    if c.token_major {
+        ks = Strides::bshd(s.kv_heads, s.seq_kv, s.head_dim);
+    }
+    let [nq, nk, _, no] = s.bhsd_lens();
+    let q: Vec<TQ> = convert(&random(nq, 1));
+    let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * 2 * s.head_dim * c.dtype.kv_bytes()) as f64;
+    let copies = ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize;
+    let mut kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (convert(&random(nk, 2)), convert(&random(nk, 3)))).collect();
+    let ns = Strides::bshd(s.kv_heads, 1, s.head_dim);
+    let (kn, vn): (Vec<TKV>, Vec<TKV>) = (convert(&random(s.batch * s.kv_heads * s.head_dim, 4)), convert(&random(s.batch * s.kv_heads * s.head_dim, 5)));
+    let (cos, sin) = Rope::tables(10000.0, s.head_dim, s.seq_kv);
+    let rope = Rope { cos: &cos, sin: &sin, rotary_dim: s.head_dim, interleaved: false };
+    let params = AttentionParams::new().causal(c.causal).rope(rope);
+    let fill = vec![s.seq_kv - 1; s.batch];
+    let flops = attention_flops(&s, &params);
+    let mut out = vec![TO::from_f32(0.0); no];
+    let mut next = 0usize;
+    let mut rows = Vec::new();
+    for &isa in &ctx.isas {
+        for &threads in &ctx.thread_counts {
+            let config = RunConfig { isa: Some(isa), threads: Some(threads) };
+            let timing = time(ctx.reps, ctx.min_time, || {
+                let (k, v) = &mut kvs[next % copies];
+                next += 1;
+                let cache = KvCacheMut::Tensors { k: TensorMut::new(k, ks), v: TensorMut::new(v, ks) };
+                let new = NewKv { k: TensorRef::new(&kn, ns), v: TensorRef::new(&vn, ns), seq_new: 1 };
+                attention_with_kvcache(&config, &s, TensorRef::new(&q, qs), cache, Some(new), &fill, TensorMut::new(&mut out, os), None, &params).expect("valid problem");
+            });
+            let bw = ctx.bandwidth.gbs(threads);
+            let roofline = (kv_bytes / (bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
+            rows.push(row_of(c, isa, threads, timing, flops, kv_bytes, bw, roofline, ctx.peak, (f64::NAN, f64::NAN), f64::NAN));
+        }
+    }
+    rows
+}
+
 /// Max |out - reference| over up to 48 rows spread across the problem (the f64 reference is
 /// too slow to run on every row of the large shapes).
 fn max_error<TQ: Element, TKV: Element, TO: Element>(s: &AttentionShape, r: &Reference<'_, TQ, TKV>, out: &[TO]) -> f64 {
@@ -753,6 +816,7 @@ fn print_twin_ratios(rows: &[Row]) {
         let base = match r.case.rsplit_once("-page").filter(|(_, n)| n.parse::<usize>().is_ok()) {
             Some((base, _)) => base.to_string(),
             None if r.case.starts_with("varlen") && !r.case.ends_with("-separate") => format!("{}-separate", r.case),
+            None if r.case.ends_with("-append") => r.case.trim_end_matches("-append").to_string(),
             None => continue,
         };
         let twin = rows.iter().find(|t| {
