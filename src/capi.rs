@@ -552,6 +552,21 @@ impl<'a> Options<'a> {
     }
 }
 
+/// An optional input array: `None` for NULL with length 0, else [`slice`], recorded in
+/// `inputs` for the aliasing check.
+///
+/// # Safety
+/// As [`slice`].
+unsafe fn optional<'a, T>(p: *const T, len: usize, what: &'static str, inputs: &mut Vec<Span>) -> Result<Option<&'a [T]>, Fail> {
+    if p.is_null() && len == 0 {
+        return Ok(None);
+    }
+    // SAFETY: forwarded contract.
+    let s = unsafe { slice(p, len, what)? };
+    inputs.push(Span::of(s, what));
+    Ok(Some(s))
+}
+
 /// [`slice`] of `len` elements of `T` at `data`, recorded in `spans` for the aliasing check.
 ///
 /// # Safety
@@ -681,24 +696,10 @@ impl<'a> Decoded<'a> {
             };
             Some(BiasRef::new(s, st))
         };
-        let per_head = |p: *const f32, len: usize, what: &'static str, inputs: &mut Vec<Span>| -> Result<Option<&'a [f32]>, Fail> {
-            if p.is_null() && len == 0 {
-                return Ok(None);
-            }
-            let s = unsafe { slice(p, len, what)? };
-            inputs.push(Span::of(s, what));
-            Ok(Some(s))
-        };
-        let cu_seqlens = |p: *const i32, len: usize, what: &'static str, inputs: &mut Vec<Span>| -> Result<Option<&'a [i32]>, Fail> {
-            if p.is_null() && len == 0 {
-                return Ok(None);
-            }
-            let s = unsafe { slice(p, len, what)? };
-            inputs.push(Span::of(s, what));
-            Ok(Some(s))
-        };
-        let cu_seqlens_q = cu_seqlens(d.cu_seqlens_q, d.cu_seqlens_q_len, "cu_seqlens_q", &mut inputs)?;
-        let cu_seqlens_k = cu_seqlens(d.cu_seqlens_k, d.cu_seqlens_k_len, "cu_seqlens_k", &mut inputs)?;
+        // SAFETY (both): the header's contract on each optional array.
+        let per_head = |p: *const f32, len: usize, what: &'static str, inputs: &mut Vec<Span>| unsafe { optional::<f32>(p, len, what, inputs) };
+        let cu_seqlens_q = unsafe { optional::<i32>(d.cu_seqlens_q, d.cu_seqlens_q_len, "cu_seqlens_q", &mut inputs)? };
+        let cu_seqlens_k = unsafe { optional::<i32>(d.cu_seqlens_k, d.cu_seqlens_k_len, "cu_seqlens_k", &mut inputs)? };
         let alibi = per_head(d.alibi_slopes, d.alibi_slopes_len, "alibi_slopes", &mut inputs)?;
         let sinks = per_head(d.sinks, d.sinks_len, "sinks", &mut inputs)?;
         let weights = |p: *const f32, len: usize, what: &'static str, inputs: &mut Vec<Span>| Ok::<_, Fail>(per_head(p, len, what, inputs)?.unwrap_or(&[]));
