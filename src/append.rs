@@ -235,7 +235,7 @@ fn view<'v, T>(cache: &'v KvCacheMut<'_, T>) -> Kv<'v, T> {
 /// Where the cache's rows are, without its data (validated by `Problem::new` above).
 fn indices<'t, T>(cache: &KvCacheMut<'t, T>) -> (KvIndex<'t>, KvIndex<'t>) {
     match cache {
-        KvCacheMut::Tensors { k, v } => (KvIndex::Strided(k.strides), KvIndex::Strided(v.strides)),
+        KvCacheMut::Tensors { k, v } => (KvIndex::tensor(k.strides), KvIndex::tensor(v.strides)),
         KvCacheMut::Paged { k_strides, v_strides, pages, .. } => (KvIndex::paged(pages, *k_strides), KvIndex::paged(pages, *v_strides)),
     }
 }

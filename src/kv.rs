@@ -14,13 +14,33 @@ use crate::validate::reach;
 /// How a K or V tensor's rows are addressed.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum KvIndex<'a> {
-    /// `[batch, head, seq]` element strides (the classic tensor).
-    Strided(Strides),
+    /// Rows at element strides: the classic tensor, or packed sequences.
+    Strided(Tokens<'a>),
     /// Pages of `page_size` rows, found through a block table.
     Paged(Paged<'a>),
-    /// Packed variable-length sequences: key `j` of sequence `b` is token `cu[b] + j`
-    /// (`strides.seq` between tokens, `strides.head` between heads; `batch` unused).
-    Packed { strides: Strides, cu: &'a [i32] },
+}
+
+/// A strided tensor: `[batch, head, seq]` strides, or (`packed`) packed variable-length
+/// sequences, where key `j` of sequence `b` is token `cu[b] + j` (`strides.seq` between
+/// tokens, `strides.head` between heads; `batch` unused). One variant with a flag and an
+/// empty `cu`, not two: a branch LLVM hoists out of a kernel loop then reads set bytes, never
+/// the payload of another variant (valgrind reported exactly that with two variants).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tokens<'a> {
+    strides: Strides,
+    cu: &'a [i32],
+    packed: bool,
+}
+
+impl Tokens<'_> {
+    #[inline(always)]
+    fn offset(&self, b: usize, hk: usize, j: usize) -> usize {
+        if self.packed {
+            (self.cu[b] as usize + j) * self.strides.seq + hk * self.strides.head
+        } else {
+            self.strides.offset(b, hk, j)
+        }
+    }
 }
 
 impl<'a> KvIndex<'a> {
@@ -28,10 +48,14 @@ impl<'a> KvIndex<'a> {
     #[inline(always)]
     pub fn offset(&self, b: usize, hk: usize, j: usize) -> usize {
         match self {
-            KvIndex::Strided(s) => s.offset(b, hk, j),
+            KvIndex::Strided(t) => t.offset(b, hk, j),
             KvIndex::Paged(p) => p.offset(b, hk, j),
-            KvIndex::Packed { strides, cu } => (cu[b] as usize + j) * strides.seq + hk * strides.head,
         }
+    }
+
+    /// The index of a `[batch, head, seq]` tensor.
+    pub fn tensor(strides: Strides) -> Self {
+        KvIndex::Strided(Tokens { strides, cu: &[], packed: false })
     }
 
     /// The index of a paged layout, without its pool (for writers, who hold the pool `mut`).
@@ -59,7 +83,7 @@ pub(crate) struct KvSource<'a, T> {
 
 impl<'a, T> KvSource<'a, T> {
     pub fn strided(data: &'a [T], strides: Strides) -> Self {
-        Self { data, index: KvIndex::Strided(strides) }
+        Self { data, index: KvIndex::tensor(strides) }
     }
 
     /// Element offset of row `j` of KV head `hk`, sequence `b` (a key some row can see, so its
@@ -74,7 +98,7 @@ impl<'a, T> KvSource<'a, T> {
     #[inline(always)]
     pub fn run(&self, j: usize) -> (usize, usize) {
         match &self.index {
-            KvIndex::Strided(s) | KvIndex::Packed { strides: s, .. } => (usize::MAX, s.seq),
+            KvIndex::Strided(t) => (usize::MAX, t.strides.seq),
             KvIndex::Paged(p) => (p.page_size - j % p.page_size, p.strides.slot),
         }
     }
@@ -84,19 +108,13 @@ impl<'a, T> KvSource<'a, T> {
     #[inline(always)]
     pub fn row_offsets(&self, b: usize, hk: usize, j0: usize, out: &mut [usize]) {
         match &self.index {
-            KvIndex::Strided(s) => {
-                let base = s.offset(b, hk, j0);
-                for (c, o) in out.iter_mut().enumerate() {
-                    *o = base + c * s.seq;
-                }
-            }
-            KvIndex::Packed { strides: s, .. } => {
+            KvIndex::Strided(t) => {
                 if out.is_empty() {
-                    return; // `j0` may be past the sequence, even past the last token
+                    return; // `j0` may be past a packed sequence, even past the last token
                 }
-                let base = self.offset(b, hk, j0);
+                let base = t.offset(b, hk, j0);
                 for (c, o) in out.iter_mut().enumerate() {
-                    *o = base + c * s.seq;
+                    *o = base + c * t.strides.seq;
                 }
             }
             KvIndex::Paged(p) => {
@@ -138,7 +156,10 @@ impl<'a, T> KvSource<'a, T> {
     /// Whether rows past a sequence's key count may not exist (a paged pool, packed
     /// sequences): such rows must never be addressed, not even for a norm.
     pub fn bounded_by_len(&self) -> bool {
-        matches!(self.index, KvIndex::Paged(_) | KvIndex::Packed { .. })
+        match self.index {
+            KvIndex::Paged(_) => true,
+            KvIndex::Strided(t) => t.packed,
+        }
     }
 }
 
@@ -158,7 +179,7 @@ pub(crate) fn validate_packed<'a, T>(tensor: TensorName, data: &'a [T], strides:
     if needed > data.len() {
         return Err(AttnError::BufferTooSmall { tensor, needed, len: data.len() });
     }
-    Ok(KvSource { data, index: KvIndex::Packed { strides, cu } })
+    Ok(KvSource { data, index: KvIndex::Strided(Tokens { strides, cu, packed: true }) })
 }
 
 /// Checks a paged pool against a call: the page table's shape, every page index that a key

@@ -7,6 +7,7 @@ use crate::kv::{validate_packed, validate_paged, KvSource};
 use crate::layout::AttentionShape;
 use crate::mask::RowMasker;
 use crate::params::AttentionParams;
+use crate::rope::Rope;
 use crate::rows::QRows;
 use crate::score::ScoreData;
 use crate::validate::{validate_inputs, validate_kv_tensors};
@@ -26,6 +27,13 @@ pub(crate) struct Problem<'a, TKV> {
     pub masker: RowMasker,
     /// Where the query (and output) rows are: padded, or packed sequences.
     pub rows: QRows<'a>,
+    /// `params.rope` with every byte set (`rotary_dim` 0: none). Kernels branch on this, not on
+    /// the `Option`: LLVM may hoist a read of a `None`'s payload into a branch (valgrind then
+    /// reports a jump on uninitialised bytes, as it did for the additive payload before).
+    pub rope: Rope<'a>,
+    /// Each sequence's key count, from `kv_lens`, `cu_seqlens_k` or `seq_kv`, with every byte
+    /// set (the same reason as `rope`).
+    kv_lens: KvLens<'a>,
     /// The score function's per-call data (see `score`).
     pub score: ScoreData<'a>,
 }
@@ -57,7 +65,7 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
                 (k, v)
             }
         };
-        Ok(Self { shape: *shape, q, k, v, params: *params, scale, masker: RowMasker::new(shape, params), rows: QRows::new(shape, params), score: ScoreData::Dot })
+        Ok(Self { shape: *shape, q, k, v, params: *params, scale, masker: RowMasker::new(shape, params), rows: QRows::new(shape, params), rope: params.rope.unwrap_or(Rope { cos: &[], sin: &[], rotary_dim: 0, interleaved: false }), kv_lens: KvLens::new(params), score: ScoreData::Dot })
     }
 }
 
@@ -75,10 +83,11 @@ impl<'a, TKV> Problem<'a, TKV> {
     #[inline(always)]
     pub fn q_row(&self, b: usize, h: usize, i: usize, d: usize, put: impl FnMut(usize, f32)) {
         let o = self.rows.offset(&self.q.strides(), b, h, i);
-        match &self.params.rope {
-            None => self.q.row_at(o, d, put),
+        if self.rope.rotary_dim == 0 {
+            self.q.row_at(o, d, put)
+        } else {
             // The row's aligned position `i + kv_len - seq_q` (virtual `i`): validated >= 0.
-            Some(rope) => self.q.row_rotated(o, d, rope, i + self.kv_len(b) - self.shape.seq_q, put),
+            self.q.row_rotated(o, d, &self.rope, i + self.kv_len(b) - self.shape.seq_q, put)
         }
     }
 
@@ -107,7 +116,11 @@ impl<'a, TKV> Problem<'a, TKV> {
 impl<TKV> Problem<'_, TKV> {
     #[inline]
     pub fn kv_len(&self, b: usize) -> usize {
-        self.params.kv_len(b, self.shape.seq_kv)
+        match self.kv_lens.from {
+            LensFrom::KvLens => self.kv_lens.lens[b],
+            LensFrom::CuSeqlens => (self.kv_lens.cu[b + 1] - self.kv_lens.cu[b]) as usize,
+            LensFrom::SeqKv => self.shape.seq_kv,
+        }
     }
 
     #[inline]
@@ -119,5 +132,33 @@ impl<TKV> Problem<'_, TKV> {
     #[inline]
     pub fn sink(&self, h: usize) -> f32 {
         self.params.sinks.map_or(f32::NEG_INFINITY, |s| s[h])
+    }
+}
+
+/// Where a validated call's key counts come from (see `Problem::kv_len`): plain slices, empty
+/// when unused, and a tag.
+#[derive(Clone, Copy)]
+struct KvLens<'a> {
+    lens: &'a [usize],
+    cu: &'a [i32],
+    from: LensFrom,
+}
+
+#[derive(Clone, Copy)]
+enum LensFrom {
+    KvLens,
+    CuSeqlens,
+    SeqKv,
+}
+
+impl<'a> KvLens<'a> {
+    fn new(params: &AttentionParams<'a>) -> Self {
+        let (lens, cu) = (params.kv_lens.unwrap_or(&[]), params.cu_seqlens_k.unwrap_or(&[]));
+        let from = match (params.kv_lens.is_some(), params.cu_seqlens_k.is_some()) {
+            (true, _) => LensFrom::KvLens,
+            (false, true) => LensFrom::CuSeqlens,
+            (false, false) => LensFrom::SeqKv,
+        };
+        Self { lens, cu, from }
     }
 }

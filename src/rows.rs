@@ -15,24 +15,24 @@ use crate::plan::work::WorkUnit;
 /// The row layout of one (validated) call.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct QRows<'a> {
-    /// `cu_seqlens_q`, for a packed call.
-    cu: Option<&'a [i32]>,
+    /// `cu_seqlens_q` of a packed call (empty otherwise). A plain slice and a flag rather than
+    /// an `Option`, so no branch can depend on the bytes of a `None`'s payload.
+    cu: &'a [i32],
+    packed: bool,
     seq_q: usize,
     q_heads: usize,
 }
 
 impl<'a> QRows<'a> {
     pub fn new(shape: &AttentionShape, params: &AttentionParams<'a>) -> Self {
-        Self { cu: params.cu_seqlens_q, seq_q: shape.seq_q, q_heads: shape.q_heads }
+        let cu = params.cu_seqlens_q.unwrap_or(&[]);
+        Self { cu, packed: params.cu_seqlens_q.is_some(), seq_q: shape.seq_q, q_heads: shape.q_heads }
     }
 
     /// The first present virtual row of sequence `b` (0 unless packed).
     #[inline(always)]
     pub fn first(&self, b: usize) -> usize {
-        match self.cu {
-            None => 0,
-            Some(cu) => self.seq_q - (cu[b + 1] - cu[b]) as usize,
-        }
+        if self.packed { self.seq_q - (self.cu[b + 1] - self.cu[b]) as usize } else { 0 }
     }
 
     /// The token of virtual row `i` of a packed sequence `b`.
@@ -44,18 +44,20 @@ impl<'a> QRows<'a> {
     /// Element offset of row `(b, h, i)` (`i` virtual, present) of a tensor with `strides`.
     #[inline(always)]
     pub fn offset(&self, strides: &Strides, b: usize, h: usize, i: usize) -> usize {
-        match self.cu {
-            None => strides.offset(b, h, i),
-            Some(cu) => Self::token(cu, self.first(b), b, i) * strides.seq + h * strides.head,
+        if self.packed {
+            Self::token(self.cu, self.first(b), b, i) * strides.seq + h * strides.head
+        } else {
+            strides.offset(b, h, i)
         }
     }
 
     /// Index of row `(b, h, i)`'s LSE: `[B, Hq, Sq]`, or `[Hq, total_tokens]` when packed.
     #[inline(always)]
     pub fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
-        match self.cu {
-            None => (b * self.q_heads + h) * self.seq_q + i,
-            Some(cu) => h * cu[cu.len() - 1] as usize + Self::token(cu, self.first(b), b, i),
+        if self.packed {
+            h * self.cu[self.cu.len() - 1] as usize + Self::token(self.cu, self.first(b), b, i)
+        } else {
+            (b * self.q_heads + h) * self.seq_q + i
         }
     }
 
