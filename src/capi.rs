@@ -845,7 +845,7 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
             }
         }
         // Packed queries: row `i` of sequence `b` is token `cu[b] + i`, LSE `[Hq, tokens]`.
-        let q_len = |b: usize| cu_q.map_or(s.seq_q, |cu| (cu[b + 1] - cu[b]) as usize);
+        let q_len = |b: usize| self.params.q_len(b, s.seq_q);
         let locate = |b: usize, h: usize, i: usize| match cu_q {
             None => (out.strides.offset(b, h, i), (b * s.q_heads + h) * s.seq_q + i),
             Some(cu) => {

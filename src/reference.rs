@@ -83,16 +83,12 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
 
     /// Rows of sequence `b`: its `cu_seqlens_q` segment, else `seq_q`.
     fn q_len(&self, b: usize) -> usize {
-        self.params.cu_seqlens_q.map_or(self.shape.seq_q, |cu| (cu[b + 1] - cu[b]) as usize)
+        self.params.q_len(b, self.shape.seq_q)
     }
 
     /// Keys of sequence `b`: `kv_lens[b]`, else its `cu_seqlens_k` segment, else `seq_kv`.
     fn kv_len(&self, b: usize) -> usize {
-        match (self.params.kv_lens, self.params.cu_seqlens_k) {
-            (Some(l), _) => l[b],
-            (None, Some(cu)) => (cu[b + 1] - cu[b]) as usize,
-            (None, None) => self.shape.seq_kv,
-        }
+        self.params.kv_len(b, self.shape.seq_kv)
     }
 
     /// Where row `(b, h, i)` of Q starts: token `cu_seqlens_q[b] + i` when packed.
