@@ -230,7 +230,7 @@ fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: &mut 
     validate_outputs(shape, call.out.extent(), call.lse.as_deref(), call.params.cu_seqlens_q)?;
     validate_inspect(shape, &call.inspect, &call.params)?;
     let isa = resolve_isa(config.isa)?;
-    let (plan, tiles, _, _) = plan_for(isa, TKV::DTYPE, shape, shape.seq_kv, false)?;
+    let (plan, tiles, _, _) = plan_for(isa, TKV::DTYPE, shape, shape.seq_kv, false, false)?;
     if let Some(c) = call.inspect.coverage.as_deref_mut() {
         // The length was validated, so the product fits.
         c[..shape.batch * shape.q_heads * shape.seq_kv].fill(0.0);
@@ -447,7 +447,7 @@ fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, ou
     } else {
         shape.seq_kv
     };
-    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode)?;
+    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode, p.k.heads_side_by_side() || p.v.heads_side_by_side())?;
     // The merge reuses the start of the same scratch for its row once the units are done.
     let scratch_len = scratch_len.max(merge_row_len(&plan, shape));
     Ok(Prepared { out: OutRows::new(shape, out, lse, p.rows), p, plan, tiles, isa, scratch_len, partials_len })

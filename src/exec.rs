@@ -92,7 +92,7 @@ impl<'j> Partials<'j> {
     /// memory at all (`seq_kv` is bounded by no buffer when K/V have a zero sequence stride).
     pub fn len_for(plan: &WorkPlan, shape: &crate::layout::AttentionShape) -> Option<usize> {
         match plan.kind {
-            PlanKind::Decode { heads_per_sub, subs, parts } if parts > 1 => {
+            PlanKind::Decode { heads_per_sub, subs, parts, .. } if parts > 1 => {
                 let n = [shape.batch, shape.kv_heads, subs, parts, heads_per_sub, shape.seq_q, shape.v_head_dim + 2]
                     .iter()
                     .try_fold(1u128, |a, &x| a.checked_mul(x as u128))?;
@@ -160,13 +160,16 @@ impl<TKV> Copy for Job<'_, '_, '_, TKV> {}
 /// of a path for a problem. Decode shapes get the decode plan on the SIMD paths; the portable
 /// kernel, the baseline, always runs the prefill plan.
 /// `keys` bounds the keys any row can see (the longest `kv_lens` entry, else `seq_kv`);
-/// `decode` false keeps the prefill plan (the additive score has no decode kernel).
+/// `decode` false keeps the prefill plan (the additive score has no decode kernel);
+/// `kv_heads_side_by_side` says a token's KV heads lie next to each other in K or V (see
+/// [`WorkPlan::decode_across_heads`]).
 pub(crate) fn plan_for(
     isa: Isa,
     kv_dtype: DType,
     shape: &crate::layout::AttentionShape,
     keys: usize,
     decode: bool,
+    kv_heads_side_by_side: bool,
 ) -> Result<(WorkPlan, Tiles, usize, usize), AttnError> {
     let family = Family::find(isa, kv_dtype)
         .or_else(|| Family::find(isa, DType::F32))
@@ -182,9 +185,11 @@ pub(crate) fn plan_for(
         (WorkPlan::new(shape, tiles.br), portable::Scratch::len(&tiles, d, dv))
     } else if decode && WorkPlan::prefers_decode(shape) {
         // Partitions cover only the keys some row can see (`keys`, the longest `kv_lens`).
-        let plan = WorkPlan::decode(&crate::layout::AttentionShape { seq_kv: keys.min(shape.seq_kv), ..*shape });
-        let PlanKind::Decode { heads_per_sub, .. } = plan.kind else { unreachable!() };
-        (plan, decode::Scratch::len(heads_per_sub * shape.seq_q, family.mr, family.lanes, d, dv))
+        let seen = crate::layout::AttentionShape { seq_kv: keys.min(shape.seq_kv), ..*shape };
+        // Units across KV heads run on the few-rows kernel only: a KV head's rows must fit it.
+        let across = kv_heads_side_by_side && shape.kv_heads > 1 && decode::takes_few(family.lanes, shape.group_size() * shape.seq_q, d, dv);
+        let plan = if across { WorkPlan::decode_across_heads(&seen) } else { WorkPlan::decode(&seen) };
+        (plan, decode::Scratch::len(plan.decode_scratch_rows(), family.mr, family.lanes, d, dv))
     } else {
         (WorkPlan::new(shape, tiles.br), flash::Scratch::len(&tiles, family.lanes, d, dv))
     };
@@ -337,8 +342,8 @@ impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdEx
             }
             return (D != 0).then_some(D);
         }
-        if let PlanKind::Decode { heads_per_sub, .. } = job.plan.kind {
-            let mut sc = decode::Scratch::new(scratch, heads_per_sub * s.seq_q, MR, S::F32_LANES, s.head_dim, s.v_head_dim);
+        if let PlanKind::Decode { .. } = job.plan.kind {
+            let mut sc = decode::Scratch::new(scratch, job.plan.decode_scratch_rows(), MR, S::F32_LANES, s.head_dim, s.v_head_dim);
             // The next unit is claimed before this one runs, so the kernel can hint its first
             // keys while this one's last chunk computes: otherwise every unit starts on K/V that
             // nothing has asked for yet (one chunk in sixteen of a 1024-key partition).
@@ -358,7 +363,18 @@ impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdEx
                 next = claim();
                 let after = next;
                 decode::decode_unit::<S, TKV, D, MR, NRV>(simd, job.p, &w, after.as_ref(), &mut sc);
-                finish_decode_unit(&job, &w, sc.acc, sc.max, sc.sum, sc.dv_pad);
+                if w.kv_heads() == 1 {
+                    finish_decode_unit(&job, &w, sc.acc, sc.max, sc.sum, sc.dv_pad);
+                } else {
+                    // Each KV head's rows sit in their own slot of the scratch (see `decode`).
+                    let slot = (w.head_end - w.head_start) / w.kv_heads() * (w.q_end - w.q_start);
+                    let slot = slot.next_power_of_two();
+                    for t in 0..w.kv_heads() {
+                        let acc = &mut sc.acc[t * slot * sc.dv_pad..(t + 1) * slot * sc.dv_pad];
+                        let at = t * slot..(t + 1) * slot;
+                        finish_decode_unit(&job, &w.kv_sub(t, s.group_size()), acc, &sc.max[at.clone()], &sc.sum[at], sc.dv_pad);
+                    }
+                }
             }
             return (D != 0).then_some(D);
         }
@@ -410,7 +426,7 @@ fn finish_decode_unit<TKV>(job: &Job<'_, '_, '_, TKV>, w: &WorkUnit, acc: &mut [
 /// # Safety
 /// Every unit of the plan has finished (the caller's barrier), and only this call merges `g`.
 pub(crate) unsafe fn merge_group<TKV>(job: &Job<'_, '_, '_, TKV>, g: usize, row: &mut [f32]) {
-    let PlanKind::Decode { heads_per_sub, subs, parts } = job.plan.kind else { return };
+    let PlanKind::Decode { heads_per_sub, subs, parts, .. } = job.plan.kind else { return };
     if parts == 1 {
         return;
     }

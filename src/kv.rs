@@ -121,19 +121,20 @@ impl<'a, T> KvSource<'a, T> {
                 if out.is_empty() {
                     return; // no row: no page to look up (`j0` may be past the sequence)
                 }
-                let (row, head, ps) = (b * p.pages_per_seq, hk * p.strides.head, p.page_size);
-                let page_at = |page: usize| p.table[row + page] as usize * p.strides.page + head;
+                let (row, head, ps, st) = (b * p.pages_per_seq, hk * p.strides.head, p.page_size, p.strides.slot);
                 let (mut page, mut slot) = (j0 / ps, j0 % ps);
-                let mut base = page_at(page);
-                for o in out.iter_mut() {
-                    // The next page is looked up only when a row needs it: the entry after a
-                    // sequence's last page may hold anything.
-                    if slot == ps {
-                        (page, slot) = (page + 1, 0);
-                        base = page_at(page);
+                let mut rest = out;
+                // Page by page, each page's run of rows one arithmetic loop (the compiler
+                // vectorises it): a branch per row cost as much as the rest of a decode chunk's
+                // bookkeeping. A page is looked up only when a row needs it: the entry after a
+                // sequence's last page may hold anything.
+                while !rest.is_empty() {
+                    let base = p.table[row + page] as usize * p.strides.page + head + slot * st;
+                    let (run, next) = rest.split_at_mut((ps - slot).min(rest.len()));
+                    for (c, o) in run.iter_mut().enumerate() {
+                        *o = base + c * st;
                     }
-                    *o = base + slot * p.strides.slot;
-                    slot += 1;
+                    (rest, page, slot) = (next, page + 1, 0);
                 }
             }
         }
@@ -151,6 +152,25 @@ impl<'a, T> KvSource<'a, T> {
     #[inline(always)]
     pub fn hint(&self, b: usize, hk: usize, j: usize, len: usize) -> Option<*const T> {
         (j < len).then(|| self.data.as_ptr().wrapping_add(self.offset(b, hk, j)))
+    }
+
+    /// Elements between the rows of neighbouring KV heads (of one key).
+    #[inline(always)]
+    pub fn head_stride(&self) -> usize {
+        match &self.index {
+            KvIndex::Strided(t) => t.strides.head,
+            KvIndex::Paged(p) => p.strides.head,
+        }
+    }
+
+    /// Whether a token's KV heads lie closer together than its neighbouring tokens do
+    /// (`[B, S, Hkv, D]` tensors, token-major pages): the decode plan then runs all heads of a
+    /// key partition in one unit (see [`crate::plan::work`]).
+    pub fn heads_side_by_side(&self) -> bool {
+        match self.index {
+            KvIndex::Strided(t) => t.strides.head < t.strides.seq,
+            KvIndex::Paged(p) => p.strides.head < p.strides.slot,
+        }
     }
 
     /// Whether rows past a sequence's key count may not exist (a paged pool, packed

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use half::f16;
 use proptest::prelude::*;
-use simd_attn::plan::work::{PlanKind, DECODE_PART_LEN};
+use simd_attn::plan::work::{PlanKind, DECODE_MIN_PART_LEN, DECODE_PART_LEN};
 use simd_attn::*;
 
 fn decode_spec() -> impl Strategy<Value = Spec> {
@@ -45,6 +45,37 @@ fn decode_few_spec() -> impl Strategy<Value = Spec> {
             s.v_head_dim = if dv == 0 { d } else { dv };
             s
         })
+}
+
+/// K/V heads side by side (`[B, S, Hkv, D]`) with rows that fit the few-row kernel: decode
+/// units then span every KV head, run in lockstep (2 to 8 heads, partitions shortened to give
+/// enough units, masked V rows holding NaN where the options put them).
+fn decode_across_heads_spec() -> impl Strategy<Value = Spec> {
+    (decode_few_spec(), 2..=8usize, 1..=4usize, 16..=2500usize).prop_map(|(mut s, kv_heads, group, skv)| {
+        s.kv_heads = kv_heads;
+        s.group = group;
+        s.seq_kv = skv;
+        s.layout = Layout::Bshd;
+        if let Some(l) = s.kv_lens.as_mut() {
+            l.iter_mut().for_each(|x| *x = (*x * 977) % (skv + 1));
+        }
+        s
+    })
+}
+
+/// [`check_decode`], and that every SIMD path whose vectors hold a KV head's rows ran units
+/// spanning all KV heads.
+fn check_across_heads<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
+    check_decode::<TQ, TKV, TO>(spec, store_eps)?;
+    let case = Case::build(spec);
+    for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
+        let lanes = simd_attn::selftest::lanes(isa).unwrap();
+        let fits = lanes > 1 && (spec.group * spec.seq_q).next_power_of_two() <= lanes && spec.head_dim % lanes == 0 && spec.v_head_dim % lanes == 0;
+        let (_, info) = run::<TQ, TKV, TO>(&case, RunConfig { isa: Some(isa), threads: Some(1) });
+        let PlanKind::Decode { kv_span, .. } = info.plan.kind else { unreachable!("checked above") };
+        prop_assert_eq!(kv_span, if fits { spec.kv_heads } else { 1 }, "[{}] lanes {}", isa, lanes);
+    }
+    Ok(())
 }
 
 fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, config: RunConfig) -> (Outcome, RunInfo) {
@@ -87,12 +118,20 @@ fn check_decode<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: 
     case.round_to::<f16>();
     for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
         let (one, info) = run::<TQ, TKV, TO>(&case, RunConfig { isa: Some(isa), threads: Some(1) });
-        let PlanKind::Decode { parts, .. } = info.plan.kind else {
+        let PlanKind::Decode { parts, part_len, kv_span, .. } = info.plan.kind else {
             return Err(TestCaseError::fail(format!("[{isa}] did not take the decode path: {:?}", info.plan)));
         };
-        // Partitions cover the keys some row can see: up to the longest kv_lens entry.
+        // Partitions cover the keys some row can see: up to the longest kv_lens entry. Units
+        // spanning every KV head (heads side by side in K/V) take shorter ones, to have units
+        // enough for the threads.
         let keys = case.kv_lens.as_ref().map_or(spec.seq_kv, |l| l.iter().copied().max().unwrap_or(0));
-        prop_assert_eq!(parts, keys.div_ceil(DECODE_PART_LEN).max(1));
+        prop_assert!(kv_span == 1 || kv_span == spec.kv_heads, "kv_span {}", kv_span);
+        if kv_span == 1 {
+            prop_assert_eq!((parts, part_len), (keys.div_ceil(DECODE_PART_LEN).max(1), DECODE_PART_LEN));
+        } else {
+            prop_assert!(part_len <= DECODE_PART_LEN && part_len % DECODE_MIN_PART_LEN == 0, "part_len {}", part_len);
+            prop_assert_eq!(parts, keys.max(1).div_ceil(part_len));
+        }
         check(&case, &one, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}] {e}")))?;
         let want = bits(&one);
         for threads in [2, 3] {
@@ -137,5 +176,15 @@ proptest! {
     #[test]
     fn decode_few_rows_f16_everything(spec in decode_few_spec()) {
         check_decode::<f16, f16, f16>(&spec, 1.0 / 2048.0)?;
+    }
+
+    #[test]
+    fn decode_across_kv_heads_f32(spec in decode_across_heads_spec()) {
+        check_across_heads::<f32, f32, f32>(&spec, 0.0)?;
+    }
+
+    #[test]
+    fn decode_across_kv_heads_f16_kv(spec in decode_across_heads_spec()) {
+        check_across_heads::<f32, f16, f32>(&spec, 0.0)?;
     }
 }

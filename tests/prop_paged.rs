@@ -168,15 +168,26 @@ fn case_and_pool(spec: &Spec, pg: &Paging) -> (Case, Pool) {
     (case, pool)
 }
 
+/// Whether the tensors' plan is the pages': both have a token's KV heads side by side, or
+/// neither does (decode units then span every KV head, with shorter partitions, in both). The
+/// results are then the same bits.
+fn same_plan(case: &Case, spec: &Spec, pg: &Paging) -> bool {
+    let side = |which: usize| case.views[which].2.head < case.views[which].2.seq;
+    spec.kv_heads == 1 || (side(1) || side(2)) == !pg.head_major
+}
+
 fn check_paged<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, pg: &Paging, store_eps: f64) -> Result<(), TestCaseError> {
     let (case, pool) = case_and_pool(spec, pg);
+    let same_plan = same_plan(&case, spec, pg);
     for isa in Isa::available() {
         for threads in [1, 2] {
             let config = RunConfig { isa: Some(isa), threads: Some(threads) };
             let want = run_kv::<TQ, TKV, TO>(&case, None, &config, Score::ScaledDot);
             let got = run_kv::<TQ, TKV, TO>(&case, Some(&pool), &config, Score::ScaledDot);
             check(&case, &got, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}, {threads} threads, {pg:?}] {e}")))?;
-            prop_assert!(bits(&got) == bits(&want), "[{isa}, {threads} threads] paged and contiguous results differ ({pg:?})");
+            if same_plan {
+                prop_assert!(bits(&got) == bits(&want), "[{isa}, {threads} threads] paged and contiguous results differ ({pg:?})");
+            }
         }
     }
     Ok(())
@@ -241,7 +252,14 @@ proptest! {
             let config = RunConfig { isa: Some(isa), threads: Some(1) };
             let want = run_kv::<f32, f16, f32>(&case, None, &config, score);
             let got = run_kv::<f32, f16, f32>(&case, Some(&pool), &config, score);
-            prop_assert!(bits(&got) == bits(&want), "[{isa}] {score:?}: paged and contiguous results differ ({pg:?})");
+            if same_plan(&case, &spec, &pg) {
+                prop_assert!(bits(&got) == bits(&want), "[{isa}] {score:?}: paged and contiguous results differ ({pg:?})");
+            } else {
+                // Other partitions of the same keys: the same result to within f32 rounding.
+                for (i, (g, w)) in got.out.iter().chain(&got.lse).zip(want.out.iter().chain(&want.lse)).enumerate() {
+                    prop_assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs() || (g.is_nan() && w.is_nan()) || g == w, "[{isa}] {score:?}: element {i}: paged {g}, contiguous {w} ({pg:?})");
+                }
+            }
         }
     }
 }

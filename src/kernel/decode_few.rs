@@ -25,6 +25,9 @@ use crate::simd::SimdExt;
 /// each other; none at all was 1.3x slower).
 const PREFETCH_AHEAD: usize = CHUNK;
 
+/// Keys per head step when a unit runs several KV heads in lockstep.
+const HEADS_CHUNK: usize = 16;
+
 /// Whether a unit of `rows` rows takes this path on `S`: the rows (rounded up to a power of two)
 /// fit one vector, and the head dims are whole vectors (no tails in the dot products or P.V).
 /// A full vector of rows leaves one key per vector: each key's dot products then need a whole
@@ -33,12 +36,17 @@ const PREFETCH_AHEAD: usize = CHUNK;
 /// lane) keeps the row-tile path.
 #[inline(always)]
 pub(crate) fn takes<S: SimdExt>(rows: usize, head_dim: usize, v_head_dim: usize) -> bool {
-    let lanes = S::F32_LANES;
+    takes_lanes(S::F32_LANES, rows, head_dim, v_head_dim)
+}
+
+/// [`takes`] for vectors of `lanes` f32 (what the planner knows of an ISA).
+pub(crate) fn takes_lanes(lanes: usize, rows: usize, head_dim: usize, v_head_dim: usize) -> bool {
     lanes > 1 && rows.next_power_of_two() <= lanes && head_dim.is_multiple_of(lanes) && v_head_dim.is_multiple_of(lanes)
 }
 
-/// Runs unit `w` (at most `R` rows, `R` a power of two with `R <= lanes`) into `sc.acc` /
-/// `sc.max` / `sc.sum`, rows ordered as [`super::decode::decode_unit`] orders them.
+/// Runs unit `w` (at most `R` rows, `R` a power of two with `R <= lanes`) into slot `slot` of
+/// the scratch (`sc.acc` rows `slot * R..`, `sc.max` / `sc.sum` entries likewise), rows ordered
+/// as [`super::decode::decode_unit`] orders them.
 #[inline(always)]
 pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     simd: S,
@@ -46,6 +54,77 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
     w: &WorkUnit,
     next: Option<&WorkUnit>,
     sc: &mut Scratch,
+    slot: usize,
+    skip_zero: bool,
+) {
+    few_begin::<S, TKV, D, R>(p, w, sc, slot);
+    let (k0, k1) = unit_keys(p, w);
+    let mut j0 = k0;
+    while j0 < k1 {
+        let n = CHUNK.min(k1 - j0);
+        few_chunk::<S, TKV, D, R>(simd, p, w, (w, 0), next, sc, slot, (j0, n, k1), skip_zero);
+        j0 += n;
+    }
+}
+
+/// Runs unit `w`, which spans several KV heads, as its single-head units in lockstep, chunk by
+/// chunk (each into its own slot): every K/V byte of a chunk's tokens is then used within a short
+/// window, where a head at a time would fetch the lines of the heads beside it and lose them (see
+/// [`crate::plan::work`]). Each head computes exactly what it would alone. `next` is the unit
+/// after `w`, whose first keys the last chunk hints.
+#[inline(always)]
+pub(crate) fn decode_few_heads<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
+    simd: S,
+    p: &Problem<'_, TKV>,
+    w: &WorkUnit,
+    next: Option<&WorkUnit>,
+    sc: &mut Scratch,
+) {
+    let group = p.shape.group_size();
+    for t in 0..w.kv_heads() {
+        few_begin::<S, TKV, D, R>(p, &w.kv_sub(t, group), sc, t);
+    }
+    // A row's key interval does not depend on its head, so every head has the same keys.
+    let (k0, k1) = unit_keys(p, w);
+    let mut j0 = k0;
+    while j0 < k1 {
+        let n = HEADS_CHUNK.min(k1 - j0);
+        for t in 0..w.kv_heads() {
+            few_chunk::<S, TKV, D, R>(simd, p, &w.kv_sub(t, group), (w, t), next, sc, t, (j0, n, k1), false);
+        }
+        j0 += n;
+    }
+}
+
+/// Starts unit `w` in slot `slot`: Q rows, pre-scaled, row-major (padding rows zero, starting
+/// empty); the accumulators zero; the rows' starting max and sum.
+#[inline(always)]
+fn few_begin<S: SimdExt, TKV: Element, const D: usize, const R: usize>(p: &Problem<'_, TKV>, w: &WorkUnit, sc: &mut Scratch, slot: usize) {
+    let d = if D == 0 { p.shape.head_dim } else { D };
+    let per_head = w.q_end - w.q_start;
+    let rows = (w.head_end - w.head_start) * per_head;
+    let row_of = |r: usize| (w.head_start + r / per_head, w.q_start + r % per_head);
+    for r in 0..R {
+        let at = slot * R + r;
+        let st = pack_q_row(p, w, (r < rows).then(|| row_of(r)), d, &mut sc.qt[at * d..(at + 1) * d], 1);
+        (sc.max[at], sc.sum[at]) = (st.max, st.sum);
+    }
+    sc.acc[slot * R * sc.dv_pad..(slot + 1) * R * sc.dv_pad].fill(0.0);
+}
+
+/// Keys `j0..j0 + n` of unit `w` (whose keys end at `k1`), into slot `slot`; `hint` is the
+/// unit `w` is head `t` of, `(unit, t)` (`(w, 0)` alone), and `next` the unit after it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
+    simd: S,
+    p: &Problem<'_, TKV>,
+    w: &WorkUnit,
+    hint: (&WorkUnit, usize),
+    next: Option<&WorkUnit>,
+    sc: &mut Scratch,
+    slot: usize,
+    (j0, n, k1): (usize, usize, usize),
     skip_zero: bool,
 ) {
     let d = if D == 0 { p.shape.head_dim } else { D };
@@ -60,166 +139,217 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
     let kv_len = p.kv_len(b);
     let row_of = |r: usize| (w.head_start + r / per_head, w.q_start + r % per_head);
 
-    // Q rows, pre-scaled, row-major; padding rows are zero and start empty.
-    let (mut max0, mut sum0) = ([f32::NEG_INFINITY; 16], [0.0f32; 16]);
-    for r in 0..R {
-        let st = pack_q_row(p, w, (r < rows).then(|| row_of(r)), d, &mut sc.qt[r * d..(r + 1) * d], 1);
-        (max0[r], sum0[r]) = (st.max, st.sum);
-    }
-    let mut state = Interleaved::<S, R>::new(&max0, &sum0);
-    sc.acc[..R * dv_pad].fill(0.0);
-
-    let (k0, k1) = unit_keys(p, w);
+    let mut state = Interleaved::<S, R>::load(&sc.max[slot * R..(slot + 1) * R], &sc.sum[slot * R..(slot + 1) * R]);
     let terms = any_terms(p);
     let (kd, vd) = (p.k.data, p.v.data);
     let k_bytes = d * size_of::<TKV>();
-    let q = S::as_simd_f32s(&sc.qt[..R * d]).0;
-    let ahead = HintRows::new(p, w, k1, next);
+    let q = S::as_simd_f32s(&sc.qt[slot * R * d..(slot + 1) * R * d]).0;
+    let ahead = HintRows::new(p, hint, k1, next);
     // Rows per 4 KiB page, less one, as a mask: a power of two no larger than a page's worth of
     // the wider-spaced tensor's rows (a paged cache's slots within a page), so sampling rows at
     // multiples of it misses no page.
-    let (k_span, v_span) = (p.k.run(k0).1.max(d) * size_of::<TKV>(), p.v.run(k0).1.max(p.shape.v_head_dim) * size_of::<TKV>());
+    let (k_span, v_span) = (p.k.run(j0).1.max(d) * size_of::<TKV>(), p.v.run(j0).1.max(p.shape.v_head_dim) * size_of::<TKV>());
     let page_rows = (4096 / k_span.max(v_span)).max(1);
     let page_rows = (1usize << page_rows.ilog2()) - 1;
     let mut alpha = [0.0f32; 16];
-    // Per chunk: where each key's K and V rows start, and the rows a chunk ahead to hint (null
-    // past the unit and the next one). A table rather than a stride, so the same loops read a
-    // contiguous cache and one whose pages end inside a chunk; filling it costs a few scalar
-    // operations per key against the key's `2 * D` loaded elements.
+    // Where each key's K and V rows start, and the rows a chunk ahead to hint (null past the
+    // unit and the next one). A table rather than a stride, so the same loops read a contiguous
+    // cache and one whose pages end inside a chunk; filling it costs a few scalar operations per
+    // key against the key's `2 * D` loaded elements.
     let (mut k_at, mut v_at) = ([0usize; CHUNK], [0usize; CHUNK]);
     let (mut k_ahead, mut v_ahead) = ([core::ptr::null::<TKV>(); CHUNK], [core::ptr::null::<TKV>(); CHUNK]);
 
-    let mut j0 = k0;
-    while j0 < k1 {
-        let n = CHUNK.min(k1 - j0);
-        let n_pad = n.div_ceil(group) * group;
-        let s = &mut sc.s[..n_pad * R];
-        p.k.row_offsets(b, hk, j0, &mut k_at[..n]);
-        p.v.row_offsets(b, hk, j0, &mut v_at[..n]);
-        ahead.fill(j0 + PREFETCH_AHEAD, &mut k_ahead[..n], &mut v_ahead[..n]);
-
-        // S = Q K^T, keys by rows; a partial last group repeats its last key.
-        let sv = S::as_mut_simd_f32s(s).0;
-        for (g, out) in sv.iter_mut().enumerate() {
-            let c0 = g * group;
-            // K rows a chunk ahead hinted into L2 (each K row of the chunk hints the row a chunk
-            // on, which may be the next unit's; V rows likewise, inside P.V), and a row of every
-            // page two chunks ahead hinted too (every `page_rows + 1`-th row and the last): the
-            // hardware prefetcher stops at every 4 KiB page, and that hint's page walk brings the
-            // page into the TLB before the hints of its rows arrive (on the Xeon this was
-            // measured on, 1-4% faster than walking it with a demand read, which stalls
-            // retirement behind a miss to memory). Only addresses are computed: a hint is never
-            // dereferenced, so it needs no bounds.
-            for (c, kp) in k_ahead[..n].iter().enumerate().skip(c0).take(group) {
-                let kp = kp.cast::<u8>();
-                if !kp.is_null() {
-                    for line in (0..k_bytes).step_by(64) {
-                        simd.prefetch_l2(kp.wrapping_add(line));
-                    }
-                }
-                if c & page_rows == 0 || c == CHUNK - 1 {
-                    if let Some((kq, vq)) = ahead.rows(j0 + c + 2 * PREFETCH_AHEAD) {
-                        simd.prefetch_l2(kq.cast::<u8>());
-                        simd.prefetch_l2(vq.cast::<u8>());
-                    }
+    let n_pad = n.div_ceil(group) * group;
+    let s = &mut sc.s[..n_pad * R];
+    p.k.row_offsets(b, hk, j0, &mut k_at[..n]);
+    p.v.row_offsets(b, hk, j0, &mut v_at[..n]);
+    ahead.fill(j0 + PREFETCH_AHEAD, &mut k_ahead[..n], &mut v_ahead[..n]);
+    // S = Q K^T, keys by rows; a partial last group repeats its last key.
+    let sv = S::as_mut_simd_f32s(s).0;
+    for (g, out) in sv.iter_mut().enumerate() {
+        let c0 = g * group;
+        // K rows a chunk ahead hinted into L2 (each K row of the chunk hints the row a chunk
+        // on, which may be the next unit's; V rows likewise, inside P.V), and a row of every
+        // page two chunks ahead hinted too (every `page_rows + 1`-th row and the last): the
+        // hardware prefetcher stops at every 4 KiB page, and that hint's page walk brings the
+        // page into the TLB before the hints of its rows arrive (on the Xeon this was
+        // measured on, 1-4% faster than walking it with a demand read, which stalls
+        // retirement behind a miss to memory). Only addresses are computed: a hint is never
+        // dereferenced, so it needs no bounds.
+        for (c, kp) in k_ahead[..n].iter().enumerate().skip(c0).take(group) {
+            let kp = kp.cast::<u8>();
+            if !kp.is_null() {
+                for line in (0..k_bytes).step_by(64) {
+                    simd.prefetch_l2(kp.wrapping_add(line));
                 }
             }
-            let mut k_rows: [&[TKV]; 16] = [&[]; 16];
-            for (c, row) in k_rows[..group].iter_mut().enumerate() {
-                *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d];
-            }
-            *out = qk_dot_group::<S, TKV, R>(simd, dl, q, &k_rows);
-        }
-        s[n * R..].fill(f32::NEG_INFINITY);
-        if let Some(scales) = p.key_scales(b, hk, j0, n) {
-            super::scale_keys(simd, s, R, scales);
-        }
-        // Optional terms and masks, per real row (strided: rows are interleaved).
-        for r in 0..rows {
-            let (h, i) = row_of(r);
-            let interval = p.masker.interval(kv_len, i);
-            let mask = (interval.0 > j0 || interval.1 < j0 + n).then_some(interval);
-            if terms || mask.is_some() {
-                strided_row_terms(p, terms, mask, (b, h, i), j0, s, R, r, &mut sc.row[..n]);
+            if ahead.walks_pages() && (c & page_rows == 0 || c == CHUNK - 1) {
+                if let Some((kq, vq)) = ahead.rows(j0 + c + 2 * PREFETCH_AHEAD) {
+                    simd.prefetch_l2(kq.cast::<u8>());
+                    simd.prefetch_l2(vq.cast::<u8>());
+                }
             }
         }
-
-        let rescale = state.update(simd, S::as_mut_simd_f32s(s).0, &mut alpha);
-
-        // O = O * alpha + P V, V rows read in place.
-        let acc = S::as_mut_simd_f32s(&mut sc.acc[..R * dv_pad]).0;
-        let v_rows = (vd, &v_at[..n]);
-        let v_hint = Some(&v_ahead[..n]);
-        if skip_zero {
-            pv_skip_zero::<S, TKV>(simd, n, rows, s, R, (vd, RowsAt::Table(&v_at[..n])), acc, (dvv, dvv), &alpha, rescale);
-            j0 += n;
-            continue;
+        let mut k_rows: [&[TKV]; 16] = [&[]; 16];
+        for (c, row) in k_rows[..group].iter_mut().enumerate() {
+            *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d];
         }
-        // V rows are hinted from inside P.V (`v_hint`), a V row's segment per key, so the hints
-        // spread over the whole chunk rather than arriving in one burst that stalls on the fill
-        // buffers.
-        // Register tiles of R x {8, 8, 4, 2} vectors keep at most 16 accumulators, leaving
-        // registers for the widened V row and the broadcast weights (AVX2 has 16 in all, so its
-        // wider tiles spill a little; still faster than re-reading V); the rest one at a time.
-        let mut x = 0;
-        while x < dvv {
-            x += match R {
-                1 | 2 if x + 8 <= dvv => {
-                    pv_direct::<S, TKV, R, 8>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
-                    8
-                }
-                4 if x + 4 <= dvv => {
-                    pv_direct::<S, TKV, R, 4>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
-                    4
-                }
-                // (With 8-lane vectors 8 rows x 2 would take all 16 registers.)
-                8 if lanes > 8 && x + 2 <= dvv => {
-                    pv_direct::<S, TKV, R, 2>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
-                    2
-                }
-                _ => {
-                    pv_direct::<S, TKV, R, 1>(simd, n, s, R, v_rows, x, acc, dvv, &alpha, rescale, v_hint);
-                    1
-                }
-            };
-        }
-        j0 += n;
+        *out = qk_dot_group::<S, TKV, R>(simd, dl, q, &k_rows);
     }
-    state.store(&mut sc.max[..R], &mut sc.sum[..R]);
+    s[n * R..].fill(f32::NEG_INFINITY);
+    if let Some(scales) = p.key_scales(b, hk, j0, n) {
+        super::scale_keys(simd, s, R, scales);
+    }
+    // Optional terms and masks, per real row (strided: rows are interleaved).
+    for r in 0..rows {
+        let (h, i) = row_of(r);
+        let interval = p.masker.interval(kv_len, i);
+        let mask = (interval.0 > j0 || interval.1 < j0 + n).then_some(interval);
+        if terms || mask.is_some() {
+            strided_row_terms(p, terms, mask, (b, h, i), j0, s, R, r, &mut sc.row[..n]);
+        }
+    }
+
+    let rescale = state.update(simd, S::as_mut_simd_f32s(s).0, &mut alpha);
+
+    // O = O * alpha + P V, V rows read in place.
+    let acc = S::as_mut_simd_f32s(&mut sc.acc[slot * R * dv_pad..(slot + 1) * R * dv_pad]).0;
+    if skip_zero {
+        pv_skip_zero::<S, TKV>(simd, n, rows, s, R, (vd, RowsAt::Table(&v_at[..n])), acc, (dvv, dvv), &alpha, rescale);
+    } else {
+        pv_tiles::<S, TKV, R>(simd, n, s, (vd, &v_at[..n]), acc, dvv, &alpha, rescale, &v_ahead[..n]);
+    }
+    state.store(&mut sc.max[slot * R..(slot + 1) * R], &mut sc.sum[slot * R..(slot + 1) * R]);
+}
+
+/// O = O * alpha + P V for `n` keys of interleaved weights `s`, V rows read in place (`v_rows`:
+/// the data and each key's row offset; `v_hint`: the rows to hint meanwhile), register tile by
+/// register tile.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pv_tiles<S: SimdExt, TKV: Element, const R: usize>(
+    simd: S,
+    n: usize,
+    s: &[f32],
+    v_rows: (&[TKV], &[usize]),
+    acc: &mut [S::f32s],
+    dvv: usize,
+    alpha: &[f32; 16],
+    rescale: bool,
+    v_hint: &[*const TKV],
+) {
+    let lanes = S::F32_LANES;
+    let v_hint = Some(v_hint);
+    // V rows are hinted from inside P.V (`v_hint`), a V row's segment per key, so the hints
+    // spread over the whole chunk rather than arriving in one burst that stalls on the fill
+    // buffers.
+    // Register tiles of R x {8, 8, 4, 2} vectors keep at most 16 accumulators, leaving
+    // registers for the widened V row and the broadcast weights (AVX2 has 16 in all, so its
+    // wider tiles spill a little; still faster than re-reading V); the rest one at a time.
+    let mut x = 0;
+    while x < dvv {
+        x += match R {
+            1 | 2 if x + 8 <= dvv => {
+                pv_direct::<S, TKV, R, 8>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                8
+            }
+            4 if x + 4 <= dvv => {
+                pv_direct::<S, TKV, R, 4>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                4
+            }
+            // (With 8-lane vectors 8 rows x 2 would take all 16 registers.)
+            8 if lanes > 8 && x + 2 <= dvv => {
+                pv_direct::<S, TKV, R, 2>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                2
+            }
+            _ => {
+                pv_direct::<S, TKV, R, 1>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                1
+            }
+        };
+    }
 }
 
 /// Where the K/V rows hinted ahead of a unit lie: key `j` of the unit while `j < k1`, and past
 /// that the first keys of the unit the worker runs next (its `k0 + (j - k1)`), so that unit does
 /// not start on rows nothing has asked for. Only addresses are computed, never dereferenced, and
 /// only of keys some row of either unit sees (so a paged cache has their pages).
+///
+/// For head `t` of a unit spanning `heads` KV heads (run in lockstep), hint `c` of a chunk of `n`
+/// refers instead to head `(t n + c) % heads` of key `j + (t n + c) / heads`: over the heads'
+/// steps the hints sweep the next chunk's tokens, every head of each, in address order (the
+/// heads of a token lie side by side there), which the memory system streams; each head hinting
+/// its own rows would ask for a few hundred bytes in every token's span at a time.
 struct HintRows<'p, 'a, TKV> {
     p: &'p Problem<'a, TKV>,
-    /// This unit's batch entry, KV head and end key.
-    here: (usize, usize, usize),
-    /// The next unit's batch entry, KV head and keys.
-    next: Option<(usize, usize, usize, usize)>,
+    /// This unit's batch entry, first KV head, KV heads, end key, and the head being run.
+    here: (usize, usize, usize, usize, usize),
+    /// The next unit's batch entry, first KV head, KV heads and keys.
+    next: Option<(usize, usize, usize, usize, usize)>,
 }
 
 impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
+    /// Hints for head `t` of unit `w` (whose keys end at `k1`), followed by unit `next`.
     #[inline(always)]
-    fn new(p: &'p Problem<'a, TKV>, w: &WorkUnit, k1: usize, next: Option<&WorkUnit>) -> Self {
+    fn new(p: &'p Problem<'a, TKV>, (w, t): (&WorkUnit, usize), k1: usize, next: Option<&WorkUnit>) -> Self {
         let next = next.map(|n| {
             let (nk0, nk1) = unit_keys(p, n);
-            (n.batch, n.kv_head, nk0, nk1)
+            (n.batch, n.kv_head, n.kv_heads(), nk0, nk1)
         });
-        Self { p, here: (w.batch, w.kv_head, k1), next }
+        if w.kv_heads() > 1 && !(p.k.heads_side_by_side() && p.v.heads_side_by_side()) {
+            // Heads apart (head-major pages): each head hints its own rows, which lie together.
+            let next = next.map(|(nb, nhk, nheads, nk0, nk1)| (nb, nhk + t.min(nheads - 1), 1, nk0, nk1));
+            return Self { p, here: (w.batch, w.kv_head + t, 1, k1, 0), next };
+        }
+        Self { p, here: (w.batch, w.kv_head, w.kv_heads(), k1, t), next }
     }
 
-    /// `k[c]` and `v[c]` = the rows hint `j + c` refers to ([`Self::rows`]), null past both
-    /// units; a page-table lookup per page, not per row.
+    /// `k[c]` and `v[c]` = the rows hint `j + c` refers to ([`Self::rows`]; spread over the
+    /// heads, see the type docs), null past both units; for one head, a page-table lookup per
+    /// page, not per row.
     #[inline(always)]
     fn fill(&self, j: usize, k: &mut [*const TKV], v: &mut [*const TKV]) {
-        let (b, hk, k1) = self.here;
-        let mut at = [0usize; CHUNK];
+        let (b, hk, heads, k1, t) = self.here;
         let n = k.len();
+        if heads > 1 {
+            // Row offsets of the first head for the keys before `k1` (a page lookup per page,
+            // not a division per hint); another head's row is a head stride further.
+            let (first, last) = (j + t * n / heads, j + (t * n + n - 1) / heads);
+            let inside = k1.min(last + 1).saturating_sub(first);
+            let (mut k_at, mut v_at) = ([0usize; CHUNK], [0usize; CHUNK]);
+            self.p.k.row_offsets(b, hk, first, &mut k_at[..inside]);
+            self.p.v.row_offsets(b, hk, first, &mut v_at[..inside]);
+            let (ks, vs) = (self.p.k.head_stride(), self.p.v.head_stride());
+            let (kd, vd) = (self.p.k.data.as_ptr(), self.p.v.data.as_ptr());
+            let (mut key, mut h) = (first, t * n % heads);
+            for c in 0..n {
+                if c > 0 {
+                    h += 1;
+                    if h == heads {
+                        (key, h) = (key + 1, 0);
+                    }
+                }
+                if key < k1 {
+                    let i = key - first;
+                    (k[c], v[c]) = (kd.wrapping_add(k_at[i] + h * ks), vd.wrapping_add(v_at[i] + h * vs));
+                    continue;
+                }
+                // Past this unit: the next one's first keys.
+                let row = self.next.and_then(|(nb, nhk, nheads, nk0, nk1)| {
+                    let jn = nk0 + (key - k1);
+                    (jn < nk1).then_some((nb, nhk + h.min(nheads - 1), jn))
+                });
+                (k[c], v[c]) = match row {
+                    Some((b, h, key)) => self.at(b, h, key),
+                    None => (core::ptr::null(), core::ptr::null()),
+                };
+            }
+            return;
+        }
+        let mut at = [0usize; CHUNK];
         let here = k1.saturating_sub(j).min(n);
         let (nb, nhk, nk0, there) = match self.next {
-            Some((nb, nhk, nk0, nk1)) => (nb, nhk, nk0 + j.saturating_sub(k1), (nk1.saturating_sub(nk0 + j.saturating_sub(k1))).min(n - here)),
+            Some((nb, nhk, _, nk0, nk1)) => (nb, nhk, nk0 + j.saturating_sub(k1), (nk1.saturating_sub(nk0 + j.saturating_sub(k1))).min(n - here)),
             None => (0, 0, 0, 0),
         };
         for (src, (out, data)) in [(&self.p.k, (&mut *k, self.p.k.data)), (&self.p.v, (&mut *v, self.p.v.data))] {
@@ -232,22 +362,31 @@ impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
         }
     }
 
-    /// The K and V rows that hint `j` refers to, or `None` past both units.
+    /// Whether this head's step hints the pages two chunks ahead: every head's when each
+    /// hints its own rows, the first head's when the heads share their tokens' pages.
+    #[inline(always)]
+    fn walks_pages(&self) -> bool {
+        self.here.4 == 0
+    }
+
+    /// The K and V rows that hint `j` refers to (of the head being run), or `None` past both
+    /// units.
     #[inline(always)]
     fn rows(&self, j: usize) -> Option<(*const TKV, *const TKV)> {
-        let (b, hk, k1) = self.here;
-        let (b, hk, j) = if j < k1 {
-            (b, hk, j)
-        } else {
-            let (nb, nhk, nk0, nk1) = self.next?;
-            let jn = nk0 + (j - k1);
-            if jn >= nk1 {
-                return None;
-            }
-            (nb, nhk, jn)
-        };
+        let (b, hk, _, k1, t) = self.here;
+        if j < k1 {
+            return Some(self.at(b, hk + t, j));
+        }
+        let (nb, nhk, nheads, nk0, nk1) = self.next?;
+        let jn = nk0 + (j - k1);
+        (jn < nk1).then(|| self.at(nb, nhk + t.min(nheads - 1), jn))
+    }
+
+    /// The addresses of key `j`'s K and V rows of KV head `hk`, sequence `b`.
+    #[inline(always)]
+    fn at(&self, b: usize, hk: usize, j: usize) -> (*const TKV, *const TKV) {
         let (k, v) = (&self.p.k, &self.p.v);
-        Some((k.data.as_ptr().wrapping_add(k.offset(b, hk, j)), v.data.as_ptr().wrapping_add(v.offset(b, hk, j))))
+        (k.data.as_ptr().wrapping_add(k.offset(b, hk, j)), v.data.as_ptr().wrapping_add(v.offset(b, hk, j)))
     }
 }
 
@@ -260,8 +399,9 @@ struct Interleaved<S: SimdExt, const R: usize> {
 }
 
 impl<S: SimdExt, const R: usize> Interleaved<S, R> {
+    /// The state of rows with maxima `max[..R]` and sums `sum[..R]`.
     #[inline(always)]
-    fn new(max: &[f32; 16], sum: &[f32; 16]) -> Self {
+    fn load(max: &[f32], sum: &[f32]) -> Self {
         let lanes = S::F32_LANES;
         let (mut m, mut l) = ([0.0f32; 16], [0.0f32; 16]);
         for i in 0..lanes {

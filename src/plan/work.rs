@@ -11,6 +11,14 @@
 //! partial result; a merge step combines the partitions of each (batch, KV head, sub-group) in
 //! partition order.
 //!
+//! When the K/V rows of a token's KV heads lie side by side (`[B, S, Hkv, D]` tensors,
+//! token-major pages), a decode unit instead covers *every* KV head of a key partition and runs
+//! them chunk by chunk in lockstep: one head alone would read a few hundred bytes out of every
+//! `Hkv * D` elements, and the hardware prefetchers would fetch the neighbouring heads' lines and
+//! lose them before those heads' units ran (on the Xeon this was measured on, such decode read at
+//! half the bandwidth of `[B, Hkv, S, D]`). Partitions are then shorter, so a call still has
+//! enough units to share.
+//!
 //! Units touch disjoint output rows (or partial slots), and a unit's result does not depend on
 //! who runs it, so the output is bitwise identical for every thread count and both ways of
 //! running. Units are numbered most expensive first (prefill: the last query blocks, which see
@@ -25,16 +33,25 @@ use crate::params::AttentionParams;
 
 /// Query rows (heads x rows) one decode unit keeps in flight at most.
 pub const DECODE_MAX_ROWS: usize = 64;
-/// Keys per decode partition.
+/// Keys per decode partition (the longest; see [`WorkPlan::decode`]).
 pub const DECODE_PART_LEN: usize = 1024;
+/// Units a decode plan whose units span every KV head aims for at least, by shortening its
+/// partitions (to no fewer than [`DECODE_MIN_PART_LEN`] keys): enough to share among the
+/// threads that one sequence's decode step scales to before memory bandwidth is the limit.
+pub const DECODE_MIN_UNITS: usize = 8;
+/// The shortest decode partition: one chunk of the decode kernel.
+pub const DECODE_MIN_PART_LEN: usize = 64;
 
 /// One unit of work: rows `q_start..q_end` of query heads `head_start..head_end` (all of KV
 /// head `kv_head`'s group, or a sub-group in decode) of batch `batch`, against keys
-/// `key_start..key_end`. `part` numbers the key partition (always 0 in prefill).
+/// `key_start..key_end`. `part` numbers the key partition (always 0 in prefill). A decode unit
+/// may span KV heads `kv_head..kv_head_end` (and then all their query heads): it is run as its
+/// [`WorkUnit::kv_sub`] units in lockstep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WorkUnit {
     pub batch: usize,
     pub kv_head: usize,
+    pub kv_head_end: usize,
     pub head_start: usize,
     pub head_end: usize,
     pub q_start: usize,
@@ -44,11 +61,30 @@ pub struct WorkUnit {
     pub part: usize,
 }
 
-/// Which kernel a plan is for.
+impl WorkUnit {
+    /// KV heads the unit spans.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_head_end - self.kv_head
+    }
+
+    /// The part of the unit on its `t`-th KV head (`t < kv_heads()`; the unit itself when it
+    /// spans one), whose query heads are that KV head's group of `group`.
+    pub fn kv_sub(&self, t: usize, group: usize) -> WorkUnit {
+        if self.kv_heads() == 1 {
+            return *self;
+        }
+        let kv_head = self.kv_head + t;
+        WorkUnit { kv_head, kv_head_end: kv_head + 1, head_start: kv_head * group, head_end: (kv_head + 1) * group, ..*self }
+    }
+}
+
+/// Which kernel a plan is for. A decode plan splits each KV head's query heads into `subs`
+/// sub-groups of `heads_per_sub`, the keys into `parts` partitions of `part_len`, and runs
+/// `kv_span` KV heads per unit (1, or all of them with `subs == 1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlanKind {
     Prefill { block_rows: usize, q_blocks: usize },
-    Decode { heads_per_sub: usize, subs: usize, parts: usize },
+    Decode { heads_per_sub: usize, subs: usize, parts: usize, part_len: usize, kv_span: usize },
 }
 
 /// The units of one call and how they are shared out.
@@ -71,13 +107,29 @@ impl WorkPlan {
     }
 
     /// A decode plan: sub-groups of at most [`DECODE_MAX_ROWS`] rows, partitions of
-    /// [`DECODE_PART_LEN`] keys.
+    /// [`DECODE_PART_LEN`] keys, one KV head per unit.
     pub fn decode(shape: &AttentionShape) -> Self {
         let group = shape.group_size();
         let heads_per_sub = (DECODE_MAX_ROWS / shape.seq_q.max(1)).clamp(1, group.max(1));
         let subs = group.div_ceil(heads_per_sub);
         let parts = shape.seq_kv.div_ceil(DECODE_PART_LEN).max(1);
-        Self::with_kind(shape, PlanKind::Decode { heads_per_sub, subs, parts })
+        Self::with_kind(shape, PlanKind::Decode { heads_per_sub, subs, parts, part_len: DECODE_PART_LEN, kv_span: 1 })
+    }
+
+    /// A decode plan whose units span every KV head (for K/V whose heads lie side by side in
+    /// each token; see the module docs): one sub-group per KV head (the caller checked that a
+    /// KV head's rows fit one unit), and partitions of at most [`DECODE_PART_LEN`] keys,
+    /// shortened so that the call has [`DECODE_MIN_UNITS`] units where its keys allow. Depends
+    /// on the shape only, so results do not depend on the thread count.
+    pub fn decode_across_heads(shape: &AttentionShape) -> Self {
+        let group = shape.group_size().max(1);
+        let keys = shape.seq_kv.max(1);
+        let want = DECODE_MIN_UNITS.div_ceil(shape.batch.max(1));
+        let parts = keys.div_ceil(DECODE_PART_LEN).max(want).min(keys.div_ceil(DECODE_MIN_PART_LEN));
+        let part_len = keys.div_ceil(parts).next_multiple_of(DECODE_MIN_PART_LEN);
+        let parts = keys.div_ceil(part_len);
+        let kind = PlanKind::Decode { heads_per_sub: group, subs: 1, parts, part_len, kv_span: shape.kv_heads.max(1) };
+        Self::with_kind(shape, kind)
     }
 
     fn with_kind(shape: &AttentionShape, kind: PlanKind) -> Self {
@@ -100,8 +152,8 @@ impl WorkPlan {
         match self.kind {
             // Saturating: sizes that do not fit are rejected before any plan runs.
             PlanKind::Prefill { q_blocks, .. } => self.batch.saturating_mul(self.kv_heads).saturating_mul(q_blocks),
-            PlanKind::Decode { subs, parts, .. } => {
-                self.batch.saturating_mul(self.kv_heads).saturating_mul(subs).saturating_mul(parts)
+            PlanKind::Decode { subs, parts, kv_span, .. } => {
+                self.batch.saturating_mul(self.kv_heads / kv_span).saturating_mul(subs).saturating_mul(parts)
             }
         }
     }
@@ -131,6 +183,7 @@ impl WorkPlan {
                 WorkUnit {
                     batch,
                     kv_head,
+                    kv_head_end: kv_head + 1,
                     head_start: kv_head * self.group,
                     head_end: (kv_head + 1) * self.group,
                     q_start,
@@ -140,36 +193,39 @@ impl WorkPlan {
                     part: 0,
                 }
             }
-            PlanKind::Decode { heads_per_sub, subs, parts } => {
+            PlanKind::Decode { heads_per_sub, subs, part_len, kv_span, .. } => {
                 // Partition outermost, last partitions (which causal rows may not all see)
                 // numbered last.
-                let part = u / (per_block * subs);
-                let r = u % (per_block * subs);
+                let spans = self.kv_heads / kv_span;
+                let part = u / (self.batch * spans * subs);
+                let r = u % (self.batch * spans * subs);
                 let (bk, sub) = (r / subs, r % subs);
-                let (batch, kv_head) = (bk / self.kv_heads, bk % self.kv_heads);
+                let (batch, kv_head) = (bk / spans, bk % spans * kv_span);
                 let head_start = kv_head * self.group + sub * heads_per_sub;
-                let key_start = part * DECODE_PART_LEN;
-                let _ = parts;
+                let head_end = if kv_span > 1 { (kv_head + kv_span) * self.group } else { (head_start + heads_per_sub).min((kv_head + 1) * self.group) };
+                let key_start = part * part_len;
                 WorkUnit {
                     batch,
                     kv_head,
+                    kv_head_end: kv_head + kv_span,
                     head_start,
-                    head_end: (head_start + heads_per_sub).min((kv_head + 1) * self.group),
+                    head_end,
                     q_start: 0,
                     q_end: self.seq_q,
                     key_start,
-                    key_end: (key_start + DECODE_PART_LEN).min(self.seq_kv),
+                    key_end: (key_start + part_len).min(self.seq_kv),
                     part,
                 }
             }
         }
     }
 
-    /// Slot of a decode unit's partial result: `(batch, kv_head, sub-group, part)` flattened.
+    /// Slot of a (single KV head) decode unit's partial result: `(batch, kv_head, sub-group,
+    /// part)` flattened.
     pub fn partial_slot(&self, unit: &WorkUnit) -> usize {
         match self.kind {
             PlanKind::Prefill { .. } => 0,
-            PlanKind::Decode { heads_per_sub, subs, parts } => {
+            PlanKind::Decode { heads_per_sub, subs, parts, .. } => {
                 let sub = (unit.head_start - unit.kv_head * self.group) / heads_per_sub;
                 ((unit.batch * self.kv_heads + unit.kv_head) * subs + sub) * parts + unit.part
             }
@@ -203,6 +259,16 @@ impl WorkPlan {
             })
             .sum();
         pairs * (unit.head_end - unit.head_start) as u64
+    }
+
+    /// Query rows of the decode kernel's scratch per worker: a sub-group's, or for units spanning
+    /// KV heads, each head's rows rounded up to a power of two (the kernel's slot per head).
+    pub fn decode_scratch_rows(&self) -> usize {
+        match self.kind {
+            PlanKind::Prefill { .. } => 0,
+            PlanKind::Decode { heads_per_sub, kv_span: 1, .. } => heads_per_sub * self.seq_q,
+            PlanKind::Decode { heads_per_sub, kv_span, .. } => kv_span * (heads_per_sub * self.seq_q).next_power_of_two(),
+        }
     }
 
     /// Cost of each of `nth` shares (for tests and tuning).

@@ -830,8 +830,8 @@ static void test_empty_calls(const int32_t *isas, size_t n_isas) {
 /* ---- paged K/V ---- */
 /* The same problem with its K/V rows scattered into a pool of token-major pages ([pages,
  * page_size, Hkv, D], in reverse order, one spare page of NaN, NaN past each sequence's keys,
- * -1 past each sequence's last page): the same bits as the tensors, from forward and from a
- * host plan; the reference of the paged descriptor agrees; a bad page index is an error that
+ * -1 past each sequence's last page): the same bits as [B, Skv, Hkv, D] tensors of the same
+ * rows (the layout whose plan token-major pages share), from forward and from a host plan; the reference of the paged descriptor agrees; a bad page index is an error that
  * leaves the output alone; a descriptor from the header before the paged fields still works. */
 static void check_paged(const char *name, problem *p, size_t ps, const int32_t *isas, size_t n_isas) {
     size_t b = p->d.batch, hkv = p->d.kv_heads, skv = p->d.seq_kv, d = p->d.head_dim, dv = p->d.v_head_dim;
@@ -853,6 +853,17 @@ static void check_paged(const char *name, problem *p, size_t ps, const int32_t *
             }
         }
     }
+    /* The rows as [B, Skv, Hkv, D] tensors: the twin whose bits the pages must give. */
+    unsigned char *kt = (unsigned char *)malloc(b * skv * hkv * d * es), *vt = (unsigned char *)malloc(b * skv * hkv * dv * es);
+    for (size_t bi = 0; bi < b; bi++)
+        for (size_t j = 0; j < skv; j++)
+            for (size_t h = 0; h < hkv; h++) {
+                memcpy(kt + ((bi * skv + j) * hkv + h) * d * es, (unsigned char *)p->k + (((bi * hkv + h) * skv + j) * d) * es, d * es);
+                memcpy(vt + ((bi * skv + j) * hkv + h) * dv * es, (unsigned char *)p->v + (((bi * hkv + h) * skv + j) * dv) * es, dv * es);
+            }
+    simd_attn_tensor k_bshd = p->d.k, v_bshd = p->d.v;
+    k_bshd.data = kt, k_bshd.stride_batch = (int64_t)(skv * hkv * d), k_bshd.stride_head = (int64_t)d, k_bshd.stride_seq = (int64_t)(hkv * d);
+    v_bshd.data = vt, v_bshd.stride_batch = (int64_t)(skv * hkv * dv), v_bshd.stride_head = (int64_t)dv, v_bshd.stride_seq = (int64_t)(hkv * dv);
     simd_attn_desc paged = p->d;
     paged.k.data = kp;
     paged.k.len = pages * kpage;
@@ -867,6 +878,7 @@ static void check_paged(const char *name, problem *p, size_t ps, const int32_t *
         float *want_lse, *got_lse;
         simd_attn_desc w = redirect(p, &want_out, &want_lse);
         simd_attn_desc g = redirect(p, &got_out, &got_lse);
+        w.k = k_bshd, w.v = v_bshd;
         g.k = paged.k, g.v = paged.v, g.block_table = table, g.block_table_len = b * pps;
         g.pages_per_seq = pps, g.page_size = ps, g.num_pages = pages;
         EXPECT_STATUS(simd_attn_forward(&w, 2, isas[i], NULL), SIMD_ATTN_OK);
@@ -919,7 +931,7 @@ static void check_paged(const char *name, problem *p, size_t ps, const int32_t *
     old.struct_size = (uint32_t)offsetof(simd_attn_desc, block_table);
     old.block_table = table; /* past struct_size: never read */
     EXPECT_STATUS(simd_attn_forward(&old, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
-    free(o), free(l), free(kp), free(vp), free(table);
+    free(o), free(l), free(kp), free(vp), free(kt), free(vt), free(table);
 }
 
 static void test_paged(const int32_t *isas, size_t n_isas) {
