@@ -70,8 +70,9 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
 /// Runs unit `w`, which spans several KV heads, as its single-head units in lockstep, chunk by
 /// chunk (each into its own slot): every K/V byte of a chunk's tokens is then used within a short
 /// window, where a head at a time would fetch the lines of the heads beside it and lose them (see
-/// [`crate::plan::work`]). Each head computes exactly what it would alone. `next` is the unit
-/// after `w`, whose first keys the last chunk hints.
+/// [`crate::plan::work`]). Each head runs its keys as [`decode_few`] would, in steps of
+/// [`HEADS_CHUNK`] keys rather than [`CHUNK`] (so its rounding differs; the plan, fixed by the
+/// shape, decides which runs). `next` is the unit after `w`, whose first keys the last chunk hints.
 #[inline(always)]
 pub(crate) fn decode_few_heads<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     simd: S,
