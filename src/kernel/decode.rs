@@ -114,80 +114,39 @@ pub(crate) fn decode_unit<S: SimdExt, TKV: Element, const D: usize, const MR: us
     next: Option<&WorkUnit>,
     sc: &mut Scratch,
 ) {
-    if w.kv_heads() > 1 {
-        return decode_heads::<S, TKV, D, MR, NRV>(simd, p, w, next, sc);
-    }
-    decode_unit_pass::<S, TKV, D, MR, NRV>(simd, p, w, next, sc, false);
-    let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
-    if !all_finite(simd, &sc.acc[..rows * sc.dv_pad]) {
-        decode_unit_pass::<S, TKV, D, MR, NRV>(simd, p, w, None, sc, true);
-    }
-}
-
-/// Runs a unit spanning KV heads (see [`crate::plan::work`]): head `t`'s rows go to slot `t` of
-/// the scratch, `R` rows each (the head's rows rounded up to a power of two): accumulator rows
-/// `t * R..`, maxima and sums likewise. The planner makes such units only where every head's
-/// rows take the few-rows kernel; a head whose accumulators are not all finite runs again alone,
-/// skipping zero weights.
-#[inline(always)]
-fn decode_heads<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
-    simd: S,
-    p: &Problem<'_, TKV>,
-    w: &WorkUnit,
-    next: Option<&WorkUnit>,
-    sc: &mut Scratch,
-) {
     let d = if D == 0 { p.shape.head_dim } else { D };
+    // Rows per KV head: a unit spanning KV heads (see [`crate::plan::work`]) runs each head's
+    // rows into its own slot of the scratch, `R` rows each (the head's rows rounded up to a
+    // power of two): accumulator rows `t * R..`, maxima and sums likewise.
     let rows = (w.head_end - w.head_start) / w.kv_heads() * (w.q_end - w.q_start);
-    if !super::decode_few::takes::<S>(rows, d, p.shape.v_head_dim) {
-        unreachable!("the planner spans KV heads only for rows the few-rows kernel takes");
-    }
-    macro_rules! run {
-        ($($r:literal)*) => {
-            match rows.next_power_of_two() {
-                $($r => {
-                    super::decode_few::decode_few_heads::<S, TKV, D, $r>(simd, p, w, next, sc);
-                    for t in 0..w.kv_heads() {
-                        if !all_finite(simd, &sc.acc[t * $r * sc.dv_pad..(t + 1) * $r * sc.dv_pad]) {
-                            let sub = w.kv_sub(t, p.shape.group_size());
-                            super::decode_few::decode_few::<S, TKV, D, $r>(simd, p, &sub, None, sc, t, true);
-                        }
-                    }
-                })*
-                _ => unreachable!("at most a vector of rows per head"),
-            }
-        };
-    }
-    run!(1 2 4 8 16);
-}
-
-/// One pass of [`decode_unit`]; `skip_zero` picks the P.V that skips zero weights.
-#[inline(always)]
-fn decode_unit_pass<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
-    simd: S,
-    p: &Problem<'_, TKV>,
-    w: &WorkUnit,
-    next: Option<&WorkUnit>,
-    sc: &mut Scratch,
-    skip_zero: bool,
-) {
-    let d = if D == 0 { p.shape.head_dim } else { D };
-    let rows = (w.head_end - w.head_start) * (w.q_end - w.q_start);
     // At most a vector of rows (one or a few query rows per head of a GQA group, say).
     if super::decode_few::takes::<S>(rows, d, p.shape.v_head_dim) {
-        match rows.next_power_of_two() {
-            1 => return super::decode_few::decode_few::<S, TKV, D, 1>(simd, p, w, next, sc, 0, skip_zero),
-            2 => return super::decode_few::decode_few::<S, TKV, D, 2>(simd, p, w, next, sc, 0, skip_zero),
-            4 => return super::decode_few::decode_few::<S, TKV, D, 4>(simd, p, w, next, sc, 0, skip_zero),
-            8 => return super::decode_few::decode_few::<S, TKV, D, 8>(simd, p, w, next, sc, 0, skip_zero),
-            16 => return super::decode_few::decode_few::<S, TKV, D, 16>(simd, p, w, next, sc, 0, skip_zero),
-            _ => {}
+        macro_rules! few {
+            ($($r:literal)*) => {
+                match rows.next_power_of_two() {
+                    $($r => return super::decode_few::decode_few::<S, TKV, D, $r>(simd, p, w, next, sc),)*
+                    _ => {}
+                }
+            };
         }
+        few!(1 2 4 8 16);
     }
-    if S::F32_LANES >= MR {
-        decode_rows::<S, TKV, D, MR, NRV, 1>(simd, p, w, sc, skip_zero)
-    } else {
-        decode_rows::<S, TKV, D, MR, NRV, 2>(simd, p, w, sc, skip_zero)
+    if w.kv_heads() > 1 {
+        unreachable!("the planner spans KV heads only for rows the few-rows kernel takes");
+    }
+    // The second pass, if any, skips zero weights. One call site, and the flag hidden from the
+    // optimiser: the row-tile kernel is compiled once, not once per pass.
+    let mut skip_zero = false;
+    loop {
+        if S::F32_LANES >= MR {
+            decode_rows::<S, TKV, D, MR, NRV, 1>(simd, p, w, sc, core::hint::black_box(skip_zero));
+        } else {
+            decode_rows::<S, TKV, D, MR, NRV, 2>(simd, p, w, sc, core::hint::black_box(skip_zero));
+        }
+        if skip_zero || all_finite(simd, &sc.acc[..rows * sc.dv_pad]) {
+            return;
+        }
+        skip_zero = true;
     }
 }
 

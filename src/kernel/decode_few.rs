@@ -11,7 +11,7 @@
 //! with the rows a fixed distance ahead hinted into L2.
 
 use super::decode::{pack_q_row, unit_keys, Scratch, CHUNK};
-use super::microkernel::{pv_direct, pv_skip_zero, qk_dot_group, RowsAt};
+use super::microkernel::{all_finite, pv_direct, pv_skip_zero, qk_dot_group, RowsAt};
 use super::strided_row_terms;
 use super::terms::any_terms;
 use crate::element::Element;
@@ -44,11 +44,45 @@ pub(crate) fn takes_lanes(lanes: usize, rows: usize, head_dim: usize, v_head_dim
     lanes > 1 && rows.next_power_of_two() <= lanes && head_dim.is_multiple_of(lanes) && v_head_dim.is_multiple_of(lanes)
 }
 
-/// Runs unit `w` (at most `R` rows, `R` a power of two with `R <= lanes`) into slot `slot` of
-/// the scratch (`sc.acc` rows `slot * R..`, `sc.max` / `sc.sum` entries likewise), rows ordered
-/// as [`super::decode::decode_unit`] orders them.
+/// Runs unit `w` (at most `R` rows per KV head, `R` a power of two with `R <= lanes`), head `t`
+/// of it into slot `t` of the scratch (`sc.acc` rows `t * R..`, `sc.max` / `sc.sum` entries
+/// likewise), rows ordered as [`super::decode::decode_unit`] orders them. `next` is the unit
+/// after `w`, whose first keys the last chunk hints. A head whose accumulators are not all
+/// finite runs again alone with P.V skipping zero weights, so NaN or Inf in the V row of a key
+/// the mask hides never reaches them (see [`pv_skip_zero`]).
 #[inline(always)]
 pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
+    simd: S,
+    p: &Problem<'_, TKV>,
+    w: &WorkUnit,
+    next: Option<&WorkUnit>,
+    sc: &mut Scratch,
+) {
+    let group = p.shape.group_size();
+    // (unit, its first slot, skip zero weights): the whole unit first, then each head that needs
+    // it. One call site of the pass, the flag hidden from the optimiser, so its body is compiled
+    // once per `R` (an engine compiles it for every head dim, storage type and ISA).
+    let mut pass = (*w, 0, false);
+    let mut t_next = 0;
+    loop {
+        let (unit, slot, skip_zero) = pass;
+        few_pass::<S, TKV, D, R>(simd, p, &unit, (!skip_zero).then_some(next).flatten(), sc, slot, core::hint::black_box(skip_zero));
+        let dv_pad = sc.dv_pad;
+        let Some(t) = (t_next..w.kv_heads()).find(|&t| !all_finite(simd, &sc.acc[t * R * dv_pad..(t + 1) * R * dv_pad])) else {
+            return;
+        };
+        (pass, t_next) = ((w.kv_sub(t, group), t, true), t + 1);
+    }
+}
+
+/// One pass over unit `w`'s keys into slots `slot..`. A unit spanning several KV heads runs its
+/// single-head units in lockstep, chunk by chunk: every K/V byte of a chunk's tokens is then
+/// used within a short window, where a head at a time would fetch the lines of the heads beside
+/// it and lose them (see [`crate::plan::work`]). Lockstep heads step [`HEADS_CHUNK`] keys at a
+/// time, a single head [`CHUNK`] (so their rounding differs; the plan, fixed by the shape,
+/// decides which runs).
+#[inline(always)]
+fn few_pass<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     w: &WorkUnit,
@@ -57,41 +91,18 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
     slot: usize,
     skip_zero: bool,
 ) {
-    few_begin::<S, TKV, D, R>(p, w, sc, slot);
-    let (k0, k1) = unit_keys(p, w);
-    let mut j0 = k0;
-    while j0 < k1 {
-        let n = CHUNK.min(k1 - j0);
-        few_chunk::<S, TKV, D, R>(simd, p, w, (w, 0), next, sc, slot, (j0, n, k1), skip_zero);
-        j0 += n;
-    }
-}
-
-/// Runs unit `w`, which spans several KV heads, as its single-head units in lockstep, chunk by
-/// chunk (each into its own slot): every K/V byte of a chunk's tokens is then used within a short
-/// window, where a head at a time would fetch the lines of the heads beside it and lose them (see
-/// [`crate::plan::work`]). Each head runs its keys as [`decode_few`] would, in steps of
-/// [`HEADS_CHUNK`] keys rather than [`CHUNK`] (so its rounding differs; the plan, fixed by the
-/// shape, decides which runs). `next` is the unit after `w`, whose first keys the last chunk hints.
-#[inline(always)]
-pub(crate) fn decode_few_heads<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
-    simd: S,
-    p: &Problem<'_, TKV>,
-    w: &WorkUnit,
-    next: Option<&WorkUnit>,
-    sc: &mut Scratch,
-) {
-    let group = p.shape.group_size();
-    for t in 0..w.kv_heads() {
-        few_begin::<S, TKV, D, R>(p, &w.kv_sub(t, group), sc, t);
+    let (group, heads) = (p.shape.group_size(), w.kv_heads());
+    for t in 0..heads {
+        few_begin::<S, TKV, D, R>(p, &w.kv_sub(t, group), sc, slot + t);
     }
     // A row's key interval does not depend on its head, so every head has the same keys.
     let (k0, k1) = unit_keys(p, w);
+    let step = if heads > 1 { HEADS_CHUNK } else { CHUNK };
     let mut j0 = k0;
     while j0 < k1 {
-        let n = HEADS_CHUNK.min(k1 - j0);
-        for t in 0..w.kv_heads() {
-            few_chunk::<S, TKV, D, R>(simd, p, &w.kv_sub(t, group), (w, t), next, sc, t, (j0, n, k1), false);
+        let n = step.min(k1 - j0);
+        for t in 0..heads {
+            few_chunk::<S, TKV, D, R>(simd, p, &w.kv_sub(t, group), (w, t), next, sc, slot + t, (j0, n, k1), skip_zero);
         }
         j0 += n;
     }
