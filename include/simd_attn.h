@@ -72,6 +72,7 @@ extern "C" {
 #define SIMD_ATTN_ERR_RESERVED 31           /* a reserved field is not 0 */
 #define SIMD_ATTN_ERR_INVALID_PAGE 32       /* a block-table entry a visible key reaches names no page */
 #define SIMD_ATTN_ERR_INVALID_SEQLENS 33    /* cu_seqlens: not B+1 non-negative, non-decreasing offsets that fit */
+#define SIMD_ATTN_ERR_INVALID_ROPE 34        /* rotary tables: bad rotary_dim, or short of a row's position */
 
 /* ---- element types (the dtype fields) ---- */
 #define SIMD_ATTN_F32 0 /* float */
@@ -194,6 +195,35 @@ typedef struct simd_attn_desc {
     size_t cu_seqlens_q_len;
     const int32_t *cu_seqlens_k;
     size_t cu_seqlens_k_len;
+    /* RoPE and KV cache appends (appended; a descriptor up to cu_seqlens_k_len reads them as
+     * NULL / 0: no rotation, no append).
+     * Rotary tables as flash_attn_with_kvcache takes them: rope_cos and rope_sin are
+     * [positions, rotary_dim / 2] f32 row-major (rope_len elements each); rotary_dim even, in
+     * 2..head_dim (the rest of a row is not rotated); rope_interleaved 1: pairs (x[2t], x[2t+1])
+     * (GPT-J), 0: pairs (x[t], x[t + rotary_dim/2]) (GPT-NeoX, Llama). Q row i of sequence b is
+     * rotated at position i + kv_len - q_len as it is packed (dot and cosine scores only); in
+     * simd_attn_forward_with_kvcache each new K row is rotated at the position it is written to.
+     * Only the table rows a call reads must be finite (SIMD_ATTN_ERR_INVALID_ROPE otherwise). */
+    const float *rope_cos;
+    const float *rope_sin;
+    size_t rope_len;
+    size_t rotary_dim;
+    int32_t rope_interleaved;
+    int32_t rope_reserved; /* must be 0 */
+    /* Read by simd_attn_forward_with_kvcache only (the other entries reject them set,
+     * SIMD_ATTN_ERR_UNSUPPORTED). k_new / v_new: this step's rows in the cache's dtype,
+     * [B, seq_new, Hkv, D] through their strides, or, with cu_seqlens_new (B + 1 offsets),
+     * packed tokens [total, Hkv, D] (stride_batch unused; sequence b appends tokens
+     * cu_seqlens_new[b] .. cu_seqlens_new[b+1], at most seq_new of them). Both NULL: no append.
+     * cache_lens [B] (required): each sequence's keys already in the cache; the new rows land
+     * at cache_lens[b] onwards, and attention runs over cache_lens[b] + its new rows. */
+    simd_attn_tensor k_new;
+    simd_attn_tensor v_new;
+    size_t seq_new;
+    const int32_t *cu_seqlens_new;
+    size_t cu_seqlens_new_len;
+    const int64_t *cache_lens;
+    size_t cache_lens_len;
 } simd_attn_desc;
 
 /* One partial result for simd_attn_merge_partials: rows normalised over its keys, and their
@@ -222,6 +252,15 @@ int simd_attn_desc_init(simd_attn_desc *desc);
  * simd_attn_set_default_threads); isa: SIMD_ATTN_ISA_AUTO or a path; info may be NULL.
  * Results are bitwise identical for every thread count. */
 int simd_attn_forward(const simd_attn_desc *desc, size_t threads, int32_t isa, simd_attn_run_info *info);
+
+/* Appends k_new / v_new (if set) to the cache desc->k, desc->v (tensors or a paged pool, as
+ * for simd_attn_forward) at each sequence's cache_lens, rotating new K rows by the rotary
+ * tables if set, then attends over the cache (as flash_attn_with_kvcache). desc->k.data and
+ * desc->v.data are WRITTEN: they must be writable and not overlap q, out, lse or the new rows.
+ * Everything is validated before anything is written: on error the cache and the outputs are
+ * untouched. kv_lens and cu_seqlens_k must be unset (cache_lens says it); no alignment or
+ * coverage. */
+int simd_attn_forward_with_kvcache(const simd_attn_desc *desc, size_t threads, int32_t isa, simd_attn_run_info *info);
 
 /* The library's f64 reference for the same descriptor (slow; for tests), rounded once into
  * out and lse. */
@@ -329,7 +368,20 @@ size_t simd_attn_abi_layout(size_t *out, size_t cap);
             offsetof(simd_attn_desc, cu_seqlens_q),\
             offsetof(simd_attn_desc, cu_seqlens_q_len),\
             offsetof(simd_attn_desc, cu_seqlens_k),\
-            offsetof(simd_attn_desc, cu_seqlens_k_len)\
+            offsetof(simd_attn_desc, cu_seqlens_k_len),\
+            offsetof(simd_attn_desc, rope_cos),\
+            offsetof(simd_attn_desc, rope_sin),\
+            offsetof(simd_attn_desc, rope_len),\
+            offsetof(simd_attn_desc, rotary_dim),\
+            offsetof(simd_attn_desc, rope_interleaved),\
+            offsetof(simd_attn_desc, rope_reserved),\
+            offsetof(simd_attn_desc, k_new),\
+            offsetof(simd_attn_desc, v_new),\
+            offsetof(simd_attn_desc, seq_new),\
+            offsetof(simd_attn_desc, cu_seqlens_new),\
+            offsetof(simd_attn_desc, cu_seqlens_new_len),\
+            offsetof(simd_attn_desc, cache_lens),\
+            offsetof(simd_attn_desc, cache_lens_len)\
     }
 
 #ifdef __cplusplus

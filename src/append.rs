@@ -17,7 +17,7 @@ use crate::layout::{AttentionShape, PageStrides, PageTable, PagedKv, TensorMut, 
 use crate::params::AttentionParams;
 use crate::problem::Problem;
 use crate::request::Request;
-use crate::validate::{validate_kv_tensors, validate_outputs};
+use crate::validate::{validate_cu_seqlens, validate_kv_tensors, validate_outputs};
 use half::f16;
 
 /// A KV cache the call writes its new rows into: `[B, Hkv, Skv, D]`-style tensors through
@@ -28,19 +28,58 @@ pub enum KvCacheMut<'c, T> {
     Paged { k: &'c mut [T], v: &'c mut [T], k_strides: PageStrides, v_strides: PageStrides, pages: PageTable<'c> },
 }
 
-/// This step's new K and V rows, `[B, seq_new, Hkv, D]` (and `Dv`) through their strides
-/// (`batch`, `head`, `seq`), in the cache's element type.
+/// This step's new K and V rows, in the cache's element type: `[B, seq_new, Hkv, D]` (and
+/// `Dv`) through their strides (`batch`, `head`, `seq`), or packed tokens `[total, Hkv, D]`
+/// with `cu_seqlens` (as `flash_attn_varlen_func`'s; the batch stride is then unused):
+/// sequence `b` appends tokens `cu_seqlens[b]..cu_seqlens[b + 1]`, at most `seq_new` of them.
+/// Packed rows are how chunked prefill appends: each sequence its own chunk.
 #[derive(Clone, Copy, Debug)]
 pub struct NewKv<'n, T> {
     pub k: TensorRef<'n, T>,
     pub v: TensorRef<'n, T>,
     pub seq_new: usize,
+    pub cu_seqlens: Option<&'n [i32]>,
+}
+
+impl<'n, T> NewKv<'n, T> {
+    /// `seq_new` rows for every sequence, `[B, seq_new, Hkv, D]` through the strides.
+    pub fn padded(k: TensorRef<'n, T>, v: TensorRef<'n, T>, seq_new: usize) -> Self {
+        Self { k, v, seq_new, cu_seqlens: None }
+    }
+
+    /// Packed rows: sequence `b` appends tokens `cu_seqlens[b]..cu_seqlens[b + 1]` of `k` and
+    /// `v` (`seq_new` is the longest segment; a malformed array is rejected by the call).
+    pub fn packed(k: TensorRef<'n, T>, v: TensorRef<'n, T>, cu_seqlens: &'n [i32]) -> Self {
+        let seq_new = cu_seqlens.windows(2).map(|w| usize::try_from(i64::from(w[1]) - i64::from(w[0])).unwrap_or(0)).max().unwrap_or(0);
+        Self { k, v, seq_new, cu_seqlens: Some(cu_seqlens) }
+    }
+
+    /// Rows sequence `b` appends (`cu_seqlens` validated).
+    #[inline]
+    fn rows(&self, b: usize) -> usize {
+        match self.cu_seqlens {
+            None => self.seq_new,
+            Some(cu) => (cu[b + 1] - cu[b]) as usize,
+        }
+    }
+
+    /// Where row `t` of KV head `hk`, sequence `b` sits in `k` and in `v`.
+    #[inline]
+    fn offsets(&self, b: usize, hk: usize, t: usize) -> (usize, usize) {
+        match self.cu_seqlens {
+            None => (self.k.strides.offset(b, hk, t), self.v.strides.offset(b, hk, t)),
+            Some(cu) => {
+                let token = cu[b] as usize + t;
+                (self.k.strides.offset(0, hk, token), self.v.strides.offset(0, hk, token))
+            }
+        }
+    }
 }
 
 /// Appends `new` (if any) to every sequence of `cache` at its current length
 /// (`cache_lens[b]`: new row `s` of sequence `b` becomes key `cache_lens[b] + s`), rotating
 /// each new K row by `params.rope` at that position, then runs attention of `q` over the
-/// cache with `kv_len = cache_lens[b] + seq_new` (and, with `params.rope`, Q rotated at its
+/// cache with `kv_len = cache_lens[b] +` the rows sequence `b` appends (and, with `params.rope`, Q rotated at its
 /// rows' positions: the last row at `kv_len - 1`). `shape.seq_kv` is the tensors' capacity
 /// (for a paged cache, at most `pages_per_seq * page_size`); `params.kv_lens` and
 /// `cu_seqlens_k` must be unset (the cache lengths say it).
@@ -67,7 +106,7 @@ pub struct NewKv<'n, T> {
 ///     &shape,
 ///     TensorRef::new(&q, qs),
 ///     KvCacheMut::Tensors { k: TensorMut::new(&mut kc, cs), v: TensorMut::new(&mut vc, cs) },
-///     Some(NewKv { k: TensorRef::new(&kn, ns), v: TensorRef::new(&vn, ns), seq_new: 1 }),
+///     Some(NewKv::padded(TensorRef::new(&kn, ns), TensorRef::new(&vn, ns), 1)),
 ///     &[5, 9],
 ///     TensorMut::new(&mut out, os),
 ///     None,
@@ -94,7 +133,7 @@ pub fn attention_with_kvcache<TQ: Element, TKV: Element, TO: Element>(
 
 /// A cache and its new rows of one element type (see `dtypes`: the generic entry erases the
 /// types, the body is compiled here once per K/V type).
-enum AnyCache<'c, 'n> {
+pub(crate) enum AnyCache<'c, 'n> {
     F32(KvCacheMut<'c, f32>, Option<NewKv<'n, f32>>),
     F16(KvCacheMut<'c, f16>, Option<NewKv<'n, f16>>),
 }
@@ -103,13 +142,13 @@ impl<'c, 'n> AnyCache<'c, 'n> {
     /// The cache and new rows as `U`, which is `T` (`DTYPE` is equal; checked by the caller).
     #[inline(always)]
     fn cast<T: Element, U: Element>(cache: KvCacheMut<'c, T>, new: Option<NewKv<'n, T>>) -> (KvCacheMut<'c, U>, Option<NewKv<'n, U>>) {
-        let m = |s: &'c mut [T]| -> &'c mut [U] { same_mut::<T, U>(s).ok().expect("same DTYPE, same type") };
+        let m = |s: &'c mut [T]| -> &'c mut [U] { same_mut::<T, U>(s).expect("same DTYPE, same type") };
         let r = |s: &'n [T]| -> &'n [U] { same::<T, U>(s).expect("same DTYPE, same type") };
         let cache = match cache {
             KvCacheMut::Tensors { k, v } => KvCacheMut::Tensors { k: TensorMut::new(m(k.data), k.strides), v: TensorMut::new(m(v.data), v.strides) },
             KvCacheMut::Paged { k, v, k_strides, v_strides, pages } => KvCacheMut::Paged { k: m(k), v: m(v), k_strides, v_strides, pages },
         };
-        let new = new.map(|n| NewKv { k: TensorRef::new(r(n.k.data), n.k.strides), v: TensorRef::new(r(n.v.data), n.v.strides), seq_new: n.seq_new });
+        let new = new.map(|n| NewKv { k: TensorRef::new(r(n.k.data), n.k.strides), v: TensorRef::new(r(n.v.data), n.v.strides), seq_new: n.seq_new, cu_seqlens: n.cu_seqlens });
         (cache, new)
     }
 
@@ -131,7 +170,7 @@ impl<'c, 'n> AnyCache<'c, 'n> {
 /// [`attention_with_kvcache`] with erased element types: compiled once, here.
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn kvcache_call(config: &RunConfig, shape: &AttentionShape, q: AnyRef<'_>, cache: AnyCache<'_, '_>, cache_lens: &[usize], out: AnyMut<'_>, lse: Option<&mut [f32]>, params: &AttentionParams<'_>) -> Result<RunInfo, AttnError> {
+pub(crate) fn kvcache_call(config: &RunConfig, shape: &AttentionShape, q: AnyRef<'_>, cache: AnyCache<'_, '_>, cache_lens: &[usize], out: AnyMut<'_>, lse: Option<&mut [f32]>, params: &AttentionParams<'_>) -> Result<RunInfo, AttnError> {
     match cache {
         AnyCache::F32(c, n) => kvcache_typed(config, shape, q, c, n, cache_lens, out, lse, params),
         AnyCache::F16(c, n) => kvcache_typed(config, shape, q, c, n, cache_lens, out, lse, params),
@@ -165,16 +204,24 @@ fn kvcache_typed<T: Element>(
     if cache_lens.len() != s.batch {
         return Err(AttnError::WrongLength { arg: "cache_lens", expected: s.batch, got: cache_lens.len() });
     }
-    let seq_new = new.map_or(0, |n| n.seq_new);
     if let Some(n) = &new {
-        validate_kv_tensors(&AttentionShape { seq_kv: seq_new, ..*s }, (n.k.data.len(), n.k.strides), (n.v.data.len(), n.v.strides))
+        // Padded: `[B, seq_new]` rows; packed: tokens `0..cu[B]` (batch stride unused).
+        let (rows, batch) = match n.cu_seqlens {
+            None => (n.seq_new, s.batch),
+            Some(cu) => {
+                validate_cu_seqlens("cu_seqlens_new", cu, s.batch, n.seq_new, "seq_new")?;
+                (cu[s.batch] as usize, 1)
+            }
+        };
+        validate_kv_tensors(&AttentionShape { batch, seq_kv: rows, ..*s }, (n.k.data.len(), n.k.strides), (n.v.data.len(), n.v.strides))
             .map_err(|e| match e {
                 AttnError::BufferTooSmall { tensor, needed, len } => AttnError::BufferTooSmall { tensor: if tensor == TensorName::K { TensorName::KNew } else { TensorName::VNew }, needed, len },
                 e => e,
             })?;
     }
+    let appended = |b: usize| new.as_ref().map_or(0, |n| n.rows(b));
     // Saturating: a length past the integer range fails validation against `seq_kv` below.
-    let lens = try_vec(cache_lens.iter().map(|&l| l.saturating_add(seq_new)))?;
+    let lens = try_vec(cache_lens.iter().enumerate().map(|(b, &l)| l.saturating_add(appended(b))))?;
     let params = AttentionParams { kv_lens: Some(&lens), ..*params };
     // The whole call against the cache as it will be: tensors and pages (those the new rows
     // land in too), options, outputs.
@@ -184,8 +231,8 @@ fn kvcache_typed<T: Element>(
         validate_outputs(s, out.extent(), lse.as_deref(), params.cu_seqlens_q)?;
         validate_inspect(s, &Default::default(), &params)?;
         // The new keys' rotation reads the tables at their positions (Q's rows were checked).
-        if let (Some(rope), true) = (&params.rope, seq_new > 0) {
-            for (b, &at) in cache_lens.iter().enumerate() {
+        if let Some(rope) = &params.rope {
+            for (b, &at) in cache_lens.iter().enumerate().filter(|&(b, _)| appended(b) > 0) {
                 if lens[b] > rope.positions() {
                     return Err(AttnError::InvalidRope { detail: format!("sequence {b}'s new keys reach position {} but the tables hold {}", lens[b] - 1, rope.positions()) });
                 }
@@ -200,18 +247,19 @@ fn kvcache_typed<T: Element>(
             KvCacheMut::Paged { k, v, .. } => (&mut **k, &mut **v),
         };
         for (b, &at) in cache_lens.iter().enumerate() {
-            for t in 0..seq_new {
+            for t in 0..n.rows(b) {
                 let pos = at + t;
                 for hk in 0..s.kv_heads {
-                    let (src, dst) = (n.k.strides.offset(b, hk, t), k_index.offset(b, hk, pos));
+                    let (src, v_src) = n.offsets(b, hk, t);
+                    let dst = k_index.offset(b, hk, pos);
                     let (from, to) = (&n.k.data[src..src + s.head_dim], &mut kc[dst..dst + s.head_dim]);
                     match &params.rope {
                         // Rotated at the key's position, rounded once into the cache.
                         Some(rope) => to.iter_mut().enumerate().for_each(|(c, y)| *y = T::from_f32(rope.rotated(pos, c, |u| from[u].to_f32()))),
                         None => to.copy_from_slice(from),
                     }
-                    let (src, dst) = (n.v.strides.offset(b, hk, t), v_index.offset(b, hk, pos));
-                    vc[dst..dst + s.v_head_dim].copy_from_slice(&n.v.data[src..src + s.v_head_dim]);
+                    let dst = v_index.offset(b, hk, pos);
+                    vc[dst..dst + s.v_head_dim].copy_from_slice(&n.v.data[v_src..v_src + s.v_head_dim]);
                 }
             }
         }
@@ -228,7 +276,7 @@ fn kvcache_typed<T: Element>(
 fn view<'v, T>(cache: &'v KvCacheMut<'_, T>) -> Kv<'v, T> {
     match cache {
         KvCacheMut::Tensors { k, v } => Kv::Tensors(TensorRef::new(&*k.data, k.strides), TensorRef::new(&*v.data, v.strides)),
-        KvCacheMut::Paged { k, v, k_strides, v_strides, pages } => Kv::Paged(PagedKv { k: &**k, v: &**v, k_strides: *k_strides, v_strides: *v_strides, pages: *pages }),
+        KvCacheMut::Paged { k, v, k_strides, v_strides, pages } => Kv::Paged(PagedKv { k, v, k_strides: *k_strides, v_strides: *v_strides, pages: *pages }),
     }
 }
 

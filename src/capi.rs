@@ -21,7 +21,9 @@ use crate::merge::PartialResult;
 use crate::params::{AdditiveProjection, AttentionParams, Score, Window};
 use crate::api::PlanShares;
 use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, Kv, TypedOp};
-use crate::{Element, Inspect, RunConfig, RunInfo};
+use crate::append::{kvcache_call, AnyCache};
+use crate::rope::Rope;
+use crate::{Element, Inspect, KvCacheMut, NewKv, RunConfig, RunInfo};
 use core::ffi::{c_char, c_void};
 use core::mem::{offset_of, size_of};
 use std::cell::RefCell;
@@ -121,6 +123,21 @@ pub struct SimdAttnDesc {
     pub cu_seqlens_q_len: usize,
     pub cu_seqlens_k: *const i32,
     pub cu_seqlens_k_len: usize,
+    // Appended for RoPE and KV cache appends (older descriptors read these as NULL / 0: no
+    // rotation, no append).
+    pub rope_cos: *const f32,
+    pub rope_sin: *const f32,
+    pub rope_len: usize,
+    pub rotary_dim: usize,
+    pub rope_interleaved: i32,
+    pub rope_reserved: i32,
+    pub k_new: SimdAttnTensor,
+    pub v_new: SimdAttnTensor,
+    pub seq_new: usize,
+    pub cu_seqlens_new: *const i32,
+    pub cu_seqlens_new_len: usize,
+    pub cache_lens: *const i64,
+    pub cache_lens_len: usize,
 }
 
 /// The descriptor's size before the score and inspection fields were appended: callers
@@ -128,9 +145,15 @@ pub struct SimdAttnDesc {
 const DESC_V1_SIZE: usize = offset_of!(SimdAttnDesc, score);
 
 /// Every size a descriptor has had, oldest first: before the score fields, before the paged
-/// K/V fields, and now. A caller's `struct_size` must be one of them (or larger, with the
-/// unknown tail zero).
-const DESC_SIZES: [usize; 4] = [DESC_V1_SIZE, offset_of!(SimdAttnDesc, block_table), offset_of!(SimdAttnDesc, cu_seqlens_q), size_of::<SimdAttnDesc>()];
+/// K/V fields, before the packed-sequence fields, before the RoPE and append fields, and now.
+/// A caller's `struct_size` must be one of them (or larger, with the unknown tail zero).
+const DESC_SIZES: [usize; 5] = [
+    DESC_V1_SIZE,
+    offset_of!(SimdAttnDesc, block_table),
+    offset_of!(SimdAttnDesc, cu_seqlens_q),
+    offset_of!(SimdAttnDesc, rope_cos),
+    size_of::<SimdAttnDesc>(),
+];
 
 /// One partial result for [`simd_attn_merge_partials`].
 #[repr(C)]
@@ -190,10 +213,11 @@ pub enum Status {
     Reserved = 31,
     InvalidPage = 32,
     InvalidSeqlens = 33,
+    InvalidRope = 34,
 }
 
 /// Every status, in code order, with its header name and its short message.
-const STATUS_TABLE: [(Status, &str, &str); 34] = [
+const STATUS_TABLE: [(Status, &str, &str); 35] = [
     (Status::Ok, "SIMD_ATTN_OK\0", "success\0"),
     (Status::NullPointer, "SIMD_ATTN_ERR_NULL_POINTER\0", "a required pointer is NULL (or NULL with a non-zero length)\0"),
     (Status::Misaligned, "SIMD_ATTN_ERR_MISALIGNED\0", "a pointer is not aligned to its element type\0"),
@@ -228,6 +252,7 @@ const STATUS_TABLE: [(Status, &str, &str); 34] = [
     (Status::Reserved, "SIMD_ATTN_ERR_RESERVED\0", "a reserved field is not 0\0"),
     (Status::InvalidPage, "SIMD_ATTN_ERR_INVALID_PAGE\0", "a block-table entry that a visible key reaches names no page of the pool\0"),
     (Status::InvalidSeqlens, "SIMD_ATTN_ERR_INVALID_SEQLENS\0", "a cu_seqlens array is not batch + 1 non-negative, non-decreasing offsets whose segments fit seq_q / seq_kv\0"),
+    (Status::InvalidRope, "SIMD_ATTN_ERR_INVALID_ROPE\0", "the rotary tables do not fit the head dim, or do not reach a row's position\0"),
 ];
 
 /// A failed call: its status and the detailed message for `simd_attn_last_error`.
@@ -259,7 +284,7 @@ impl From<AttnError> for Fail {
             InvalidScore { .. } => Status::InvalidScore,
             UnsupportedScore { .. } | Unsupported { .. } => Status::Unsupported,
             InvalidSeqlens { .. } => Status::InvalidSeqlens,
-            InvalidRope { .. } => Status::InvalidValue,
+            InvalidRope { .. } => Status::InvalidRope,
         };
         Fail(status, e.to_string())
     }
@@ -498,15 +523,29 @@ fn default_desc() -> SimdAttnDesc {
             cu_seqlens_q_len: 0,
             cu_seqlens_k: core::ptr::null(),
             cu_seqlens_k_len: 0,
+            rope_cos: core::ptr::null(),
+            rope_sin: core::ptr::null(),
+            rope_len: 0,
+            rotary_dim: 0,
+            rope_interleaved: 0,
+            rope_reserved: 0,
+            k_new: t,
+            v_new: t,
+            seq_new: 0,
+            cu_seqlens_new: core::ptr::null(),
+            cu_seqlens_new_len: 0,
+            cache_lens: core::ptr::null(),
+            cache_lens_len: 0,
         }
 }
 
 /// A descriptor turned into the safe API's arguments (element types still erased, as the
-/// Rust entries erase them: see `dtypes`).
-struct Decoded<'a> {
+/// Rust entries erase them: see `dtypes`). `K` is how K and V are taken: read ([`AnyKv`]) or,
+/// for an append, written ([`CacheArg`]).
+struct Decoded<'a, K> {
     shape: AttentionShape,
     q: AnyRef<'a>,
-    kv: AnyKv<'a>,
+    kv: K,
     out: AnyMut<'a>,
     lse: Option<&'a mut [f32]>,
     inspect: Inspect<'a>,
@@ -528,6 +567,7 @@ struct Options<'a> {
     score: Score<'a>,
     cu_seqlens_q: Option<&'a [i32]>,
     cu_seqlens_k: Option<&'a [i32]>,
+    rope: Option<Rope<'a>>,
 }
 
 impl<'a> Options<'a> {
@@ -547,7 +587,7 @@ impl<'a> Options<'a> {
             score: self.score,
             cu_seqlens_q: self.cu_seqlens_q,
             cu_seqlens_k: self.cu_seqlens_k,
-            rope: None,
+            rope: self.rope,
         }
     }
 }
@@ -628,7 +668,108 @@ fn check_aliasing(inputs: &[Span], outputs: &[Span]) -> Result<(), Fail> {
     Ok(())
 }
 
-impl<'a> Decoded<'a> {
+/// Non-negative int64 lengths (`kv_lens`, `cache_lens`) as `usize`.
+fn lengths(raw: &[i64], what: &str) -> Result<Vec<usize>, Fail> {
+    let mut lens = Vec::new();
+    lens.try_reserve_exact(raw.len()).or_else(|_| fail(Status::OutOfMemory, format!("{what} copy")))?;
+    for (b, &x) in raw.iter().enumerate() {
+        match usize::try_from(x) {
+            Ok(x) => lens.push(x),
+            Err(_) => return fail(Status::KvLenOutOfRange, format!("{what}[{b}] = {x} is negative")),
+        }
+    }
+    Ok(lens)
+}
+
+/// How a descriptor's `k` and `v` (and the append fields) become the call's K/V.
+trait KvArg<'a>: Sized {
+    /// # Safety
+    /// Every pointer in `d` follows the header's contract.
+    unsafe fn decode(d: &SimdAttnDesc, pages: Option<PageTable<'a>>, inputs: &mut Vec<Span>, outputs: &mut Vec<Span>) -> Result<Self, Fail>;
+}
+
+/// The append fields are unset: only `simd_attn_forward_with_kvcache` reads them.
+fn no_append(d: &SimdAttnDesc) -> Result<(), Fail> {
+    let t = &d.k_new;
+    let set = !t.data.is_null() || t.len != 0 || !d.v_new.data.is_null() || d.v_new.len != 0 || d.seq_new != 0;
+    if set || !d.cu_seqlens_new.is_null() || d.cu_seqlens_new_len != 0 || !d.cache_lens.is_null() || d.cache_lens_len != 0 {
+        return fail(Status::Unsupported, "k_new, v_new, seq_new, cu_seqlens_new and cache_lens are read by simd_attn_forward_with_kvcache only");
+    }
+    Ok(())
+}
+
+/// Read K/V: tensors, or a paged pool.
+impl<'a> KvArg<'a> for AnyKv<'a> {
+    unsafe fn decode(d: &SimdAttnDesc, pages: Option<PageTable<'a>>, inputs: &mut Vec<Span>, _outputs: &mut Vec<Span>) -> Result<Self, Fail> {
+        no_append(d)?;
+        // SAFETY: the header's contract on k and v.
+        let k = unsafe { tensor(&d.k, "k", inputs)? };
+        let v = unsafe { tensor(&d.v, "v", inputs)? };
+        let page_strides = |t: Strides| PageStrides::new(t.batch, t.head, t.seq);
+        Ok(match (k, v, pages) {
+            (AnyRef::F32(k), AnyRef::F32(v), None) => AnyKv::F32(Kv::Tensors(k, v)),
+            (AnyRef::F16(k), AnyRef::F16(v), None) => AnyKv::F16(Kv::Tensors(k, v)),
+            (AnyRef::F32(k), AnyRef::F32(v), Some(pages)) => {
+                AnyKv::F32(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
+            }
+            (AnyRef::F16(k), AnyRef::F16(v), Some(pages)) => {
+                AnyKv::F16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
+            }
+            _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
+        })
+    }
+}
+
+/// A cache the call appends to: `k` and `v` written in place (tensors or a paged pool), the
+/// new rows (if any) and each sequence's current length.
+struct CacheArg<'a> {
+    cache: AnyCache<'a, 'a>,
+    cache_lens: Vec<usize>,
+}
+
+impl<'a> KvArg<'a> for CacheArg<'a> {
+    unsafe fn decode(d: &SimdAttnDesc, pages: Option<PageTable<'a>>, inputs: &mut Vec<Span>, outputs: &mut Vec<Span>) -> Result<Self, Fail> {
+        let writable = |t: &SimdAttnTensor| SimdAttnOutput { data: t.data as *mut c_void, len: t.len, dtype: t.dtype, reserved: t.reserved, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
+        // SAFETY (every block): the header's contract, which for this entry makes k and v
+        // writable and touched by nothing else during the call.
+        let k = unsafe { output(&writable(&d.k), "k", outputs)? };
+        let v = unsafe { output(&writable(&d.v), "v", outputs)? };
+        let none = |t: &SimdAttnTensor| t.data.is_null() && t.len == 0;
+        let new = if none(&d.k_new) && none(&d.v_new) {
+            None
+        } else {
+            Some((unsafe { tensor(&d.k_new, "k_new", inputs)? }, unsafe { tensor(&d.v_new, "v_new", inputs)? }))
+        };
+        let cu = unsafe { optional::<i32>(d.cu_seqlens_new, d.cu_seqlens_new_len, "cu_seqlens_new", inputs)? };
+        if d.cache_lens.is_null() && d.cache_lens_len == 0 {
+            return fail(Status::NullPointer, "cache_lens is NULL: simd_attn_forward_with_kvcache needs each sequence's current length");
+        }
+        let raw = unsafe { slice(d.cache_lens, d.cache_lens_len, "cache_lens")? };
+        inputs.push(Span::of(raw, "cache_lens"));
+        let cache_lens = lengths(raw, "cache_lens")?;
+        let page_strides = |t: Strides| PageStrides::new(t.batch, t.head, t.seq);
+        fn cache<'c, T>(k: TensorMut<'c, T>, v: TensorMut<'c, T>, pages: Option<PageTable<'c>>, ps: impl Fn(Strides) -> PageStrides) -> KvCacheMut<'c, T> {
+            match pages {
+                None => KvCacheMut::Tensors { k, v },
+                Some(pages) => KvCacheMut::Paged { k_strides: ps(k.strides), v_strides: ps(v.strides), k: k.data, v: v.data, pages },
+            }
+        }
+        fn new_kv<'n, T>(k: TensorRef<'n, T>, v: TensorRef<'n, T>, seq_new: usize, cu_seqlens: Option<&'n [i32]>) -> NewKv<'n, T> {
+            NewKv { k, v, seq_new, cu_seqlens }
+        }
+        let mismatch = || fail(Status::UnsupportedDtypes, "k, v, k_new and v_new must have the same dtype");
+        let cache = match (k, v, new) {
+            (AnyMut::F32(k), AnyMut::F32(v), None) => AnyCache::F32(cache(k, v, pages, page_strides), None),
+            (AnyMut::F16(k), AnyMut::F16(v), None) => AnyCache::F16(cache(k, v, pages, page_strides), None),
+            (AnyMut::F32(k), AnyMut::F32(v), Some((AnyRef::F32(kn), AnyRef::F32(vn)))) => AnyCache::F32(cache(k, v, pages, page_strides), Some(new_kv(kn, vn, d.seq_new, cu))),
+            (AnyMut::F16(k), AnyMut::F16(v), Some((AnyRef::F16(kn), AnyRef::F16(vn)))) => AnyCache::F16(cache(k, v, pages, page_strides), Some(new_kv(kn, vn, d.seq_new, cu))),
+            _ => return mismatch(),
+        };
+        Ok(CacheArg { cache, cache_lens })
+    }
+}
+
+impl<'a, K: KvArg<'a>> Decoded<'a, K> {
     /// # Safety
     /// Every pointer in `d` follows the header's contract.
     unsafe fn new(d: &SimdAttnDesc) -> Result<Self, Fail> {
@@ -638,8 +779,6 @@ impl<'a> Decoded<'a> {
         let mut outputs = Vec::new();
         // SAFETY (every block below): the header's contract on each pointer.
         let q = unsafe { tensor(&d.q, "q", &mut inputs)? };
-        let k = unsafe { tensor(&d.k, "k", &mut inputs)? };
-        let v = unsafe { tensor(&d.v, "v", &mut inputs)? };
         let out = unsafe { output(&d.out, "out", &mut outputs)? };
         // A paged pool: k and v are its pages, their strides (batch, head, seq) those of
         // (page, head, slot).
@@ -650,18 +789,7 @@ impl<'a> Decoded<'a> {
             inputs.push(Span::of(table, "block_table"));
             Some(PageTable { block_table: table, pages_per_seq: d.pages_per_seq, page_size: d.page_size, num_pages: d.num_pages })
         };
-        let page_strides = |t: Strides| PageStrides::new(t.batch, t.head, t.seq);
-        let kv = match (k, v, pages) {
-            (AnyRef::F32(k), AnyRef::F32(v), None) => AnyKv::F32(Kv::Tensors(k, v)),
-            (AnyRef::F16(k), AnyRef::F16(v), None) => AnyKv::F16(Kv::Tensors(k, v)),
-            (AnyRef::F32(k), AnyRef::F32(v), Some(pages)) => {
-                AnyKv::F32(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
-            }
-            (AnyRef::F16(k), AnyRef::F16(v), Some(pages)) => {
-                AnyKv::F16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
-            }
-            _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
-        };
+        let kv = unsafe { K::decode(d, pages, &mut inputs, &mut outputs)? };
         let lse = if d.lse.is_null() && d.lse_len == 0 {
             None
         } else {
@@ -674,15 +802,7 @@ impl<'a> Decoded<'a> {
         } else {
             let raw = unsafe { slice(d.kv_lens, d.kv_lens_len, "kv_lens")? };
             inputs.push(Span::of(raw, "kv_lens"));
-            let mut lens = Vec::new();
-            lens.try_reserve_exact(raw.len()).or_else(|_| fail(Status::OutOfMemory, "kv_lens copy"))?;
-            for (b, &x) in raw.iter().enumerate() {
-                match usize::try_from(x) {
-                    Ok(x) => lens.push(x),
-                    Err(_) => return fail(Status::KvLenOutOfRange, format!("kv_lens[{b}] = {x} is negative")),
-                }
-            }
-            Some(lens)
+            Some(lengths(raw, "kv_lens")?)
         };
         let bias = if d.bias.is_null() && d.bias_len == 0 {
             None
@@ -728,6 +848,16 @@ impl<'a> Decoded<'a> {
         };
         let alignment = inspect_out(d.alignment, d.alignment_len, "alignment", &mut outputs)?;
         let coverage = inspect_out(d.coverage, d.coverage_len, "coverage", &mut outputs)?;
+        reserved(d.rope_reserved, "rope_reserved")?;
+        let rope = if d.rope_cos.is_null() && d.rope_sin.is_null() && d.rope_len == 0 && d.rotary_dim == 0 {
+            None
+        } else {
+            let cos = unsafe { slice(d.rope_cos, d.rope_len, "rope_cos")? };
+            let sin = unsafe { slice(d.rope_sin, d.rope_len, "rope_sin")? };
+            inputs.push(Span::of(cos, "rope_cos"));
+            inputs.push(Span::of(sin, "rope_sin"));
+            Some(Rope { cos, sin, rotary_dim: d.rotary_dim, interleaved: d.rope_interleaved != 0 })
+        };
         check_aliasing(&inputs, &outputs)?;
 
         let bound = |x: i64| -> Result<Option<usize>, Fail> {
@@ -751,7 +881,7 @@ impl<'a> Decoded<'a> {
             lse,
             inspect: Inspect { alignment, coverage },
             kv_lens,
-            options: Options { bias, alibi, sinks, scale: (d.use_scale != 0).then_some(d.scale), causal: d.causal != 0, softcap, window, score, cu_seqlens_q, cu_seqlens_k },
+            options: Options { bias, alibi, sinks, scale: (d.use_scale != 0).then_some(d.scale), causal: d.causal != 0, softcap, window, score, cu_seqlens_q, cu_seqlens_k, rope },
         })
     }
 }
@@ -907,6 +1037,30 @@ pub unsafe extern "C" fn simd_attn_forward(desc: *const SimdAttnDesc, threads: u
     })
 }
 
+/// Appends this step's K/V to the cache and attends over it, in one call (as
+/// `flash_attn_with_kvcache`): `desc.k` and `desc.v` are the cache, written in place.
+///
+/// # Safety
+/// As [`simd_attn_forward`], and `desc.k.data` / `desc.v.data` point to writable memory that
+/// nothing else touches during the call.
+#[no_mangle]
+pub unsafe extern "C" fn simd_attn_forward_with_kvcache(desc: *const SimdAttnDesc, threads: usize, isa: i32, info: *mut SimdAttnRunInfo) -> i32 {
+    entry(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { read_desc(desc)? };
+        let config = RunConfig { isa: isa_from(isa)?, threads: (threads > 0).then_some(threads) };
+        // SAFETY: the caller's contract.
+        let Decoded { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Decoded::<CacheArg<'_>>::new(&d)? };
+        if inspect.alignment.is_some() || inspect.coverage.is_some() {
+            return fail(Status::Unsupported, "simd_attn_forward_with_kvcache does not produce the alignment matrix or coverage: append, then call simd_attn_forward");
+        }
+        let CacheArg { cache, cache_lens } = kv;
+        let r = kvcache_call(&config, &shape, q, cache, &cache_lens, out, lse, &options.params(kv_lens.as_deref()))?;
+        write_info(info, &r);
+        Ok(())
+    })
+}
+
 /// The f64 reference for the same descriptor, rounded once into `out` (and `lse`).
 ///
 /// # Safety
@@ -948,7 +1102,7 @@ pub unsafe extern "C" fn simd_attn_plan_create(desc: *const SimdAttnDesc, nth: u
         let config = RunConfig { isa: isa_from(isa)?, threads: None };
         // SAFETY: the caller's contract, which keeps every buffer alive (and the outputs to the
         // plan) until simd_attn_plan_destroy: the plan may borrow them for 'static.
-        let Decoded { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Decoded::<'static>::new(&d)? };
+        let Decoded { shape, q, kv, out, lse, inspect, kv_lens, options } = unsafe { Decoded::<'static, AnyKv<'static>>::new(&d)? };
         if inspect.alignment.is_some() || inspect.coverage.is_some() {
             return fail(Status::Unsupported, "host-driven plans do not produce the alignment matrix or coverage: use simd_attn_forward");
         }
@@ -1272,6 +1426,19 @@ pub unsafe extern "C" fn simd_attn_abi_layout(out: *mut usize, cap: usize) -> us
         offset_of!(SimdAttnDesc, cu_seqlens_q_len),
         offset_of!(SimdAttnDesc, cu_seqlens_k),
         offset_of!(SimdAttnDesc, cu_seqlens_k_len),
+        offset_of!(SimdAttnDesc, rope_cos),
+        offset_of!(SimdAttnDesc, rope_sin),
+        offset_of!(SimdAttnDesc, rope_len),
+        offset_of!(SimdAttnDesc, rotary_dim),
+        offset_of!(SimdAttnDesc, rope_interleaved),
+        offset_of!(SimdAttnDesc, rope_reserved),
+        offset_of!(SimdAttnDesc, k_new),
+        offset_of!(SimdAttnDesc, v_new),
+        offset_of!(SimdAttnDesc, seq_new),
+        offset_of!(SimdAttnDesc, cu_seqlens_new),
+        offset_of!(SimdAttnDesc, cu_seqlens_new_len),
+        offset_of!(SimdAttnDesc, cache_lens),
+        offset_of!(SimdAttnDesc, cache_lens_len),
     ];
     if !out.is_null() {
         for (n, &x) in layout.iter().enumerate().take(cap) {

@@ -109,7 +109,7 @@ fn validate_rope(s: &AttentionShape, params: &AttentionParams<'_>, rope: &crate:
 
 /// A `cu_seqlens` array: `batch + 1` entries, from a non-negative start, non-decreasing, each
 /// segment at most `max` (`max_name`) long.
-fn validate_cu_seqlens(arg: &'static str, cu: &[i32], batch: usize, max: usize, max_name: &str) -> Result<(), AttnError> {
+pub(crate) fn validate_cu_seqlens(arg: &'static str, cu: &[i32], batch: usize, max: usize, max_name: &str) -> Result<(), AttnError> {
     let expected = batch.checked_add(1).ok_or(AttnError::SizeOverflow { tensor: TensorName::Q })?;
     check_len(arg, expected, cu.len())?;
     if cu[0] < 0 {

@@ -30,6 +30,8 @@ struct Spec {
     head_major: bool,
     /// (rotary_dim, interleaved)
     rope: Option<(usize, bool)>,
+    /// Packed new rows and queries (chunked prefill): each sequence's own count, `0..=seq_new`.
+    packed: Option<Vec<usize>>,
     causal: bool,
     seed: u64,
 }
@@ -46,10 +48,11 @@ fn spec() -> impl Strategy<Value = Spec> {
                 any::<bool>(),
                 prop_oneof![Just(None), (prop_oneof![Just(head_dim & !1), rot], any::<bool>()).prop_map(Some)],
                 any::<bool>(),
+                prop_oneof![Just(None), proptest::collection::vec(prop_oneof![Just(0usize), Just(seq_new), 0..=seq_new], batch).prop_map(Some)],
                 any::<u64>(),
             )
         })
-        .prop_map(|((batch, kv_heads, group, head_dim, seq_new, capacity), fill, page_size, head_major, rope, causal, seed)| Spec {
+        .prop_map(|((batch, kv_heads, group, head_dim, seq_new, capacity), fill, page_size, head_major, rope, causal, packed, seed)| Spec {
             batch,
             kv_heads,
             group,
@@ -61,6 +64,7 @@ fn spec() -> impl Strategy<Value = Spec> {
             head_major,
             rope: rope.filter(|&(r, _)| r >= 2),
             causal,
+            packed,
             seed,
         })
 }
@@ -147,33 +151,57 @@ fn check_append<T: Element>(sp: &Spec) -> Result<(), TestCaseError> {
             }
         }
     }
-    let ns = Strides::bshd(hkv, sn, d);
-    let kn: Vec<T> = (0..b * sn * hkv * d).map(|_| T::from_f32(rng.uniform())).collect();
-    let vn: Vec<T> = (0..b * sn * hkv * d).map(|_| T::from_f32(rng.uniform())).collect();
-    let q: Vec<f32> = (0..b * hq * sn * d).map(|_| rng.uniform()).collect();
-    let [qs, _, _, os] = shape.bhsd_strides();
+    // New rows and queries: padded `[B, sn]`, or packed tokens (`cu` the same for both).
+    let rows: Vec<usize> = sp.packed.clone().unwrap_or_else(|| vec![sn; b]);
+    let cu: Vec<i32> = std::iter::once(0).chain(rows.iter().scan(0, |a, &r| {
+        *a += r as i32;
+        Some(*a)
+    })).collect();
+    let tokens = cu[b] as usize;
+    let (ns, qs, os, new_len, q_len) = match sp.packed {
+        None => {
+            let [qs, _, _, os] = shape.bhsd_strides();
+            (Strides::bshd(hkv, sn, d), qs, os, b * sn * hkv * d, b * hq * sn * d)
+        }
+        Some(_) => (Strides { batch: 0, head: d, seq: hkv * d }, Strides { batch: 0, head: d, seq: hq * d }, Strides { batch: 0, head: d, seq: hq * d }, tokens * hkv * d, tokens * hq * d),
+    };
+    let new_at = |bi: usize, hk: usize, t: usize| match sp.packed {
+        None => ns.batch * bi + ns.head * hk + ns.seq * t,
+        Some(_) => ns.head * hk + ns.seq * (cu[bi] as usize + t),
+    };
+    let kn: Vec<T> = (0..new_len).map(|_| T::from_f32(rng.uniform())).collect();
+    let vn: Vec<T> = (0..new_len).map(|_| T::from_f32(rng.uniform())).collect();
+    let q: Vec<f32> = (0..q_len).map(|_| rng.uniform()).collect();
     let rot = sp.rope.map_or(2, |r| r.0);
     let (cos, sin) = Rope::tables(10000.0, rot, sp.capacity);
     let rope = sp.rope.map(|(rotary_dim, interleaved)| Rope { cos: &cos, sin: &sin, rotary_dim, interleaved });
     let mut params = AttentionParams::new().causal(sp.causal);
+    if sp.packed.is_some() {
+        params = params.cu_seqlens_q(&cu);
+    }
     if let Some(r) = rope {
         params = params.rope(r);
     }
-    let lens: Vec<usize> = sp.fill.iter().map(|&f| f + sn).collect();
+    let lens: Vec<usize> = sp.fill.iter().zip(&rows).map(|(&f, &r)| f + r).collect();
+    let lse_len = b * hq * sn;
     for isa in Isa::available() {
         let config = RunConfig { isa: Some(isa), threads: Some(2) };
         let (mut kc, mut vc) = (k0.clone(), v0.clone());
-        let mut out = vec![0.0f32; b * hq * sn * d];
-        let mut lse = vec![0.0f32; b * hq * sn];
-        let new = NewKv { k: TensorRef::new(&kn[..], ns), v: TensorRef::new(&vn[..], ns), seq_new: sn };
+        let mut out = vec![0.0f32; q_len];
+        let mut lse = vec![0.0f32; if sp.packed.is_some() { hq * tokens } else { lse_len }];
+        let (kr, vr) = (TensorRef::new(&kn[..], ns), TensorRef::new(&vn[..], ns));
+        let new = match sp.packed {
+            None => NewKv::padded(kr, vr, sn),
+            Some(_) => NewKv::packed(kr, vr, &cu),
+        };
         attention_with_kvcache(&config, &shape, TensorRef::new(&q[..], qs), kl.cache(&mut kc, &mut vc, &vl), Some(new), &sp.fill, TensorMut::new(&mut out, os), Some(&mut lse), &params)
             .map_err(|e| TestCaseError::fail(format!("[{isa}] {e}")))?;
         // The cache: old rows and everything past the new ones untouched; new rows written.
         let mut written = vec![false; kl.len];
         for bi in 0..b {
             for hk in 0..hkv {
-                for t in 0..sn {
-                    let (ko, vo, no) = (kl.offset(bi, hk, sp.fill[bi] + t), vl.offset(bi, hk, sp.fill[bi] + t), ns.batch * bi + ns.head * hk + ns.seq * t);
+                for t in 0..rows[bi] {
+                    let (ko, vo, no) = (kl.offset(bi, hk, sp.fill[bi] + t), vl.offset(bi, hk, sp.fill[bi] + t), new_at(bi, hk, t));
                     written[ko..ko + d].iter_mut().for_each(|w| *w = true);
                     prop_assert!(vc[vo..vo + d].iter().zip(&vn[no..no + d]).all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits()), "[{isa}] new V row (b={bi}, hk={hk}, t={t}) not copied");
                     let x: Vec<f64> = kn[no..no + d].iter().map(|v| v.to_f64()).collect();
@@ -223,12 +251,22 @@ fn check_append<T: Element>(sp: &Spec) -> Result<(), TestCaseError> {
         }];
         let [_, ks, vs, _] = shape.bhsd_strides();
         let r = Reference::new(&shape, TensorRef::new(&q[..], qs), TensorRef::new(&gathered[0].0[..], ks), TensorRef::new(&gathered[0].1[..], vs), &p2).unwrap().compute();
-        for (n, (&g, &w)) in out.iter().zip(&r.out).enumerate() {
-            let bound = 2e-5 * (d as f64 + 8.0);
-            prop_assert!((g as f64 - w).abs() <= bound, "[{isa}] out[{n}] = {g}, reference {w}");
-        }
-        for (n, (&g, &w)) in lse.iter().zip(&r.lse).enumerate() {
-            prop_assert!(if w.is_infinite() { g as f64 == w } else { (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()) }, "[{isa}] lse[{n}] = {g}, reference {w}");
+        for bi in 0..b {
+            for h in 0..hq {
+                for i in 0..rows[bi] {
+                    let (o, l) = match sp.packed {
+                        None => (os.batch * bi + os.head * h + os.seq * i, (bi * hq + h) * sn + i),
+                        Some(_) => (os.head * h + os.seq * (cu[bi] as usize + i), h * tokens + cu[bi] as usize + i),
+                    };
+                    for (c, &w) in r.out_row(bi, h, i).unwrap().iter().enumerate() {
+                        let g = out[o + c];
+                        let bound = 2e-5 * (d as f64 + 8.0);
+                        prop_assert!((g as f64 - w).abs() <= bound, "[{isa}] out (b={bi}, h={h}, i={i})[{c}] = {g}, reference {w}");
+                    }
+                    let (g, w) = (lse[l], r.lse_at(bi, h, i).unwrap());
+                    prop_assert!(if w.is_infinite() { g as f64 == w } else { (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()) }, "[{isa}] lse (b={bi}, h={h}, i={i}) = {g}, reference {w}");
+                }
+            }
         }
     }
     Ok(())
@@ -306,7 +344,7 @@ fn a_rejected_append_writes_nothing() {
             None => KvCacheMut::Tensors { k: TensorMut::new(&mut k, cs), v: TensorMut::new(&mut v, cs) },
             Some(t) => KvCacheMut::Paged { k: &mut k, v: &mut v, k_strides: PageStrides::token_major(4, 1, 4), v_strides: PageStrides::token_major(4, 1, 4), pages: PageTable { block_table: t, pages_per_seq: 2, page_size: 4, num_pages: 4 } },
         };
-        let new = NewKv { k: TensorRef::new(&kn[..], ns), v: TensorRef::new(&vn[..], ns), seq_new: 1 };
+        let new = NewKv::padded(TensorRef::new(&kn[..], ns), TensorRef::new(&vn[..], ns), 1);
         let r = attention_with_kvcache(&RunConfig::default(), &shape, TensorRef::new(&q[..], qs), cache, Some(new), lens, TensorMut::new(&mut out, os), None, &params);
         let untouched = k.iter().chain(&v).all(|&x| x == 9.0) && out.iter().all(|&x| x == 7.0);
         (r, untouched)

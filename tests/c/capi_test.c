@@ -294,6 +294,7 @@ static void test_header_agrees_with_library(void) {
         CODE(SIMD_ATTN_ERR_INTERNAL),     CODE(SIMD_ATTN_ERR_INVALID_SCORE), CODE(SIMD_ATTN_ERR_UNKNOWN_SCORE),
         CODE(SIMD_ATTN_ERR_UNSUPPORTED),  CODE(SIMD_ATTN_ERR_RESERVED), CODE(SIMD_ATTN_ERR_INVALID_PAGE),
         CODE(SIMD_ATTN_ERR_INVALID_SEQLENS),
+        CODE(SIMD_ATTN_ERR_INVALID_ROPE),
     };
     size_t n_codes = sizeof codes / sizeof codes[0];
     for (size_t i = 0; i < n_codes; i++) {
@@ -1041,6 +1042,109 @@ static void test_varlen(const int32_t *isas, size_t n_isas) {
     free(q), free(k), free(v), free(ref), free(ref_lse), free(out), free(lse);
 }
 
+/* ---- appending to the cache with RoPE ---- */
+/* Chunked prefill on a [B, S, Hkv, D] cache holding 5 and 9 keys: sequence 0 appends 3 packed
+ * rows, sequence 1 one, Q packed the same way, RoPE (half-split) on Q and the new keys. The
+ * new V rows land at the cache lengths, the output matches the reference of the appended
+ * cache with the same tables, simd_attn_forward refuses the append fields, and a call whose
+ * rows would pass the capacity writes nothing. */
+static void test_kvcache(const int32_t *isas, size_t n_isas) {
+    enum { B = 2, HQ = 4, HKV = 2, D = 16, S = 32, HALF = D / 2 };
+    const int32_t cu[B + 1] = {0, 3, 4};
+    const int64_t cache_lens[B] = {5, 9};
+    const int64_t kv_lens[B] = {8, 10};
+    size_t tokens = 4, cache_len = B * S * HKV * D, new_len = tokens * HKV * D, q_len = tokens * HQ * D;
+    float *k0 = (float *)alloc_filled(cache_len, SIMD_ATTN_F32), *v0 = (float *)alloc_filled(cache_len, SIMD_ATTN_F32);
+    float *kn = (float *)alloc_filled(new_len, SIMD_ATTN_F32), *vn = (float *)alloc_filled(new_len, SIMD_ATTN_F32);
+    float *q = (float *)alloc_filled(q_len, SIMD_ATTN_F32);
+    float cos_t[S * HALF], sin_t[S * HALF];
+    for (int p = 0; p < S; p++)
+        for (int t = 0; t < HALF; t++) {
+            double angle = p * pow(10000.0, -2.0 * t / D);
+            cos_t[p * HALF + t] = (float)cos(angle), sin_t[p * HALF + t] = (float)sin(angle);
+        }
+    float *k = (float *)malloc(cache_len * 4), *v = (float *)malloc(cache_len * 4);
+    float *out = (float *)malloc(q_len * 4), *ref = (float *)malloc(q_len * 4);
+    simd_attn_desc d;
+    simd_attn_desc_init(&d);
+    d.batch = B, d.q_heads = HQ, d.kv_heads = HKV, d.seq_q = 3, d.seq_kv = S, d.head_dim = D;
+    d.causal = 1;
+    d.q.data = q, d.q.len = q_len, d.q.stride_head = D, d.q.stride_seq = HQ * D;
+    d.k.data = k, d.k.len = cache_len, d.k.stride_batch = S * HKV * D, d.k.stride_head = D, d.k.stride_seq = HKV * D;
+    d.v = d.k;
+    d.v.data = v;
+    d.out.data = out, d.out.len = q_len, d.out.stride_head = D, d.out.stride_seq = HQ * D;
+    d.cu_seqlens_q = cu, d.cu_seqlens_q_len = B + 1;
+    d.rope_cos = cos_t, d.rope_sin = sin_t, d.rope_len = S * HALF, d.rotary_dim = D;
+    simd_attn_desc a = d;
+    a.k_new.data = kn, a.k_new.len = new_len, a.k_new.stride_head = D, a.k_new.stride_seq = HKV * D;
+    a.v_new = a.k_new;
+    a.v_new.data = vn;
+    a.seq_new = 3, a.cu_seqlens_new = cu, a.cu_seqlens_new_len = B + 1;
+    a.cache_lens = cache_lens, a.cache_lens_len = B;
+    for (size_t i = 0; i < n_isas; i++) {
+        memcpy(k, k0, cache_len * 4), memcpy(v, v0, cache_len * 4);
+        EXPECT_STATUS(simd_attn_forward_with_kvcache(&a, 2, isas[i], NULL), SIMD_ATTN_OK);
+        int copied = 1;
+        for (int b = 0; b < B; b++)
+            for (int t = cu[b]; t < cu[b + 1]; t++)
+                for (int h = 0; h < HKV; h++)
+                    copied &= memcmp(v + b * S * HKV * D + (cache_lens[b] + t - cu[b]) * HKV * D + h * D, vn + t * HKV * D + h * D, D * 4) == 0;
+        CHECK(copied, "kvcache (isa %d): new V rows not at the cache lengths", isas[i]);
+        /* The reference on the appended cache: the same tables rotate Q; kv_lens say the keys. */
+        simd_attn_desc r = d;
+        r.out.data = ref, r.kv_lens = kv_lens, r.kv_lens_len = B;
+        EXPECT_STATUS(simd_attn_reference(&r), SIMD_ATTN_OK);
+        double worst = 0;
+        for (size_t e = 0; e < q_len; e++) {
+            double err = fabs((double)out[e] - ref[e]);
+            if (!(err <= worst)) worst = err;
+        }
+        CHECK(worst <= 2e-5 * (D + 8), "kvcache (isa %d): max error %g", isas[i], worst);
+    }
+    /* The new K rows, rotated at their positions. */
+    double worst_k = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = cu[b]; t < cu[b + 1]; t++)
+            for (int h = 0; h < HKV; h++) {
+                int pos = (int)cache_lens[b] + t - cu[b];
+                const float *x = kn + t * HKV * D + h * D, *y = k + b * S * HKV * D + pos * HKV * D + h * D;
+                for (int c = 0; c < HALF; c++) {
+                    double cs = cos_t[pos * HALF + c], sn = sin_t[pos * HALF + c];
+                    double y0 = x[c] * cs - x[c + HALF] * sn, y1 = x[c + HALF] * cs + x[c] * sn;
+                    worst_k = fmax(worst_k, fmax(fabs(y[c] - y0), fabs(y[c + HALF] - y1)));
+                }
+            }
+    CHECK(worst_k <= 1e-6, "kvcache: new K rows off the rotation by %g", worst_k);
+    /* simd_attn_forward does not read the append fields: it refuses them. */
+    EXPECT_STATUS(simd_attn_forward(&a, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED);
+    /* Rows past the capacity: nothing written, neither the cache nor the output. */
+    const int64_t too_long[B] = {5, 32};
+    simd_attn_desc bad = a;
+    bad.cache_lens = too_long;
+    memcpy(k, k0, cache_len * 4), memcpy(v, v0, cache_len * 4);
+    for (size_t e = 0; e < q_len; e++) out[e] = 555.0f;
+    CHECK(simd_attn_forward_with_kvcache(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL) != SIMD_ATTN_OK, "kvcache: rows past the capacity accepted");
+    int untouched = memcmp(k, k0, cache_len * 4) == 0 && memcmp(v, v0, cache_len * 4) == 0;
+    for (size_t e = 0; e < q_len; e++) untouched &= out[e] == 555.0f;
+    CHECK(untouched, "kvcache: a rejected call wrote");
+    /* Tables short of the last position: SIMD_ATTN_ERR_INVALID_ROPE, nothing written. */
+    bad = a;
+    bad.rope_len = 9 * HALF;
+    EXPECT_STATUS(simd_attn_forward_with_kvcache(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_ROPE);
+    CHECK(memcmp(k, k0, cache_len * 4) == 0, "kvcache: short tables wrote the cache");
+    /* No cache_lens: refused. */
+    bad = a;
+    bad.cache_lens = NULL, bad.cache_lens_len = 0;
+    EXPECT_STATUS(simd_attn_forward_with_kvcache(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_NULL_POINTER);
+    /* The header before these fields: struct_size ends at cu_seqlens_k_len, the rope and
+     * append fields are never read. */
+    simd_attn_desc old = a;
+    old.struct_size = (uint32_t)offsetof(simd_attn_desc, rope_cos);
+    EXPECT_STATUS(simd_attn_forward(&old, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    free(k0), free(v0), free(kn), free(vn), free(q), free(k), free(v), free(out), free(ref);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -1075,6 +1179,7 @@ int main(void) {
     test_empty_calls(isas, n_isas);
     test_paged(isas, n_isas);
     test_varlen(isas, n_isas);
+    test_kvcache(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);

@@ -728,7 +728,7 @@ fn bench_append<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> 
                 let (k, v) = &mut kvs[next % copies];
                 next += 1;
                 let cache = KvCacheMut::Tensors { k: TensorMut::new(k, ks), v: TensorMut::new(v, ks) };
-                let new = NewKv { k: TensorRef::new(&kn, ns), v: TensorRef::new(&vn, ns), seq_new: 1 };
+                let new = NewKv::padded(TensorRef::new(&kn, ns), TensorRef::new(&vn, ns), 1);
                 attention_with_kvcache(&config, &s, TensorRef::new(&q, qs), cache, Some(new), &fill, TensorMut::new(&mut out, os), None, &params).expect("valid problem");
             });
             let bw = ctx.bandwidth.gbs(threads);
