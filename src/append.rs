@@ -14,7 +14,7 @@ use crate::element::{DType, Element};
 use crate::error::{AttnError, TensorName};
 use crate::kv::KvIndex;
 use crate::layout::{AttentionShape, PageStrides, PageTable, PagedKv, TensorMut, TensorRef};
-use crate::params::AttentionParams;
+use crate::params::{segment, AttentionParams};
 use crate::problem::Problem;
 use crate::request::Request;
 use crate::validate::{validate_cu_seqlens, validate_kv_tensors, validate_outputs};
@@ -50,17 +50,14 @@ impl<'n, T> NewKv<'n, T> {
     /// Packed rows: sequence `b` appends tokens `cu_seqlens[b]..cu_seqlens[b + 1]` of `k` and
     /// `v` (`seq_new` is the longest segment; a malformed array is rejected by the call).
     pub fn packed(k: TensorRef<'n, T>, v: TensorRef<'n, T>, cu_seqlens: &'n [i32]) -> Self {
-        let seq_new = cu_seqlens.windows(2).map(|w| usize::try_from(i64::from(w[1]) - i64::from(w[0])).unwrap_or(0)).max().unwrap_or(0);
+        let seq_new = (0..cu_seqlens.len().saturating_sub(1)).map(|b| segment(cu_seqlens, b)).max().unwrap_or(0);
         Self { k, v, seq_new, cu_seqlens: Some(cu_seqlens) }
     }
 
     /// Rows sequence `b` appends (`cu_seqlens` validated).
     #[inline]
     fn rows(&self, b: usize) -> usize {
-        match self.cu_seqlens {
-            None => self.seq_new,
-            Some(cu) => (cu[b + 1] - cu[b]) as usize,
-        }
+        self.cu_seqlens.map_or(self.seq_new, |cu| segment(cu, b))
     }
 
     /// Where row `t` of KV head `hk`, sequence `b` sits in `k` and in `v`.
@@ -79,8 +76,8 @@ impl<'n, T> NewKv<'n, T> {
 /// Appends `new` (if any) to every sequence of `cache` at its current length
 /// (`cache_lens[b]`: new row `s` of sequence `b` becomes key `cache_lens[b] + s`), rotating
 /// each new K row by `params.rope` at that position, then runs attention of `q` over the
-/// cache with `kv_len = cache_lens[b] +` the rows sequence `b` appends (and, with `params.rope`, Q rotated at its
-/// rows' positions: the last row at `kv_len - 1`). `shape.seq_kv` is the tensors' capacity
+/// cache with `kv_len = cache_lens[b] +` the rows sequence `b` appends (and, with
+/// `params.rope`, Q rotated at its rows' positions: the last row at `kv_len - 1`). `shape.seq_kv` is the tensors' capacity
 /// (for a paged cache, at most `pages_per_seq * page_size`); `params.kv_lens` and
 /// `cu_seqlens_k` must be unset (the cache lengths say it).
 ///

@@ -602,9 +602,7 @@ unsafe fn optional<'a, T>(p: *const T, len: usize, what: &'static str, inputs: &
         return Ok(None);
     }
     // SAFETY: forwarded contract.
-    let s = unsafe { slice(p, len, what)? };
-    inputs.push(Span::of(s, what));
-    Ok(Some(s))
+    unsafe { required(p, len, what, inputs) }.map(Some)
 }
 
 /// [`slice`] of `len` elements of `T` at `data`, recorded in `spans` for the aliasing check.
@@ -645,14 +643,40 @@ unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Spa
 /// `data` points to `len` writable elements of the dtype that nothing else touches during the
 /// call.
 unsafe fn output<'a>(t: &SimdAttnOutput, what: &'static str, spans: &mut Vec<Span>) -> Result<AnyMut<'a>, Fail> {
+    let view = SimdAttnTensor { data: t.data, len: t.len, dtype: t.dtype, reserved: t.reserved, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
+    // SAFETY: forwarded contract.
+    unsafe { writable(&view, what, spans) }
+}
+
+/// A tensor written in place: an output, or a cache the call appends to.
+///
+/// # Safety
+/// As [`output`], for `t.data`.
+unsafe fn writable<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<AnyMut<'a>, Fail> {
     reserved(t.reserved, what)?;
-    let view = SimdAttnTensor { data: t.data, len: t.len, dtype: t.dtype, reserved: 0, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
-    let st = strides(&view, what)?;
+    let st = strides(t, what)?;
+    let data = t.data as *mut c_void;
     // SAFETY (both arms): forwarded contract.
     Ok(match dtype(t.dtype, what)? {
-        DType::F32 => AnyMut::F32(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
-        DType::F16 => AnyMut::F16(TensorMut::new(unsafe { checked_mut(t.data, t.len, what, spans)? }, st)),
+        DType::F32 => AnyMut::F32(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
+        DType::F16 => AnyMut::F16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
     })
+}
+
+/// A required input array ([`slice`]), recorded in `inputs` for the aliasing check.
+///
+/// # Safety
+/// As [`slice`].
+unsafe fn required<'a, T>(p: *const T, len: usize, what: &'static str, inputs: &mut Vec<Span>) -> Result<&'a [T], Fail> {
+    // SAFETY: forwarded contract.
+    let s = unsafe { slice(p, len, what)? };
+    inputs.push(Span::of(s, what));
+    Ok(s)
+}
+
+/// A pool's page strides from a descriptor tensor's (batch, head, seq) = (page, head, slot).
+fn page_strides(t: Strides) -> PageStrides {
+    PageStrides::new(t.batch, t.head, t.seq)
 }
 
 /// Outputs must not overlap inputs or each other: the safe API cannot see this (Rust's
@@ -705,7 +729,6 @@ impl<'a> KvArg<'a> for AnyKv<'a> {
         // SAFETY: the header's contract on k and v.
         let k = unsafe { tensor(&d.k, "k", inputs)? };
         let v = unsafe { tensor(&d.v, "v", inputs)? };
-        let page_strides = |t: Strides| PageStrides::new(t.batch, t.head, t.seq);
         Ok(match (k, v, pages) {
             (AnyRef::F32(k), AnyRef::F32(v), None) => AnyKv::F32(Kv::Tensors(k, v)),
             (AnyRef::F16(k), AnyRef::F16(v), None) => AnyKv::F16(Kv::Tensors(k, v)),
@@ -729,11 +752,10 @@ struct CacheArg<'a> {
 
 impl<'a> KvArg<'a> for CacheArg<'a> {
     unsafe fn decode(d: &SimdAttnDesc, pages: Option<PageTable<'a>>, inputs: &mut Vec<Span>, outputs: &mut Vec<Span>) -> Result<Self, Fail> {
-        let writable = |t: &SimdAttnTensor| SimdAttnOutput { data: t.data as *mut c_void, len: t.len, dtype: t.dtype, reserved: t.reserved, stride_batch: t.stride_batch, stride_head: t.stride_head, stride_seq: t.stride_seq };
         // SAFETY (every block): the header's contract, which for this entry makes k and v
         // writable and touched by nothing else during the call.
-        let k = unsafe { output(&writable(&d.k), "k", outputs)? };
-        let v = unsafe { output(&writable(&d.v), "v", outputs)? };
+        let k = unsafe { writable(&d.k, "k", outputs)? };
+        let v = unsafe { writable(&d.v, "v", outputs)? };
         let none = |t: &SimdAttnTensor| t.data.is_null() && t.len == 0;
         let new = if none(&d.k_new) && none(&d.v_new) {
             None
@@ -744,14 +766,11 @@ impl<'a> KvArg<'a> for CacheArg<'a> {
         if d.cache_lens.is_null() && d.cache_lens_len == 0 {
             return fail(Status::NullPointer, "cache_lens is NULL: simd_attn_forward_with_kvcache needs each sequence's current length");
         }
-        let raw = unsafe { slice(d.cache_lens, d.cache_lens_len, "cache_lens")? };
-        inputs.push(Span::of(raw, "cache_lens"));
-        let cache_lens = lengths(raw, "cache_lens")?;
-        let page_strides = |t: Strides| PageStrides::new(t.batch, t.head, t.seq);
-        fn cache<'c, T>(k: TensorMut<'c, T>, v: TensorMut<'c, T>, pages: Option<PageTable<'c>>, ps: impl Fn(Strides) -> PageStrides) -> KvCacheMut<'c, T> {
+        let cache_lens = lengths(unsafe { required(d.cache_lens, d.cache_lens_len, "cache_lens", inputs)? }, "cache_lens")?;
+        fn cache<'c, T>(k: TensorMut<'c, T>, v: TensorMut<'c, T>, pages: Option<PageTable<'c>>) -> KvCacheMut<'c, T> {
             match pages {
                 None => KvCacheMut::Tensors { k, v },
-                Some(pages) => KvCacheMut::Paged { k_strides: ps(k.strides), v_strides: ps(v.strides), k: k.data, v: v.data, pages },
+                Some(pages) => KvCacheMut::Paged { k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), k: k.data, v: v.data, pages },
             }
         }
         fn new_kv<'n, T>(k: TensorRef<'n, T>, v: TensorRef<'n, T>, seq_new: usize, cu_seqlens: Option<&'n [i32]>) -> NewKv<'n, T> {
@@ -759,10 +778,10 @@ impl<'a> KvArg<'a> for CacheArg<'a> {
         }
         let mismatch = || fail(Status::UnsupportedDtypes, "k, v, k_new and v_new must have the same dtype");
         let cache = match (k, v, new) {
-            (AnyMut::F32(k), AnyMut::F32(v), None) => AnyCache::F32(cache(k, v, pages, page_strides), None),
-            (AnyMut::F16(k), AnyMut::F16(v), None) => AnyCache::F16(cache(k, v, pages, page_strides), None),
-            (AnyMut::F32(k), AnyMut::F32(v), Some((AnyRef::F32(kn), AnyRef::F32(vn)))) => AnyCache::F32(cache(k, v, pages, page_strides), Some(new_kv(kn, vn, d.seq_new, cu))),
-            (AnyMut::F16(k), AnyMut::F16(v), Some((AnyRef::F16(kn), AnyRef::F16(vn)))) => AnyCache::F16(cache(k, v, pages, page_strides), Some(new_kv(kn, vn, d.seq_new, cu))),
+            (AnyMut::F32(k), AnyMut::F32(v), None) => AnyCache::F32(cache(k, v, pages), None),
+            (AnyMut::F16(k), AnyMut::F16(v), None) => AnyCache::F16(cache(k, v, pages), None),
+            (AnyMut::F32(k), AnyMut::F32(v), Some((AnyRef::F32(kn), AnyRef::F32(vn)))) => AnyCache::F32(cache(k, v, pages), Some(new_kv(kn, vn, d.seq_new, cu))),
+            (AnyMut::F16(k), AnyMut::F16(v), Some((AnyRef::F16(kn), AnyRef::F16(vn)))) => AnyCache::F16(cache(k, v, pages), Some(new_kv(kn, vn, d.seq_new, cu))),
             _ => return mismatch(),
         };
         Ok(CacheArg { cache, cache_lens })
@@ -785,8 +804,7 @@ impl<'a, K: KvArg<'a>> Decoded<'a, K> {
         let pages = if d.block_table.is_null() && d.block_table_len == 0 && d.page_size == 0 {
             None
         } else {
-            let table = unsafe { slice(d.block_table, d.block_table_len, "block_table")? };
-            inputs.push(Span::of(table, "block_table"));
+            let table = unsafe { required(d.block_table, d.block_table_len, "block_table", &mut inputs)? };
             Some(PageTable { block_table: table, pages_per_seq: d.pages_per_seq, page_size: d.page_size, num_pages: d.num_pages })
         };
         let kv = unsafe { K::decode(d, pages, &mut inputs, &mut outputs)? };
@@ -800,9 +818,7 @@ impl<'a, K: KvArg<'a>> Decoded<'a, K> {
         let kv_lens = if d.kv_lens.is_null() && d.kv_lens_len == 0 {
             None
         } else {
-            let raw = unsafe { slice(d.kv_lens, d.kv_lens_len, "kv_lens")? };
-            inputs.push(Span::of(raw, "kv_lens"));
-            Some(lengths(raw, "kv_lens")?)
+            Some(lengths(unsafe { required(d.kv_lens, d.kv_lens_len, "kv_lens", &mut inputs)? }, "kv_lens")?)
         };
         let bias = if d.bias.is_null() && d.bias_len == 0 {
             None
@@ -852,10 +868,8 @@ impl<'a, K: KvArg<'a>> Decoded<'a, K> {
         let rope = if d.rope_cos.is_null() && d.rope_sin.is_null() && d.rope_len == 0 && d.rotary_dim == 0 {
             None
         } else {
-            let cos = unsafe { slice(d.rope_cos, d.rope_len, "rope_cos")? };
-            let sin = unsafe { slice(d.rope_sin, d.rope_len, "rope_sin")? };
-            inputs.push(Span::of(cos, "rope_cos"));
-            inputs.push(Span::of(sin, "rope_sin"));
+            let cos = unsafe { required(d.rope_cos, d.rope_len, "rope_cos", &mut inputs)? };
+            let sin = unsafe { required(d.rope_sin, d.rope_len, "rope_sin", &mut inputs)? };
             Some(Rope { cos, sin, rotary_dim: d.rotary_dim, interleaved: d.rope_interleaved != 0 })
         };
         check_aliasing(&inputs, &outputs)?;

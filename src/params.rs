@@ -134,7 +134,7 @@ pub struct AttentionParams<'a> {
 
 /// Entries of segment `b` of a `cu_seqlens` array (0 past its end or where it decreases).
 #[inline]
-fn segment(cu: &[i32], b: usize) -> usize {
+pub(crate) fn segment(cu: &[i32], b: usize) -> usize {
     match (cu.get(b), cu.get(b + 1)) {
         (Some(&lo), Some(&hi)) => usize::try_from(i64::from(hi) - i64::from(lo)).unwrap_or(0),
         _ => 0,
