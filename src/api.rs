@@ -506,7 +506,7 @@ impl<'a: 'o, 'o> HostPlan<'a, 'o> {
     /// produce no inspection outputs.
     pub fn from_request(config: &RunConfig, request: Request<'a, 'o>, nth: usize) -> Result<Self, AttnError> {
         if request.inspect.alignment.is_some() || request.inspect.coverage.is_some() {
-            return Err(AttnError::UnsupportedScore { score: "alignment or coverage output of any", operation: "a host-driven plan" });
+            return Err(AttnError::Unsupported { what: "alignment or coverage outputs with a host-driven plan" });
         }
         Ok(Self { shares: plan_call(config, request, nth)?, _types: PhantomData })
     }

@@ -11,7 +11,7 @@
 use crate::api::{run_call, validate_inspect, RunConfig, RunInfo};
 use crate::dtypes::{same, same_mut, AnyKv, AnyMut, AnyRef, Kv};
 use crate::element::{DType, Element};
-use crate::error::{AttnError, TensorName};
+use crate::error::{try_vec, AttnError, TensorName};
 use crate::kv::KvIndex;
 use crate::layout::{AttentionShape, PageStrides, PageTable, PagedKv, TensorMut, TensorRef};
 use crate::params::{segment, AttentionParams};
@@ -172,14 +172,6 @@ pub(crate) fn kvcache_call(config: &RunConfig, shape: &AttentionShape, q: AnyRef
         AnyCache::F32(c, n) => kvcache_typed(config, shape, q, c, n, cache_lens, out, lse, params),
         AnyCache::F16(c, n) => kvcache_typed(config, shape, q, c, n, cache_lens, out, lse, params),
     }
-}
-
-/// A fallible `Vec` of `n` items.
-fn try_vec<T>(items: impl ExactSizeIterator<Item = T>) -> Result<Vec<T>, AttnError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(items.len()).map_err(|_| AttnError::OutOfMemory { bytes: items.len().saturating_mul(size_of::<T>()) })?;
-    v.extend(items);
-    Ok(v)
 }
 
 #[allow(clippy::too_many_arguments)]

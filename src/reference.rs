@@ -6,7 +6,7 @@
 //! it to check their integration (strides, GQA mapping, masks) on small shapes.
 
 use crate::element::Element;
-use crate::error::{AttnError, TensorName};
+use crate::error::{try_vec, AttnError, TensorName};
 use crate::kv::{validate_packed, validate_paged};
 use crate::layout::{AttentionShape, PagedKv, TensorRef};
 use crate::params::{AttentionParams, Score, COSINE_EPS};
@@ -154,7 +154,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         let hk = h / s.group_size();
         let pos = i as f64 + self.kv_len(b) as f64 - self.q_len(b) as f64;
         let qo = self.q_offset(b, h, i);
-        let mut q = filled(self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()))?;
+        let mut q = try_vec(self.q.data[qo..qo + p.score.q_dim(s.head_dim)].iter().map(|x| x.to_f64()))?;
         if let Some(rope) = &p.rope {
             // Rotated at the row's position, pair by pair, as the contract words it.
             let at = (i + self.kv_len(b) - self.q_len(b)) * (rope.rotary_dim / 2);
@@ -168,8 +168,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
         }
 
-        let mut scores = filled(core::iter::repeat_n(f64::NEG_INFINITY, s.seq_kv))?;
-        let mut k = filled(core::iter::repeat_n(0.0, s.head_dim))?;
+        let mut scores = try_vec(core::iter::repeat_n(f64::NEG_INFINITY, s.seq_kv))?;
+        let mut k = try_vec(core::iter::repeat_n(0.0, s.head_dim))?;
         let mut visible = 0;
         for (j, score) in scores.iter_mut().enumerate() {
             if !self.visible(b, i, j) {
@@ -213,7 +213,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         let (scores, visible) = self.scores(b, h, i)?;
         let sink = self.params.sinks.map_or(f64::NEG_INFINITY, |sk| sk[h] as f64);
         let m = scores.iter().copied().fold(sink, f64::max);
-        let mut out = filled(core::iter::repeat_n(0.0, s.v_head_dim))?;
+        let mut out = try_vec(core::iter::repeat_n(0.0, s.v_head_dim))?;
         if m == f64::NEG_INFINITY {
             return Ok(Some(ReferenceRow { out, lse: f64::NEG_INFINITY, visible }));
         }
@@ -307,13 +307,6 @@ fn oom<T>(n: usize) -> AttnError {
     AttnError::OutOfMemory { bytes: n.saturating_mul(size_of::<T>()) }
 }
 
-/// A vector of the iterator's items, or `OutOfMemory` instead of an abort.
-fn filled<T>(items: impl ExactSizeIterator<Item = T>) -> Result<Vec<T>, AttnError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(items.len()).map_err(|_| oom::<T>(items.len()))?;
-    v.extend(items);
-    Ok(v)
-}
 
 /// Validate and compute every row of the reference.
 pub fn reference_attention<TQ: Element, TKV: Element>(
@@ -343,7 +336,7 @@ pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_
     let gather = |tensor, data: &[T], strides, dim: usize| -> Result<Vec<T>, AttnError> {
         let src = validate_paged(tensor, data, strides, &kv.pages, s.batch, s.kv_heads, dim, (0..s.batch).map(len))?;
         let n = [s.batch, s.kv_heads, s.seq_kv, dim].iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::SizeOverflow { tensor })?;
-        let mut out = filled((0..n).map(|_| T::default()))?;
+        let mut out = try_vec((0..n).map(|_| T::default()))?;
         for b in 0..s.batch {
             for hk in 0..s.kv_heads {
                 for j in 0..len(b).min(s.seq_kv) {

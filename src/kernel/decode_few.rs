@@ -66,7 +66,7 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
     let mut t_next = 0;
     loop {
         let (unit, slot, skip_zero) = pass;
-        few_pass::<S, TKV, D, R>(simd, p, &unit, (!skip_zero).then_some(next).flatten(), sc, slot, core::hint::black_box(skip_zero));
+        few_pass::<S, TKV, D, R>(simd, p, &unit, if skip_zero { None } else { next }, sc, slot, core::hint::black_box(skip_zero));
         let dv_pad = sc.dv_pad;
         let Some(t) = (t_next..w.kv_heads()).find(|&t| !all_finite(simd, &sc.acc[t * R * dv_pad..(t + 1) * R * dv_pad])) else {
             return;
