@@ -173,11 +173,16 @@ impl fmt::Display for AttnError {
 
 impl std::error::Error for AttnError {}
 
+/// The error for `n` items of `T` that could not be allocated.
+pub(crate) fn out_of_memory<T>(n: usize) -> AttnError {
+    AttnError::OutOfMemory { bytes: n.saturating_mul(size_of::<T>()) }
+}
+
 /// A vector of the iterator's items, or `OutOfMemory` instead of an abort (a huge shape must
 /// come back as an error, never abort the engine).
 pub(crate) fn try_vec<T>(items: impl ExactSizeIterator<Item = T>) -> Result<Vec<T>, AttnError> {
     let mut v = Vec::new();
-    v.try_reserve_exact(items.len()).map_err(|_| AttnError::OutOfMemory { bytes: items.len().saturating_mul(size_of::<T>()) })?;
+    v.try_reserve_exact(items.len()).map_err(|_| out_of_memory::<T>(items.len()))?;
     v.extend(items);
     Ok(v)
 }

@@ -6,7 +6,7 @@
 //! it to check their integration (strides, GQA mapping, masks) on small shapes.
 
 use crate::element::Element;
-use crate::error::{try_vec, AttnError, TensorName};
+use crate::error::{out_of_memory, try_vec, AttnError, TensorName};
 use crate::kv::{validate_packed, validate_paged};
 use crate::layout::{AttentionShape, PagedKv, TensorRef};
 use crate::params::{AttentionParams, Score, COSINE_EPS};
@@ -276,8 +276,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         let mut out = Vec::new();
         let mut lse = Vec::new();
         let floats = rows.checked_mul(s.v_head_dim).ok_or(too_big)?;
-        out.try_reserve_exact(floats).map_err(|_| oom::<f64>(floats))?;
-        lse.try_reserve_exact(rows).map_err(|_| oom::<f64>(rows))?;
+        out.try_reserve_exact(floats).map_err(|_| out_of_memory::<f64>(floats))?;
+        lse.try_reserve_exact(rows).map_err(|_| out_of_memory::<f64>(rows))?;
         for b in 0..s.batch {
             for h in 0..s.q_heads {
                 for i in 0..s.seq_q {
@@ -302,11 +302,6 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         Ok(ReferenceOutput { shape: s, out, lse, q_lens })
     }
 }
-
-fn oom<T>(n: usize) -> AttnError {
-    AttnError::OutOfMemory { bytes: n.saturating_mul(size_of::<T>()) }
-}
-
 
 /// Validate and compute every row of the reference.
 pub fn reference_attention<TQ: Element, TKV: Element>(
