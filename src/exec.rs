@@ -222,10 +222,7 @@ pub(crate) fn merge_row_len(plan: &WorkPlan, shape: &crate::layout::AttentionSha
 
 /// A zeroed buffer of `len` floats, or `OutOfMemory` instead of aborting.
 pub(crate) fn try_zeroed(len: usize) -> Result<Vec<f32>, AttnError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| AttnError::OutOfMemory { bytes: len.saturating_mul(4) })?;
-    v.resize(len, 0.0);
-    Ok(v)
+    crate::error::try_vec(core::iter::repeat_n(0.0, len))
 }
 
 /// Runs `units` of `job` with `scratch` (at least the length `tiles_and_scratch` gave).
@@ -487,7 +484,7 @@ impl Workspace {
         if self.buf.len() < len {
             self.buf
                 .try_reserve_exact(len - self.buf.len())
-                .map_err(|_| AttnError::OutOfMemory { bytes: len.saturating_mul(4) })?;
+                .map_err(|_| crate::error::out_of_memory::<f32>(len))?;
             self.buf.resize(len, 0.0);
         }
         Ok(&mut self.buf[..len])
@@ -538,7 +535,7 @@ impl WorkerScratch {
         // allocates its own.
         let mut bufs = core::mem::take(&mut *POOL_SCRATCH.lock().unwrap_or_else(|e| e.into_inner()));
         bufs.truncate(workers);
-        let oom = || AttnError::OutOfMemory { bytes: len.saturating_mul(4) };
+        let oom = || crate::error::out_of_memory::<f32>(len);
         bufs.try_reserve_exact(workers - bufs.len()).map_err(|_| oom())?;
         while bufs.len() < workers {
             bufs.push(Vec::new());

@@ -66,9 +66,7 @@ pub fn merge_partials<TP: Element, TO: Element>(
         return Ok(());
     }
     let mut lse = lse;
-    let mut acc = Vec::new();
-    acc.try_reserve_exact(s.v_head_dim).map_err(|_| AttnError::OutOfMemory { bytes: s.v_head_dim.saturating_mul(8) })?;
-    acc.resize(s.v_head_dim, 0.0f64);
+    let mut acc = crate::error::try_vec(core::iter::repeat_n(0.0f64, s.v_head_dim))?;
     for b in 0..s.batch {
         for h in 0..s.q_heads {
             for i in 0..s.seq_q {

@@ -70,7 +70,7 @@ fn check_across_heads<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store
     let case = Case::build(spec);
     for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
         let lanes = simd_attn::selftest::lanes(isa).unwrap();
-        let fits = lanes > 1 && (spec.group * spec.seq_q).next_power_of_two() <= lanes && spec.head_dim % lanes == 0 && spec.v_head_dim % lanes == 0;
+        let fits = lanes > 1 && (spec.group * spec.seq_q).next_power_of_two() <= lanes && spec.head_dim.is_multiple_of(lanes) && spec.v_head_dim.is_multiple_of(lanes);
         let (_, info) = run::<TQ, TKV, TO>(&case, RunConfig { isa: Some(isa), threads: Some(1) });
         let PlanKind::Decode { kv_span, .. } = info.plan.kind else { unreachable!("checked above") };
         prop_assert_eq!(kv_span, if fits { spec.kv_heads } else { 1 }, "[{}] lanes {}", isa, lanes);
@@ -129,7 +129,7 @@ fn check_decode<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: 
         if kv_span == 1 {
             prop_assert_eq!((parts, part_len), (keys.div_ceil(DECODE_PART_LEN).max(1), DECODE_PART_LEN));
         } else {
-            prop_assert!(part_len <= DECODE_PART_LEN && part_len % DECODE_MIN_PART_LEN == 0, "part_len {}", part_len);
+            prop_assert!(part_len <= DECODE_PART_LEN && part_len.is_multiple_of(DECODE_MIN_PART_LEN), "part_len {}", part_len);
             prop_assert_eq!(parts, keys.max(1).div_ceil(part_len));
         }
         check(&case, &one, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}] {e}")))?;
