@@ -127,6 +127,94 @@ pub fn prefetch(isa: Isa, addrs: &[*const u8]) -> Option<()> {
     on(isa, Prefetch(addrs))
 }
 
+/// A phase of the SIMD prefill kernel, timed on its own by the bench's `--set phases`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// `qk_tile` over one key block: S^T = K Q^T for one row tile.
+    QkTile,
+    /// `online_softmax` over that score tile (max, exp, sum, the rescale factors).
+    OnlineSoftmax,
+    /// `pv_rows`: O += P V for the row tile over the key block.
+    PvTile,
+}
+
+/// Runs `phase` of `isa`'s f32 flash kernel at `head_dim` (a specialised head dim of the f32
+/// family) `reps` times over one row tile and one key block of the kernel's own tile sizes,
+/// on data that stays in L1/L2 as the kernel's does. Returns the (row, key) pairs one rep
+/// covers and the seconds all reps took; `None` where the machine lacks `isa` or `head_dim`
+/// has no f32 specialisation on it.
+pub fn flash_phase(isa: Isa, phase: Phase, head_dim: usize, reps: usize) -> Option<(usize, f64)> {
+    use crate::element::DType;
+    use crate::kernel::flash::online_softmax;
+    use crate::kernel::microkernel::{pv_rows, qk_tile};
+    use std::hint::black_box;
+
+    struct PhaseRun<const D: usize, const MR: usize, const NRV: usize> {
+        phase: Phase,
+        bc: usize,
+        reps: usize,
+    }
+    impl<const D: usize, const MR: usize, const NRV: usize> WithSimdExt for PhaseRun<D, MR, NRV> {
+        type Output = (usize, f64);
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) -> (usize, f64) {
+            let (lanes, bc) = (S::F32_LANES, self.bc);
+            let (rt, dvv) = (NRV * lanes, D / lanes);
+            // Values in [-1, 1): no denormals, no overflow however many reps accumulate.
+            let fill = |n: usize, seed: u32| -> Vec<f32> {
+                (0..n).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 9) as f32 / (1u32 << 22) as f32 - 1.0).collect()
+            };
+            let (qt, k, v) = (fill(D * rt, 1), fill(bc * D, 2), fill(bc * D, 3));
+            let mut s = fill(bc * rt, 4);
+            let mut acc = vec![0.0f32; rt * D];
+            let (mut max, mut sum, mut alpha) = (vec![f32::NEG_INFINITY; rt], vec![0.0f32; rt], vec![1.0f32; rt]);
+            // The softmax's steady state: after its first call the maxima are set and the tile
+            // holds weights in (0, 1], so later calls rescale nothing, as inside a long row.
+            online_softmax::<S, NRV>(simd, &mut s, &mut max, &mut sum, &mut alpha);
+            let start = std::time::Instant::now();
+            for _ in 0..self.reps {
+                match self.phase {
+                    Phase::QkTile => {
+                        let qt = S::as_simd_f32s(&qt).0;
+                        let sv = S::as_mut_simd_f32s(&mut s).0;
+                        for g in 0..bc / MR {
+                            qk_tile::<S, MR, NRV>(simd, D, &k[g * MR * D..], D, qt, &mut sv[g * MR * NRV..]);
+                        }
+                    }
+                    Phase::OnlineSoftmax => {
+                        black_box(online_softmax::<S, NRV>(simd, &mut s, &mut max, &mut sum, &mut alpha));
+                    }
+                    Phase::PvTile => {
+                        let accv = S::as_mut_simd_f32s(&mut acc).0;
+                        pv_rows::<S, MR, NRV>(simd, bc, rt, &s, rt, S::as_simd_f32s(&v).0, dvv, accv, dvv, &alpha, false);
+                    }
+                }
+                black_box((&mut s, &mut acc));
+            }
+            (rt * bc, start.elapsed().as_secs_f64())
+        }
+    }
+
+    let family = crate::plan::Family::find(isa, DType::F32)?;
+    let bc = family.tiles(head_dim, head_dim).bc;
+    macro_rules! arms {
+        ($([$isa:ident, $dt:ident, $mr:literal, $nrv:literal, [$($hd:literal),*], [$($ad:literal),*]])*) => {
+            $(
+                if isa == Isa::$isa && DType::$dt == DType::F32 {
+                    $(
+                        if head_dim == $hd {
+                            return on(isa, PhaseRun::<$hd, $mr, $nrv> { phase, bc, reps });
+                        }
+                    )*
+                    return None;
+                }
+            )*
+        };
+    }
+    crate::plan::for_each_simd_family!(arms);
+    None
+}
+
 /// The crate's thread pool: runs `f(0)` on the caller and the other shares on helpers (see
 /// `pool::run`); `Err(())` when the helpers are busy with another call.
 #[cfg(feature = "rayon")]

@@ -94,3 +94,26 @@ fn prefetch_never_faults_on_any_address_on_every_isa() {
     }
     assert_eq!(row[63], 1.0);
 }
+
+#[test]
+fn prefill_phase_probes_run_every_specialised_head_dim() {
+    // The bench's `--set phases` times these; each must run the kernel's own tile (a whole
+    // row tile against a whole key block) on every SIMD path with an f32 specialisation.
+    use selftest::{flash_phase, Phase};
+    for isa in simd_paths() {
+        let lanes = selftest::lanes(isa).unwrap();
+        for d in [64, 128] {
+            let mut pairs = Vec::new();
+            for phase in [Phase::QkTile, Phase::OnlineSoftmax, Phase::PvTile] {
+                if let Some((p, secs)) = flash_phase(isa, phase, d, 3) {
+                    assert!(p > 0 && p.is_multiple_of(lanes), "{isa} D{d} {phase:?}: {p} pairs");
+                    assert!(secs.is_finite() && secs >= 0.0, "{isa} D{d} {phase:?}: {secs} s");
+                    pairs.push(p);
+                }
+            }
+            // All three phases or none (a head dim without a specialisation on this path).
+            assert!(pairs.is_empty() || (pairs.len() == 3 && pairs.iter().all(|&p| p == pairs[0])), "{isa} D{d}: {pairs:?}");
+        }
+        assert_eq!(flash_phase(isa, Phase::QkTile, 96, 1), None, "{isa}: D96 has no specialisation");
+    }
+}

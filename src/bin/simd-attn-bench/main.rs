@@ -25,6 +25,8 @@ simd-attn-bench compare OLD.json|csv NEW.json|csv
 simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored results)
   --set     standard (default), prefill, decode (Sq 1/4/16 x Skv 512..64k), headdim (D 32..256),
             scores (dot, cosine, general, additive A 48/64/128, alignment pass),
+            phases (the prefill kernel's Q.K^T tile, online softmax and P.V tile timed alone on
+            L1/L2-resident data, D 64/128 f32, next to the whole kernel at B1 H8 S1024),
             paged (K/V in shuffled pages of 16 and 256 tokens, head-major next to [B, Hkv, S, D]
             tensors and token-major (`-bshd`) next to [B, S, Hkv, D] ones; a packed varlen
             prefill of 4 sequences next to 4 separate calls; the decode step with its token
@@ -248,6 +250,8 @@ fn cases(set: &str) -> Vec<Case> {
         v
     };
     match set {
+        // The whole kernel at the shapes whose phases `phase_table` times.
+        "phases" => vec![case("prefill", 1, 8, 8, 1024, 1024, 128, false), case("prefill-d64", 1, 8, 8, 1024, 1024, 64, false)],
         "scores" => scores(),
         "paged" => paged(),
         "standard" => standard(),
@@ -434,6 +438,7 @@ fn main() {
     let bw_list: Vec<String> = bws.iter().map(|(t, b)| format!("{b:.1} GB/s with {t} thread{}", if *t == 1 { "" } else { "s" })).collect();
     println!("; memory read bandwidth {}", bw_list.join(", "));
     println!("# %peak is of threads x the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
+    let phases = if set == "phases" { phase_table(&isas, peak, peak256, min_time) } else { Vec::new() };
     println!("{}", report::table_header());
     let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bws, bandwidth, llc: m.llc_bytes };
     let mut rows = Vec::new();
@@ -461,6 +466,7 @@ fn main() {
         rows.extend(new);
     }
     print_twin_ratios(&rows);
+    print_phase_sums(&phases, &rows);
     if let Some(path) = json {
         write_file(&path, &report::to_json(&m, &rows));
     }
@@ -833,3 +839,57 @@ fn print_twin_ratios(rows: &[Row]) {
     }
 }
 
+
+/// The prefill kernel's phases timed alone (`selftest::flash_phase`: one row tile against one
+/// key block, the data in L1/L2), per path and head dim: ns per (row, key) pair, and for the
+/// two register microkernels GFLOP/s as a fraction of the path's own FMA peak (256-bit for
+/// AVX2). Returns `(isa, head dim, ns per pair of all phases)` for [`print_phase_sums`].
+fn phase_table(isas: &[Isa], peak: f64, peak256: Option<f64>, min_time: f64) -> Vec<(Isa, usize, f64)> {
+    use simd_attn::selftest::{flash_phase, Phase};
+    let phases = [(Phase::QkTile, "qk_tile"), (Phase::OnlineSoftmax, "online_softmax"), (Phase::PvTile, "pv_tile")];
+    println!("# prefill phases alone (L1/L2-resident data, one row tile x one key block, median of 5):");
+    println!("#   {:<7} {:>4} {:<15} {:>10} {:>9} {:>7}", "isa", "D", "phase", "ns/pair", "GFLOP/s", "%peak");
+    let mut sums = Vec::new();
+    for &isa in isas {
+        let isa_peak = if isa == Isa::Avx2 { peak256.unwrap_or(peak) } else { peak };
+        for d in [64, 128] {
+            let mut total = 0.0;
+            for (phase, name) in phases {
+                let Some((pairs, _)) = flash_phase(isa, phase, d, 1) else { continue };
+                // Enough reps for `min_time / 5` seconds a sample (at least 20 ms).
+                let (_, t1) = flash_phase(isa, phase, d, 1000).unwrap_or((pairs, 1.0));
+                let reps = (((min_time / 5.0).max(0.02) / (t1 / 1000.0)) as usize).max(1);
+                let mut ns: Vec<f64> = (0..5).map(|_| flash_phase(isa, phase, d, reps).map_or(f64::NAN, |(p, t)| t * 1e9 / (p * reps) as f64)).collect();
+                ns.sort_by(f64::total_cmp);
+                let ns = ns[2];
+                total += ns;
+                if phase == Phase::OnlineSoftmax {
+                    println!("#   {:<7} {d:>4} {name:<15} {ns:>10.3} {:>9} {:>7}", isa.name(), "-", "-");
+                } else {
+                    let gflops = 2.0 * d as f64 / ns;
+                    println!("#   {:<7} {d:>4} {name:<15} {ns:>10.3} {gflops:>9.1} {:>6.1}%", isa.name(), 100.0 * gflops / isa_peak);
+                }
+            }
+            if total > 0.0 {
+                let gflops = 4.0 * d as f64 / total;
+                println!("#   {:<7} {d:>4} {:<15} {total:>10.3} {gflops:>9.1} {:>6.1}%", isa.name(), "sum of phases", 100.0 * gflops / isa_peak);
+                sums.push((isa, d, total));
+            }
+        }
+    }
+    sums
+}
+
+/// The whole kernel's ns per (row, key) pair (1 thread) next to the sum of its phases timed
+/// alone: the difference is what the phases do not cover (K/V packing, Q packing, cache misses
+/// between phases, loop overhead).
+fn print_phase_sums(sums: &[(Isa, usize, f64)], rows: &[Row]) {
+    for &(isa, d, phases) in sums {
+        let whole = rows.iter().find(|r| r.isa == isa.name() && r.head_dim == d && r.threads == 1 && !r.causal);
+        if let Some(r) = whole {
+            let pairs = (r.batch * r.q_heads * r.seq_q * r.seq_kv) as f64;
+            let ns = r.ms * 1e6 / pairs;
+            println!("# {:<7} D{d:<4} whole kernel {ns:.3} ns/pair, phases alone {phases:.3} ({:.0}% of the whole; the rest is packing, misses, overhead)", isa.name(), 100.0 * phases / ns);
+        }
+    }
+}
