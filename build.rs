@@ -111,12 +111,14 @@ fn resolve(f: &Family) -> Resolved {
         "avx2" => "Avx2",
         "avx512" => "Avx512",
         "neon" => "Neon",
-        other => fail(format!("{at}: isa `{other}` is not one of portable, scalar, avx2, avx512, neon")),
+        "avx512bf16" => "Avx512Bf16",
+        other => fail(format!("{at}: isa `{other}` is not one of portable, scalar, avx2, avx512, neon, avx512bf16")),
     };
     let dtype: &'static str = match string("dtype").as_str() {
         "f32" => "F32",
         "f16" => "F16",
-        other => fail(format!("{at}: dtype `{other}` is not one of f32, f16")),
+        "bf16" => "Bf16",
+        other => fail(format!("{at}: dtype `{other}` is not one of f32, f16, bf16")),
     };
     let head_dims = match f.keys.get("head_dims") {
         Some(Value::List(v)) => v.clone(),
@@ -147,7 +149,7 @@ fn resolve(f: &Family) -> Resolved {
         l2: int("l2_kib") * 1024,
     };
     let expect_lanes = match isa {
-        "Avx512" => Some(16),
+        "Avx512" | "Avx512Bf16" => Some(16),
         "Avx2" => Some(8),
         "Neon" => Some(4),
         "Scalar" => Some(1),
@@ -216,6 +218,18 @@ fn main() {
         let text = std::fs::read_to_string(path).unwrap();
         for f in parse(&path.display().to_string(), &text) {
             families.push(resolve(&f));
+        }
+    }
+    // The AVX512_BF16 path runs its other calls on the AVX-512 kernels with its own plans, and
+    // its zero-skipping rerun on the AVX-512 f32 body: the register tiles must be the same.
+    for f in families.iter().filter(|f| f.isa == "Avx512Bf16") {
+        if f.dtype != "Bf16" {
+            fail(format!("isa avx512bf16 has kernels for dtype bf16 only, not {}", f.dtype));
+        }
+        match families.iter().find(|g| g.isa == "Avx512" && g.dtype == "F32") {
+            Some(g) if (g.mr, g.nr_vectors) == (f.mr, f.nr_vectors) => {}
+            Some(g) => fail(format!("avx512bf16 must share avx512's register tile (mr {}, nr_vectors {}), not mr {}, nr_vectors {}", g.mr, g.nr_vectors, f.mr, f.nr_vectors)),
+            None => fail("isa avx512bf16 needs the avx512 f32 family".into()),
         }
     }
     for (a, fa) in families.iter().enumerate() {

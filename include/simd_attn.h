@@ -43,7 +43,7 @@ extern "C" {
 #define SIMD_ATTN_ERR_MISALIGNED 2          /* a pointer is not aligned to its element type */
 #define SIMD_ATTN_ERR_DESC_SIZE 3           /* struct_size too small, or unknown fields set */
 #define SIMD_ATTN_ERR_ABI_VERSION 4         /* abi_version is not SIMD_ATTN_ABI_VERSION */
-#define SIMD_ATTN_ERR_UNKNOWN_DTYPE 5       /* a dtype field is not SIMD_ATTN_F32 / F16 */
+#define SIMD_ATTN_ERR_UNKNOWN_DTYPE 5       /* a dtype field is not SIMD_ATTN_F32 / F16 / BF16 */
 #define SIMD_ATTN_ERR_UNSUPPORTED_DTYPES 6  /* k and v (or merge parts) differ in dtype */
 #define SIMD_ATTN_ERR_NEGATIVE_STRIDE 7     /* a stride is negative */
 #define SIMD_ATTN_ERR_ZERO_DIM 8            /* head_dim, heads or nth is 0 */
@@ -77,6 +77,7 @@ extern "C" {
 /* ---- element types (the dtype fields) ---- */
 #define SIMD_ATTN_F32 0 /* float */
 #define SIMD_ATTN_F16 1 /* IEEE binary16 (uint16_t bits, _Float16, __fp16) */
+#define SIMD_ATTN_BF16 2 /* bfloat16: the top 16 bits of a float (uint16_t bits, __bf16) */
 
 /* ---- score functions (simd_attn_desc.score): e = f(q, k) before terms and masks ---- */
 #define SIMD_ATTN_SCORE_SCALED_DOT 0 /* scale * q.k (the default; scale as use_scale says) */
@@ -92,12 +93,13 @@ extern "C" {
 #define SIMD_ATTN_ISA_AVX2 2      /* AVX2 + FMA + F16C */
 #define SIMD_ATTN_ISA_AVX512 3    /* AVX-512 F/BW/CD/DQ/VL */
 #define SIMD_ATTN_ISA_NEON 4      /* aarch64 NEON */
+#define SIMD_ATTN_ISA_AVX512BF16 5 /* AVX-512 + AVX512_BF16: bf16 Q and K/V prefill on vdpbf16ps */
 
 /* An input tensor [batch, head, seq, dim] with the dim axis contiguous. */
 typedef struct simd_attn_tensor {
     const void *data;     /* first element; may be NULL only when len == 0 */
     size_t len;           /* elements readable from data */
-    int32_t dtype;        /* SIMD_ATTN_F32 or SIMD_ATTN_F16 */
+    int32_t dtype;        /* SIMD_ATTN_F32, SIMD_ATTN_F16 or SIMD_ATTN_BF16 */
     int32_t reserved;     /* must be 0 (SIMD_ATTN_ERR_RESERVED otherwise) */
     int64_t stride_batch; /* elements between batch entries (>= 0; 0 broadcasts) */
     int64_t stride_head;  /* elements between heads */

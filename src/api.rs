@@ -243,8 +243,10 @@ fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: &mut 
 /// from whichever worker reported).
 pub(crate) fn specialisation(isa: Isa, kv_dtype: crate::element::DType, shape: &AttentionShape, score: &ScoreData<'_>) -> (Option<usize>, Option<usize>) {
     use crate::plan::Family;
-    let family = Family::find(isa, kv_dtype).or_else(|| Family::find(isa, crate::element::DType::F32));
-    let Some(family) = family.filter(|_| isa != Isa::Portable && !is_empty(shape)) else { return (None, None) };
+    if isa == Isa::Portable || is_empty(shape) {
+        return (None, None);
+    }
+    let family = Family::for_call(isa, kv_dtype);
     if let ScoreData::Additive(a) = score {
         return (None, family.additive_dims.contains(&a.a_pad).then_some(a.a_pad));
     }

@@ -18,7 +18,7 @@ use crate::params::{segment, AttentionParams};
 use crate::problem::Problem;
 use crate::request::Request;
 use crate::validate::{validate_cu_seqlens, validate_kv_tensors, validate_outputs};
-use half::f16;
+use half::{bf16, f16};
 
 /// A KV cache the call writes its new rows into: `[B, Hkv, Skv, D]`-style tensors through
 /// strides (`seq_kv` rows per sequence), or a paged pool (as [`PagedKv`]).
@@ -133,6 +133,7 @@ pub fn attention_with_kvcache<TQ: Element, TKV: Element, TO: Element>(
 pub(crate) enum AnyCache<'c, 'n> {
     F32(KvCacheMut<'c, f32>, Option<NewKv<'n, f32>>),
     F16(KvCacheMut<'c, f16>, Option<NewKv<'n, f16>>),
+    Bf16(KvCacheMut<'c, bf16>, Option<NewKv<'n, bf16>>),
 }
 
 impl<'c, 'n> AnyCache<'c, 'n> {
@@ -160,6 +161,10 @@ impl<'c, 'n> AnyCache<'c, 'n> {
                 let (c, n) = Self::cast::<T, f16>(cache, new);
                 AnyCache::F16(c, n)
             }
+            DType::Bf16 => {
+                let (c, n) = Self::cast::<T, bf16>(cache, new);
+                AnyCache::Bf16(c, n)
+            }
         }
     }
 }
@@ -171,6 +176,7 @@ pub(crate) fn kvcache_call(config: &RunConfig, shape: &AttentionShape, q: AnyRef
     match cache {
         AnyCache::F32(c, n) => kvcache_typed(config, shape, q, c, n, cache_lens, out, lse, params),
         AnyCache::F16(c, n) => kvcache_typed(config, shape, q, c, n, cache_lens, out, lse, params),
+        AnyCache::Bf16(c, n) => kvcache_typed(config, shape, q, c, n, cache_lens, out, lse, params),
     }
 }
 
@@ -257,6 +263,7 @@ fn kvcache_typed<T: Element>(
     let kv = match T::DTYPE {
         DType::F32 => AnyKv::F32(retype(kv)),
         DType::F16 => AnyKv::F16(retype(kv)),
+        DType::Bf16 => AnyKv::Bf16(retype(kv)),
     };
     run_call(config, Request { shape: *s, q, kv, out, lse, params, inspect: Default::default() })
 }

@@ -351,7 +351,8 @@ fn dtype(code: i32, what: &str) -> Result<DType, Fail> {
     match code {
         0 => Ok(DType::F32),
         1 => Ok(DType::F16),
-        _ => fail(Status::UnknownDtype, format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0) or SIMD_ATTN_F16 (1)")),
+        2 => Ok(DType::Bf16),
+        _ => fail(Status::UnknownDtype, format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0), SIMD_ATTN_F16 (1) or SIMD_ATTN_BF16 (2)")),
     }
 }
 
@@ -636,6 +637,7 @@ unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Spa
     Ok(match dtype(t.dtype, what)? {
         DType::F32 => AnyRef::F32(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         DType::F16 => AnyRef::F16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+        DType::Bf16 => AnyRef::Bf16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
     })
 }
 
@@ -660,6 +662,7 @@ unsafe fn writable<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<S
     Ok(match dtype(t.dtype, what)? {
         DType::F32 => AnyMut::F32(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
         DType::F16 => AnyMut::F16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
+        DType::Bf16 => AnyMut::Bf16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
     })
 }
 
@@ -732,11 +735,15 @@ impl<'a> KvArg<'a> for AnyKv<'a> {
         Ok(match (k, v, pages) {
             (AnyRef::F32(k), AnyRef::F32(v), None) => AnyKv::F32(Kv::Tensors(k, v)),
             (AnyRef::F16(k), AnyRef::F16(v), None) => AnyKv::F16(Kv::Tensors(k, v)),
+            (AnyRef::Bf16(k), AnyRef::Bf16(v), None) => AnyKv::Bf16(Kv::Tensors(k, v)),
             (AnyRef::F32(k), AnyRef::F32(v), Some(pages)) => {
                 AnyKv::F32(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
             }
             (AnyRef::F16(k), AnyRef::F16(v), Some(pages)) => {
                 AnyKv::F16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
+            }
+            (AnyRef::Bf16(k), AnyRef::Bf16(v), Some(pages)) => {
+                AnyKv::Bf16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
             }
             _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
         })
@@ -780,8 +787,10 @@ impl<'a> KvArg<'a> for CacheArg<'a> {
         let cache = match (k, v, new) {
             (AnyMut::F32(k), AnyMut::F32(v), None) => AnyCache::F32(cache(k, v, pages), None),
             (AnyMut::F16(k), AnyMut::F16(v), None) => AnyCache::F16(cache(k, v, pages), None),
+            (AnyMut::Bf16(k), AnyMut::Bf16(v), None) => AnyCache::Bf16(cache(k, v, pages), None),
             (AnyMut::F32(k), AnyMut::F32(v), Some((AnyRef::F32(kn), AnyRef::F32(vn)))) => AnyCache::F32(cache(k, v, pages), Some(new_kv(kn, vn, d.seq_new, cu))),
             (AnyMut::F16(k), AnyMut::F16(v), Some((AnyRef::F16(kn), AnyRef::F16(vn)))) => AnyCache::F16(cache(k, v, pages), Some(new_kv(kn, vn, d.seq_new, cu))),
+            (AnyMut::Bf16(k), AnyMut::Bf16(v), Some((AnyRef::Bf16(kn), AnyRef::Bf16(vn)))) => AnyCache::Bf16(cache(k, v, pages), Some(new_kv(kn, vn, d.seq_new, cu))),
             _ => return mismatch(),
         };
         Ok(CacheArg { cache, cache_lens })
@@ -1253,7 +1262,7 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
         };
         let mut typed_parts = Vec::new();
         typed_parts.try_reserve_exact(parts.len()).or_else(|_| fail(Status::OutOfMemory, "parts"))?;
-        let mut typed_f16 = Vec::new();
+        let (mut typed_f16, mut typed_bf16) = (Vec::new(), Vec::new());
         for (n, p) in parts.iter().enumerate() {
             if dtype(p.out.dtype, "parts[].out")? != dt {
                 return fail(Status::UnsupportedDtypes, format!("parts[{n}] has another dtype than parts[0]: all partial results must share one"));
@@ -1266,15 +1275,22 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
             match t {
                 AnyRef::F32(t) => typed_parts.push(PartialResult { out: t, lse: l }),
                 AnyRef::F16(t) => typed_f16.push(PartialResult { out: t, lse: l }),
+                AnyRef::Bf16(t) => typed_bf16.push(PartialResult { out: t, lse: l }),
             }
         }
         check_aliasing(&inputs, &outputs)?;
-        let s = &shape;
-        match (&mut out, dt) {
-            (AnyMut::F32(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
-            (AnyMut::F16(o), DType::F32) => crate::merge_partials(s, &typed_parts, o.reborrow(), lse)?,
-            (AnyMut::F32(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
-            (AnyMut::F16(o), DType::F16) => crate::merge_partials(s, &typed_f16, o.reborrow(), lse)?,
+        /// The merge of `parts` into `out`, whatever its type.
+        fn merge_into<TP: crate::Element>(s: &AttentionShape, parts: &[PartialResult<'_, TP>], out: &mut AnyMut<'_>, lse: Option<&mut [f32]>) -> Result<(), crate::AttnError> {
+            match out {
+                AnyMut::F32(o) => crate::merge_partials(s, parts, o.reborrow(), lse),
+                AnyMut::F16(o) => crate::merge_partials(s, parts, o.reborrow(), lse),
+                AnyMut::Bf16(o) => crate::merge_partials(s, parts, o.reborrow(), lse),
+            }
+        }
+        match dt {
+            DType::F32 => merge_into(&shape, &typed_parts, &mut out, lse)?,
+            DType::F16 => merge_into(&shape, &typed_f16, &mut out, lse)?,
+            DType::Bf16 => merge_into(&shape, &typed_bf16, &mut out, lse)?,
         }
         Ok(())
     })

@@ -10,13 +10,14 @@
 
 use crate::element::{DType, Element};
 use crate::layout::{PagedKv, Strides, TensorMut, TensorRef};
-use half::f16;
+use half::{bf16, f16};
 
 /// An input tensor of any supported element type (`TensorRef::into()` makes one).
 #[derive(Clone, Copy, Debug)]
 pub enum AnyRef<'a> {
     F32(TensorRef<'a, f32>),
     F16(TensorRef<'a, f16>),
+    Bf16(TensorRef<'a, bf16>),
 }
 
 /// K and V as the caller keeps them: two strided tensors or one paged pool.
@@ -32,6 +33,7 @@ pub enum Kv<'a, T> {
 pub enum AnyKv<'a> {
     F32(Kv<'a, f32>),
     F16(Kv<'a, f16>),
+    Bf16(Kv<'a, bf16>),
 }
 
 /// An output tensor of any supported element type (`TensorMut::into()` makes one).
@@ -39,6 +41,7 @@ pub enum AnyKv<'a> {
 pub enum AnyMut<'o> {
     F32(TensorMut<'o, f32>),
     F16(TensorMut<'o, f16>),
+    Bf16(TensorMut<'o, bf16>),
 }
 
 /// `s` as a slice of `U`, when `T` and `U` are the same storage type.
@@ -65,6 +68,7 @@ impl<'a> AnyRef<'a> {
         match T::DTYPE {
             DType::F32 => AnyRef::F32(TensorRef::new(same(t.data).expect("DTYPE is F32"), t.strides)),
             DType::F16 => AnyRef::F16(TensorRef::new(same(t.data).expect("DTYPE is F16"), t.strides)),
+            DType::Bf16 => AnyRef::Bf16(TensorRef::new(same(t.data).expect("DTYPE is Bf16"), t.strides)),
         }
     }
 }
@@ -75,6 +79,7 @@ impl<'a> AnyKv<'a> {
         match (AnyRef::of(k), AnyRef::of(v)) {
             (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(Kv::Tensors(k, v)),
             (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(Kv::Tensors(k, v)),
+            (AnyRef::Bf16(k), AnyRef::Bf16(v)) => AnyKv::Bf16(Kv::Tensors(k, v)),
             _ => unreachable!("K and V have one type parameter"),
         }
     }
@@ -85,6 +90,7 @@ impl<'a> AnyKv<'a> {
         match (AnyRef::of(TensorRef::new(k, Strides::default())), AnyRef::of(TensorRef::new(v, Strides::default()))) {
             (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
             (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
+            (AnyRef::Bf16(k), AnyRef::Bf16(v)) => AnyKv::Bf16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
             _ => unreachable!("K and V have one type parameter"),
         }
     }
@@ -94,9 +100,13 @@ impl<'o> AnyMut<'o> {
     #[inline(always)]
     pub(crate) fn of<T: Element>(t: TensorMut<'o, T>) -> Self {
         let strides = t.strides;
-        match same_mut::<T, f32>(t.data) {
-            Ok(d) => AnyMut::F32(TensorMut::new(d, strides)),
-            Err(d) => AnyMut::F16(TensorMut::new(same_mut::<T, f16>(d).expect("DTYPE is F16"), strides)),
+        let d = match same_mut::<T, f32>(t.data) {
+            Ok(d) => return AnyMut::F32(TensorMut::new(d, strides)),
+            Err(d) => d,
+        };
+        match same_mut::<T, f16>(d) {
+            Ok(d) => AnyMut::F16(TensorMut::new(d, strides)),
+            Err(d) => AnyMut::Bf16(TensorMut::new(same_mut::<T, bf16>(d).expect("DTYPE is Bf16"), strides)),
         }
     }
 }
@@ -113,12 +123,31 @@ pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>
     match (q, kv, out) {
         (Q::F32(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
         (Q::F32(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F32(kv), O::Bf16(o)) => op.run(q, kv, o),
         (Q::F32(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
         (Q::F32(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F16(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::Bf16(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::Bf16(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::Bf16(kv), O::Bf16(o)) => op.run(q, kv, o),
         (Q::F16(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
         (Q::F16(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F32(kv), O::Bf16(o)) => op.run(q, kv, o),
         (Q::F16(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
         (Q::F16(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F16(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::Bf16(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::Bf16(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::Bf16(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F32(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F16(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::Bf16(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::Bf16(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::Bf16(kv), O::Bf16(o)) => op.run(q, kv, o),
     }
 }
 
@@ -129,6 +158,7 @@ impl<'a> AnyRef<'a> {
         match self {
             AnyRef::F32(t) => t.data.len(),
             AnyRef::F16(t) => t.data.len(),
+            AnyRef::Bf16(t) => t.data.len(),
         }
     }
 
@@ -137,6 +167,7 @@ impl<'a> AnyRef<'a> {
         match self {
             AnyRef::F32(t) => t.strides,
             AnyRef::F16(t) => t.strides,
+            AnyRef::Bf16(t) => t.strides,
         }
     }
 
@@ -148,6 +179,7 @@ impl<'a> AnyRef<'a> {
         match self {
             AnyRef::F32(t) => t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x)),
             AnyRef::F16(t) => t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, x.to_f32())),
+            AnyRef::Bf16(t) => t.data[o..o + d].iter().enumerate().for_each(|(c, &x)| put(c, Element::to_f32(x))),
         }
     }
 }
@@ -182,6 +214,10 @@ impl AnyRef<'_> {
                 let row = &t.data[o..o + d];
                 pairs(rope, pos, d, |u| row[u].to_f32(), put);
             }
+            AnyRef::Bf16(t) => {
+                let row = &t.data[o..o + d];
+                pairs(rope, pos, d, |u| Element::to_f32(row[u]), put);
+            }
         }
     }
 }
@@ -193,6 +229,7 @@ impl AnyMut<'_> {
         match self {
             AnyMut::F32(t) => (t.data.len(), t.strides),
             AnyMut::F16(t) => (t.data.len(), t.strides),
+            AnyMut::Bf16(t) => (t.data.len(), t.strides),
         }
     }
 }

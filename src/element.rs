@@ -1,6 +1,7 @@
 //! Storage element types.
 //!
-//! Tensors are stored as `f32` or `half::f16`; every kernel computes and accumulates in `f32`.
+//! Tensors are stored as `f32`, `half::f16` or `half::bf16`; every kernel computes and
+//! accumulates in `f32`.
 //! The trait is sealed: each storage type needs matching kernels and reference conversions,
 //! so callers cannot add one the kernels do not know.
 
@@ -10,12 +11,14 @@
 pub enum DType {
     F32 = 0,
     F16 = 1,
+    Bf16 = 2,
 }
 
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
 }
 
 /// A storage element: converted to `f32` on load and rounded once on store.
@@ -33,6 +36,8 @@ pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::De
     fn as_f32_slice(s: &[Self]) -> Option<&[f32]>;
     /// The slice itself when the storage type is `f16`, so kernels can convert it in registers.
     fn as_f16_slice(s: &[Self]) -> Option<&[half::f16]>;
+    /// The slice itself when the storage type is `bf16` (widened in registers by a shift).
+    fn as_bf16_slice(s: &[Self]) -> Option<&[half::bf16]>;
 }
 
 impl Element for f32 {
@@ -53,6 +58,10 @@ impl Element for f32 {
     fn as_f16_slice(_: &[f32]) -> Option<&[half::f16]> {
         None
     }
+    #[inline(always)]
+    fn as_bf16_slice(_: &[f32]) -> Option<&[half::bf16]> {
+        None
+    }
 }
 
 impl Element for half::f16 {
@@ -71,6 +80,36 @@ impl Element for half::f16 {
     }
     #[inline(always)]
     fn as_f16_slice(s: &[half::f16]) -> Option<&[half::f16]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn as_bf16_slice(_: &[half::f16]) -> Option<&[half::bf16]> {
+        None
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // Exact: a bf16 is the top half of an f32's bits.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        // Round to nearest even; NaN stays NaN (half's conversion does both).
+        half::bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn as_f32_slice(_: &[half::bf16]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn as_f16_slice(_: &[half::bf16]) -> Option<&[half::f16]> {
+        None
+    }
+    #[inline(always)]
+    fn as_bf16_slice(s: &[half::bf16]) -> Option<&[half::bf16]> {
         Some(s)
     }
 }

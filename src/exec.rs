@@ -171,9 +171,7 @@ pub(crate) fn plan_for(
     decode: bool,
     kv_heads_side_by_side: bool,
 ) -> Result<(WorkPlan, Tiles, usize, usize), AttnError> {
-    let family = Family::find(isa, kv_dtype)
-        .or_else(|| Family::find(isa, DType::F32))
-        .expect("kernels/ declares an f32 family for every path");
+    let family = Family::for_call(isa, kv_dtype);
     let (d, dv) = (shape.head_dim, shape.v_head_dim);
     let tiles = family.tiles(d, dv);
     let too_big = AttnError::SizeOverflow { tensor: crate::error::TensorName::K };
@@ -207,9 +205,7 @@ pub(crate) fn plan_for(
 /// code at one lane.
 pub(crate) fn alignment_plan(isa: Isa, kv_dtype: DType, shape: &crate::layout::AttentionShape) -> (Isa, WorkPlan, Tiles, usize) {
     let isa = if isa == Isa::Portable { Isa::Scalar } else { isa };
-    let family = Family::find(isa, kv_dtype)
-        .or_else(|| Family::find(isa, DType::F32))
-        .expect("kernels/ declares an f32 family for every path");
+    let family = Family::for_call(isa, kv_dtype);
     let tiles = family.tiles(shape.head_dim, shape.v_head_dim);
     let scratch = flash::Scratch::len(&tiles, family.lanes, shape.head_dim, shape.v_head_dim);
     (isa, WorkPlan::new(shape, shape.seq_q.max(1)), tiles, scratch)
@@ -243,7 +239,8 @@ pub(crate) fn run_units<TKV: Element>(
         return Ok(None);
     }
     let (d, dv) = (job.p.shape.head_dim, job.p.shape.v_head_dim);
-    let isa = job.isa;
+    // The AVX512_BF16 path has kernels for bf16 K/V only; other storage runs AVX-512's.
+    let isa = if job.isa == Isa::Avx512Bf16 && Family::find(job.isa, TKV::DTYPE).is_none() { Isa::Avx512 } else { job.isa };
     // A storage type without a family of its own runs the f32 family's kernel body, which
     // converts through `Element` (correct for every storage type, if not the fastest).
     let dtype = if Family::find(isa, TKV::DTYPE).is_some() { TKV::DTYPE } else { DType::F32 };
@@ -252,6 +249,7 @@ pub(crate) fn run_units<TKV: Element>(
         (Avx2, $op:expr) => { run_avx2($op) };
         (Avx512, $op:expr) => { run_avx512($op) };
         (Neon, $op:expr) => { run_neon($op) };
+        (Avx512Bf16, $op:expr) => { crate::simd::run_bf16_dot($op) };
     }
     // The additive score specialises on its padded attention dim instead of the head dim.
     let additive = match job.p.score {
@@ -386,6 +384,43 @@ impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdEx
             }
         }
         (D != 0).then_some(D)
+    }
+}
+
+/// The AVX512_BF16 path: prefill units of calls the dot-product kernel takes run it; every
+/// other unit (decode, the alignment pass, inputs it does not take) runs the AVX-512 kernels.
+impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> crate::simd::WithBf16Dot
+    for Specialised<'_, '_, '_, '_, '_, TKV, D, MR, NRV>
+{
+    type Output = Option<usize>;
+
+    #[inline(always)]
+    fn with_bf16(self, bf: crate::simd::Bf16Dot) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::kernel::bf16dot;
+            if self.job.align.is_some() || !matches!(self.job.plan.kind, PlanKind::Prefill { .. }) || !bf16dot::takes(self.job.p) {
+                return self.with_simd(bf.v4);
+            }
+            let Specialised { job, mut iter, scratch } = self;
+            let s = &job.p.shape;
+            let mut sc = flash::Scratch::new(scratch, &job.tiles, 16, s.head_dim, s.v_head_dim);
+            while let Some(u) = iter.next() {
+                let Some(w) = job.p.rows.clip(job.plan.unit(u)) else { continue };
+                for h in w.head_start..w.head_end {
+                    bf16dot::query_block::<TKV, D, MR, NRV>(bf, job.p, &job.tiles, w.batch, h, w.q_start, w.q_end, &mut sc);
+                    let n = w.q_end - w.q_start;
+                    // SAFETY: unit `u` is run once (see `store`), so its rows have no other writer.
+                    unsafe { job.out.store(w.batch, h, w.q_start, sc.acc, sc.dv_pad, n, sc.lse) };
+                }
+            }
+            (D != 0).then_some(D)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = bf;
+            unreachable!("a Bf16Dot exists only on x86-64")
+        }
     }
 }
 

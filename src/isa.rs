@@ -15,10 +15,13 @@ pub enum Isa {
     Avx2 = 2,
     Avx512 = 3,
     Neon = 4,
+    /// AVX-512 with AVX512_BF16: bf16 Q and K/V run the `vdpbf16ps` flash kernel (see
+    /// `kernel::bf16dot`); everything else runs the AVX-512 kernels.
+    Avx512Bf16 = 5,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 5] = [Isa::Portable, Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon];
+    pub const ALL: [Isa; 6] = [Isa::Portable, Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon, Isa::Avx512Bf16];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -27,6 +30,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Neon => "neon",
+            Isa::Avx512Bf16 => "avx512bf16",
         }
     }
 
@@ -83,7 +87,7 @@ pub fn isa_override() -> Option<Isa> {
     }
 }
 
-/// `SIMD_ATTN_ISA=scalar|avx2|avx512|neon|portable|auto`, read once per process.
+/// `SIMD_ATTN_ISA=scalar|avx2|avx512|avx512bf16|neon|portable|auto`, read once per process.
 fn env_isa() -> Result<Option<Isa>, AttnError> {
     static ENV: OnceLock<Result<Option<Isa>, String>> = OnceLock::new();
     let parsed = ENV.get_or_init(|| match std::env::var("SIMD_ATTN_ISA") {

@@ -90,6 +90,7 @@ impl<'a, 'o> Request<'a, 'o> {
         match self.kv {
             AnyKv::F32(kv) => op.run(self, kv),
             AnyKv::F16(kv) => op.run(self, kv),
+            AnyKv::Bf16(kv) => op.run(self, kv),
         }
     }
 }

@@ -83,6 +83,7 @@ impl ScoreBuffers {
                 q: match q {
                     AnyRef::F32(q) => inv_norms(tensor_rows(q, s.head_dim), s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
                     AnyRef::F16(q) => inv_norms(tensor_rows(q, s.head_dim), s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
+                    AnyRef::Bf16(q) => inv_norms(tensor_rows(q, s.head_dim), s.batch, s.q_heads, s.seq_q, s.head_dim, temperature as f64)?,
                 },
                 k: inv_norms(k_row, s.batch, s.kv_heads, s.seq_kv, s.head_dim, 1.0)?,
                 v: Vec::new(),
@@ -184,6 +185,7 @@ fn project_any(q: &AnyRef<'_>, batch: usize, heads: usize, seq: usize, in_dim: u
     match q {
         AnyRef::F32(t) => project_rows(tensor_rows(t, in_dim), batch, heads, seq, in_dim, w, pitch),
         AnyRef::F16(t) => project_rows(tensor_rows(t, in_dim), batch, heads, seq, in_dim, w, pitch),
+        AnyRef::Bf16(t) => project_rows(tensor_rows(t, in_dim), batch, heads, seq, in_dim, w, pitch),
     }
 }
 

@@ -16,7 +16,7 @@ fn on<Op: WithSimdExt>(isa: Isa, op: Op) -> Option<Op::Output> {
         Isa::Portable => None,
         Isa::Scalar => run_scalar(op),
         Isa::Avx2 => run_avx2(op),
-        Isa::Avx512 => run_avx512(op),
+        Isa::Avx512 | Isa::Avx512Bf16 => run_avx512(op),
         Isa::Neon => run_neon(op),
     }
 }
@@ -91,25 +91,57 @@ pub fn transpose_sum(isa: Isa, vals: &[f32]) -> Option<Vec<f32>> {
 /// `src` (whole vectors' worth) widened by `load_f16s` one vector at a time, and by
 /// `load_f16s_pair` two vectors at a time (a trailing single vector is left 0 there).
 pub fn widen_f16(isa: Isa, src: &[f16]) -> Option<(Vec<f32>, Vec<f32>)> {
-    struct Widen<'a>(&'a [f16]);
-    impl WithSimdExt for Widen<'_> {
-        type Output = (Vec<f32>, Vec<f32>);
-        #[inline(always)]
-        fn with_simd<S: SimdExt>(self, simd: S) -> Self::Output {
-            let lanes = S::F32_LANES;
-            let (mut one, mut pair) = (vec![0.0f32; self.0.len()], vec![0.0f32; self.0.len()]);
-            for (src, dst) in self.0.chunks_exact(lanes).zip(one.chunks_exact_mut(lanes)) {
-                S::as_mut_simd_f32s(dst).0[0] = simd.load_f16s(src);
-            }
-            for (src, dst) in self.0.chunks_exact(2 * lanes).zip(pair.chunks_exact_mut(2 * lanes)) {
-                let (a, b) = simd.load_f16s_pair(src);
-                let (lo, hi) = dst.split_at_mut(lanes);
-                (S::as_mut_simd_f32s(lo).0[0], S::as_mut_simd_f32s(hi).0[0]) = (a, b);
-            }
-            (one, pair)
-        }
-    }
     on(isa, Widen(src))
+}
+
+/// [`widen_f16`] for bf16: `load_bf16s` and `load_bf16s_pair`.
+pub fn widen_bf16(isa: Isa, src: &[half::bf16]) -> Option<(Vec<f32>, Vec<f32>)> {
+    on(isa, Widen(src))
+}
+
+/// The 16-bit storage types the ISA layer widens, with their one- and two-vector loads.
+trait Widened: Copy {
+    fn one<S: SimdExt>(simd: S, src: &[Self]) -> S::f32s;
+    fn pair<S: SimdExt>(simd: S, src: &[Self]) -> (S::f32s, S::f32s);
+}
+impl Widened for f16 {
+    #[inline(always)]
+    fn one<S: SimdExt>(simd: S, src: &[f16]) -> S::f32s {
+        simd.load_f16s(src)
+    }
+    #[inline(always)]
+    fn pair<S: SimdExt>(simd: S, src: &[f16]) -> (S::f32s, S::f32s) {
+        simd.load_f16s_pair(src)
+    }
+}
+impl Widened for half::bf16 {
+    #[inline(always)]
+    fn one<S: SimdExt>(simd: S, src: &[half::bf16]) -> S::f32s {
+        simd.load_bf16s(src)
+    }
+    #[inline(always)]
+    fn pair<S: SimdExt>(simd: S, src: &[half::bf16]) -> (S::f32s, S::f32s) {
+        simd.load_bf16s_pair(src)
+    }
+}
+
+struct Widen<'a, T>(&'a [T]);
+impl<T: Widened> WithSimdExt for Widen<'_, T> {
+    type Output = (Vec<f32>, Vec<f32>);
+    #[inline(always)]
+    fn with_simd<S: SimdExt>(self, simd: S) -> Self::Output {
+        let lanes = S::F32_LANES;
+        let (mut one, mut pair) = (vec![0.0f32; self.0.len()], vec![0.0f32; self.0.len()]);
+        for (src, dst) in self.0.chunks_exact(lanes).zip(one.chunks_exact_mut(lanes)) {
+            S::as_mut_simd_f32s(dst).0[0] = T::one(simd, src);
+        }
+        for (src, dst) in self.0.chunks_exact(2 * lanes).zip(pair.chunks_exact_mut(2 * lanes)) {
+            let (a, b) = T::pair(simd, src);
+            let (lo, hi) = dst.split_at_mut(lanes);
+            (S::as_mut_simd_f32s(lo).0[0], S::as_mut_simd_f32s(hi).0[0]) = (a, b);
+        }
+        (one, pair)
+    }
 }
 
 /// `prefetch_l2` on each address (which it must never dereference).

@@ -17,6 +17,7 @@ use core::marker::PhantomData;
 enum OutPtr {
     F32(*mut f32),
     F16(*mut half::f16),
+    Bf16(*mut half::bf16),
 }
 
 /// The output tensor and LSE buffer of one call, shareable by the call's workers.
@@ -46,6 +47,7 @@ impl<'a> OutRows<'a> {
         let (out, out_len, strides) = match out {
             AnyMut::F32(t) => (OutPtr::F32(t.data.as_mut_ptr()), t.data.len(), t.strides),
             AnyMut::F16(t) => (OutPtr::F16(t.data.as_mut_ptr()), t.data.len(), t.strides),
+            AnyMut::Bf16(t) => (OutPtr::Bf16(t.data.as_mut_ptr()), t.data.len(), t.strides),
         };
         Self { out, out_len, strides, lse, lse_len, shape: *shape, rows, _borrow: PhantomData }
     }
@@ -86,6 +88,12 @@ impl<'a> OutRows<'a> {
                     let dst = unsafe { core::slice::from_raw_parts_mut(p.add(o), dv) };
                     for (d, &x) in dst.iter_mut().zip(src) {
                         *d = half::f16::from_f32(x);
+                    }
+                }
+                OutPtr::Bf16(p) => {
+                    let dst = unsafe { core::slice::from_raw_parts_mut(p.add(o), dv) };
+                    for (d, &x) in dst.iter_mut().zip(src) {
+                        *d = half::bf16::from_f32(x);
                     }
                 }
             }

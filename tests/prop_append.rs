@@ -12,7 +12,7 @@
 mod common;
 
 use common::Rng;
-use half::f16;
+use half::{bf16, f16};
 use proptest::prelude::*;
 use simd_attn::*;
 
@@ -212,7 +212,11 @@ fn check_append<T: Element>(sp: &Spec) -> Result<(), TestCaseError> {
                     for c in 0..d {
                         let got = kc[ko + c].to_f64();
                         // The f32 rotation (two products and a sum) and one rounding to T.
-                        let store = if T::DTYPE == DType::F16 { 1.0 / 2048.0 } else { 0.0 };
+                        let store = match T::DTYPE {
+                            DType::F16 => 1.0 / 2048.0,
+                            DType::Bf16 => 1.0 / 256.0,
+                            DType::F32 => 0.0,
+                        };
                         let bound = 4.0 * f32::EPSILON as f64 * x.iter().fold(0.0f64, |a, v| a.max(v.abs())) + store * want[c].abs().max(1.0 / 16384.0);
                         prop_assert!((got - want[c]).abs() <= bound, "[{isa}] new K row (b={bi}, hk={hk}, t={t})[{c}] = {got}, rotated {}", want[c]);
                     }
@@ -283,6 +287,11 @@ proptest! {
     #[test]
     fn append_f16(sp in spec()) {
         check_append::<f16>(&sp)?;
+    }
+
+    #[test]
+    fn append_bf16(sp in spec()) {
+        check_append::<bf16>(&sp)?;
     }
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use half::f16;
+use half::{bf16, f16};
 use proptest::prelude::*;
 use simd_attn::plan::work::{PlanKind, DECODE_MIN_PART_LEN, DECODE_PART_LEN};
 use simd_attn::*;
@@ -115,7 +115,7 @@ fn bits(o: &Outcome) -> Vec<u32> {
 
 fn check_decode<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
     let mut case = Case::build(spec);
-    case.round_to::<f16>();
+    case.round_for::<TQ, TKV, TO>();
     for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
         let (one, info) = run::<TQ, TKV, TO>(&case, RunConfig { isa: Some(isa), threads: Some(1) });
         let PlanKind::Decode { parts, part_len, kv_span, .. } = info.plan.kind else {
@@ -132,7 +132,7 @@ fn check_decode<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: 
             prop_assert!(part_len <= DECODE_PART_LEN && part_len.is_multiple_of(DECODE_MIN_PART_LEN), "part_len {}", part_len);
             prop_assert_eq!(parts, keys.max(1).div_ceil(part_len));
         }
-        check(&case, &one, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}] {e}")))?;
+        check_rounded_weights(&case, &one, store_eps, weight_eps::<TQ, TKV>(isa)).map_err(|e| TestCaseError::fail(format!("[{isa}] {e}")))?;
         let want = bits(&one);
         for threads in [2, 3] {
             let (got, _) = run::<TQ, TKV, TO>(&case, RunConfig { isa: Some(isa), threads: Some(threads) });
@@ -164,6 +164,16 @@ proptest! {
     }
 
     #[test]
+    fn decode_bf16_kv(spec in decode_spec()) {
+        check_decode::<f32, bf16, f32>(&spec, 0.0)?;
+    }
+
+    #[test]
+    fn decode_bf16_everything(spec in decode_spec()) {
+        check_decode::<bf16, bf16, bf16>(&spec, 1.0 / 256.0)?;
+    }
+
+    #[test]
     fn decode_few_rows_f32(spec in decode_few_spec()) {
         check_decode::<f32, f32, f32>(&spec, 0.0)?;
     }
@@ -176,6 +186,11 @@ proptest! {
     #[test]
     fn decode_few_rows_f16_everything(spec in decode_few_spec()) {
         check_decode::<f16, f16, f16>(&spec, 1.0 / 2048.0)?;
+    }
+
+    #[test]
+    fn decode_few_rows_bf16_kv(spec in decode_few_spec()) {
+        check_decode::<f32, bf16, f32>(&spec, 0.0)?;
     }
 
     #[test]

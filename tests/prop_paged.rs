@@ -12,7 +12,7 @@
 mod common;
 
 use common::*;
-use half::f16;
+use half::{bf16, f16};
 use proptest::prelude::*;
 use simd_attn::*;
 
@@ -159,7 +159,9 @@ fn bits(o: &Outcome) -> Vec<u32> {
 /// shares it) and its paged pool.
 fn case_and_pool(spec: &Spec, pg: &Paging) -> (Case, Pool) {
     let mut case = Case::build(spec);
+    // f16 and bf16 both hold these exactly (f16 first: its range is the narrower).
     case.round_to::<f16>();
+    case.round_to::<bf16>();
     if pg.share && spec.batch >= 2 {
         let rows = pg.page_size.min(seq_len(&case, 0)).min(seq_len(&case, 1));
         share_prefix(&mut case, rows);
@@ -184,7 +186,7 @@ fn check_paged<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, pg: &Paging,
             let config = RunConfig { isa: Some(isa), threads: Some(threads) };
             let want = run_kv::<TQ, TKV, TO>(&case, None, &config, Score::ScaledDot);
             let got = run_kv::<TQ, TKV, TO>(&case, Some(&pool), &config, Score::ScaledDot);
-            check(&case, &got, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}, {threads} threads, {pg:?}] {e}")))?;
+            check_rounded_weights(&case, &got, store_eps, weight_eps::<TQ, TKV>(isa)).map_err(|e| TestCaseError::fail(format!("[{isa}, {threads} threads, {pg:?}] {e}")))?;
             if same_plan {
                 prop_assert!(bits(&got) == bits(&want), "[{isa}, {threads} threads] paged and contiguous results differ ({pg:?})");
             }
@@ -228,6 +230,16 @@ proptest! {
     #[test]
     fn paged_decode_f16_kv(spec in decode_spec(), pg in paging()) {
         check_paged::<f32, f16, f32>(&spec, &pg, 0.0)?;
+    }
+
+    #[test]
+    fn paged_decode_bf16_kv(spec in decode_spec(), pg in paging()) {
+        check_paged::<f32, bf16, f32>(&spec, &pg, 0.0)?;
+    }
+
+    #[test]
+    fn paged_prefill_bf16(spec in spec_strategy(Options::Plain), pg in paging()) {
+        check_paged::<bf16, bf16, bf16>(&spec, &pg, 1.0 / 256.0)?;
     }
 
     #[test]

@@ -28,6 +28,8 @@ enum Storage {
     F32,
     F16Kv,
     F16All,
+    Bf16Kv,
+    Bf16All,
 }
 
 /// A generated problem (contiguous `[B, H, S, D]` tensors: strides and layouts are covered by
@@ -125,6 +127,15 @@ impl Case {
                 round::<half::f16>(&mut q);
                 round::<half::f16>(&mut k);
                 round::<half::f16>(&mut v);
+            }
+            Storage::Bf16Kv => {
+                round::<half::bf16>(&mut k);
+                round::<half::bf16>(&mut v);
+            }
+            Storage::Bf16All => {
+                round::<half::bf16>(&mut q);
+                round::<half::bf16>(&mut k);
+                round::<half::bf16>(&mut v);
             }
         }
         let kv_lens = (0..s.batch).map(|b| if b == 0 { 0 } else { s.seq_kv - (b * 7) % s.seq_kv.max(1) }).collect();
@@ -303,10 +314,19 @@ fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, isa: Isa) -> Got {
     Got { out: out.iter().map(|x| x.to_f32()).collect(), lse, alignment, coverage, info }
 }
 
+/// The relative rounding of a weight to bf16 in the AVX512_BF16 kernel (as `common`'s).
+const WEIGHT_EPS_BF16: f64 = 1.0 / 512.0;
+
 fn check(case: &Case, got: &Got) -> Result<(), String> {
     let s = &case.shape;
     let r = case.reference();
-    let store = if matches!(case.spec.storage, Storage::F16All) { 1.0 / 2048.0 } else { 0.0 };
+    let store = match case.spec.storage {
+        Storage::F16All => 1.0 / 2048.0,
+        Storage::Bf16All => 1.0 / 256.0,
+        _ => 0.0,
+    };
+    // The bf16 dot-product kernel rounds each weight to bf16 before P.V (see the README).
+    let weight = if got.info.isa == Isa::Avx512Bf16 && matches!(case.spec.storage, Storage::Bf16All) { WEIGHT_EPS_BF16 } else { 0.0 };
     let mut coverage = vec![0.0f64; s.batch * s.q_heads * s.seq_kv];
     let mut cov_tol = vec![0.0f64; coverage.len()];
     for b in 0..s.batch {
@@ -317,7 +337,7 @@ fn check(case: &Case, got: &Got) -> Result<(), String> {
                 let (delta, v_max) = case.logit_error(b, h, i, &r);
                 let n = row.visible as f64;
                 let acc = (n + 32.0) * EPS;
-                let out_tol = v_max * (2.5 * delta + acc) + 1e-30;
+                let out_tol = v_max * (2.5 * delta + acc + weight) + 1e-30;
                 let lse_tol = delta + acc * (1.0 + row.lse.abs());
                 for (c, &want) in row.out.iter().enumerate() {
                     let g = got.out[at * s.v_head_dim + c] as f64;
@@ -371,6 +391,8 @@ fn run_and_check(spec: &Spec) -> Result<(), TestCaseError> {
             Storage::F32 => run::<f32, f32, f32>(&case, isa),
             Storage::F16Kv => run::<f32, half::f16, f32>(&case, isa),
             Storage::F16All => run::<half::f16, half::f16, half::f16>(&case, isa),
+            Storage::Bf16Kv => run::<f32, half::bf16, f32>(&case, isa),
+            Storage::Bf16All => run::<half::bf16, half::bf16, half::bf16>(&case, isa),
         };
         prop_assert_eq!(got.info.isa, isa);
         check(&case, &got).map_err(|e| TestCaseError::fail(format!("[{isa}] {e}")))?;
@@ -390,7 +412,7 @@ fn kinds() -> impl Strategy<Value = Kind> {
 }
 
 fn storages() -> impl Strategy<Value = Storage> {
-    prop_oneof![Just(Storage::F32), Just(Storage::F16Kv), Just(Storage::F16All)]
+    prop_oneof![Just(Storage::F32), Just(Storage::F16Kv), Just(Storage::F16All), Just(Storage::Bf16Kv), Just(Storage::Bf16All)]
 }
 
 prop_compose! {

@@ -14,7 +14,7 @@
 mod common;
 
 use common::*;
-use half::f16;
+use half::{bf16, f16};
 use proptest::prelude::*;
 use simd_attn::*;
 
@@ -308,7 +308,7 @@ fn check_varlen<TKV: Element>(spec: &Spec, sp: &Split) -> Result<(), TestCaseErr
     spec.bias = None; // not taken with packed queries
     spec.kv_lens = Some(sp.kv_lens.clone());
     let mut case = Case::build(&spec);
-    case.round_to::<f16>();
+    case.round_for::<f32, TKV, f32>();
     let pk = packed_inputs(&case, sp);
     check_reference(&case, sp, &pk).map_err(TestCaseError::fail)?;
     for isa in Isa::available() {
@@ -371,6 +371,16 @@ proptest! {
     #[test]
     fn varlen_decode_f16_kv((spec, sp) in decode_case()) {
         check_varlen::<f16>(&spec, &sp)?;
+    }
+
+    #[test]
+    fn varlen_prefill_bf16_kv((spec, sp) in prefill_case()) {
+        check_varlen::<bf16>(&spec, &sp)?;
+    }
+
+    #[test]
+    fn varlen_decode_bf16_kv((spec, sp) in decode_case()) {
+        check_varlen::<bf16>(&spec, &sp)?;
     }
 
     #[test]

@@ -84,6 +84,20 @@ fn f16_widening_is_exact_for_every_bit_pattern_on_every_isa() {
 }
 
 #[test]
+fn bf16_widening_is_exact_for_every_bit_pattern_on_every_isa() {
+    let all: Vec<half::bf16> = (0..=u16::MAX).map(half::bf16::from_bits).collect();
+    for isa in simd_paths() {
+        let (one, pair) = selftest::widen_bf16(isa, &all).unwrap();
+        for (&h, (&a, &b)) in all.iter().zip(one.iter().zip(&pair)) {
+            // Widening is a shift, so every pattern, NaN payloads included, is kept bit for bit.
+            let want = (h.to_bits() as u32) << 16;
+            assert_eq!(a.to_bits(), want, "{isa}: load_bf16s({:#06x})", h.to_bits());
+            assert_eq!(b.to_bits(), want, "{isa}: load_bf16s_pair({:#06x})", h.to_bits());
+        }
+    }
+}
+
+#[test]
 fn prefetch_never_faults_on_any_address_on_every_isa() {
     let row = [1.0f32; 64];
     let base = row.as_ptr().cast::<u8>();

@@ -27,28 +27,30 @@ fn round_up(x: usize, m: usize) -> usize {
 
 /// Buffers of one worker for one call, carved from its workspace (no allocation).
 pub(crate) struct Scratch<'w> {
-    qt: &'w mut [f32],
-    k: &'w mut [f32],
-    v: &'w mut [f32],
-    s: &'w mut [f32],
+    pub qt: &'w mut [f32],
+    pub k: &'w mut [f32],
+    pub v: &'w mut [f32],
+    pub s: &'w mut [f32],
     /// Output rows of the current block (pitch `dv_pad`), normalised when a block returns.
     pub acc: &'w mut [f32],
     pub lse: &'w mut [f32],
-    max: &'w mut [f32],
-    sum: &'w mut [f32],
-    alpha: &'w mut [f32],
-    row: &'w mut [f32],
+    pub max: &'w mut [f32],
+    pub sum: &'w mut [f32],
+    pub alpha: &'w mut [f32],
+    pub row: &'w mut [f32],
+    /// Each row's score factor, for kernels that apply it after the dot product (bf16).
+    pub qs: &'w mut [f32],
     pub dv_pad: usize,
 }
 
 /// Sizes of the scratch buffers, in the order `Scratch` carves them.
-fn scratch_parts(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> [usize; 10] {
+fn scratch_parts(tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> [usize; 11] {
     let rt = tiles.nr;
     let br = round_up(tiles.br, rt);
     let bc = round_up(tiles.bc, tiles.mr);
     let dv_pad = round_up(v_head_dim, lanes);
     // Saturating: the planner rejects a total near the limit instead of wrapping.
-    [br.saturating_mul(head_dim), bc.saturating_mul(head_dim), bc.saturating_mul(dv_pad), bc * rt, br.saturating_mul(dv_pad), br, br, br, rt, bc]
+    [br.saturating_mul(head_dim), bc.saturating_mul(head_dim), bc.saturating_mul(dv_pad), bc * rt, br.saturating_mul(dv_pad), br, br, br, rt, bc, br]
 }
 
 impl<'w> Scratch<'w> {
@@ -60,9 +62,9 @@ impl<'w> Scratch<'w> {
     /// `buf` holds at least [`Scratch::len`] elements; its contents do not matter (every
     /// buffer is written before it is read).
     pub fn new(mut buf: &'w mut [f32], tiles: &Tiles, lanes: usize, head_dim: usize, v_head_dim: usize) -> Self {
-        let [qt, k, v, s, acc, lse, max, sum, alpha, row] =
+        let [qt, k, v, s, acc, lse, max, sum, alpha, row, qs] =
             scratch_parts(tiles, lanes, head_dim, v_head_dim).map(|n| super::carve(&mut buf, n));
-        Self { qt, k, v, s, acc, lse, max, sum, alpha, row, dv_pad: round_up(v_head_dim, lanes) }
+        Self { qt, k, v, s, acc, lse, max, sum, alpha, row, qs, dv_pad: round_up(v_head_dim, lanes) }
     }
 }
 
@@ -89,7 +91,7 @@ pub(crate) fn query_block<S: SimdExt, TKV: Element, const D: usize, const MR: us
 
 /// One pass of [`query_block`]; `skip_zero` picks the P.V that skips zero weights.
 #[inline(always)]
-fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     tiles: &Tiles,
@@ -212,7 +214,7 @@ pub(crate) struct TileRows {
 /// some of its rows need the visibility mask there; `None` when the tile sees none of them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile_keys<TKV>(
+pub(crate) fn tile_keys<TKV>(
     p: &Problem<'_, TKV>,
     keys: &crate::mask::BlockKeys,
     kv_len: usize,
@@ -283,6 +285,28 @@ fn score_tile<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const N
             }
         }
     }
+    finish_scores(simd, p, tile, j0, n, n_pad, mask, terms, s, rt, row);
+}
+
+/// What follows the score function on a row tile's S^T (`rt` rows per key, keys `j0..j0 + n`
+/// of `n_pad`): the per-key cosine factors, the optional terms, each row's visibility with
+/// `mask`, and -inf for the padding keys up to `n_pad`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_scores<S: SimdExt, TKV: Element>(
+    simd: S,
+    p: &Problem<'_, TKV>,
+    tile: &TileRows,
+    j0: usize,
+    n: usize,
+    n_pad: usize,
+    mask: bool,
+    terms: bool,
+    s: &mut [f32],
+    rt: usize,
+    row: &mut [f32],
+) {
+    let TileRows { b, h, i0, r0, real } = *tile;
     if let Some(scales) = p.key_scales(b, p.kv_head(h), j0, n) {
         super::scale_keys(simd, s, rt, scales);
     }

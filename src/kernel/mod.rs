@@ -1,6 +1,8 @@
 //! Kernels: each computes the final (normalised) output rows and LSE of one query block.
 //! They never write to the caller's output; `store` does.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16dot;
 pub(crate) mod decode;
 pub(crate) mod decode_few;
 pub(crate) mod flash;
@@ -16,7 +18,8 @@ pub(crate) fn carve<'w>(buf: &mut &'w mut [f32], n: usize) -> &'w mut [f32] {
     head
 }
 
-/// `dst[..src.len()] = src` as f32: f16 is widened in registers a vector at a time, f32 copied.
+/// `dst[..src.len()] = src` as f32: f16 and bf16 are widened in registers a vector at a time,
+/// f32 copied.
 #[inline(always)]
 pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, src: &[T], dst: &mut [f32]) {
     let dst = &mut dst[..src.len()];
@@ -34,6 +37,20 @@ pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(s
         }
         for (d, x) in dst[whole..].iter_mut().zip(&h[whole..]) {
             *d = x.to_f32();
+        }
+    } else if let Some(h) = T::as_bf16_slice(src) {
+        let lanes = S::F32_LANES;
+        let whole = src.len() / lanes * lanes;
+        let (vecs, _) = S::as_mut_simd_f32s(&mut dst[..whole]);
+        let mut pairs = vecs.chunks_exact_mut(2);
+        for (i, d) in pairs.by_ref().enumerate() {
+            (d[0], d[1]) = simd.load_bf16s_pair(&h[2 * i * lanes..]);
+        }
+        if let [d] = pairs.into_remainder() {
+            *d = simd.load_bf16s(&h[whole - lanes..]);
+        }
+        for (d, &x) in dst[whole..].iter_mut().zip(&h[whole..]) {
+            *d = crate::element::Element::to_f32(x);
         }
     } else {
         for (d, x) in dst.iter_mut().zip(src) {
@@ -196,6 +213,8 @@ pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(si
     let row = &row[t * lanes..(t + 1) * lanes];
     if let Some(h) = T::as_f16_slice(row) {
         simd.load_f16s(h)
+    } else if let Some(h) = T::as_bf16_slice(row) {
+        simd.load_bf16s(h)
     } else if let Some(f) = T::as_f32_slice(row) {
         S::as_simd_f32s(f).0[0]
     } else {

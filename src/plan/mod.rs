@@ -55,6 +55,19 @@ impl Family {
         FAMILIES.iter().find(|f| f.isa == isa && f.dtype == dtype)
     }
 
+    /// The family a call on `isa` with K/V of `kv_dtype` plans with: its own, else the ISA's
+    /// f32 family (whose kernel body converts through `Element`); the AVX512_BF16 path declares
+    /// bf16 only, and runs everything else on the AVX-512 families (build.rs checks that they
+    /// share one register tile, so either kernel can run a plan made with either).
+    pub fn for_call(isa: Isa, kv_dtype: DType) -> &'static Family {
+        Family::find(isa, kv_dtype)
+            .or_else(|| Family::find(isa, DType::F32))
+            .unwrap_or_else(|| {
+                assert_eq!(isa, Isa::Avx512Bf16, "kernels/ declares an f32 family for every path but avx512bf16");
+                Family::for_call(Isa::Avx512, kv_dtype)
+            })
+    }
+
     /// Block sizes for any head dims: the baked entry when one is specialised, else the rule.
     pub fn tiles(&self, head_dim: usize, v_head_dim: usize) -> Tiles {
         if head_dim == v_head_dim {

@@ -8,7 +8,7 @@ pub(crate) mod exp;
 pub(crate) mod tanh;
 
 use crate::isa::Isa;
-use half::f16;
+use half::{bf16, f16};
 use pulp::{Simd, WithSimd};
 
 /// What the kernels need beyond pulp's `Simd`. Implemented for every token the crate
@@ -46,6 +46,26 @@ pub(crate) trait SimdExt: Simd {
     fn load_f16s_pair(self, src: &[f16]) -> (Self::f32s, Self::f32s) {
         let lanes = Self::F32_LANES;
         (self.load_f16s(&src[..lanes]), self.load_f16s(&src[lanes..2 * lanes]))
+    }
+
+    /// The first `F32_LANES` values of `src`, widened from bf16 to f32 (exact: a bf16 is the
+    /// top 16 bits of an f32). The SIMD ISAs override this with a zero-extend and a shift.
+    #[inline(always)]
+    fn load_bf16s(self, src: &[bf16]) -> Self::f32s {
+        let mut buf = [0.0f32; 16];
+        let lanes = Self::F32_LANES;
+        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+        Self::as_simd_f32s(&buf[..lanes]).0[0]
+    }
+
+    /// [`SimdExt::load_bf16s`] for `2 * F32_LANES` values, as two vectors (NEON widens both
+    /// halves of one 128-bit load).
+    #[inline(always)]
+    fn load_bf16s_pair(self, src: &[bf16]) -> (Self::f32s, Self::f32s) {
+        let lanes = Self::F32_LANES;
+        (self.load_bf16s(&src[..lanes]), self.load_bf16s(&src[lanes..2 * lanes]))
     }
 
     /// Lane `i` of the result is the sum of the lanes of `acc[i]` (`acc` holds `F32_LANES`
@@ -114,6 +134,26 @@ impl SimdExt for pulp::aarch64::Neon {
     }
 
     #[inline(always)]
+    fn load_bf16s(self, src: &[bf16]) -> Self::f32s {
+        use core::arch::aarch64::{vld1_u16, vshll_n_u16};
+        let src = &src[..4];
+        // SAFETY: `src` holds 4 bf16 = 8 bytes; NEON is enabled in every Neon context.
+        // `ushll #16` widens each 16-bit lane into the top half of a 32-bit lane.
+        unsafe { core::mem::transmute(vshll_n_u16::<16>(vld1_u16(src.as_ptr().cast::<u16>()))) }
+    }
+
+    #[inline(always)]
+    fn load_bf16s_pair(self, src: &[bf16]) -> (Self::f32s, Self::f32s) {
+        use core::arch::aarch64::{vget_low_u16, vld1q_u16, vshll_high_n_u16, vshll_n_u16};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 bf16 = 16 bytes; NEON is enabled in every Neon context.
+        unsafe {
+            let bits = vld1q_u16(src.as_ptr().cast::<u16>());
+            (core::mem::transmute(vshll_n_u16::<16>(vget_low_u16(bits))), core::mem::transmute(vshll_high_n_u16::<16>(bits)))
+        }
+    }
+
+    #[inline(always)]
     fn transpose_sum_f32s(self, acc: &[Self::f32s]) -> Self::f32s {
         use core::arch::aarch64::{float32x4_t, vpaddq_f32};
         let acc = &acc[..4];
@@ -144,6 +184,14 @@ impl SimdExt for pulp::x86::V4 {
         // SAFETY: `src` holds 16 f16 = 32 bytes; AVX is enabled in every V4 context.
         let bits = unsafe { _mm256_loadu_si256(src.as_ptr().cast::<__m256i>()) };
         pulp::cast(self.avx512f._mm512_cvtph_ps(bits))
+    }
+
+    #[inline(always)]
+    fn load_bf16s(self, src: &[bf16]) -> Self::f32s {
+        use core::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtepu16_epi32, _mm512_slli_epi32};
+        let src = &src[..16];
+        // SAFETY: `src` holds 16 bf16 = 32 bytes; AVX-512F is enabled in every V4 context.
+        unsafe { pulp::cast(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(src.as_ptr().cast::<__m256i>())))) }
     }
 
     #[inline(always)]
@@ -197,6 +245,14 @@ impl SimdExt for pulp::x86::V3 {
         // inside `run_avx2`, which runs them under `V3F16C` (F16C present and enabled), so the
         // conversion inlines to one `vcvtph2ps`.
         unsafe { pulp::cast(_mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().cast::<__m128i>()))) }
+    }
+
+    #[inline(always)]
+    fn load_bf16s(self, src: &[bf16]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_cvtepu16_epi32, _mm256_slli_epi32, _mm_loadu_si128};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 bf16 = 16 bytes; AVX2 is enabled in every V3 context.
+        unsafe { pulp::cast(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(src.as_ptr().cast::<__m128i>())))) }
     }
 
     #[inline(always)]
@@ -307,6 +363,88 @@ pub(crate) fn run_avx512<Op: WithSimdExt>(op: Op) -> Option<Op::Output> {
     None
 }
 
+#[cfg(target_arch = "x86_64")]
+pulp::simd_type! {
+    /// pulp's `V4` (AVX-512 F/BW/CD/DQ/VL) plus AVX512_BF16, which pulp has no token for: the
+    /// `vdpbf16ps` / `vcvtne2ps2bf16` kernels run inside this token's `vectorize`.
+    pub struct V4Bf16 {
+        pub sse: "sse",
+        pub sse2: "sse2",
+        pub fxsr: "fxsr",
+        pub sse3: "sse3",
+        pub ssse3: "ssse3",
+        pub sse4_1: "sse4.1",
+        pub sse4_2: "sse4.2",
+        pub popcnt: "popcnt",
+        pub avx: "avx",
+        pub avx2: "avx2",
+        pub bmi1: "bmi1",
+        pub bmi2: "bmi2",
+        pub fma: "fma",
+        pub lzcnt: "lzcnt",
+        pub avx512f: "avx512f",
+        pub avx512bw: "avx512bw",
+        pub avx512cd: "avx512cd",
+        pub avx512dq: "avx512dq",
+        pub avx512vl: "avx512vl",
+        pub avx512bf16: "avx512bf16",
+    }
+}
+
+/// A V4 token that also proves AVX512_BF16 is present and enabled: made only by
+/// [`run_avx512bf16`], so the bf16 dot-product kernels that take it may use the instructions.
+/// (Off x86-64 it has no constructor at all.)
+#[derive(Clone, Copy)]
+pub(crate) struct Bf16Dot {
+    #[cfg(target_arch = "x86_64")]
+    pub v4: pulp::x86::V4,
+    _proof: (),
+}
+
+/// An op the bf16 dot-product path runs.
+pub(crate) trait WithBf16Dot {
+    type Output;
+    fn with_bf16(self, bf: Bf16Dot) -> Self::Output;
+}
+
+/// Runs `op` with AVX-512 and AVX512_BF16 enabled, if this CPU (and target) has them.
+#[inline]
+pub(crate) fn run_bf16_dot<Op: WithBf16Dot>(op: Op) -> Option<Op::Output> {
+    #[cfg(target_arch = "x86_64")]
+    return run_avx512bf16(op);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = op;
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct UnderBf16<Op> {
+    bf: Bf16Dot,
+    op: Op,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<Op: WithBf16Dot> pulp::NullaryFnOnce for UnderBf16<Op> {
+    type Output = Op::Output;
+    #[inline(always)]
+    fn call(self) -> Op::Output {
+        self.op.with_bf16(self.bf)
+    }
+}
+
+/// Runs `op` with AVX-512 and AVX512_BF16 enabled, if the CPU has them.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn run_avx512bf16<Op: WithBf16Dot>(op: Op) -> Option<Op::Output> {
+    if let (Some(tok), Some(v4)) = (V4Bf16::try_new(), pulp::x86::V4::try_new()) {
+        return Some(tok.vectorize(UnderBf16 { bf: Bf16Dot { v4, _proof: () }, op }));
+    }
+    let _ = op;
+    None
+}
+
 /// Runs `op` with NEON (any AArch64 CPU, ARMv8.0 on).
 #[inline]
 pub(crate) fn run_neon<Op: WithSimdExt>(op: Op) -> Option<Op::Output> {
@@ -340,6 +478,8 @@ pub(crate) fn supported(isa: Isa) -> bool {
         Isa::Avx2 => pulp::x86::V3::try_new().is_some() && V3F16C::try_new().is_some(),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => pulp::x86::V4::try_new().is_some(),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => pulp::x86::V4::try_new().is_some() && V4Bf16::try_new().is_some(),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => pulp::aarch64::Neon::try_new().is_some(),
         _ => false,

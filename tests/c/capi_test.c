@@ -66,26 +66,45 @@ static float f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* bf16 is the top half of a float: round to nearest even on the dropped half. */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u); /* quiet NaN */
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (uint16_t)(x >> 16);
+}
+
+static float bf16_to_f32(uint16_t h) {
+    uint32_t x = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 static float uniform(void) { /* in [-1, 1) */
     rng = rng * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((rng >> 40) & 0xffffff) / 8388608.0f - 1.0f;
 }
 
-static size_t esize(int dtype) { return dtype == SIMD_ATTN_F16 ? 2 : 4; }
+static size_t esize(int dtype) { return dtype == SIMD_ATTN_F32 ? 4 : 2; }
 
 static void *alloc_filled(size_t n, int dtype) {
     void *p = malloc(n * esize(dtype) + 1);
     for (size_t i = 0; i < n; i++) {
         float x = uniform();
         if (dtype == SIMD_ATTN_F16) ((uint16_t *)p)[i] = f32_to_f16(x);
+        else if (dtype == SIMD_ATTN_BF16) ((uint16_t *)p)[i] = f32_to_bf16(x);
         else ((float *)p)[i] = x;
     }
     return p;
 }
 
 static float get(const void *p, int dtype, size_t i) {
-    return dtype == SIMD_ATTN_F16 ? f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    if (dtype == SIMD_ATTN_F16) return f16_to_f32(((const uint16_t *)p)[i]);
+    if (dtype == SIMD_ATTN_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
 }
 
 /* A problem with contiguous [B, H, S, D] tensors it owns. */
@@ -184,7 +203,8 @@ static void check_against_reference(const char *name, problem *p, int32_t isa, s
     if (isa != SIMD_ATTN_ISA_AUTO) CHECK(info.isa == isa, "%s: ran on %d, asked %d", name, info.isa, isa);
     CHECK(info.threads >= 1, "%s: info.threads = %zu", name, info.threads);
     int dout = p->d.out.dtype;
-    float tol = dout == SIMD_ATTN_F16 ? 2e-3f : 2e-5f * (float)(p->d.head_dim + 8);
+    /* A 16-bit output is rounded by both sides: up to an ulp apart (2^-10 f16, 2^-7 bf16). */
+    float tol = dout == SIMD_ATTN_F16 ? 2e-3f : dout == SIMD_ATTN_BF16 ? 1.6e-2f : 2e-5f * (float)(p->d.head_dim + 8);
     double worst = 0;
     for (size_t i = 0; i < out_len(p); i++) {
         float a = get(p->out, dout, i), e = get(ref_out, dout, i);
@@ -238,6 +258,17 @@ static void case_decode_f16_kv(problem *p) {
     make(p, 1, 8, 2, 1, 2500, 128, 128, SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_F32);
 }
 
+static void case_bf16_causal_window(problem *p) {
+    make(p, 2, 8, 2, 9, 40, 128, 128, SIMD_ATTN_BF16, SIMD_ATTN_BF16, SIMD_ATTN_BF16);
+    p->d.causal = 1;
+    p->d.window_left = 8;
+    p->d.window_right = 0;
+}
+
+static void case_decode_bf16_kv(problem *p) {
+    make(p, 1, 8, 2, 1, 2500, 128, 128, SIMD_ATTN_F32, SIMD_ATTN_BF16, SIMD_ATTN_F32);
+}
+
 static void case_masked_rows_bias(problem *p) {
     /* A [1, 1, Sq, Skv] mask broadcast over batch and heads; row 2 is fully masked. */
     make(p, 2, 2, 1, 5, 17, 32, 32, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F16);
@@ -260,6 +291,8 @@ static const struct {
     {"prefill f32", case_prefill_f32},
     {"f16 with every option", case_f16_every_option},
     {"decode f16 kv", case_decode_f16_kv},
+    {"bf16 causal window", case_bf16_causal_window},
+    {"decode bf16 kv", case_decode_bf16_kv},
     {"masked rows via broadcast bias", case_masked_rows_bias},
     {"generic head dims", case_generic_head_dims},
 };
@@ -943,6 +976,9 @@ static void test_paged(const int32_t *isas, size_t n_isas) {
     p.d.kv_lens = p.kv_lens, p.d.kv_lens_len = 2;
     check_paged("paged decode", &p, 16, isas, n_isas);
     release(&p);
+    make(&p, 1, 8, 2, 1, 500, 128, 128, SIMD_ATTN_F32, SIMD_ATTN_BF16, SIMD_ATTN_F32);
+    check_paged("paged decode bf16", &p, 16, isas, n_isas);
+    release(&p);
     make(&p, 2, 4, 2, 37, 300, 64, 64, SIMD_ATTN_F32, SIMD_ATTN_F32, SIMD_ATTN_F32);
     p.d.causal = 1;
     check_paged("paged prefill", &p, 7, isas, n_isas);
@@ -1151,12 +1187,12 @@ int main(void) {
     test_header_agrees_with_library();
 
     /* Under valgrind, SIMD_ATTN_ISA pins one path; otherwise every path this machine has. */
-    int32_t isas[6];
+    int32_t isas[8];
     size_t n_isas = 0;
     isas[n_isas++] = SIMD_ATTN_ISA_AUTO;
     if (!getenv("SIMD_ATTN_ISA")) {
         test_isa_queries();
-        for (int32_t i = SIMD_ATTN_ISA_PORTABLE; i <= SIMD_ATTN_ISA_NEON; i++)
+        for (int32_t i = SIMD_ATTN_ISA_PORTABLE; i <= SIMD_ATTN_ISA_AVX512BF16; i++)
             if (simd_attn_isa_available(i)) isas[n_isas++] = i;
     }
     for (size_t c = 0; c < N_CASES; c++) {
@@ -1170,7 +1206,7 @@ int main(void) {
         }
         problem p;
         cases[c].make(&p);
-        test_host_driven(cases[c].name, &p, cases[c].make == case_decode_f16_kv);
+        test_host_driven(cases[c].name, &p, cases[c].make == case_decode_f16_kv || cases[c].make == case_decode_bf16_kv);
         release(&p);
     }
     test_classic_scores(isas, n_isas);

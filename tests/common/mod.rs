@@ -262,6 +262,19 @@ impl Case {
         }
     }
 
+    /// Rounds every input to the values the narrowest of a call's storage types holds
+    /// exactly: f16 when one of them is f16, bf16 when one is bf16 (f32 keeps them as drawn),
+    /// so the reference sees exactly what the kernels read.
+    pub fn round_for<TQ: Element, TKV: Element, TO: Element>(&mut self) {
+        let types = [TQ::DTYPE, TKV::DTYPE, TO::DTYPE];
+        if types.contains(&simd_attn::DType::F16) {
+            self.round_to::<half::f16>();
+        }
+        if types.contains(&simd_attn::DType::Bf16) {
+            self.round_to::<half::bf16>();
+        }
+    }
+
     pub fn tensor<'a, T>(&self, bufs: &'a [Vec<T>; 3], which: usize) -> TensorRef<'a, T> {
         let (bi, off, st) = self.views[which];
         TensorRef::new(&bufs[bi][off..], st)
@@ -295,8 +308,8 @@ pub struct Outcome {
 }
 
 /// Value written into the output buffer before the call: elements outside the output rows
-/// must still hold it afterwards.
-pub const SENTINEL: f32 = 777.0;
+/// must still hold it afterwards (exact in f32, f16 and bf16, so a 16-bit output keeps it).
+pub const SENTINEL: f32 = 776.0;
 
 /// Run `attention` with storage types `TQ`/`TKV`/`TO` on a case (already rounded to them).
 pub fn run_typed<TQ: Element, TKV: Element, TO: Element>(
@@ -338,6 +351,18 @@ pub fn run_typed<TQ: Element, TKV: Element, TO: Element>(
 /// Smallest normal f16 (2^-14): below it, rounding to f16 is absolute (see the tolerance).
 pub const STORE_FLOOR: f64 = 1.0 / 16384.0;
 
+/// The relative rounding of a softmax weight to bf16 (round to nearest: half of bf16's 2^-8
+/// spacing), which the AVX512_BF16 kernel applies before P.V.
+pub const WEIGHT_EPS_BF16: f64 = 1.0 / 512.0;
+
+/// The weight rounding a call on `isa` with these storage types gets: the bf16 dot-product
+/// kernel's for bf16 Q and K/V on the AVX512_BF16 path (it runs every such prefill), none
+/// otherwise.
+pub fn weight_eps<TQ: Element, TKV: Element>(isa: simd_attn::Isa) -> f64 {
+    let bf16 = TQ::DTYPE == simd_attn::DType::Bf16 && TKV::DTYPE == simd_attn::DType::Bf16;
+    if isa == simd_attn::Isa::Avx512Bf16 && bf16 { WEIGHT_EPS_BF16 } else { 0.0 }
+}
+
 /// f32 unit roundoff.
 pub const EPS: f64 = f32::EPSILON as f64 / 2.0;
 
@@ -363,6 +388,8 @@ pub const EPS: f64 = f32::EPSILON as f64 / 2.0;
 /// bound is about `4e-5 * max |v|`.
 pub struct RowTolerance {
     pub out_abs: f64,
+    /// `max_j |v_j|` over the row's visible keys (what a weight rounding scales with).
+    pub v_max: f64,
     pub out_rel_store: f64,
     pub lse: f64,
 }
@@ -414,6 +441,7 @@ pub fn row_tolerance(case: &Case, b: usize, h: usize, i: usize, lse_ref: f64, st
     let acc = (n as f64 + 32.0) * EPS;
     RowTolerance {
         out_abs: v_max * (2.5 * delta + acc) + 1e-30,
+        v_max,
         out_rel_store: store_eps,
         lse: delta + acc * (1.0 + lse_ref.abs()),
     }
@@ -422,6 +450,13 @@ pub fn row_tolerance(case: &Case, b: usize, h: usize, i: usize, lse_ref: f64, st
 /// Compare a kernel's outcome with the reference, row by row. Fully masked rows must be exact
 /// zeros with `lse = -inf`; nothing may be NaN; elements outside the output rows untouched.
 pub fn check(case: &Case, got: &Outcome, store_eps: f64) -> Result<(), TestCaseError> {
+    check_rounded_weights(case, got, store_eps, 0.0)
+}
+
+/// [`check`] for a kernel that rounds each softmax weight once (relative error at most
+/// `weight_eps`) before P.V: the output may move by `weight_eps * max_j |v_j|` more (the
+/// normaliser being the sum of the unrounded weights).
+pub fn check_rounded_weights(case: &Case, got: &Outcome, store_eps: f64, weight_eps: f64) -> Result<(), TestCaseError> {
     let s = &case.shape;
     let r = case.reference();
     let st = case.out_strides;
@@ -446,7 +481,7 @@ pub fn check(case: &Case, got: &Outcome, store_eps: f64) -> Result<(), TestCaseE
                 let tol = row_tolerance(case, b, h, i, want.lse, store_eps);
                 for (t, (&g, &w)) in row.iter().zip(&want.out).enumerate() {
                     let err = (g as f64 - w).abs();
-                    let allowed = tol.out_abs + tol.out_rel_store * w.abs().max(STORE_FLOOR);
+                    let allowed = tol.out_abs + weight_eps * tol.v_max + tol.out_rel_store * w.abs().max(STORE_FLOOR);
                     prop_assert!(
                         err <= allowed,
                         "out[{t}] = {g}, reference {w}, error {err:.3e} > {allowed:.3e} at {at}"

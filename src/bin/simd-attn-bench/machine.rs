@@ -73,6 +73,47 @@ pub fn fma_peak_gflops(vector_bits: u32) -> Option<f64> {
     }
 }
 
+/// Peak single-thread throughput of the bf16 dot-product instruction (`vdpbf16ps` on 512-bit
+/// vectors: 32 multiply-adds each) in GFLOP/s, best of several trials; `None` without
+/// AVX512_BF16. It is not twice the f32 FMA peak everywhere: the bf16 kernel's ceiling is
+/// this number, so the bench states it next to the FMA peak.
+pub fn bf16_dot_peak_gflops() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512f") {
+        // Twelve independent chains in assembly (a compiler may spill or fold an intrinsic
+        // loop): enough to cover the instruction's latency at any throughput seen so far.
+        fn run(iters: u64) -> f64 {
+            let t = Instant::now();
+            // SAFETY: the CPU has AVX512_BF16 (checked above); registers only, all clobbered
+            // ones declared.
+            unsafe {
+                core::arch::asm!(
+                    "vpxord zmm12, zmm12, zmm12",
+                    "vpternlogd zmm13, zmm13, zmm13, 0xff",
+                    "2:",
+                    "vdpbf16ps zmm0, zmm12, zmm13", "vdpbf16ps zmm1, zmm12, zmm13", "vdpbf16ps zmm2, zmm12, zmm13",
+                    "vdpbf16ps zmm3, zmm12, zmm13", "vdpbf16ps zmm4, zmm12, zmm13", "vdpbf16ps zmm5, zmm12, zmm13",
+                    "vdpbf16ps zmm6, zmm12, zmm13", "vdpbf16ps zmm7, zmm12, zmm13", "vdpbf16ps zmm8, zmm12, zmm13",
+                    "vdpbf16ps zmm9, zmm12, zmm13", "vdpbf16ps zmm10, zmm12, zmm13", "vdpbf16ps zmm11, zmm12, zmm13",
+                    "dec {n}",
+                    "jnz 2b",
+                    n = inout(reg) iters => _,
+                    out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                    out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                    out("zmm12") _, out("zmm13") _,
+                    options(nomem, nostack),
+                );
+            }
+            // 12 instructions x 16 lanes x 2 pairs x 2 flops per iteration.
+            (iters * 12 * 64) as f64 / t.elapsed().as_secs_f64() / 1e9
+        }
+        let iters = 2_000_000;
+        run(iters / 10);
+        return Some((0..5).map(|_| run(iters)).fold(0.0, f64::max));
+    }
+    None
+}
+
 struct SumLoop<'a> {
     data: &'a [f32],
 }

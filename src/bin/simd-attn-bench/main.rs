@@ -12,13 +12,13 @@ mod unfused;
 
 use report::{Machine, Row};
 
-use half::f16;
+use half::{bf16, f16};
 use simd_attn::{attention_flops, attention_inspect, attention_with_kvcache, KvCacheMut, NewKv, Rope, AttentionParams, AttentionShape, Element, Inspect, Isa, PageStrides, PageTable, PagedKv, Reference, Request, RunConfig, Score, Strides, TensorMut, TensorRef};
 use std::io::IsTerminal;
 use std::time::Instant;
 
 const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,causal]]... [--isa auto|all|LIST]
-                [--threads LIST] [--dtype f32|f16|f16kv] [--case SUBSTRING] [--reps N]
+                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv] [--case SUBSTRING] [--reps N]
                 [--min-time SECONDS] [--no-check] [--no-baselines]
                 [--json PATH] [--csv PATH] [--plot PATH.svg]
 simd-attn-bench compare OLD.json|csv NEW.json|csv
@@ -31,13 +31,15 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             tensors and token-major (`-bshd`) next to [B, S, Hkv, D] ones; a packed varlen
             prefill of 4 sequences next to 4 separate calls; the decode step with its token
             appended and RoPE applied in the call, `-append`, next to the plain step),
-            seqlen (causal prefill S 128..8192), all; --shape adds custom shapes (and with no
+            seqlen (causal prefill S 128..8192), bf16 (the bf16 targets' prefill and decode next
+            to f32 and f16), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
             or a comma list of portable, scalar, avx2, avx512, neon
   --threads comma list of thread counts to run each path with (default 1); %peak is then of
             threads x the single-core peak
-  --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V);
+  --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V),
+            bf16, bf16kv (the same in bfloat16);
             default: each case's own (decode cases use f16 K/V where the targets say so)
   --case    only the shapes named SUBSTRING, or else whose name contains it
   --no-baselines  skip the portable and unfused baselines (their columns print NaN)
@@ -53,6 +55,8 @@ enum Dtype {
     F32,
     F16,
     F16Kv,
+    Bf16,
+    Bf16Kv,
 }
 
 impl Dtype {
@@ -61,6 +65,8 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
             Dtype::F16Kv => "f16kv",
+            Dtype::Bf16 => "bf16",
+            Dtype::Bf16Kv => "bf16kv",
         }
     }
     fn kv_bytes(self) -> usize {
@@ -249,7 +255,19 @@ fn cases(set: &str) -> Vec<Case> {
         v.push(varlen_case(false));
         v
     };
+    // bf16 storage at the issue's target shapes, next to f32 and f16 in the same run.
+    let bf16 = || {
+        let mut v = Vec::new();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+            v.push(with_dtype(case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true), dtype));
+        }
+        for dtype in [Dtype::F16Kv, Dtype::Bf16Kv] {
+            v.push(with_dtype(case("decode", 1, 32, 8, 1, 8192, 128, true), dtype));
+        }
+        v
+    };
     match set {
+        "bf16" => bf16(),
         // The whole kernel at the shapes whose phases `phase_table` times.
         "phases" => vec![case("prefill", 1, 8, 8, 1024, 1024, 128, false), case("prefill-d64", 1, 8, 8, 1024, 1024, 64, false)],
         "scores" => scores(),
@@ -260,7 +278,7 @@ fn cases(set: &str) -> Vec<Case> {
         "seqlen" => seqlen(),
         "decode" => decode(),
         "none" => Vec::new(),
-        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).chain(scores()).chain(paged()).collect(),
+        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).chain(scores()).chain(paged()).chain(bf16()).collect(),
         other => fail(&format!("unknown --set {other}")),
     }
 }
@@ -380,6 +398,8 @@ fn main() {
                     "f32" => Dtype::F32,
                     "f16" => Dtype::F16,
                     "f16kv" => Dtype::F16Kv,
+                    "bf16" => Dtype::Bf16,
+                    "bf16kv" => Dtype::Bf16Kv,
                     other => fail(&format!("unknown --dtype {other}")),
                 })
             }
@@ -435,6 +455,9 @@ fn main() {
     if let Some(p) = peak256 {
         print!(", {p:.1} with 256-bit vectors");
     }
+    if let Some(p) = machine::bf16_dot_peak_gflops() {
+        print!(", bf16 dot (vdpbf16ps) peak {p:.1} ({:.2}x the f32 FMA peak)", p / peak);
+    }
     let bw_list: Vec<String> = bws.iter().map(|(t, b)| format!("{b:.1} GB/s with {t} thread{}", if *t == 1 { "" } else { "s" })).collect();
     println!("; memory read bandwidth {}", bw_list.join(", "));
     println!("# %peak is of threads x the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
@@ -456,6 +479,8 @@ fn main() {
             Dtype::F32 => bench_case::<f32, f32, f32>(&c, &ctx),
             Dtype::F16 => bench_case::<f16, f16, f16>(&c, &ctx),
             Dtype::F16Kv => bench_case::<f32, f16, f32>(&c, &ctx),
+            Dtype::Bf16 => bench_case::<bf16, bf16, bf16>(&c, &ctx),
+            Dtype::Bf16Kv => bench_case::<f32, bf16, f32>(&c, &ctx),
         };
         if progress {
             eprint!("\r\x1b[K");
