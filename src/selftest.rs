@@ -99,44 +99,18 @@ pub fn widen_bf16(isa: Isa, src: &[half::bf16]) -> Option<(Vec<f32>, Vec<f32>)> 
     on(isa, Widen(src))
 }
 
-/// The 16-bit storage types the ISA layer widens, with their one- and two-vector loads.
-trait Widened: Copy {
-    fn one<S: SimdExt>(simd: S, src: &[Self]) -> S::f32s;
-    fn pair<S: SimdExt>(simd: S, src: &[Self]) -> (S::f32s, S::f32s);
-}
-impl Widened for f16 {
-    #[inline(always)]
-    fn one<S: SimdExt>(simd: S, src: &[f16]) -> S::f32s {
-        simd.load_f16s(src)
-    }
-    #[inline(always)]
-    fn pair<S: SimdExt>(simd: S, src: &[f16]) -> (S::f32s, S::f32s) {
-        simd.load_f16s_pair(src)
-    }
-}
-impl Widened for half::bf16 {
-    #[inline(always)]
-    fn one<S: SimdExt>(simd: S, src: &[half::bf16]) -> S::f32s {
-        simd.load_bf16s(src)
-    }
-    #[inline(always)]
-    fn pair<S: SimdExt>(simd: S, src: &[half::bf16]) -> (S::f32s, S::f32s) {
-        simd.load_bf16s_pair(src)
-    }
-}
-
 struct Widen<'a, T>(&'a [T]);
-impl<T: Widened> WithSimdExt for Widen<'_, T> {
+impl<T: crate::simd::Widen16> WithSimdExt for Widen<'_, T> {
     type Output = (Vec<f32>, Vec<f32>);
     #[inline(always)]
     fn with_simd<S: SimdExt>(self, simd: S) -> Self::Output {
         let lanes = S::F32_LANES;
         let (mut one, mut pair) = (vec![0.0f32; self.0.len()], vec![0.0f32; self.0.len()]);
         for (src, dst) in self.0.chunks_exact(lanes).zip(one.chunks_exact_mut(lanes)) {
-            S::as_mut_simd_f32s(dst).0[0] = T::one(simd, src);
+            S::as_mut_simd_f32s(dst).0[0] = T::load(simd, src);
         }
         for (src, dst) in self.0.chunks_exact(2 * lanes).zip(pair.chunks_exact_mut(2 * lanes)) {
-            let (a, b) = T::pair(simd, src);
+            let (a, b) = T::load_pair(simd, src);
             let (lo, hi) = dst.split_at_mut(lanes);
             (S::as_mut_simd_f32s(lo).0[0], S::as_mut_simd_f32s(hi).0[0]) = (a, b);
         }

@@ -24,38 +24,32 @@ pub(crate) fn carve<'w>(buf: &mut &'w mut [f32], n: usize) -> &'w mut [f32] {
 pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, src: &[T], dst: &mut [f32]) {
     let dst = &mut dst[..src.len()];
     if let Some(h) = T::as_f16_slice(src) {
-        let lanes = S::F32_LANES;
-        let whole = src.len() / lanes * lanes;
-        let (vecs, _) = S::as_mut_simd_f32s(&mut dst[..whole]);
-        // Two vectors per step: one 128-bit load's worth of f16 on NEON.
-        let mut pairs = vecs.chunks_exact_mut(2);
-        for (i, d) in pairs.by_ref().enumerate() {
-            (d[0], d[1]) = simd.load_f16s_pair(&h[2 * i * lanes..]);
-        }
-        if let [d] = pairs.into_remainder() {
-            *d = simd.load_f16s(&h[whole - lanes..]);
-        }
-        for (d, x) in dst[whole..].iter_mut().zip(&h[whole..]) {
-            *d = x.to_f32();
-        }
+        widen_row(simd, h, dst);
     } else if let Some(h) = T::as_bf16_slice(src) {
-        let lanes = S::F32_LANES;
-        let whole = src.len() / lanes * lanes;
-        let (vecs, _) = S::as_mut_simd_f32s(&mut dst[..whole]);
-        let mut pairs = vecs.chunks_exact_mut(2);
-        for (i, d) in pairs.by_ref().enumerate() {
-            (d[0], d[1]) = simd.load_bf16s_pair(&h[2 * i * lanes..]);
-        }
-        if let [d] = pairs.into_remainder() {
-            *d = simd.load_bf16s(&h[whole - lanes..]);
-        }
-        for (d, &x) in dst[whole..].iter_mut().zip(&h[whole..]) {
-            *d = crate::element::Element::to_f32(x);
-        }
+        widen_row(simd, h, dst);
     } else {
         for (d, x) in dst.iter_mut().zip(src) {
             *d = x.to_f32();
         }
+    }
+}
+
+/// `dst = src` widened: whole vectors in registers, the tail element by element.
+#[inline(always)]
+fn widen_row<S: crate::simd::SimdExt, H: crate::simd::Widen16>(simd: S, h: &[H], dst: &mut [f32]) {
+    let lanes = S::F32_LANES;
+    let whole = h.len() / lanes * lanes;
+    let (vecs, _) = S::as_mut_simd_f32s(&mut dst[..whole]);
+    // Two vectors per step: one 128-bit load's worth of 16-bit values on NEON.
+    let mut pairs = vecs.chunks_exact_mut(2);
+    for (i, d) in pairs.by_ref().enumerate() {
+        (d[0], d[1]) = H::load_pair(simd, &h[2 * i * lanes..]);
+    }
+    if let [d] = pairs.into_remainder() {
+        *d = H::load(simd, &h[whole - lanes..]);
+    }
+    for (d, &x) in dst[whole..].iter_mut().zip(&h[whole..]) {
+        *d = x.widen();
     }
 }
 

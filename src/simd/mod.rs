@@ -92,6 +92,44 @@ pub(crate) trait SimdExt: Simd {
 
 impl SimdExt for pulp::Scalar {}
 
+/// The 16-bit storage types the ISA layer widens (f16, bf16): one vector's worth, two vectors'
+/// worth, and one element, so the row conversion and its tests are written once for both.
+pub(crate) trait Widen16: Copy {
+    fn load<S: SimdExt>(simd: S, src: &[Self]) -> S::f32s;
+    fn load_pair<S: SimdExt>(simd: S, src: &[Self]) -> (S::f32s, S::f32s);
+    fn widen(self) -> f32;
+}
+
+impl Widen16 for f16 {
+    #[inline(always)]
+    fn load<S: SimdExt>(simd: S, src: &[f16]) -> S::f32s {
+        simd.load_f16s(src)
+    }
+    #[inline(always)]
+    fn load_pair<S: SimdExt>(simd: S, src: &[f16]) -> (S::f32s, S::f32s) {
+        simd.load_f16s_pair(src)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Widen16 for bf16 {
+    #[inline(always)]
+    fn load<S: SimdExt>(simd: S, src: &[bf16]) -> S::f32s {
+        simd.load_bf16s(src)
+    }
+    #[inline(always)]
+    fn load_pair<S: SimdExt>(simd: S, src: &[bf16]) -> (S::f32s, S::f32s) {
+        simd.load_bf16s_pair(src)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// NEON (Advanced SIMD) is part of every AArch64 CPU, ARMv8.0 on: pulp's plain `Neon` token,
 /// not `NeonFcma`, whose FCMA (complex multiply, ARMv8.3) the kernels never use and which
 /// Graviton2, Ampere Altra, Cortex-A72 and other ARMv8.0-8.2 cores lack. f16 widening and the
