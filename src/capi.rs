@@ -1329,7 +1329,9 @@ pub extern "C" fn simd_attn_set_isa(isa: i32) -> i32 {
 /// The ISA's name ("avx512", ...), or NULL for an unknown value. Static storage.
 #[no_mangle]
 pub extern "C" fn simd_attn_isa_name(isa: i32) -> *const c_char {
-    const NAMES: [&str; 5] = ["portable\0", "scalar\0", "avx2\0", "avx512\0", "neon\0"];
+    // One name per `Isa::ALL` entry, in its order (the assertion keeps them in step).
+    const NAMES: [&str; 6] = ["portable\0", "scalar\0", "avx2\0", "avx512\0", "neon\0", "avx512bf16\0"];
+    const _: () = assert!(NAMES.len() == Isa::ALL.len());
     match isa_from(isa) {
         Ok(Some(i)) => NAMES[i as usize].as_ptr().cast(),
         _ => core::ptr::null(),

@@ -1,7 +1,7 @@
 //! The AVX512_BF16 dot-product kernel (`isa = avx512bf16`, bf16 Q and K/V): every bf16
 //! specialisation of the generated table and the generic path, against the f64 reference on the
 //! bf16 inputs, with the one extra rounding the README's accuracy contract states (each weight
-//! to bf16: the output moves by at most `2^-9 * max|v|` more). On a CPU without AVX512_BF16 the
+//! to bf16: the output moves by at most `2^-8 * max|v|` more). On a CPU without AVX512_BF16 the
 //! tests say so and check nothing else.
 
 mod common;

@@ -315,7 +315,7 @@ fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, isa: Isa) -> Got {
 }
 
 /// The relative rounding of a weight to bf16 in the AVX512_BF16 kernel (as `common`'s).
-const WEIGHT_EPS_BF16: f64 = 1.0 / 512.0;
+const WEIGHT_EPS_BF16: f64 = 1.0 / 256.0;
 
 fn check(case: &Case, got: &Got) -> Result<(), String> {
     let s = &case.shape;

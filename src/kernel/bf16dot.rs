@@ -15,8 +15,8 @@
 //!   `vdpbf16ps` per accumulator adds two keys.
 //!
 //! Accuracy: scores are exact bf16 x bf16 products summed in f32 (as the f32 kernel sums
-//! them); the one extra rounding is P's, at most `2^-9` relative per weight, so the output moves
-//! by at most `2^-9 * max|v|` beyond the f32 kernel's bound (the normaliser is the f32 sum of
+//! them); the one extra rounding is P's, at most `2^-8` relative per weight (bf16 keeps 8 significant bits), so the output moves
+//! by at most `2^-8 * max|v|` beyond the f32 kernel's bound (the normaliser is the f32 sum of
 //! the unrounded weights). `vdpbf16ps` treats bf16 subnormals (below 2^-126) as zero, as the
 //! instruction is defined to.
 //!

@@ -348,6 +348,9 @@ static void test_isa_queries(void) {
     CHECK(simd_attn_isa_available(best) == 1, "best isa %d not available", best);
     CHECK(simd_attn_isa_name(best) != NULL, "no name for %d", best);
     CHECK(simd_attn_isa_name(99) == NULL, "a name for isa 99");
+    for (int32_t i = SIMD_ATTN_ISA_PORTABLE; i <= SIMD_ATTN_ISA_AVX512BF16; i++)
+        CHECK(simd_attn_isa_name(i) != NULL, "no name for isa %d", i);
+    CHECK(strcmp(simd_attn_isa_name(SIMD_ATTN_ISA_AVX512BF16), "avx512bf16") == 0, "avx512bf16 is named %s", simd_attn_isa_name(SIMD_ATTN_ISA_AVX512BF16));
     CHECK(simd_attn_isa_available(99) == 0, "isa 99 available");
     CHECK(simd_attn_isa_available(SIMD_ATTN_ISA_PORTABLE) == 1, "portable must always run");
     EXPECT_STATUS(simd_attn_set_isa(99), SIMD_ATTN_ERR_UNKNOWN_ISA);

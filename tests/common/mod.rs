@@ -351,9 +351,9 @@ pub fn run_typed<TQ: Element, TKV: Element, TO: Element>(
 /// Smallest normal f16 (2^-14): below it, rounding to f16 is absolute (see the tolerance).
 pub const STORE_FLOOR: f64 = 1.0 / 16384.0;
 
-/// The relative rounding of a softmax weight to bf16 (round to nearest: half of bf16's 2^-8
-/// spacing), which the AVX512_BF16 kernel applies before P.V.
-pub const WEIGHT_EPS_BF16: f64 = 1.0 / 512.0;
+/// The relative rounding of a softmax weight to bf16, which the AVX512_BF16 kernel applies
+/// before P.V: round to nearest with 8 significant bits, half a spacing of at most 2^-7 |x|.
+pub const WEIGHT_EPS_BF16: f64 = 1.0 / 256.0;
 
 /// The weight rounding a call on `isa` with these storage types gets: the bf16 dot-product
 /// kernel's for bf16 Q and K/V on the AVX512_BF16 path (it runs every such prefill), none
