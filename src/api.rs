@@ -6,7 +6,7 @@ use crate::dtypes::{AnyKv, AnyMut, AnyRef, Kv};
 use crate::element::Element;
 use crate::error::{AttnError, TensorName};
 use crate::exec::{alignment_plan, merge_all, merge_group, merge_row_len, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
-use crate::isa::{resolve_isa, Isa};
+use crate::isa::{resolve_isa, resolve_isa_choice, Isa};
 use crate::layout::{AttentionShape, TensorMut, TensorRef};
 use crate::params::{AttentionParams, Score};
 use crate::plan::work::WorkPlan;
@@ -272,13 +272,15 @@ fn scored_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Requ
     let inspecting = inspect.alignment.is_some() || inspect.coverage.is_some();
     let mut workers = WorkerBuffers::None;
     if !inspecting {
-        return fused_pass(config, prepare(config, p, out, lse)?, 0, &mut workers);
+        return fused_pass(config, prepare(config, p, out, lse, true)?, 0, &mut workers);
     }
     // Everything the second pass needs is allocated before the first writes a row: the LSE
     // of every row (the first pass writes it here) and the second pass's scratch.
     let mut row_lse = crate::exec::try_zeroed(shape.batch * shape.q_heads * shape.seq_q)?;
     let (isa, plan, tiles, scratch_len) = alignment_plan(resolve_isa(config.isa)?, TKV::DTYPE, &shape);
-    let info = fused_pass(config, prepare(config, p, out, Some(&mut row_lse))?, scratch_len, &mut workers)?;
+    // The alignment is exactly the weights the output used: automatic choice keeps the f32
+    // P of the widened kernel here (the bf16 dot kernel rounds P to bf16).
+    let info = fused_pass(config, prepare(config, p, out, Some(&mut row_lse), false)?, scratch_len, &mut workers)?;
     let rows = InspectRows::new(&shape, inspect.alignment, inspect.coverage);
     let none = OutRows::none(&shape);
     let job = Job { p: &p, out: &none, plan, tiles, isa, partials: Partials::empty(), align: Some(AlignPass { out: &rows, lse: &row_lse }) };
@@ -413,7 +415,7 @@ fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfi
     };
     let buffers = ScoreBuffers::prepare(&p.shape, &p.q, &p.k, &p.params)?;
     let p = p.with_score(buffers.data(&p.params.score));
-    let prepared = prepare(config, p, call.out, call.lse)?;
+    let prepared = prepare(config, p, call.out, call.lse, true)?;
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
     let (scratch, pbuf) = workspace.get(*scratch_len + *partials_len)?.split_at_mut(*scratch_len);
     let job = Job { p, out, plan: *plan, tiles: *tiles, isa: *isa, partials: Partials::new(pbuf, plan, &p.shape), align: None };
@@ -437,10 +439,11 @@ struct Prepared<'a, 'o, TKV> {
 }
 
 /// Validates the outputs of a call whose inputs `p` are validated and scored, and plans it.
-fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, out: AnyMut<'o>, lse: Option<&'o mut [f32]>) -> Result<Prepared<'a, 'o, TKV>, AttnError> {
+/// `bf16_dot_ok`: automatic choice may send the call to the bf16 dot-product kernel.
+fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, out: AnyMut<'o>, lse: Option<&'o mut [f32]>, bf16_dot_ok: bool) -> Result<Prepared<'a, 'o, TKV>, AttnError> {
     let shape = &p.shape;
     validate_outputs(shape, out.extent(), lse.as_deref(), p.params.cu_seqlens_q)?;
-    let isa = resolve_isa(config.isa)?;
+    let (isa, automatic) = resolve_isa_choice(config.isa)?;
     let decode = !matches!(p.score, ScoreData::Additive(_));
     // Keys past the longest `kv_lens` entry are invisible to every row: the plan stops there,
     // so a cache allocated far longer than it is filled costs no empty units.
@@ -449,10 +452,31 @@ fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, ou
     } else {
         shape.seq_kv
     };
-    let (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode, p.k.heads_side_by_side() || p.v.heads_side_by_side())?;
+    let side_by_side = p.k.heads_side_by_side() || p.v.heads_side_by_side();
+    let (mut plan, mut tiles, mut scratch_len, mut partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode, side_by_side)?;
+    // Automatic choice sends what the bf16 dot kernel takes (bf16 prefill) to it where the CPU
+    // runs `vdpbf16ps` at its FMA rate; RunInfo then says avx512bf16 exactly when it ran.
+    let mut isa = isa;
+    if automatic && bf16_dot_ok && isa == Isa::Avx512 && matches!(plan.kind, crate::plan::work::PlanKind::Prefill { .. })
+        && bf16_dot_takes(&p) && Isa::prefers_bf16_dot()
+    {
+        isa = Isa::Avx512Bf16;
+        (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode, side_by_side)?;
+    }
     // The merge reuses the start of the same scratch for its row once the units are done.
     let scratch_len = scratch_len.max(merge_row_len(&plan, shape));
     Ok(Prepared { out: OutRows::new(shape, out, lse, p.rows), p, plan, tiles, isa, scratch_len, partials_len })
+}
+
+/// Whether the bf16 dot-product kernel would take the call (x86-64 only).
+fn bf16_dot_takes<TKV: Element>(p: &Problem<'_, TKV>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::kernel::bf16dot::takes(p);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = p;
+        false
+    }
 }
 
 /// Host-driven execution: the engine's own workers run the call. Create it once per call (this
@@ -646,7 +670,7 @@ impl<'a: 'o, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
             return Err(AttnError::UnsupportedScore { score: call.params.score.name(), operation: "a host-driven plan" });
         }
         let p = Problem::new(&call.shape, call.q, kv, &call.params)?;
-        let prepared = prepare(config, p, call.out, call.lse)?;
+        let prepared = prepare(config, p, call.out, call.lse, true)?;
         // Fallible allocations: an absurd `nth` or partials size is an error, not an abort.
         let flags = |n: usize| -> Result<Vec<AtomicBool>, AttnError> {
             let mut v = Vec::new();

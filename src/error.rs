@@ -155,7 +155,7 @@ impl fmt::Display for AttnError {
             IsaUnavailable { isa } => write!(f, "the {isa} path cannot run on this machine"),
             UnknownIsaName { name } => write!(
                 f,
-                "SIMD_ATTN_ISA={name:?} names no path (portable, scalar, avx2, avx512, neon, auto)"
+                "SIMD_ATTN_ISA={name:?} names no path (portable, scalar, avx2, avx512, avx512bf16, neon, auto)"
             ),
             InvalidValue { arg, index, value, allowed } => {
                 write!(f, "{arg}[{index}] = {value}: must be {allowed}")

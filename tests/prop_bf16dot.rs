@@ -151,3 +151,60 @@ fn dot_kernel_holds_its_bound_on_adversarial_rows() {
     assert!(matches!(info.plan.kind, simd_attn::plan::work::PlanKind::Prefill { .. }), "{:?}", info.plan);
     check_rounded_weights(&case, &got, 0.0, WEIGHT_EPS_BF16).unwrap();
 }
+
+/// Automatic choice (no per-call ISA, no override, no `SIMD_ATTN_ISA`): bf16 prefill runs the
+/// dot kernel exactly where `Isa::prefers_bf16_dot` says (AVX512_BF16 on an AMD CPU), and
+/// gives the forced avx512bf16 path's bits; f32 Q, decode and a call that asks for its
+/// alignment stay on the best path.
+#[test]
+fn automatic_choice_takes_the_dot_kernel_where_it_is_faster() {
+    if std::env::var("SIMD_ATTN_ISA").is_ok_and(|v| !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("auto")) {
+        eprintln!("skipped: SIMD_ATTN_ISA is set, so no call here is chosen automatically");
+        return;
+    }
+    let vendor_amd = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().any(|l| l.starts_with("vendor_id") && l.ends_with("AuthenticAMD")))
+        .unwrap_or(false);
+    assert_eq!(Isa::prefers_bf16_dot(), Isa::Avx512Bf16.is_available() && vendor_amd);
+    let auto = RunConfig { isa: None, threads: Some(1) };
+    let bits = |o: &Outcome| o.out.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+    let mut spec = Spec::plain(1, 4, 2, 64, 200, 128);
+    spec.causal = true;
+    let mut case = Case::build(&spec);
+    case.round_to::<bf16>();
+    let mut info = None;
+    let got = run_typed::<bf16, bf16, f32>(&case, |s, q, k, v, o, l, p| {
+        let r = attention_with(&auto, s, q, k, v, o, l, p);
+        info = r.as_ref().ok().copied();
+        r
+    });
+    let want_isa = if Isa::prefers_bf16_dot() { Isa::Avx512Bf16 } else { Isa::best() };
+    assert_eq!(info.unwrap().isa, want_isa);
+    assert_eq!(bits(&got), bits(&run_on::<f32>(&case, want_isa).0));
+
+    let f32q = run_typed::<f32, bf16, f32>(&case, |s, q, k, v, o, l, p| {
+        let r = attention_with(&auto, s, q, k, v, o, l, p);
+        assert_eq!(r.as_ref().unwrap().isa, Isa::best(), "f32 Q");
+        r
+    });
+    check_rounded_weights(&case, &f32q, 0.0, 0.0).unwrap();
+
+    let mut decode = Case::build(&Spec::plain(1, 8, 2, 1, 300, 128));
+    decode.round_to::<bf16>();
+    run_typed::<bf16, bf16, f32>(&decode, |s, q, k, v, o, l, p| {
+        let r = attention_with(&auto, s, q, k, v, o, l, p);
+        assert_eq!(r.as_ref().unwrap().isa, Isa::best(), "decode");
+        r
+    });
+
+    let (s, mut alignment) = (Spec::plain(1, 2, 1, 16, 40, 64), vec![0.0f32; 2 * 16 * 40]);
+    let mut small = Case::build(&s);
+    small.round_to::<bf16>();
+    run_typed::<bf16, bf16, f32>(&small, |sh, q, k, v, o, l, p| {
+        let inspect = simd_attn::Inspect { alignment: Some(&mut alignment), ..Default::default() };
+        let r = simd_attn::attention_inspect(&auto, sh, q, k, v, o, l, p, inspect);
+        assert_eq!(r.as_ref().unwrap().isa, Isa::best(), "alignment");
+        r
+    });
+}

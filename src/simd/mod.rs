@@ -523,3 +523,26 @@ pub(crate) fn supported(isa: Isa) -> bool {
         _ => false,
     }
 }
+
+/// Whether this CPU issues `vdpbf16ps` at least at its f32 FMA rate (see
+/// [`Isa::prefers_bf16_dot`]): AMD's do (Zen 4 runs both as two 256-bit halves on two pipes,
+/// Zen 5 on full 512-bit pipes), Intel's (Cooper Lake to Granite Rapids) issue it on one port
+/// against two for FMAs. Read once from the CPUID vendor string.
+pub(crate) fn bf16_dot_at_fma_rate() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMD.get_or_init(|| {
+            // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+            #[allow(unused_unsafe)]
+            let id = unsafe { core::arch::x86_64::__cpuid(0) };
+            let mut vendor = [0u8; 12];
+            vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
+            vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
+            vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
+            &vendor == b"AuthenticAMD"
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
