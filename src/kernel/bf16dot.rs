@@ -25,7 +25,6 @@
 
 use super::flash::{self, finish_scores, tile_keys, Scratch, TileRows};
 use super::microkernel::all_finite;
-use super::softmax::RowState;
 use super::terms::any_terms;
 use crate::dtypes::AnyRef;
 use crate::element::{DType, Element};
@@ -133,20 +132,9 @@ fn dot_pass<TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     let k = TKV::as_bf16_slice(p.k.data).expect("takes() admits bf16 K only");
 
     pack_q_pairs(p, b, h, i0, rows, rows_pad, d, rt, words(sc.qt), sc.qs);
-    for r in 0..rows_pad {
-        let st = if r < rows { RowState::start(p.sink(h)) } else { RowState::start(f32::NEG_INFINITY) };
-        sc.max[r] = st.max;
-        sc.sum[r] = st.sum;
-    }
-    sc.acc[..rows_pad * dv_pad].fill(0.0);
+    flash::start_rows(p, h, rows, rows_pad, sc);
 
-    let (u0, u1) = keys.union;
-    let (c0, c1) = (keys.common.0.clamp(u0, u1), keys.common.1.clamp(u0, u1));
-    let edges = if c0 < c1 { [c0, c1] } else { [u1, u1] };
-    let mut j0 = u0;
-    while j0 < u1 {
-        let seg_end = edges.into_iter().find(|&e| e > j0).unwrap_or(u1);
-        let n = bc.min(seg_end - j0);
+    for (j0, n) in flash::key_blocks(&keys, bc) {
         pack_v_pairs(bf, p, b, hk, j0, n, dv, dvv, words(sc.v));
 
         for tile in 0..rows_pad / rt {
@@ -186,14 +174,8 @@ fn dot_pass<TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
             let acc = &mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad];
             pv_rows_pairs::<MR, NRV>(bf, n2, rt.min(rows - r0), words(sc.s), rt, words(sc.v), dvv, acc, sc.alpha, rescale);
         }
-        j0 += n;
     }
-
-    for r in 0..rows {
-        let (inv, lse) = RowState { max: sc.max[r], sum: sc.sum[r] }.finish();
-        sc.acc[r * dv_pad..r * dv_pad + dv].iter_mut().for_each(|a| *a *= inv);
-        sc.lse[r] = lse;
-    }
+    flash::finish_rows(rows, dv, sc);
 }
 
 /// Q^T of the block in head-dim pairs: `qt[(tile * d/2 + t/2) * rt + lane]` holds elements

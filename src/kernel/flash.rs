@@ -117,22 +117,9 @@ pub(crate) fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const M
     if !additive {
         pack_qt(p, b, h, i0, rows, rows_pad, d, rt, sc.qt);
     }
-    for r in 0..rows_pad {
-        let st = if r < rows { RowState::start(p.sink(h)) } else { RowState::start(f32::NEG_INFINITY) };
-        sc.max[r] = st.max;
-        sc.sum[r] = st.sum;
-    }
-    sc.acc[..rows_pad * dv_pad].fill(0.0);
+    start_rows(p, h, rows, rows_pad, sc);
 
-    // Key blocks never straddle the edge of the keys every row sees, so interior blocks skip
-    // masking and the masked edges stay narrow.
-    let (u0, u1) = keys.union;
-    let (c0, c1) = (keys.common.0.clamp(u0, u1), keys.common.1.clamp(u0, u1));
-    let edges = if c0 < c1 { [c0, c1] } else { [u1, u1] };
-    let mut j0 = u0;
-    while j0 < u1 {
-        let seg_end = edges.into_iter().find(|&e| e > j0).unwrap_or(u1);
-        let n = bc.min(seg_end - j0);
+    for (j0, n) in key_blocks(&keys, bc) {
         let bkeys = KeySource::new(simd, p, b, hk, j0, n, d, MR, sc.k);
         let (vrows, ld_v) = v_rows(simd, p, b, hk, j0, n, dv_pad, sc.v);
 
@@ -161,9 +148,46 @@ pub(crate) fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const M
                 pv_rows::<S, MR, NRV>(simd, n, rt.min(rows - r0), sc.s, rt, vrows, ld_v, acc, dvv, sc.alpha, rescale);
             }
         }
-        j0 += n;
     }
+    finish_rows(rows, dv, sc);
+}
 
+/// Starts the online softmax of a query block: each row's state at its sink (padding rows at
+/// -inf), the accumulators at 0.
+#[inline(always)]
+pub(crate) fn start_rows<TKV>(p: &Problem<'_, TKV>, h: usize, rows: usize, rows_pad: usize, sc: &mut Scratch) {
+    for r in 0..rows_pad {
+        let st = if r < rows { RowState::start(p.sink(h)) } else { RowState::start(f32::NEG_INFINITY) };
+        sc.max[r] = st.max;
+        sc.sum[r] = st.sum;
+    }
+    sc.acc[..rows_pad * sc.dv_pad].fill(0.0);
+}
+
+/// The key blocks `(j0, n)` of a query block, at most `bc` keys each. Blocks never straddle
+/// the edge of the keys every row sees, so interior blocks skip masking and the masked edges
+/// stay narrow.
+#[inline(always)]
+pub(crate) fn key_blocks(keys: &crate::mask::BlockKeys, bc: usize) -> impl Iterator<Item = (usize, usize)> {
+    let (u0, u1) = keys.union;
+    let (c0, c1) = (keys.common.0.clamp(u0, u1), keys.common.1.clamp(u0, u1));
+    let edges = if c0 < c1 { [c0, c1] } else { [u1, u1] };
+    let mut j0 = u0;
+    core::iter::from_fn(move || {
+        (j0 < u1).then(|| {
+            let seg_end = edges.into_iter().find(|&e| e > j0).unwrap_or(u1);
+            let n = bc.min(seg_end - j0);
+            let block = (j0, n);
+            j0 += n;
+            block
+        })
+    })
+}
+
+/// Ends a query block: each row normalised by its sum, its LSE stored.
+#[inline(always)]
+pub(crate) fn finish_rows(rows: usize, dv: usize, sc: &mut Scratch) {
+    let dv_pad = sc.dv_pad;
     for r in 0..rows {
         let (inv, lse) = RowState { max: sc.max[r], sum: sc.sum[r] }.finish();
         sc.acc[r * dv_pad..r * dv_pad + dv].iter_mut().for_each(|a| *a *= inv);

@@ -34,8 +34,10 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             seqlen (causal prefill S 128..8192), bf16 (the bf16 targets' prefill and decode next
             to f32 and f16), all; --shape adds custom shapes (and with no
             --set, runs only them)
-  --isa     paths to measure: auto (SIMD_ATTN_ISA, else the best; default), all (every SIMD path),
-            or a comma list of portable, scalar, avx2, avx512, neon
+  --isa     paths to measure: auto (default: calls name no path, so the library chooses as it
+            would for an engine: SIMD_ATTN_ISA, else the best, with bf16 prefill on the bf16 dot
+            kernel where the CPU runs it at its FMA rate), all (every SIMD path), or a comma list
+            of portable, scalar, avx2, avx512, avx512bf16, neon
   --threads comma list of thread counts to run each path with (default 1); %peak is then of
             threads x the single-core peak
   --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V),
@@ -417,7 +419,8 @@ fn main() {
             other => fail(&format!("unknown argument {other}")),
         }
     }
-    let isas = parse_isas(&isas);
+    let isa_spec = isas.clone();
+    let isas = parse_isas(&isa_spec);
     let thread_counts: Vec<usize> = thread_list
         .split(',')
         .map(|t| t.trim().parse().ok().filter(|&n| n > 0).unwrap_or_else(|| fail(&format!("bad thread count {t}"))))
@@ -463,7 +466,7 @@ fn main() {
     println!("# %peak is of threads x the widest-vector peak; GFLOP/s counts 2*(D+Dv) per visible pair and head");
     let phases = if set == "phases" { phase_table(&isas, peak, peak256, min_time) } else { Vec::new() };
     println!("{}", report::table_header());
-    let ctx = Ctx { isas, thread_counts, reps, min_time, check, baselines, peak, bws, bandwidth, llc: m.llc_bytes };
+    let ctx = Ctx { isas, auto: isa_spec == "auto", thread_counts, reps, min_time, check, baselines, peak, bws, bandwidth, llc: m.llc_bytes };
     let mut rows = Vec::new();
     let total = selected.len();
     for (n, mut c) in selected.into_iter().enumerate() {
@@ -509,6 +512,9 @@ fn main() {
 
 struct Ctx {
     isas: Vec<Isa>,
+    /// `--isa auto`: calls name no ISA (the library chooses, as an engine's would), and rows
+    /// report the path `RunInfo` says ran (the bf16 dot kernel, where it is chosen).
+    auto: bool,
     thread_counts: Vec<usize>,
     reps: usize,
     min_time: f64,
@@ -522,6 +528,11 @@ struct Ctx {
 }
 
 impl Ctx {
+    fn config(&self, isa: Isa, threads: usize) -> RunConfig {
+        let automatic = self.auto && isa != Isa::Portable;
+        RunConfig { isa: if automatic { None } else { Some(isa) }, threads: Some(threads) }
+    }
+
     fn bw(&self, threads: usize) -> f64 {
         self.bws.iter().find(|&&(t, _)| t == threads).map_or(f64::NAN, |&(_, b)| b)
     }
@@ -572,8 +583,9 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
         (Vec::new(), Vec::new())
     };
     let mut next = 0usize;
+    let ran = std::cell::Cell::new(None);
     let mut run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
-        let config = RunConfig { isa: Some(isa), threads: Some(threads) };
+        let config = ctx.config(isa, threads);
         time(reps, min_time, || {
             let copy = next % copies;
             next += 1;
@@ -583,11 +595,12 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
             } else {
                 Inspect::default()
             };
-            match pools.get(copy) {
+            let info = match pools.get(copy) {
                 Some(pool) => simd_attn::run(&config, Request::new(s, TensorRef::new(&q, qs), pool.kv(), TensorMut::new(out, os), params)),
                 None => attention_inspect(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, ks), TensorRef::new(v, vs), TensorMut::new(out, os), None, &params, inspect),
             }
             .expect("valid problem");
+            ran.set(Some(info.isa));
         })
     };
     let (t_portable, _, _) = if ctx.baselines { run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0) } else { (f64::NAN, 0.0, 0.0) };
@@ -619,6 +632,7 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
             // the ratio compares the kernel with the machine in the same minute.
             let bw = if decode { ctx.bandwidth.gbs(threads) } else { ctx.bw(threads) };
             let roofline = (kv_bytes / (bw * 1e9)).max(flops / (ctx.peak * 1e9 * threads as f64));
+            let isa = ran.get().unwrap_or(isa);
             rows.push(row_of(c, isa, threads, (t, best, spread), flops, kv_bytes, bw, roofline, ctx.peak, (t_portable, t_unfused), err));
         }
     }
@@ -681,7 +695,7 @@ fn bench_varlen<TQ: Element, TKV: Element, TO: Element>(c: &Case, lens: &[usize]
     let kv_bytes = (2 * total * s.kv_heads * s.head_dim * c.dtype.kv_bytes()) as f64;
     let mut out = vec![TO::from_f32(0.0); total * s.q_heads * s.head_dim];
     let run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
-        let config = RunConfig { isa: Some(isa), threads: Some(threads) };
+        let config = ctx.config(isa, threads);
         time(reps, min_time, || {
             if !separate {
                 let kv = (TensorRef::new(&k[..], ks), TensorRef::new(&v[..], ks));
@@ -754,7 +768,7 @@ fn bench_append<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> 
     let mut rows = Vec::new();
     for &isa in &ctx.isas {
         for &threads in &ctx.thread_counts {
-            let config = RunConfig { isa: Some(isa), threads: Some(threads) };
+            let config = ctx.config(isa, threads);
             let timing = time(ctx.reps, ctx.min_time, || {
                 let (k, v) = &mut kvs[next % copies];
                 next += 1;
