@@ -366,7 +366,30 @@ pub fn compare(old: &Loaded, new: &Loaded) -> String {
         );
     }
     let _ = writeln!(s, "# {matched} rows in both files (ratios are new / old; > 1 is faster)");
+    // Peer rows (`benches/peers.py`: an `isa` that names no path of ours, such as
+    // `onnxruntime-GroupQueryAttention`) pair with each row of the other file on the same shape,
+    // dtype and thread count, whichever path ran it: the ratio is that row against the peer.
+    let is_peer = |r: &BTreeMap<String, String>| r.get("isa").is_some_and(|i| simd_attn::Isa::from_name(i).is_none());
+    let mut peers = 0;
+    for r in new.rows.iter().filter(|r| !is_peer(r)) {
+        for o in old.rows.iter().filter(|o| is_peer(o) && shape_key(o) == shape_key(r)) {
+            peers += 1;
+            let ratio = |k: &str| num(r, k) / num(o, k);
+            let label = format!("{} vs {}", row_key(r), o.get("isa").map_or("?", String::as_str));
+            let _ = writeln!(s, "{:<60} {:>9.1} {:>9.1} {:>6.2}x {:>6.2}x", label, num(o, "gflops"), num(r, "gflops"), ratio("gflops"), ratio("gflops_best"));
+        }
+    }
+    if peers > 0 {
+        let _ = writeln!(s, "# {peers} rows against a peer of the old file (> 1: the new file's row is faster)");
+    }
     s
+}
+
+/// [`row_key`] without the path: what a peer row and a row of ours share.
+fn shape_key(r: &BTreeMap<String, String>) -> String {
+    let mut r = r.clone();
+    r.remove("isa");
+    row_key(&r)
 }
 
 #[cfg(test)]
@@ -410,5 +433,24 @@ mod tests {
             assert!(out.contains("2.00x"), "{ext}: {out}");
             assert!(out.contains("1 rows in both"), "{ext}: {out}");
         }
+    }
+
+    /// A peer row (benches/peers.py) pairs with ours on the same shape, dtype and threads.
+    #[test]
+    fn compare_pairs_peer_rows_with_ours() {
+        let (m, rows) = sample();
+        let mut peer = rows[0].clone();
+        peer.isa = "onnxruntime-GroupQueryAttention".into();
+        peer.gflops = 50.0;
+        let mut other_threads = peer.clone();
+        other_threads.threads = 2;
+        let dir = std::env::temp_dir();
+        let (a, b) = (dir.join("sab_peer_old.json"), dir.join("sab_peer_new.json"));
+        std::fs::write(&a, to_json(&m, &[peer, other_threads])).unwrap();
+        std::fs::write(&b, to_json(&m, &rows[..1])).unwrap();
+        let out = compare(&load(a.to_str().unwrap()).unwrap(), &load(b.to_str().unwrap()).unwrap());
+        assert!(out.contains("vs onnxruntime-GroupQueryAttention"), "{out}");
+        assert!(out.contains("2.00x"), "{out}");
+        assert!(out.contains("# 1 rows against a peer"), "{out}");
     }
 }
