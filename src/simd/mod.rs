@@ -31,7 +31,12 @@ pub(crate) trait SimdExt: Simd {
     /// The first `F32_LANES` values of `src` (which holds at least that many), widened to f32.
     #[inline(always)]
     fn load_f16s(self, src: &[f16]) -> Self::f32s {
-        widen_lanes::<Self, f16>(src)
+        let mut buf = [0.0f32; 16];
+        let lanes = Self::F32_LANES;
+        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
+            *d = s.to_f32();
+        }
+        Self::as_simd_f32s(&buf[..lanes]).0[0]
     }
 
     /// The first `2 * F32_LANES` values of `src` (which holds at least that many), widened to
@@ -47,7 +52,12 @@ pub(crate) trait SimdExt: Simd {
     /// top 16 bits of an f32). The SIMD ISAs override this with a zero-extend and a shift.
     #[inline(always)]
     fn load_bf16s(self, src: &[bf16]) -> Self::f32s {
-        widen_lanes::<Self, bf16>(src)
+        let mut buf = [0.0f32; 16];
+        let lanes = Self::F32_LANES;
+        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+        Self::as_simd_f32s(&buf[..lanes]).0[0]
     }
 
     /// [`SimdExt::load_bf16s`] for `2 * F32_LANES` values, as two vectors (NEON widens both
@@ -84,19 +94,6 @@ impl SimdExt for pulp::Scalar {}
 
 /// The 16-bit storage types the ISA layer widens (f16, bf16): one vector's worth, two vectors'
 /// worth, and one element, so the row conversion and its tests are written once for both.
-/// The first `F32_LANES` values of `src` widened one lane at a time: the default of
-/// [`SimdExt::load_f16s`] / [`SimdExt::load_bf16s`], for the ISAs without a widening instruction
-/// (the scalar body).
-#[inline(always)]
-fn widen_lanes<S: SimdExt, T: Widen16>(src: &[T]) -> S::f32s {
-    let mut buf = [0.0f32; 16];
-    let lanes = S::F32_LANES;
-    for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
-        *d = s.widen();
-    }
-    S::as_simd_f32s(&buf[..lanes]).0[0]
-}
-
 pub(crate) trait Widen16: Copy {
     fn load<S: SimdExt>(simd: S, src: &[Self]) -> S::f32s;
     fn load_pair<S: SimdExt>(simd: S, src: &[Self]) -> (S::f32s, S::f32s);
