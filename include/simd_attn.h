@@ -89,7 +89,7 @@ extern "C" {
 /* ---- instruction-set paths (the isa arguments) ---- */
 #define SIMD_ATTN_ISA_AUTO (-1)   /* override, else env SIMD_ATTN_ISA, else the best (and bf16
                                      prefill on AVX512BF16 where vdpbf16ps runs at the FMA rate:
-                                     AMD Zen 4/5; run_info.isa says which ran) */
+                                     AMD; run_info.isa says which ran) */
 #define SIMD_ATTN_ISA_PORTABLE 0  /* plain Rust flash kernel (the baseline) */
 #define SIMD_ATTN_ISA_SCALAR 1    /* the SIMD kernel on one lane */
 #define SIMD_ATTN_ISA_AVX2 2      /* AVX2 + FMA + F16C */

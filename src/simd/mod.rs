@@ -525,9 +525,10 @@ pub(crate) fn supported(isa: Isa) -> bool {
 }
 
 /// Whether this CPU issues `vdpbf16ps` at least at its f32 FMA rate (see
-/// [`Isa::prefers_bf16_dot`]): AMD's do (Zen 4 runs both as two 256-bit halves on two pipes,
-/// Zen 5 on full 512-bit pipes), Intel's (Cooper Lake to Granite Rapids) issue it on one port
-/// against two for FMAs. Read once from the CPUID vendor string.
+/// [`Isa::prefers_bf16_dot`]): measured on Zen 4 (2.0x the FMA flops) and on Intel Sapphire /
+/// Emerald Rapids (0.48x: one port against two for FMAs); Zen 5 is assumed to follow Zen 4 and
+/// Intel's other AVX512_BF16 parts Sapphire Rapids, neither measured. Read once from the CPUID
+/// vendor string.
 pub(crate) fn bf16_dot_at_fma_rate() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
