@@ -10,7 +10,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
-use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Element, Isa, RunConfig, Score, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_with, AttentionParams, AttentionShape, Element, FloatElement, Isa, RunConfig, Score, TensorMut, TensorRef};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ fn configure<'c>(c: &'c mut Criterion, name: &str) -> criterion::BenchmarkGroup<
 
 /// Benches one shape on one path; `bytes` switches the throughput to K/V bytes.
 #[allow(clippy::too_many_arguments)]
-fn bench<TQ: Element, TKV: Element>(
+fn bench<TQ: FloatElement, TKV: Element>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     id: BenchmarkId,
     isa: Isa,

@@ -78,6 +78,14 @@ extern "C" {
 #define SIMD_ATTN_F32 0 /* float */
 #define SIMD_ATTN_F16 1 /* IEEE binary16 (uint16_t bits, _Float16, __fp16) */
 #define SIMD_ATTN_BF16 2 /* bfloat16: the top 16 bits of a float (uint16_t bits, __bf16) */
+#define SIMD_ATTN_I8 3   /* int8_t codes, k and v only: value = factor * code, the factors
+                            from k_scale_kind / v_scale_kind (all 1 with SIMD_ATTN_SCALE_NONE) */
+
+/* ---- dequantization factors of K and V (simd_attn_desc.k_scale_kind, v_scale_kind) ---- */
+#define SIMD_ATTN_SCALE_NONE 0   /* every factor 1 (the default) */
+#define SIMD_ATTN_SCALE_TENSOR 1 /* one factor for the tensor: k_scale / v_scale */
+#define SIMD_ATTN_SCALE_HEAD 2   /* one per KV head: k_scales [Hkv] */
+#define SIMD_ATTN_SCALE_TOKEN 3  /* one per (token, KV head): k_scales through its strides */
 
 /* ---- score functions (simd_attn_desc.score): e = f(q, k) before terms and masks ---- */
 #define SIMD_ATTN_SCORE_SCALED_DOT 0 /* scale * q.k (the default; scale as use_scale says) */
@@ -101,7 +109,7 @@ extern "C" {
 typedef struct simd_attn_tensor {
     const void *data;     /* first element; may be NULL only when len == 0 */
     size_t len;           /* elements readable from data */
-    int32_t dtype;        /* SIMD_ATTN_F32, SIMD_ATTN_F16 or SIMD_ATTN_BF16 */
+    int32_t dtype;        /* SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_BF16 (k, v: or SIMD_ATTN_I8) */
     int32_t reserved;     /* must be 0 (SIMD_ATTN_ERR_RESERVED otherwise) */
     int64_t stride_batch; /* elements between batch entries (>= 0; 0 broadcasts) */
     int64_t stride_head;  /* elements between heads */
@@ -228,6 +236,30 @@ typedef struct simd_attn_desc {
     size_t cu_seqlens_new_len;
     const int64_t *cache_lens;
     size_t cache_lens_len;
+    /* Quantized K/V (appended; a descriptor up to cache_lens_len reads them as
+     * SIMD_ATTN_SCALE_NONE). Key j of KV head hk, sequence b is read as factor * stored value
+     * (int8 codes with k.dtype = SIMD_ATTN_I8; any dtype may carry factors). The factor is
+     * k_scale (SIMD_ATTN_SCALE_TENSOR), k_scales[hk] (HEAD, k_scales_len = Hkv), or (TOKEN)
+     * k_scales[b * stride_batch + hk * stride_head + j * stride_seq] for tensors (with
+     * cu_seqlens_k, token cu_seqlens_k[b] + j at stride_seq, stride_batch unused) and, with a
+     * block table, k_scales[page * stride_batch + hk * stride_head + slot * stride_seq] through
+     * the same table as k. Fields a kind does not read must be 0. Dot and general scores only;
+     * the V factor of a key multiplies its softmax weight, and a factor of exactly 0 makes its
+     * V row count for nothing (like a zero weight). The v_ fields likewise for V. */
+    int32_t k_scale_kind;
+    float k_scale;
+    const float *k_scales;
+    size_t k_scales_len;
+    int64_t k_scale_stride_batch;
+    int64_t k_scale_stride_head;
+    int64_t k_scale_stride_seq;
+    int32_t v_scale_kind;
+    float v_scale;
+    const float *v_scales;
+    size_t v_scales_len;
+    int64_t v_scale_stride_batch;
+    int64_t v_scale_stride_head;
+    int64_t v_scale_stride_seq;
 } simd_attn_desc;
 
 /* One partial result for simd_attn_merge_partials: rows normalised over its keys, and their
@@ -385,7 +417,21 @@ size_t simd_attn_abi_layout(size_t *out, size_t cap);
             offsetof(simd_attn_desc, cu_seqlens_new),\
             offsetof(simd_attn_desc, cu_seqlens_new_len),\
             offsetof(simd_attn_desc, cache_lens),\
-            offsetof(simd_attn_desc, cache_lens_len)\
+            offsetof(simd_attn_desc, cache_lens_len),\
+            offsetof(simd_attn_desc, k_scale_kind),\
+            offsetof(simd_attn_desc, k_scale),\
+            offsetof(simd_attn_desc, k_scales),\
+            offsetof(simd_attn_desc, k_scales_len),\
+            offsetof(simd_attn_desc, k_scale_stride_batch),\
+            offsetof(simd_attn_desc, k_scale_stride_head),\
+            offsetof(simd_attn_desc, k_scale_stride_seq),\
+            offsetof(simd_attn_desc, v_scale_kind),\
+            offsetof(simd_attn_desc, v_scale),\
+            offsetof(simd_attn_desc, v_scales),\
+            offsetof(simd_attn_desc, v_scales_len),\
+            offsetof(simd_attn_desc, v_scale_stride_batch),\
+            offsetof(simd_attn_desc, v_scale_stride_head),\
+            offsetof(simd_attn_desc, v_scale_stride_seq)\
     }
 
 #ifdef __cplusplus

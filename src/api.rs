@@ -3,7 +3,7 @@
 
 use crate::request::{KvOp, Request};
 use crate::dtypes::{AnyKv, AnyMut, AnyRef, Kv};
-use crate::element::Element;
+use crate::element::{Element, FloatElement};
 use crate::error::{AttnError, TensorName};
 use crate::exec::{alignment_plan, merge_all, merge_group, merge_row_len, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
 use crate::isa::{resolve_isa, resolve_isa_choice, Isa};
@@ -94,7 +94,7 @@ const MIN_FLOPS_PER_THREAD: f64 = 4e6;
 /// # Ok::<(), simd_attn::AttnError>(())
 /// ```
 #[inline]
-pub fn attention<TQ: Element, TKV: Element, TO: Element>(
+pub fn attention<TQ: FloatElement, TKV: Element, TO: FloatElement>(
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
     k: TensorRef<'_, TKV>,
@@ -111,7 +111,7 @@ pub fn attention<TQ: Element, TKV: Element, TO: Element>(
 /// scores other than dot allocate their per-call projections and norms, see [`Score`]).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attention_with<TQ: Element, TKV: Element, TO: Element>(
+pub fn attention_with<TQ: FloatElement, TKV: Element, TO: FloatElement>(
     config: &RunConfig,
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
@@ -144,7 +144,7 @@ pub struct Inspect<'o> {
 /// [`attention_with`].
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attention_inspect<TQ: Element, TKV: Element, TO: Element>(
+pub fn attention_inspect<TQ: FloatElement, TKV: Element, TO: FloatElement>(
     config: &RunConfig,
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
@@ -375,7 +375,7 @@ fn fused_pass<TKV: Element>(config: &RunConfig, prepared: Prepared<'_, '_, TKV>,
 /// per-call projections and norms).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attention_in<TQ: Element, TKV: Element, TO: Element>(
+pub fn attention_in<TQ: FloatElement, TKV: Element, TO: FloatElement>(
     workspace: &mut Workspace,
     config: &RunConfig,
     shape: &AttentionShape,
@@ -538,7 +538,7 @@ impl<'a: 'o, 'o> HostPlan<'a, 'o> {
     }
 }
 
-impl<'a: 'o, 'o, TQ: Element, TKV: Element, TO: Element> HostPlan<'a, 'o, TQ, TKV, TO> {
+impl<'a: 'o, 'o, TQ: FloatElement, TKV: Element, TO: FloatElement> HostPlan<'a, 'o, TQ, TKV, TO> {
     /// Validates and plans a call for `nth` workers (`config.threads` is ignored).
     #[allow(clippy::too_many_arguments)]
     #[inline]

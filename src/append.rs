@@ -10,7 +10,7 @@
 
 use crate::api::{run_call, validate_inspect, RunConfig, RunInfo};
 use crate::dtypes::{same, same_mut, AnyKv, AnyMut, AnyRef, Kv};
-use crate::element::{DType, Element};
+use crate::element::{DType, Element, FloatElement};
 use crate::error::{try_vec, AttnError, TensorName};
 use crate::kv::KvIndex;
 use crate::layout::{AttentionShape, PageStrides, PageTable, PagedKv, TensorMut, TensorRef};
@@ -114,7 +114,7 @@ impl<'n, T> NewKv<'n, T> {
 /// ```
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attention_with_kvcache<TQ: Element, TKV: Element, TO: Element>(
+pub fn attention_with_kvcache<TQ: FloatElement, TKV: FloatElement, TO: FloatElement>(
     config: &RunConfig,
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
@@ -151,7 +151,7 @@ impl<'c, 'n> AnyCache<'c, 'n> {
     }
 
     #[inline(always)]
-    fn of<T: Element>(cache: KvCacheMut<'c, T>, new: Option<NewKv<'n, T>>) -> Self {
+    fn of<T: FloatElement>(cache: KvCacheMut<'c, T>, new: Option<NewKv<'n, T>>) -> Self {
         match T::DTYPE {
             DType::F32 => {
                 let (c, n) = Self::cast::<T, f32>(cache, new);
@@ -165,6 +165,7 @@ impl<'c, 'n> AnyCache<'c, 'n> {
                 let (c, n) = Self::cast::<T, bf16>(cache, new);
                 AnyCache::Bf16(c, n)
             }
+            DType::I8 => unreachable!("int8 is not a FloatElement"),
         }
     }
 }
@@ -260,11 +261,7 @@ fn kvcache_typed<T: Element>(
         }
     }
     let kv = view(&cache);
-    let kv = match T::DTYPE {
-        DType::F32 => AnyKv::F32(retype(kv)),
-        DType::F16 => AnyKv::F16(retype(kv)),
-        DType::Bf16 => AnyKv::Bf16(retype(kv)),
-    };
+    let kv = AnyKv::typed(kv);
     run_call(config, Request { shape: *s, q, kv, out, lse, params, inspect: Default::default() })
 }
 
@@ -281,14 +278,5 @@ fn indices<'t, T>(cache: &KvCacheMut<'t, T>) -> (KvIndex<'t>, KvIndex<'t>) {
     match cache {
         KvCacheMut::Tensors { k, v } => (KvIndex::tensor(k.strides), KvIndex::tensor(v.strides)),
         KvCacheMut::Paged { k_strides, v_strides, pages, .. } => (KvIndex::paged(pages, *k_strides), KvIndex::paged(pages, *v_strides)),
-    }
-}
-
-/// `Kv<T>` as `Kv<U>`, `U` being `T` (equal `DTYPE`).
-fn retype<'v, T: Element, U: Element>(kv: Kv<'v, T>) -> Kv<'v, U> {
-    let r = |s: &'v [T]| -> &'v [U] { same::<T, U>(s).expect("same DTYPE, same type") };
-    match kv {
-        Kv::Tensors(k, v) => Kv::Tensors(TensorRef::new(r(k.data), k.strides), TensorRef::new(r(v.data), v.strides)),
-        Kv::Paged(p) => Kv::Paged(PagedKv { k: r(p.k), v: r(p.v), k_strides: p.k_strides, v_strides: p.v_strides, pages: p.pages }),
     }
 }

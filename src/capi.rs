@@ -138,6 +138,21 @@ pub struct SimdAttnDesc {
     pub cu_seqlens_new_len: usize,
     pub cache_lens: *const i64,
     pub cache_lens_len: usize,
+    // Appended for quantized K/V (older descriptors read these as 0: no factors).
+    pub k_scale_kind: i32,
+    pub k_scale: f32,
+    pub k_scales: *const f32,
+    pub k_scales_len: usize,
+    pub k_scale_stride_batch: i64,
+    pub k_scale_stride_head: i64,
+    pub k_scale_stride_seq: i64,
+    pub v_scale_kind: i32,
+    pub v_scale: f32,
+    pub v_scales: *const f32,
+    pub v_scales_len: usize,
+    pub v_scale_stride_batch: i64,
+    pub v_scale_stride_head: i64,
+    pub v_scale_stride_seq: i64,
 }
 
 /// The descriptor's size before the score and inspection fields were appended: callers
@@ -145,13 +160,15 @@ pub struct SimdAttnDesc {
 const DESC_V1_SIZE: usize = offset_of!(SimdAttnDesc, score);
 
 /// Every size a descriptor has had, oldest first: before the score fields, before the paged
-/// K/V fields, before the packed-sequence fields, before the RoPE and append fields, and now.
-/// A caller's `struct_size` must be one of them (or larger, with the unknown tail zero).
-const DESC_SIZES: [usize; 5] = [
+/// K/V fields, before the packed-sequence fields, before the RoPE and append fields, before
+/// the quantized-K/V fields, and now. A caller's `struct_size` must be one of them (or larger,
+/// with the unknown tail zero).
+const DESC_SIZES: [usize; 6] = [
     DESC_V1_SIZE,
     offset_of!(SimdAttnDesc, block_table),
     offset_of!(SimdAttnDesc, cu_seqlens_q),
     offset_of!(SimdAttnDesc, rope_cos),
+    offset_of!(SimdAttnDesc, k_scale_kind),
     size_of::<SimdAttnDesc>(),
 ];
 
@@ -352,7 +369,8 @@ fn dtype(code: i32, what: &str) -> Result<DType, Fail> {
         0 => Ok(DType::F32),
         1 => Ok(DType::F16),
         2 => Ok(DType::Bf16),
-        _ => fail(Status::UnknownDtype, format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0), SIMD_ATTN_F16 (1) or SIMD_ATTN_BF16 (2)")),
+        3 => Ok(DType::I8),
+        _ => fail(Status::UnknownDtype, format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0), SIMD_ATTN_F16 (1), SIMD_ATTN_BF16 (2) or, for k and v, SIMD_ATTN_I8 (3)")),
     }
 }
 
@@ -537,6 +555,20 @@ fn default_desc() -> SimdAttnDesc {
             cu_seqlens_new_len: 0,
             cache_lens: core::ptr::null(),
             cache_lens_len: 0,
+            k_scale_kind: 0,
+            k_scale: 0.0,
+            k_scales: core::ptr::null(),
+            k_scales_len: 0,
+            k_scale_stride_batch: 0,
+            k_scale_stride_head: 0,
+            k_scale_stride_seq: 0,
+            v_scale_kind: 0,
+            v_scale: 0.0,
+            v_scales: core::ptr::null(),
+            v_scales_len: 0,
+            v_scale_stride_batch: 0,
+            v_scale_stride_head: 0,
+            v_scale_stride_seq: 0,
         }
 }
 
@@ -569,6 +601,7 @@ struct Options<'a> {
     cu_seqlens_q: Option<&'a [i32]>,
     cu_seqlens_k: Option<&'a [i32]>,
     rope: Option<Rope<'a>>,
+    kv_scales: Option<crate::KvScales<'a>>,
 }
 
 impl<'a> Options<'a> {
@@ -589,6 +622,7 @@ impl<'a> Options<'a> {
             cu_seqlens_q: self.cu_seqlens_q,
             cu_seqlens_k: self.cu_seqlens_k,
             rope: self.rope,
+            kv_scales: self.kv_scales,
         }
     }
 }
@@ -638,7 +672,27 @@ unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Spa
         DType::F32 => AnyRef::F32(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         DType::F16 => AnyRef::F16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         DType::Bf16 => AnyRef::Bf16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+        DType::I8 => return fail(Status::UnknownDtype, format!("{what}.dtype = SIMD_ATTN_I8: int8 is a storage type of k and v only")),
     })
+}
+
+/// A K or V input: [`tensor`], or int8 codes.
+enum KvTensor<'a> {
+    Float(AnyRef<'a>),
+    I8(TensorRef<'a, i8>),
+}
+
+/// # Safety
+/// As [`tensor`].
+unsafe fn kv_tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<KvTensor<'a>, Fail> {
+    if t.dtype == 3 {
+        reserved(t.reserved, what)?;
+        let st = strides(t, what)?;
+        // SAFETY: forwarded contract.
+        return Ok(KvTensor::I8(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)));
+    }
+    // SAFETY: forwarded contract.
+    Ok(KvTensor::Float(unsafe { tensor(t, what, spans)? }))
 }
 
 /// # Safety
@@ -663,6 +717,7 @@ unsafe fn writable<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<S
         DType::F32 => AnyMut::F32(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
         DType::F16 => AnyMut::F16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
         DType::Bf16 => AnyMut::Bf16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
+        DType::I8 => return fail(Status::UnknownDtype, format!("{what}.dtype = SIMD_ATTN_I8: int8 caches are read, not written (no quantizing append yet)")),
     })
 }
 
@@ -678,6 +733,43 @@ unsafe fn required<'a, T>(p: *const T, len: usize, what: &'static str, inputs: &
 }
 
 /// A pool's page strides from a descriptor tensor's (batch, head, seq) = (page, head, slot).
+/// The dequantization factors of K (`value` false) or V from the descriptor's scale fields:
+/// `None` for SIMD_ATTN_SCALE_NONE (every other field must then be 0).
+///
+/// # Safety
+/// The scale array follows the header's contract.
+unsafe fn dequant<'a>(d: &SimdAttnDesc, value: bool, inputs: &mut Vec<Span>) -> Result<Option<crate::Dequant<'a>>, Fail> {
+    let (kind, one, data, len, st, what) = if value {
+        (d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len, [d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq], "v_scales")
+    } else {
+        (d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len, [d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq], "k_scales")
+    };
+    let unused = |ok: bool| if ok { Ok(()) } else { fail(Status::InvalidValue, format!("{what}: fields set that the scale kind {kind} does not read")) };
+    Ok(match kind {
+        0 => {
+            unused(one == 0.0 && data.is_null() && len == 0 && st == [0; 3])?;
+            None
+        }
+        1 => {
+            unused(data.is_null() && len == 0 && st == [0; 3])?;
+            Some(crate::Dequant::Tensor(one))
+        }
+        2 => {
+            unused(one == 0.0 && st == [0; 3])?;
+            // SAFETY: forwarded contract.
+            Some(crate::Dequant::Head(unsafe { required(data, len, what, inputs)? }))
+        }
+        3 => {
+            unused(one == 0.0)?;
+            // SAFETY: forwarded contract.
+            let f = unsafe { required(data, len, what, inputs)? };
+            let s = Strides::new(stride(st[0], &format!("{what} stride_batch"))?, stride(st[1], &format!("{what} stride_head"))?, stride(st[2], &format!("{what} stride_seq"))?);
+            Some(if d.block_table.is_null() { crate::Dequant::Token(f, s) } else { crate::Dequant::PagedToken(f, page_strides(s)) })
+        }
+        k => return fail(Status::InvalidValue, format!("{}_scale_kind = {k}: expected SIMD_ATTN_SCALE_NONE (0) .. SIMD_ATTN_SCALE_TOKEN (3)", if value { "v" } else { "k" })),
+    })
+}
+
 fn page_strides(t: Strides) -> PageStrides {
     PageStrides::new(t.batch, t.head, t.seq)
 }
@@ -730,8 +822,18 @@ impl<'a> KvArg<'a> for AnyKv<'a> {
     unsafe fn decode(d: &SimdAttnDesc, pages: Option<PageTable<'a>>, inputs: &mut Vec<Span>, _outputs: &mut Vec<Span>) -> Result<Self, Fail> {
         no_append(d)?;
         // SAFETY: the header's contract on k and v.
-        let k = unsafe { tensor(&d.k, "k", inputs)? };
-        let v = unsafe { tensor(&d.v, "v", inputs)? };
+        let k = unsafe { kv_tensor(&d.k, "k", inputs)? };
+        let v = unsafe { kv_tensor(&d.v, "v", inputs)? };
+        let (k, v) = match (k, v) {
+            (KvTensor::Float(k), KvTensor::Float(v)) => (k, v),
+            (KvTensor::I8(k), KvTensor::I8(v)) => {
+                return Ok(AnyKv::I8(match pages {
+                    None => Kv::Tensors(k, v),
+                    Some(pages) => Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }),
+                }))
+            }
+            _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
+        };
         Ok(match (k, v, pages) {
             (AnyRef::F32(k), AnyRef::F32(v), None) => AnyKv::F32(Kv::Tensors(k, v)),
             (AnyRef::F16(k), AnyRef::F16(v), None) => AnyKv::F16(Kv::Tensors(k, v)),
@@ -881,6 +983,13 @@ impl<'a, K: KvArg<'a>> Decoded<'a, K> {
             let sin = unsafe { required(d.rope_sin, d.rope_len, "rope_sin", &mut inputs)? };
             Some(Rope { cos, sin, rotary_dim: d.rotary_dim, interleaved: d.rope_interleaved != 0 })
         };
+        // SAFETY: the header's contract on the scale arrays.
+        let k_scale = unsafe { dequant(d, false, &mut inputs)? };
+        let v_scale = unsafe { dequant(d, true, &mut inputs)? };
+        let kv_scales = match (k_scale, v_scale) {
+            (None, None) => None,
+            (k, v) => Some(crate::KvScales { k: k.unwrap_or(crate::Dequant::Tensor(1.0)), v: v.unwrap_or(crate::Dequant::Tensor(1.0)) }),
+        };
         check_aliasing(&inputs, &outputs)?;
 
         let bound = |x: i64| -> Result<Option<usize>, Fail> {
@@ -904,7 +1013,7 @@ impl<'a, K: KvArg<'a>> Decoded<'a, K> {
             lse,
             inspect: Inspect { alignment, coverage },
             kv_lens,
-            options: Options { bias, alibi, sinks, scale: (d.use_scale != 0).then_some(d.scale), causal: d.causal != 0, softcap, window, score, cu_seqlens_q, cu_seqlens_k, rope },
+            options: Options { bias, alibi, sinks, scale: (d.use_scale != 0).then_some(d.scale), causal: d.causal != 0, softcap, window, score, cu_seqlens_q, cu_seqlens_k, rope, kv_scales },
         })
     }
 }
@@ -946,18 +1055,38 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
     fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, kv: Kv<'a, TKV>, out: TensorMut<'o, TO>) -> Result<(), Fail> {
         // A paged pool is gathered into tensors: the reference's definition of a paged call.
         let gathered;
+        let (mut k_factors, mut v_factors) = (Vec::new(), Vec::new());
         let (k, v) = match kv {
             Kv::Tensors(k, v) => (k, v),
             Kv::Paged(pk) => {
                 gathered = crate::reference::gather_paged(self.shape, &pk, self.params.kv_lens)?;
+                // Per-token factors of a paged cache are gathered the same way, as rows of one
+                // element (`[B, Hkv, Skv]`).
+                if let Some(sc) = self.params.kv_scales {
+                    let one = AttentionShape { head_dim: 1, v_head_dim: 1, ..*self.shape };
+                    for (d, dst) in [(sc.k, &mut k_factors), (sc.v, &mut v_factors)] {
+                        if let crate::Dequant::PagedToken(f, st) = d {
+                            let pool = PagedKv { k: f, v: f, k_strides: st, v_strides: st, pages: pk.pages };
+                            *dst = crate::reference::gather_paged(&one, &pool, self.params.kv_lens)?.0;
+                        }
+                    }
+                }
                 let [_, ks, vs, _] = self.shape.bhsd_strides();
                 (TensorRef::new(&gathered.0[..], ks), TensorRef::new(&gathered.1[..], vs))
             }
         };
-        let cu_q = self.params.cu_seqlens_q;
+        let mut params: AttentionParams<'_> = *self.params;
+        if let Some(sc) = params.kv_scales {
+            let [_, fs, _, _] = AttentionShape { head_dim: 1, v_head_dim: 1, ..*self.shape }.bhsd_strides();
+            let k = if let crate::Dequant::PagedToken(..) = sc.k { crate::Dequant::Token(&k_factors, fs) } else { sc.k };
+            let v = if let crate::Dequant::PagedToken(..) = sc.v { crate::Dequant::Token(&v_factors, fs) } else { sc.v };
+            params.kv_scales = Some(crate::KvScales { k, v });
+        }
+        let params = &params;
+        let cu_q = params.cu_seqlens_q;
         crate::validate::validate_outputs(self.shape, (out.data.len(), out.strides), self.lse.as_deref(), cu_q)?;
-        crate::api::validate_inspect(self.shape, &self.inspect, self.params)?;
-        let reference = crate::Reference::new(self.shape, q, k, v, self.params)?;
+        crate::api::validate_inspect(self.shape, &self.inspect, params)?;
+        let reference = crate::Reference::new(self.shape, q, k, v, params)?;
         let r = reference.try_compute()?;
         let s = self.shape;
         let mut lse = self.lse;
@@ -998,7 +1127,7 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
             }
         }
         // Packed queries: row `i` of sequence `b` is token `cu[b] + i`, LSE `[Hq, tokens]`.
-        let q_len = |b: usize| self.params.q_len(b, s.seq_q);
+        let q_len = |b: usize| params.q_len(b, s.seq_q);
         let locate = |b: usize, h: usize, i: usize| match cu_q {
             None => (out.strides.offset(b, h, i), (b * s.q_heads + h) * s.seq_q + i),
             Some(cu) => {
@@ -1280,7 +1409,7 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
         }
         check_aliasing(&inputs, &outputs)?;
         /// The merge of `parts` into `out`, whatever its type.
-        fn merge_into<TP: crate::Element>(s: &AttentionShape, parts: &[PartialResult<'_, TP>], out: &mut AnyMut<'_>, lse: Option<&mut [f32]>) -> Result<(), crate::AttnError> {
+        fn merge_into<TP: crate::FloatElement>(s: &AttentionShape, parts: &[PartialResult<'_, TP>], out: &mut AnyMut<'_>, lse: Option<&mut [f32]>) -> Result<(), crate::AttnError> {
             match out {
                 AnyMut::F32(o) => crate::merge_partials(s, parts, o.reborrow(), lse),
                 AnyMut::F16(o) => crate::merge_partials(s, parts, o.reborrow(), lse),
@@ -1291,6 +1420,7 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
             DType::F32 => merge_into(&shape, &typed_parts, &mut out, lse)?,
             DType::F16 => merge_into(&shape, &typed_f16, &mut out, lse)?,
             DType::Bf16 => merge_into(&shape, &typed_bf16, &mut out, lse)?,
+            DType::I8 => return fail(Status::UnknownDtype, "parts[0].out.dtype: partial results are f32, f16 or bf16"),
         }
         Ok(())
     })
@@ -1471,6 +1601,20 @@ pub unsafe extern "C" fn simd_attn_abi_layout(out: *mut usize, cap: usize) -> us
         offset_of!(SimdAttnDesc, cu_seqlens_new_len),
         offset_of!(SimdAttnDesc, cache_lens),
         offset_of!(SimdAttnDesc, cache_lens_len),
+        offset_of!(SimdAttnDesc, k_scale_kind),
+        offset_of!(SimdAttnDesc, k_scale),
+        offset_of!(SimdAttnDesc, k_scales),
+        offset_of!(SimdAttnDesc, k_scales_len),
+        offset_of!(SimdAttnDesc, k_scale_stride_batch),
+        offset_of!(SimdAttnDesc, k_scale_stride_head),
+        offset_of!(SimdAttnDesc, k_scale_stride_seq),
+        offset_of!(SimdAttnDesc, v_scale_kind),
+        offset_of!(SimdAttnDesc, v_scale),
+        offset_of!(SimdAttnDesc, v_scales),
+        offset_of!(SimdAttnDesc, v_scales_len),
+        offset_of!(SimdAttnDesc, v_scale_stride_batch),
+        offset_of!(SimdAttnDesc, v_scale_stride_head),
+        offset_of!(SimdAttnDesc, v_scale_stride_seq),
     ];
     if !out.is_null() {
         for (n, &x) in layout.iter().enumerate().take(cap) {

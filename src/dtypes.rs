@@ -8,7 +8,7 @@
 //! which matches the combination once and runs the typed pipeline compiled here, one copy per
 //! supported combination. A new storage type is a new variant and new lines in [`dispatch`].
 
-use crate::element::{DType, Element};
+use crate::element::{DType, Element, FloatElement};
 use crate::layout::{PagedKv, Strides, TensorMut, TensorRef};
 use half::{bf16, f16};
 
@@ -28,12 +28,14 @@ pub enum Kv<'a, T> {
 }
 
 /// K and V of any supported element type (they share one), in any layout: `(k, v).into()` for
-/// two tensors, `paged.into()` for a [`PagedKv`] pool.
+/// two tensors, `paged.into()` for a [`PagedKv`] pool. `I8` is a quantized cache, read through
+/// the call's `kv_scales`.
 #[derive(Clone, Copy, Debug)]
 pub enum AnyKv<'a> {
     F32(Kv<'a, f32>),
     F16(Kv<'a, f16>),
     Bf16(Kv<'a, bf16>),
+    I8(Kv<'a, i8>),
 }
 
 /// An output tensor of any supported element type (`TensorMut::into()` makes one).
@@ -64,41 +66,49 @@ pub(crate) fn same_mut<T: Element, U: Element>(s: &mut [T]) -> Result<&mut [U], 
 
 impl<'a> AnyRef<'a> {
     #[inline(always)]
-    pub(crate) fn of<T: Element>(t: TensorRef<'a, T>) -> Self {
+    pub(crate) fn of<T: FloatElement>(t: TensorRef<'a, T>) -> Self {
         match T::DTYPE {
             DType::F32 => AnyRef::F32(TensorRef::new(same(t.data).expect("DTYPE is F32"), t.strides)),
             DType::F16 => AnyRef::F16(TensorRef::new(same(t.data).expect("DTYPE is F16"), t.strides)),
             DType::Bf16 => AnyRef::Bf16(TensorRef::new(same(t.data).expect("DTYPE is Bf16"), t.strides)),
+            DType::I8 => unreachable!("int8 is not a FloatElement"),
         }
     }
 }
 
 impl<'a> AnyKv<'a> {
+    /// The layout-independent part: `kv` at its own storage type.
     #[inline(always)]
-    pub(crate) fn of<T: Element>(k: TensorRef<'a, T>, v: TensorRef<'a, T>) -> Self {
-        match (AnyRef::of(k), AnyRef::of(v)) {
-            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(Kv::Tensors(k, v)),
-            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(Kv::Tensors(k, v)),
-            (AnyRef::Bf16(k), AnyRef::Bf16(v)) => AnyKv::Bf16(Kv::Tensors(k, v)),
-            _ => unreachable!("K and V have one type parameter"),
+    pub(crate) fn typed<T: Element>(kv: Kv<'a, T>) -> Self {
+        fn retype<'v, T: Element, U: Element>(kv: Kv<'v, T>) -> Kv<'v, U> {
+            let r = |s: &'v [T]| -> &'v [U] { same::<T, U>(s).expect("same DTYPE, same type") };
+            match kv {
+                Kv::Tensors(k, v) => Kv::Tensors(TensorRef::new(r(k.data), k.strides), TensorRef::new(r(v.data), v.strides)),
+                Kv::Paged(p) => Kv::Paged(PagedKv { k: r(p.k), v: r(p.v), k_strides: p.k_strides, v_strides: p.v_strides, pages: p.pages }),
+            }
+        }
+        match T::DTYPE {
+            DType::F32 => AnyKv::F32(retype(kv)),
+            DType::F16 => AnyKv::F16(retype(kv)),
+            DType::Bf16 => AnyKv::Bf16(retype(kv)),
+            DType::I8 => AnyKv::I8(retype(kv)),
         }
     }
 
     #[inline(always)]
+    pub(crate) fn of<T: Element>(k: TensorRef<'a, T>, v: TensorRef<'a, T>) -> Self {
+        Self::typed(Kv::Tensors(k, v))
+    }
+
+    #[inline(always)]
     pub(crate) fn paged<T: Element>(kv: PagedKv<'a, T>) -> Self {
-        let PagedKv { k, v, k_strides, v_strides, pages } = kv;
-        match (AnyRef::of(TensorRef::new(k, Strides::default())), AnyRef::of(TensorRef::new(v, Strides::default()))) {
-            (AnyRef::F32(k), AnyRef::F32(v)) => AnyKv::F32(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
-            (AnyRef::F16(k), AnyRef::F16(v)) => AnyKv::F16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
-            (AnyRef::Bf16(k), AnyRef::Bf16(v)) => AnyKv::Bf16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides, v_strides, pages })),
-            _ => unreachable!("K and V have one type parameter"),
-        }
+        Self::typed(Kv::Paged(kv))
     }
 }
 
 impl<'o> AnyMut<'o> {
     #[inline(always)]
-    pub(crate) fn of<T: Element>(t: TensorMut<'o, T>) -> Self {
+    pub(crate) fn of<T: FloatElement>(t: TensorMut<'o, T>) -> Self {
         let strides = t.strides;
         let d = match same_mut::<T, f32>(t.data) {
             Ok(d) => return AnyMut::F32(TensorMut::new(d, strides)),
@@ -148,6 +158,15 @@ pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>
         (Q::Bf16(q), K::Bf16(kv), O::F32(o)) => op.run(q, kv, o),
         (Q::Bf16(q), K::Bf16(kv), O::F16(o)) => op.run(q, kv, o),
         (Q::Bf16(q), K::Bf16(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::I8(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::I8(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::I8(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::I8(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::I8(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::I8(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::I8(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::I8(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::I8(kv), O::Bf16(o)) => op.run(q, kv, o),
     }
 }
 
@@ -234,7 +253,7 @@ impl AnyMut<'_> {
     }
 }
 
-impl<'a, T: Element> From<TensorRef<'a, T>> for AnyRef<'a> {
+impl<'a, T: FloatElement> From<TensorRef<'a, T>> for AnyRef<'a> {
     #[inline(always)]
     fn from(t: TensorRef<'a, T>) -> Self {
         AnyRef::of(t)
@@ -255,7 +274,7 @@ impl<'a, T: Element> From<PagedKv<'a, T>> for AnyKv<'a> {
     }
 }
 
-impl<'o, T: Element> From<TensorMut<'o, T>> for AnyMut<'o> {
+impl<'o, T: FloatElement> From<TensorMut<'o, T>> for AnyMut<'o> {
     #[inline(always)]
     fn from(t: TensorMut<'o, T>) -> Self {
         AnyMut::of(t)

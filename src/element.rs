@@ -1,6 +1,7 @@
 //! Storage element types.
 //!
-//! Tensors are stored as `f32`, `half::f16` or `half::bf16`; every kernel computes and
+//! Tensors are stored as `f32`, `half::f16` or `half::bf16`; K and V may also be `i8`
+//! (symmetric int8, dequantized by the call's [`crate::KvScales`]). Every kernel computes and
 //! accumulates in `f32`.
 //! The trait is sealed: each storage type needs matching kernels and reference conversions,
 //! so callers cannot add one the kernels do not know.
@@ -8,10 +9,21 @@
 /// The storage types a tensor may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
+#[non_exhaustive]
 pub enum DType {
     F32 = 0,
     F16 = 1,
     Bf16 = 2,
+    /// Symmetric int8 codes, K and V only: the value is `factor * code`, the factor from the
+    /// call's [`crate::KvScales`] (1 without them).
+    I8 = 3,
+}
+
+impl DType {
+    /// Whether a tensor of this type holds quantized codes rather than values (K and V only).
+    pub const fn is_quantized(self) -> bool {
+        matches!(self, DType::I8)
+    }
 }
 
 mod sealed {
@@ -19,7 +31,15 @@ mod sealed {
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for i8 {}
 }
+
+/// A floating-point storage element (`f32`, `f16`, `bf16`): what Q, outputs and partial
+/// results are stored as. K and V may also be quantized codes (any [`Element`]).
+pub trait FloatElement: Element {}
+impl FloatElement for f32 {}
+impl FloatElement for half::f16 {}
+impl FloatElement for half::bf16 {}
 
 /// A storage element: converted to `f32` on load and rounded once on store.
 pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::Debug + 'static {
@@ -38,6 +58,12 @@ pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::De
     fn as_f16_slice(s: &[Self]) -> Option<&[half::f16]>;
     /// The slice itself when the storage type is `bf16` (widened in registers by a shift).
     fn as_bf16_slice(s: &[Self]) -> Option<&[half::bf16]>;
+    /// The slice itself when the storage type is `i8` (widened in registers by a sign-extend
+    /// and an exact integer conversion).
+    #[inline(always)]
+    fn as_i8_slice(_: &[Self]) -> Option<&[i8]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -110,6 +136,37 @@ impl Element for half::bf16 {
     }
     #[inline(always)]
     fn as_bf16_slice(s: &[half::bf16]) -> Option<&[half::bf16]> {
+        Some(s)
+    }
+}
+
+impl Element for i8 {
+    const DTYPE: DType = DType::I8;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // Exact: every int8 is an f32.
+        self as f32
+    }
+    /// Round to nearest even and saturate to `-128..=127` (NaN to 0), as a quantizer that has
+    /// already divided by its scale would.
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x.round_ties_even().clamp(-128.0, 127.0) as i8
+    }
+    #[inline(always)]
+    fn as_f32_slice(_: &[i8]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn as_f16_slice(_: &[i8]) -> Option<&[half::f16]> {
+        None
+    }
+    #[inline(always)]
+    fn as_bf16_slice(_: &[i8]) -> Option<&[half::bf16]> {
+        None
+    }
+    #[inline(always)]
+    fn as_i8_slice(s: &[i8]) -> Option<&[i8]> {
         Some(s)
     }
 }

@@ -26,6 +26,10 @@ pub enum TensorName {
     KNew,
     /// The new V rows of a KV cache append.
     VNew,
+    /// The dequantization factors of a quantized K (`kv_scales.k`).
+    KScale,
+    /// The dequantization factors of a quantized V (`kv_scales.v`).
+    VScale,
 }
 
 impl fmt::Display for TensorName {
@@ -43,6 +47,8 @@ impl fmt::Display for TensorName {
             TensorName::BlockTable => "block_table",
             TensorName::KNew => "k_new",
             TensorName::VNew => "v_new",
+            TensorName::KScale => "kv_scales.k",
+            TensorName::VScale => "kv_scales.v",
         })
     }
 }

@@ -12,6 +12,8 @@
 //! - The classic score functions ([`Score`]): dot, cosine, general (multiplicative) and
 //!   additive (Bahdanau), fused the same way; [`attention_inspect`] also returns the exact
 //!   alignment matrix and coverage from a second tiled pass.
+//! - Storage: f32, f16 and bf16 for any tensor; K/V caches may also be int8 codes with
+//!   dequantization factors per tensor, KV head or token ([`KvScales`]), read in place.
 //! - An f64 reference ([`reference`]) that follows the contract literally; every kernel is
 //!   property-tested against it.
 //!
@@ -37,6 +39,7 @@ mod mask;
 pub mod merge;
 pub mod params;
 pub mod plan;
+pub mod quant;
 mod problem;
 mod score;
 pub mod reference;
@@ -55,11 +58,12 @@ pub use append::{attention_with_kvcache, KvCacheMut, NewKv};
 pub use rope::Rope;
 pub use exec::Workspace;
 pub use plan::work::{WorkPlan, WorkUnit};
-pub use element::{DType, Element};
+pub use element::{DType, Element, FloatElement};
 pub use error::{AttnError, TensorName};
 pub use isa::{isa_override, resolve_isa, set_isa_override, Isa};
 pub use merge::{merge_partials, PartialResult};
 pub use layout::{AttentionShape, BiasRef, BiasStrides, PageStrides, PageTable, PagedKv, Strides, TensorMut, TensorRef};
+pub use quant::{Dequant, KvScales};
 pub use params::{AdditiveProjection, AttentionParams, Score, Window, COSINE_EPS};
 /// The bound on the additive score's vectorised `tanh` error (absolute, per element): an
 /// additive score `sum_a v_a tanh(..)` carries at most this times `sum_a |v_a|` from it.

@@ -2,7 +2,7 @@
 //! crate's split-KV decode, by another shard of the KV cache (another device or machine, as
 //! ring / context-parallel attention does), or by a previous chunk of the cache.
 
-use crate::element::Element;
+use crate::element::FloatElement;
 use crate::error::{AttnError, TensorName};
 use crate::layout::{AttentionShape, TensorMut, TensorRef};
 use crate::validate::{check_no_overlap, reach};
@@ -21,7 +21,7 @@ pub struct PartialResult<'a, T> {
 /// (accumulating in f64), so the result does not depend on how the caller scheduled them.
 /// Rows that are empty in every part (all `lse_k = -inf`) get zeros and `lse = -inf`. Only
 /// `batch`, `q_heads`, `seq_q` and `v_head_dim` of `shape` are used.
-pub fn merge_partials<TP: Element, TO: Element>(
+pub fn merge_partials<TP: FloatElement, TO: FloatElement>(
     shape: &AttentionShape,
     parts: &[PartialResult<'_, TP>],
     out: TensorMut<'_, TO>,

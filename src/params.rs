@@ -130,6 +130,10 @@ pub struct AttentionParams<'a> {
     /// append rotates them as it writes, see [`crate::attention_with_kvcache`]). Needs
     /// `kv_len >= q_len` for every sequence and a dot or cosine score.
     pub rope: Option<crate::rope::Rope<'a>>,
+    /// Dequantization factors of a quantized K/V cache ([`crate::KvScales`]): K and V are
+    /// read as `factor * code`. `None`: every factor is 1. Only the dot scores read K through
+    /// them (the other scores and KV appends reject a quantized cache).
+    pub kv_scales: Option<crate::quant::KvScales<'a>>,
 }
 
 /// Entries of segment `b` of a `cu_seqlens` array (0 past its end or where it decreases).
@@ -195,6 +199,11 @@ impl<'a> AttentionParams<'a> {
     /// Packed variable-length keys (see [`AttentionParams::cu_seqlens_k`]).
     pub fn cu_seqlens_k(mut self, cu: &'a [i32]) -> Self {
         self.cu_seqlens_k = Some(cu);
+        self
+    }
+    /// Dequantization factors of a quantized K/V cache (see [`AttentionParams::kv_scales`]).
+    pub fn kv_scales(mut self, k: crate::quant::Dequant<'a>, v: crate::quant::Dequant<'a>) -> Self {
+        self.kv_scales = Some(crate::quant::KvScales { k, v });
         self
     }
 

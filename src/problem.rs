@@ -6,7 +6,8 @@ use crate::error::{AttnError, TensorName};
 use crate::kv::{validate_packed, validate_paged, KvSource};
 use crate::layout::AttentionShape;
 use crate::mask::RowMasker;
-use crate::params::AttentionParams;
+use crate::params::{AttentionParams, Score};
+use crate::quant::{self, Factors, KvLayout};
 use crate::rope::Rope;
 use crate::rows::QRows;
 use crate::score::ScoreData;
@@ -36,12 +37,35 @@ pub(crate) struct Problem<'a, TKV> {
     kv_lens: KvLens<'a>,
     /// The score function's per-call data (see `score`).
     pub score: ScoreData<'a>,
+    /// Dequantization factors of K and V (see `quant`): `Factors::One` for a float cache
+    /// given no scales.
+    pub k_factors: Factors<'a>,
+    pub v_factors: Factors<'a>,
 }
 
 impl<'a, TKV: Element> Problem<'a, TKV> {
     pub fn new(shape: &AttentionShape, q: AnyRef<'a>, kv: Kv<'a, TKV>, params: &AttentionParams<'a>) -> Result<Self, AttnError> {
         let s = shape;
         let scale = validate_inputs(s, (q.len(), q.strides()), params)?;
+        if TKV::DTYPE.is_quantized() || params.kv_scales.is_some() {
+            if !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
+                // Cosine's key norms and additive's key projection read K before any factor.
+                return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8 K/V or kv_scales)" });
+            }
+        }
+        let lens = |b: usize| params.kv_len(b, s.seq_kv);
+        let (layout, pages) = match kv {
+            Kv::Tensors(..) => (KvLayout::Tensors(params.cu_seqlens_k), None),
+            Kv::Paged(pk) => (KvLayout::Tensors(None), Some(pk.pages)),
+        };
+        let layout = match &pages {
+            Some(t) => KvLayout::Paged(t, &lens),
+            None => layout,
+        };
+        let (k_factors, v_factors) = match params.kv_scales {
+            None => (Factors::One, Factors::One),
+            Some(sc) => (quant::validate(TensorName::KScale, sc.k, s, &layout)?, quant::validate(TensorName::VScale, sc.v, s, &layout)?),
+        };
         let (k, v) = match kv {
             Kv::Tensors(k, v) => match params.cu_seqlens_k {
                 // Validated above: `cu_seqlens_k` has `batch + 1` non-decreasing entries.
@@ -65,7 +89,7 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
                 (k, v)
             }
         };
-        Ok(Self { shape: *shape, q, k, v, params: *params, scale, masker: RowMasker::new(shape, params), rows: QRows::new(shape, params), rope: params.rope.unwrap_or(Rope { cos: &[], sin: &[], rotary_dim: 0, interleaved: false }), kv_lens: KvLens::new(params), score: ScoreData::Dot })
+        Ok(Self { shape: *shape, q, k, v, params: *params, scale, masker: RowMasker::new(shape, params), rows: QRows::new(shape, params), rope: params.rope.unwrap_or(Rope { cos: &[], sin: &[], rotary_dim: 0, interleaved: false }), kv_lens: KvLens::new(params), score: ScoreData::Dot, k_factors, v_factors })
     }
 }
 

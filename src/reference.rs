@@ -78,7 +78,29 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
             None => validate_kv_tensors(shape, (k.data.len(), k.strides), (v.data.len(), v.strides))?,
         }
+        if let Some(sc) = params.kv_scales {
+            if !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
+                return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8 K/V or kv_scales)" });
+            }
+            let layout = crate::quant::KvLayout::Tensors(params.cu_seqlens_k);
+            crate::quant::validate(TensorName::KScale, sc.k, shape, &layout)?;
+            crate::quant::validate(TensorName::VScale, sc.v, shape, &layout)?;
+        } else if TKV::DTYPE.is_quantized() && !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
+            return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8 K/V or kv_scales)" });
+        }
         Ok(Self { shape: *shape, q, k, v, params: *params, scale })
+    }
+
+    /// The dequantization factor of key `j` of KV head `hk`, sequence `b`, in K (`value`
+    /// false) or V, as [`crate::Dequant`] defines it; 1 without `kv_scales`.
+    fn factor(&self, value: bool, b: usize, hk: usize, j: usize) -> f64 {
+        let Some(sc) = self.params.kv_scales else { return 1.0 };
+        match if value { sc.v } else { sc.k } {
+            crate::Dequant::Tensor(f) => f as f64,
+            crate::Dequant::Head(h) => h[hk] as f64,
+            crate::Dequant::Token(data, st) => data[self.kv_offset(&st, b, hk, j)] as f64,
+            crate::Dequant::PagedToken(..) => unreachable!("validated: the reference takes tensors"),
+        }
     }
 
     /// Rows of sequence `b`: its `cu_seqlens_q` segment, else `seq_q`.
@@ -177,7 +199,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             }
             visible += 1;
             let ko = self.kv_offset(&self.k.strides, b, hk, j);
-            k.iter_mut().zip(&self.k.data[ko..ko + s.head_dim]).for_each(|(y, x)| *y = x.to_f64());
+            let f = self.factor(false, b, hk, j);
+            k.iter_mut().zip(&self.k.data[ko..ko + s.head_dim]).for_each(|(y, x)| *y = f * x.to_f64());
             let mut x = self.score(&q, &k);
             if let Some(c) = p.softcap {
                 let c = c as f64;
@@ -226,12 +249,15 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             denom += w;
             // A weight of exactly 0 (possible only for scores over 745 below the max) adds
             // nothing, as in the kernels: a NaN in its V row does not reach the row.
-            if w == 0.0 {
+            // So does a V row whose dequantization factor is exactly 0 (the kernels fold the
+            // factor into the weight).
+            let f = self.factor(true, b, hk, j);
+            if w == 0.0 || f == 0.0 {
                 continue;
             }
             let vo = self.kv_offset(&self.v.strides, b, hk, j);
             for (o, vv) in out.iter_mut().zip(&self.v.data[vo..vo + s.v_head_dim]) {
-                *o += w * vv.to_f64();
+                *o += w * (f * vv.to_f64());
             }
         }
         out.iter_mut().for_each(|o| *o /= denom);

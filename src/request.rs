@@ -91,6 +91,7 @@ impl<'a, 'o> Request<'a, 'o> {
             AnyKv::F32(kv) => op.run(self, kv),
             AnyKv::F16(kv) => op.run(self, kv),
             AnyKv::Bf16(kv) => op.run(self, kv),
+            AnyKv::I8(kv) => op.run(self, kv),
         }
     }
 }

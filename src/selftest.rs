@@ -99,8 +99,13 @@ pub fn widen_bf16(isa: Isa, src: &[half::bf16]) -> Option<(Vec<f32>, Vec<f32>)> 
     on(isa, Widen(src))
 }
 
+/// [`widen_f16`] for int8: `load_i8s` and `load_i8s_pair`.
+pub fn widen_i8(isa: Isa, src: &[i8]) -> Option<(Vec<f32>, Vec<f32>)> {
+    on(isa, Widen(src))
+}
+
 struct Widen<'a, T>(&'a [T]);
-impl<T: crate::simd::Widen16> WithSimdExt for Widen<'_, T> {
+impl<T: crate::simd::Widen> WithSimdExt for Widen<'_, T> {
     type Output = (Vec<f32>, Vec<f32>);
     #[inline(always)]
     fn with_simd<S: SimdExt>(self, simd: S) -> Self::Output {

@@ -119,15 +119,21 @@ fn value(rng: &mut Rng, fill: Fill) -> f32 {
     rng.unit()
 }
 
-/// Elements `len` of `dtype` (0 f32, 1 f16, 2 bf16), filled.
+/// Elements `len` of `dtype` (0 f32, 1 f16, 2 bf16, 3 int8 codes), filled.
 fn tensor_buf(rng: &mut Rng, dtype: i32, len: usize, fill: Fill, misalign: bool) -> Buf {
-    let size = if dtype == 1 || dtype == 2 { 2 } else { 4 };
+    let size = match dtype {
+        1 | 2 => 2,
+        3 => 1,
+        _ => 4,
+    };
     let mut b = Buf::new(len * size, misalign);
     let s = b.start;
     let data = &mut b.all_mut()[s..s + len * size];
     for e in data.chunks_exact_mut(size) {
         let x = value(rng, fill);
-        if dtype == 2 {
+        if dtype == 3 {
+            e[0] = (x * 8.0).round().clamp(-128.0, 127.0) as i8 as u8;
+        } else if dtype == 2 {
             e.copy_from_slice(&bf16::from_f32(x).to_bits().to_ne_bytes());
         } else if size == 2 {
             e.copy_from_slice(&f16::from_f32(x).to_bits().to_ne_bytes());
@@ -222,7 +228,11 @@ fn draw_case(rng: &mut Rng) -> Case {
     d.v_head_dim = if rng.chance(80) { 0 } else if rng.chance(90) { rng.pick(&[1, 8, 16, 32, 64, 128]) } else { dim(rng, 20) };
     let dv = if d.v_head_dim == 0 { d.head_dim } else { d.v_head_dim };
     let dtype = |rng: &mut Rng| if rng.chance(98) { rng.below(3) as i32 } else { rng.pick(&[3, -1, 7]) };
-    let (qt, kt, ot) = (dtype(rng), dtype(rng), dtype(rng));
+    let (qt, mut kt, ot) = (dtype(rng), dtype(rng), dtype(rng));
+    // An int8 cache (3 is a K/V dtype only: for Q and out it stays an unknown value).
+    if rng.chance(8) {
+        kt = 3;
+    }
     let vt = if rng.chance(95) { kt } else { dtype(rng) };
     let fill = if rng.chance(70) { Fill::Moderate } else { Fill::Adversarial };
     let mut inputs = Vec::new();
@@ -324,6 +334,37 @@ fn draw_case(rng: &mut Rng) -> Case {
         let (len, b) = per_head(rng, &[f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NAN, f32::INFINITY, 50.0]);
         (d.sinks, d.sinks_len) = (b.data().as_ptr().cast(), len);
         inputs.push(b);
+    }
+    // Dequantization factors: any kind (and unknown ones), factors in [0.01, 2] (a V factor
+    // sometimes 0), per-token arrays through random strides.
+    if rng.chance(if kt == 3 { 70 } else { 10 }) {
+        let (batch, kv_heads, seq_kv) = (d.batch, d.kv_heads, d.seq_kv);
+        let mut factors = |rng: &mut Rng, v: bool| -> (i32, f32, *const f32, usize, [i64; 3]) {
+            let kind = rng.pick(&[0, 1, 2, 3, 3, 3, 7]);
+            let f = |rng: &mut Rng| if v && rng.chance(10) { 0.0 } else { 0.01 + 2.0 * rng.unit().abs().min(1.0) };
+            match kind {
+                1 => (kind, f(rng), core::ptr::null(), 0, [0; 3]),
+                2 | 3 => {
+                    let (st, len) = if kind == 2 {
+                        ([0; 3], per_row_len(rng, Some(kv_heads)))
+                    } else {
+                        let (st, r) = strides(rng, (batch, kv_heads, seq_kv), 1, true);
+                        (st, length(rng, r))
+                    };
+                    let b = f32_buf(rng, len, &f);
+                    let p = b.data().as_ptr().cast::<f32>();
+                    inputs.push(b);
+                    (kind, 0.0, p, len, st)
+                }
+                _ => (kind, 0.0, core::ptr::null(), 0, [0; 3]),
+            }
+        };
+        let k = factors(rng, false);
+        let v = factors(rng, true);
+        (d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len) = (k.0, k.1, k.2, k.3);
+        (d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq) = (k.4[0], k.4[1], k.4[2]);
+        (d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len) = (v.0, v.1, v.2, v.3);
+        (d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq) = (v.4[0], v.4[1], v.4[2]);
     }
     // The score's weights.
     let mut weights = |rng: &mut Rng, n: usize| -> (*const f32, usize) {
@@ -451,7 +492,9 @@ fn last_error() -> String {
 
 /// Reads output `i` of `bufs` as f32 values (f16 and bf16 widened).
 fn floats(b: &Buf, dtype: i32) -> Vec<f32> {
-    if dtype == 2 {
+    if dtype == 3 {
+        b.data().iter().map(|&c| c as i8 as f32).collect()
+    } else if dtype == 2 {
         b.data().chunks_exact(2).map(|c| bf16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32()).collect()
     } else if dtype == 1 {
         b.data().chunks_exact(2).map(|c| f16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32()).collect()
@@ -507,7 +550,8 @@ fn run_case(c: &mut Case, isa: i32, rng: &mut Rng, stats: &mut Stats) {
             let has = |t: i32| c.d.out.dtype == t || c.d.q.dtype == t || c.d.k.dtype == t;
             let got = floats(&c.outputs[0], c.d.out.dtype);
             let want = floats(&fresh[0], c.d.out.dtype);
-            let vmax = floats(&c.inputs[2], c.d.v.dtype).iter().fold(1.0f32, |a, x| a.max(x.abs()));
+            // V factors (if any) are at most 2.01.
+            let vmax = floats(&c.inputs[2], c.d.v.dtype).iter().fold(1.0f32, |a, x| a.max(x.abs())) * if c.d.v_scale_kind != 0 { 2.01 } else { 1.0 };
             // Forward and reference each round a 16-bit output once: up to an ulp apart.
             let tol = if has(2) { 1.6e-2 } else if has(1) { 4e-3 } else { 2e-4 } * vmax * if c.d.score == 4 { 4.0 } else { 1.0 };
             for (n, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -607,6 +651,22 @@ fn rust_attention_in(c: &Case, isa: i32, forward: &[Vec<u8>]) {
     }
     if let Some(s) = slice(d.sinks, d.sinks_len) {
         params = params.sinks(s);
+    }
+    // The dequantization factors as the descriptor gives them (forward accepted them).
+    let dequant = |kind: i32, one: f32, p: *const f32, n: usize, st: [i64; 3]| -> Option<Dequant<'_>> {
+        let st = Strides::new(st[0] as usize, st[1] as usize, st[2] as usize);
+        match kind {
+            1 => Some(Dequant::Tensor(one)),
+            2 => Some(Dequant::Head(slice(p, n).unwrap_or(&[]))),
+            // (The fuzzer's calls are never paged.)
+            3 => Some(Dequant::Token(slice(p, n).unwrap_or(&[]), st)),
+            _ => None,
+        }
+    };
+    let k_f = dequant(d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len, [d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq]);
+    let v_f = dequant(d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len, [d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq]);
+    if k_f.is_some() || v_f.is_some() {
+        params = params.kv_scales(k_f.unwrap_or(Dequant::Tensor(1.0)), v_f.unwrap_or(Dequant::Tensor(1.0)));
     }
     let dv = if d.v_head_dim == 0 { d.head_dim } else { d.v_head_dim };
     let shape = AttentionShape::new(d.batch, d.q_heads, d.kv_heads, d.seq_q, d.seq_kv, d.head_dim).with_v_head_dim(dv);

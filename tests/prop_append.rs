@@ -131,7 +131,7 @@ fn rotate(x: &[f64], pos: usize, rot: usize, interleaved: bool, cos: &[f32], sin
     y
 }
 
-fn check_append<T: Element>(sp: &Spec) -> Result<(), TestCaseError> {
+fn check_append<T: FloatElement>(sp: &Spec) -> Result<(), TestCaseError> {
     let (b, hkv, d) = (sp.batch, sp.kv_heads, sp.head_dim);
     let hq = hkv * sp.group;
     let sn = sp.seq_new;
@@ -215,7 +215,7 @@ fn check_append<T: Element>(sp: &Spec) -> Result<(), TestCaseError> {
                         let store = match T::DTYPE {
                             DType::F16 => 1.0 / 2048.0,
                             DType::Bf16 => 1.0 / 256.0,
-                            DType::F32 => 0.0,
+                            _ => 0.0,
                         };
                         let bound = 4.0 * f32::EPSILON as f64 * x.iter().fold(0.0f64, |a, v| a.max(v.abs())) + store * want[c].abs().max(1.0 / 16384.0);
                         prop_assert!((got - want[c]).abs() <= bound, "[{isa}] new K row (b={bi}, hk={hk}, t={t})[{c}] = {got}, rotated {}", want[c]);

@@ -20,7 +20,7 @@ fn available() -> bool {
     yes
 }
 
-fn run_on<TO: simd_attn::Element>(case: &Case, isa: Isa) -> (Outcome, RunInfo) {
+fn run_on<TO: simd_attn::FloatElement>(case: &Case, isa: Isa) -> (Outcome, RunInfo) {
     let mut info = None;
     let got = run_typed::<bf16, bf16, TO>(case, |s, q, k, v, o, l, p| {
         let r = attention_with(&RunConfig { isa: Some(isa), threads: Some(1) }, s, q, k, v, o, l, p);

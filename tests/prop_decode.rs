@@ -65,7 +65,7 @@ fn decode_across_heads_spec() -> impl Strategy<Value = Spec> {
 
 /// [`check_decode`], and that every SIMD path whose vectors hold a KV head's rows ran units
 /// spanning all KV heads.
-fn check_across_heads<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
+fn check_across_heads<TQ: FloatElement, TKV: Element, TO: FloatElement>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
     check_decode::<TQ, TKV, TO>(spec, store_eps)?;
     let case = Case::build(spec);
     for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
@@ -78,7 +78,7 @@ fn check_across_heads<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store
     Ok(())
 }
 
-fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, config: RunConfig) -> (Outcome, RunInfo) {
+fn run<TQ: FloatElement, TKV: Element, TO: FloatElement>(case: &Case, config: RunConfig) -> (Outcome, RunInfo) {
     let mut info = None;
     let got = run_typed::<TQ, TKV, TO>(case, |s, q, k, v, o, l, p| {
         let r = attention_with(&config, s, q, k, v, o, l, p);
@@ -88,7 +88,7 @@ fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, config: RunConfig) -
     (got, info.unwrap())
 }
 
-fn host<TQ: Element, TKV: Element, TO: Element>(case: &Case, isa: Isa, nth: usize) -> Outcome {
+fn host<TQ: FloatElement, TKV: Element, TO: FloatElement>(case: &Case, isa: Isa, nth: usize) -> Outcome {
     let config = RunConfig { isa: Some(isa), threads: None };
     run_typed::<TQ, TKV, TO>(case, |s, q, k, v, o, l, p| {
         let plan = HostPlan::new(&config, s, q, k, v, o, l, p, nth)?;
@@ -113,7 +113,7 @@ fn bits(o: &Outcome) -> Vec<u32> {
     o.out.iter().chain(&o.lse).map(|x| x.to_bits()).collect()
 }
 
-fn check_decode<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
+fn check_decode<TQ: FloatElement, TKV: Element, TO: FloatElement>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
     let mut case = Case::build(spec);
     case.round_for::<TQ, TKV, TO>();
     for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {

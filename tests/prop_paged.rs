@@ -128,7 +128,7 @@ fn build_pool(case: &Case, pg: &Paging, seed: u64) -> Pool {
 }
 
 /// Runs the case with its K/V taken from `pool` (or as tensors when `pool` is `None`).
-fn run_kv<TQ: Element, TKV: Element, TO: Element>(case: &Case, pool: Option<&Pool>, config: &RunConfig, score: Score<'_>) -> Outcome {
+fn run_kv<TQ: FloatElement, TKV: Element, TO: FloatElement>(case: &Case, pool: Option<&Pool>, config: &RunConfig, score: Score<'_>) -> Outcome {
     let paged = pool.map(|p| (p.k.iter().map(|&x| TKV::from_f32(x)).collect::<Vec<_>>(), p.v.iter().map(|&x| TKV::from_f32(x)).collect::<Vec<_>>()));
     run_typed::<TQ, TKV, TO>(case, |s, q, k, v, o, l, p| {
         let params = p.score(score);
@@ -178,7 +178,7 @@ fn same_plan(case: &Case, spec: &Spec, pg: &Paging) -> bool {
     spec.kv_heads == 1 || (side(1) || side(2)) == !pg.head_major
 }
 
-fn check_paged<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, pg: &Paging, store_eps: f64) -> Result<(), TestCaseError> {
+fn check_paged<TQ: FloatElement, TKV: Element, TO: FloatElement>(spec: &Spec, pg: &Paging, store_eps: f64) -> Result<(), TestCaseError> {
     let (case, pool) = case_and_pool(spec, pg);
     let same_plan = same_plan(&case, spec, pg);
     for isa in Isa::available() {

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use simd_attn::plan::work::PlanKind;
 use simd_attn::plan::FAMILIES;
 use simd_attn::{
-    attention_inspect, AdditiveProjection, AttentionParams, AttentionShape, AttnError, BiasRef, BiasStrides, Element, HostPlan, Inspect,
+    attention_inspect, AdditiveProjection, AttentionParams, AttentionShape, AttnError, BiasRef, BiasStrides, Element, FloatElement, HostPlan, Inspect,
     Isa, Reference, RunConfig, RunInfo, Score, TensorMut, TensorRef, ADDITIVE_TANH_MAX_ABS_ERROR, COSINE_EPS,
 };
 
@@ -281,7 +281,7 @@ struct Got {
     info: RunInfo,
 }
 
-fn run<TQ: Element, TKV: Element, TO: Element>(case: &Case, isa: Isa) -> Got {
+fn run<TQ: FloatElement, TKV: Element, TO: FloatElement>(case: &Case, isa: Isa) -> Got {
     let s = &case.shape;
     let [_, ks, vs, os] = s.bhsd_strides();
     let qs = simd_attn::Strides::bhsd(s.q_heads, s.seq_q, case.q_cols());

@@ -8,12 +8,12 @@ mod common;
 use common::*;
 use half::{bf16, f16};
 use proptest::prelude::*;
-use simd_attn::{attention_with, Element, Isa, RunConfig};
+use simd_attn::{attention_with, Element, FloatElement, Isa, RunConfig};
 
 const F16_EPS: f64 = 1.0 / 2048.0;
 const BF16_EPS: f64 = 1.0 / 256.0;
 
-fn every_isa<TQ: Element, TKV: Element, TO: Element>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
+fn every_isa<TQ: FloatElement, TKV: Element, TO: FloatElement>(spec: &Spec, store_eps: f64) -> Result<(), TestCaseError> {
     let mut case = Case::build(spec);
     case.round_for::<TQ, TKV, TO>();
     for isa in Isa::available() {

@@ -101,7 +101,7 @@ fn coverage_of_an_empty_call_is_all_zeros() {
 /// Attention of `sq` rows against `skv` keys with `bad` written into the V rows of `poisoned`
 /// keys; checks every path's output against the reference (which never reads those rows for
 /// rows that cannot see them) and that no row that cannot see a poisoned key is non-finite.
-fn check_poisoned_v<T: Element>(sq: usize, skv: usize, d: usize, params: &AttentionParams<'_>, poisoned: &[usize], bad: f32) {
+fn check_poisoned_v<T: FloatElement>(sq: usize, skv: usize, d: usize, params: &AttentionParams<'_>, poisoned: &[usize], bad: f32) {
     let shape = AttentionShape::new(1, 4, 2, sq, skv, d);
     let [qs, ks, vs, os] = shape.bhsd_strides();
     let [nq, nk, nv, no] = shape.bhsd_lens();

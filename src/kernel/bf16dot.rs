@@ -47,6 +47,8 @@ pub(crate) fn takes<TKV: Element>(p: &Problem<'_, TKV>) -> bool {
         && p.rope.rotary_dim == 0
         && !matches!(p.score, ScoreData::Additive(_))
         && p.shape.head_dim.is_multiple_of(2)
+        // Dequantization factors (kv_scales on a bf16 cache) run on the widening kernels.
+        && matches!((p.k_factors, p.v_factors), (crate::quant::Factors::One, crate::quant::Factors::One))
 }
 
 #[inline(always)]

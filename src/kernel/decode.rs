@@ -212,9 +212,7 @@ fn decode_rows<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const 
                 let (k, ld) = k.group(g);
                 qk_tile::<S, MR, RV>(simd, d, k, ld, qt, &mut s[g * MR * RV..]);
             }
-            if let Some(scales) = p.key_scales(b, hk, j0, n) {
-                super::scale_keys(simd, sc.s, rt, scales);
-            }
+            super::scale_scores(simd, p, b, hk, j0, n, sc.s, rt, sc.row);
             // Optional terms and masks, per real row (strided: rows are lanes).
             for r in 0..real {
                 let (h, i) = row_of(r0 + r);
@@ -226,6 +224,7 @@ fn decode_rows<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const 
             }
             sc.s[n * rt..n_pad * rt].fill(f32::NEG_INFINITY);
             let rescale = online_softmax::<S, RV>(simd, &mut sc.s[..n * rt], &mut sc.max[r0..r0 + rt], &mut sc.sum[r0..r0 + rt], sc.alpha);
+            super::scale_weights(simd, p, b, hk, j0, n, sc.s, rt, sc.row);
 
             // O += P V for the sub-tiles of MR rows that hold real rows.
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;

@@ -209,9 +209,7 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
         *out = qk_dot_group::<S, TKV, R>(simd, dl, q, &k_rows);
     }
     s[n * R..].fill(f32::NEG_INFINITY);
-    if let Some(scales) = p.key_scales(b, hk, j0, n) {
-        super::scale_keys(simd, s, R, scales);
-    }
+    super::scale_scores(simd, p, b, hk, j0, n, s, R, sc.row);
     // Optional terms and masks, per real row (strided: rows are interleaved).
     for r in 0..rows {
         let (h, i) = row_of(r);
@@ -223,6 +221,7 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     }
 
     let rescale = state.update(simd, S::as_mut_simd_f32s(s).0, &mut alpha);
+    super::scale_weights(simd, p, b, hk, j0, n, s, R, sc.row);
 
     // O = O * alpha + P V, V rows read in place.
     let acc = S::as_mut_simd_f32s(&mut sc.acc[slot * R * dv_pad..(slot + 1) * R * dv_pad]).0;

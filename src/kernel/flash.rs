@@ -138,6 +138,7 @@ pub(crate) fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const M
                 &mut sc.sum[r0..r0 + rt],
                 sc.alpha,
             );
+            super::scale_weights(simd, p, b, hk, j0, n, sc.s, rt, sc.row);
 
             let acc = S::as_mut_simd_f32s(&mut sc.acc[r0 * dv_pad..(r0 + rt) * dv_pad]).0;
             // Sub-tiles holding only padding rows (past the block's last row) are skipped.
@@ -331,9 +332,7 @@ pub(crate) fn finish_scores<S: SimdExt, TKV: Element>(
     row: &mut [f32],
 ) {
     let TileRows { b, h, i0, r0, real } = *tile;
-    if let Some(scales) = p.key_scales(b, p.kv_head(h), j0, n) {
-        super::scale_keys(simd, s, rt, scales);
-    }
+    super::scale_scores(simd, p, b, p.kv_head(h), j0, n, s, rt, row);
     // Optional terms and boundary masks, row by row (strided: rows are lanes here).
     if terms || mask {
         let kv_len = p.kv_len(b);

@@ -18,7 +18,7 @@ pub(crate) fn carve<'w>(buf: &mut &'w mut [f32], n: usize) -> &'w mut [f32] {
     head
 }
 
-/// `dst[..src.len()] = src` as f32: f16 and bf16 are widened in registers a vector at a time,
+/// `dst[..src.len()] = src` as f32: f16, bf16 and int8 are widened in registers a vector at a time,
 /// f32 copied.
 #[inline(always)]
 pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, src: &[T], dst: &mut [f32]) {
@@ -26,6 +26,8 @@ pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(s
     if let Some(h) = T::as_f16_slice(src) {
         widen_row(simd, h, dst);
     } else if let Some(h) = T::as_bf16_slice(src) {
+        widen_row(simd, h, dst);
+    } else if let Some(h) = T::as_i8_slice(src) {
         widen_row(simd, h, dst);
     } else {
         for (d, x) in dst.iter_mut().zip(src) {
@@ -36,7 +38,7 @@ pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(s
 
 /// `dst = src` widened: whole vectors in registers, the tail element by element.
 #[inline(always)]
-fn widen_row<S: crate::simd::SimdExt, H: crate::simd::Widen16>(simd: S, h: &[H], dst: &mut [f32]) {
+fn widen_row<S: crate::simd::SimdExt, H: crate::simd::Widen>(simd: S, h: &[H], dst: &mut [f32]) {
     let lanes = S::F32_LANES;
     let whole = h.len() / lanes * lanes;
     let (vecs, _) = S::as_mut_simd_f32s(&mut dst[..whole]);
@@ -209,6 +211,8 @@ pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(si
         simd.load_f16s(h)
     } else if let Some(h) = T::as_bf16_slice(row) {
         simd.load_bf16s(h)
+    } else if let Some(h) = T::as_i8_slice(row) {
+        simd.load_i8s(h)
     } else if let Some(f) = T::as_f32_slice(row) {
         S::as_simd_f32s(f).0[0]
     } else {
@@ -230,6 +234,31 @@ pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T>(simd: S, t: &crate::kv::K
         for line in (0..width * size_of::<T>()).step_by(64) {
             simd.prefetch_l2(base.wrapping_add(line));
         }
+    }
+}
+
+/// The per-key factors on the scores of keys `j0..j0 + n` of KV head `hk` (a key-major tile,
+/// `rt` rows per key): cosine's `1 / |k|`, or a quantized K's dequantization factors (gathered
+/// into `buf`, at least `n` long). Before the score terms, which add to `scale * q.k`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scale_scores<S: crate::simd::SimdExt, TKV>(simd: S, p: &crate::problem::Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, s: &mut [f32], rt: usize, buf: &mut [f32]) {
+    if let Some(scales) = p.key_scales(b, hk, j0, n) {
+        scale_keys(simd, s, rt, scales);
+    }
+    if p.k_factors.fill(b, hk, j0, &mut buf[..n]) {
+        scale_keys(simd, s, rt, &buf[..n]);
+    }
+}
+
+/// Multiplies the softmax weights of keys `j0..j0 + n` (key-major, `rt` rows per key) by a
+/// quantized V's dequantization factors (gathered into `buf`), after the weights have joined
+/// the rows' sums and before P.V: `sum_j p_j (f_j code_j) = sum_j (p_j f_j) code_j`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scale_weights<S: crate::simd::SimdExt, TKV>(simd: S, p: &crate::problem::Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, s: &mut [f32], rt: usize, buf: &mut [f32]) {
+    if p.v_factors.fill(b, hk, j0, &mut buf[..n]) {
+        scale_keys(simd, s, rt, &buf[..n]);
     }
 }
 

@@ -111,16 +111,30 @@ fn block<TKV: Element, const ADDITIVE: bool>(
         let n = j1 - j0;
         // Transpose K in groups of 16 keys, so the writes of each group stay in a few lines
         // (the additive score reads its prepared k' rows instead).
+        // A quantized cache is dequantized as it is packed (`value = factor * code`), its
+        // factors gathered into the score buffer, which the rows overwrite afterwards.
+        let f = &mut sc.s[..n];
+        let k_scaled = p.k_factors.fill(b, hk, j0, f);
         for c0 in (0..n).step_by(16).filter(|_| dot) {
             for c in c0..(c0 + 16).min(n) {
+                let fc = if k_scaled { f[c] } else { 1.0 };
                 for (t, x) in p.k.row(b, hk, j0 + c, d).iter().enumerate() {
-                    sc.kt[t * pitch + c] = x.to_f32();
+                    sc.kt[t * pitch + c] = fc * x.to_f32();
                 }
             }
         }
+        let v_scaled = p.v_factors.fill(b, hk, j0, f);
         for c in 0..n {
-            for (dst, x) in sc.vt[c * dv..(c + 1) * dv].iter_mut().zip(p.v.row(b, hk, j0 + c, dv)) {
-                *dst = x.to_f32();
+            let fc = if v_scaled { f[c] } else { 1.0 };
+            let row = &mut sc.vt[c * dv..(c + 1) * dv];
+            if fc == 0.0 {
+                // A zero factor contributes nothing, like a zero weight (the SIMD kernels fold
+                // it into the weight): 0 times a NaN in the row does not reach the output.
+                row.fill(0.0);
+                continue;
+            }
+            for (dst, x) in row.iter_mut().zip(p.v.row(b, hk, j0 + c, dv)) {
+                *dst = fc * x.to_f32();
             }
         }
         let all_visible = keys.all_visible(j0, j1);

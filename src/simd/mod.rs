@@ -68,6 +68,25 @@ pub(crate) trait SimdExt: Simd {
         (self.load_bf16s(&src[..lanes]), self.load_bf16s(&src[lanes..2 * lanes]))
     }
 
+    /// The first `F32_LANES` values of `src`, widened from int8 to f32 (exact). The SIMD ISAs
+    /// override this with a sign-extend and an integer conversion.
+    #[inline(always)]
+    fn load_i8s(self, src: &[i8]) -> Self::f32s {
+        let mut buf = [0.0f32; 16];
+        let lanes = Self::F32_LANES;
+        for (d, &s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
+            *d = s as f32;
+        }
+        Self::as_simd_f32s(&buf[..lanes]).0[0]
+    }
+
+    /// [`SimdExt::load_i8s`] for `2 * F32_LANES` values, as two vectors.
+    #[inline(always)]
+    fn load_i8s_pair(self, src: &[i8]) -> (Self::f32s, Self::f32s) {
+        let lanes = Self::F32_LANES;
+        (self.load_i8s(&src[..lanes]), self.load_i8s(&src[lanes..2 * lanes]))
+    }
+
     /// Lane `i` of the result is the sum of the lanes of `acc[i]` (`acc` holds `F32_LANES`
     /// vectors): the horizontal sums of a whole register tile of dot products at once, which
     /// costs a few shuffles per sum instead of a full reduction each.
@@ -92,15 +111,15 @@ pub(crate) trait SimdExt: Simd {
 
 impl SimdExt for pulp::Scalar {}
 
-/// The 16-bit storage types the ISA layer widens (f16, bf16): one vector's worth, two vectors'
-/// worth, and one element, so the row conversion and its tests are written once for both.
-pub(crate) trait Widen16: Copy {
+/// The narrow storage types the ISA layer widens (f16, bf16, int8): one vector's worth, two
+/// vectors' worth, and one element, so the row conversion and its tests are written once.
+pub(crate) trait Widen: Copy {
     fn load<S: SimdExt>(simd: S, src: &[Self]) -> S::f32s;
     fn load_pair<S: SimdExt>(simd: S, src: &[Self]) -> (S::f32s, S::f32s);
     fn widen(self) -> f32;
 }
 
-impl Widen16 for f16 {
+impl Widen for f16 {
     #[inline(always)]
     fn load<S: SimdExt>(simd: S, src: &[f16]) -> S::f32s {
         simd.load_f16s(src)
@@ -115,7 +134,7 @@ impl Widen16 for f16 {
     }
 }
 
-impl Widen16 for bf16 {
+impl Widen for bf16 {
     #[inline(always)]
     fn load<S: SimdExt>(simd: S, src: &[bf16]) -> S::f32s {
         simd.load_bf16s(src)
@@ -135,6 +154,21 @@ impl Widen16 for bf16 {
 /// Graviton2, Ampere Altra, Cortex-A72 and other ARMv8.0-8.2 cores lack. f16 widening and the
 /// prefetch hint are single instructions with no stable intrinsic (the f16 vector types are
 /// unstable), so they are written as inline assembly.
+impl Widen for i8 {
+    #[inline(always)]
+    fn load<S: SimdExt>(simd: S, src: &[i8]) -> S::f32s {
+        simd.load_i8s(src)
+    }
+    #[inline(always)]
+    fn load_pair<S: SimdExt>(simd: S, src: &[i8]) -> (S::f32s, S::f32s) {
+        simd.load_i8s_pair(src)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self as f32
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 impl SimdExt for pulp::aarch64::Neon {
     #[inline(always)]
@@ -192,6 +226,27 @@ impl SimdExt for pulp::aarch64::Neon {
     }
 
     #[inline(always)]
+    fn load_i8s(self, src: &[i8]) -> Self::f32s {
+        use core::arch::aarch64::{vcvtq_f32_s32, vdup_n_s32, vget_low_s16, vmovl_s16, vmovl_s8, vreinterpret_s8_s32};
+        let src = &src[..4];
+        let word = i32::from_ne_bytes([src[0] as u8, src[1] as u8, src[2] as u8, src[3] as u8]);
+        // SAFETY: NEON is enabled in every Neon context; registers only. The low 4 bytes of
+        // the duplicated word are `src` in memory order (little-endian lanes).
+        unsafe { core::mem::transmute(vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(word))))))) }
+    }
+
+    #[inline(always)]
+    fn load_i8s_pair(self, src: &[i8]) -> (Self::f32s, Self::f32s) {
+        use core::arch::aarch64::{vcvtq_f32_s32, vget_low_s16, vld1_s8, vmovl_high_s16, vmovl_s16, vmovl_s8};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 int8 = 8 bytes; NEON is enabled in every Neon context.
+        unsafe {
+            let w = vmovl_s8(vld1_s8(src.as_ptr()));
+            (core::mem::transmute(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w)))), core::mem::transmute(vcvtq_f32_s32(vmovl_high_s16(w))))
+        }
+    }
+
+    #[inline(always)]
     fn transpose_sum_f32s(self, acc: &[Self::f32s]) -> Self::f32s {
         use core::arch::aarch64::{float32x4_t, vpaddq_f32};
         let acc = &acc[..4];
@@ -230,6 +285,14 @@ impl SimdExt for pulp::x86::V4 {
         let src = &src[..16];
         // SAFETY: `src` holds 16 bf16 = 32 bytes; AVX-512F is enabled in every V4 context.
         unsafe { pulp::cast(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(src.as_ptr().cast::<__m256i>())))) }
+    }
+
+    #[inline(always)]
+    fn load_i8s(self, src: &[i8]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm512_cvtepi32_ps, _mm512_cvtepi8_epi32, _mm_loadu_si128};
+        let src = &src[..16];
+        // SAFETY: `src` holds 16 int8 = 16 bytes; AVX-512F is enabled in every V4 context.
+        unsafe { pulp::cast(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src.as_ptr().cast::<__m128i>())))) }
     }
 
     #[inline(always)]
@@ -291,6 +354,15 @@ impl SimdExt for pulp::x86::V3 {
         let src = &src[..8];
         // SAFETY: `src` holds 8 bf16 = 16 bytes; AVX2 is enabled in every V3 context.
         unsafe { pulp::cast(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(src.as_ptr().cast::<__m128i>())))) }
+    }
+
+    #[inline(always)]
+    fn load_i8s(self, src: &[i8]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_cvtepi32_ps, _mm256_cvtepi8_epi32, _mm_loadl_epi64};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 int8 = 8 bytes (a 64-bit load); AVX2 is enabled in every V3
+        // context.
+        unsafe { pulp::cast(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(src.as_ptr().cast::<__m128i>())))) }
     }
 
     #[inline(always)]

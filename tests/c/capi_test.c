@@ -1184,6 +1184,97 @@ static void test_kvcache(const int32_t *isas, size_t n_isas) {
     free(k0), free(v0), free(kn), free(vn), free(q), free(k), free(v), free(out), free(ref);
 }
 
+/* An int8 K/V cache with one factor per (token, KV head) for K and one per KV head for V: the
+ * same answer as the f32 cache holding factor * code, on every path; and the reference agrees.
+ * Then the descriptor errors the new fields can have. */
+static void test_int8_kv(const int32_t *isas, size_t n_isas) {
+    const size_t b = 2, hq = 8, hkv = 2, sq = 2, skv = 300, d = 128;
+    size_t nkv = b * hkv * skv * d, nq = b * hq * sq * d;
+    float *q = malloc(nq * 4), *kd = malloc(nkv * 4), *vd = malloc(nkv * 4);
+    int8_t *kc = malloc(nkv), *vc = malloc(nkv);
+    float *kf = malloc(b * hkv * skv * 4), vf[2] = {0.004f, 0.25f};
+    float *out = calloc(nq + 1, 4), *want = calloc(nq + 1, 4), *ref = calloc(nq + 1, 4);
+    for (size_t i = 0; i < nq; i++) q[i] = uniform();
+    for (size_t t = 0; t < b * hkv * skv; t++) kf[t] = (float)(1 + t % 7) / 1024.0f; /* exact products */
+    for (size_t i = 0; i < nkv; i++) {
+        size_t tok = i / d, hk = (i / (skv * d)) % hkv;
+        kc[i] = (int8_t)(int)(uniform() * 127.0f);
+        vc[i] = (int8_t)(int)(uniform() * 127.0f);
+        kd[i] = kf[tok] * (float)kc[i];
+        vd[i] = vf[hk] * (float)vc[i];
+    }
+    simd_attn_desc base;
+    simd_attn_desc_init(&base);
+    base.batch = b, base.q_heads = hq, base.kv_heads = hkv, base.seq_q = sq, base.seq_kv = skv;
+    base.head_dim = d, base.v_head_dim = d, base.causal = 1;
+    base.q = tensor(q, hq, sq, d, b, SIMD_ATTN_F32);
+    base.out = output(want, hq, sq, d, b, SIMD_ATTN_F32);
+    simd_attn_desc f = base;
+    f.k = tensor(kd, hkv, skv, d, b, SIMD_ATTN_F32);
+    f.v = tensor(vd, hkv, skv, d, b, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_forward(&f, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    simd_attn_desc a = base;
+    a.k = tensor(kc, hkv, skv, d, b, SIMD_ATTN_I8);
+    a.v = tensor(vc, hkv, skv, d, b, SIMD_ATTN_I8);
+    a.k_scale_kind = SIMD_ATTN_SCALE_TOKEN;
+    a.k_scales = kf, a.k_scales_len = b * hkv * skv;
+    a.k_scale_stride_batch = (int64_t)(hkv * skv), a.k_scale_stride_head = (int64_t)skv, a.k_scale_stride_seq = 1;
+    a.v_scale_kind = SIMD_ATTN_SCALE_HEAD;
+    a.v_scales = vf, a.v_scales_len = hkv;
+    for (size_t i = 0; i < n_isas; i++) {
+        for (size_t threads = 1; threads <= 2; threads++) {
+            a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+            EXPECT_STATUS(simd_attn_forward(&a, threads, isas[i], NULL), SIMD_ATTN_OK);
+            double worst = 0;
+            for (size_t e = 0; e < nq; e++) {
+                double err = fabs((double)out[e] - want[e]);
+                if (!(err <= worst)) worst = err;
+            }
+            CHECK(worst <= 1e-5, "int8 kv (isa %d, %zu threads): max error %g against the f32 cache", isas[i], threads, worst);
+        }
+    }
+    a.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_reference(&a), SIMD_ATTN_OK);
+    double worst = 0;
+    for (size_t e = 0; e < nq; e++) {
+        double err = fabs((double)ref[e] - want[e]);
+        if (!(err <= worst)) worst = err;
+    }
+    CHECK(worst <= 1e-5, "int8 kv reference: max error %g", worst);
+
+    /* Errors: int8 Q, mixed K/V dtypes, an unknown kind, a field the kind does not read, a
+     * short factor array. The output stays untouched. */
+    simd_attn_desc e = a;
+    memset(out, 0, nq * 4);
+    e.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+    simd_attn_desc bad = e;
+    bad.q = tensor(kc, hq, sq, d, 1, SIMD_ATTN_I8);
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNKNOWN_DTYPE);
+    bad = e;
+    bad.v = tensor(vd, hkv, skv, d, b, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+    bad = e;
+    bad.k_scale_kind = 9;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_VALUE);
+    bad = e;
+    bad.v_scale = 2.0f;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_VALUE);
+    bad = e;
+    bad.k_scales_len = 10;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    bad = e;
+    bad.v_scales_len = 1;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_WRONG_LENGTH);
+    int untouched = 1;
+    for (size_t i = 0; i < nq; i++) untouched &= out[i] == 0.0f;
+    CHECK(untouched, "a rejected int8 call wrote its output");
+    /* A descriptor from the header before these fields reads no factors: int8 codes as is. */
+    simd_attn_desc old = e;
+    old.struct_size = (uint32_t)offsetof(simd_attn_desc, k_scale_kind);
+    EXPECT_STATUS(simd_attn_forward(&old, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    free(q), free(kd), free(vd), free(kc), free(vc), free(kf), free(out), free(want), free(ref);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -1219,6 +1310,7 @@ int main(void) {
     test_paged(isas, n_isas);
     test_varlen(isas, n_isas);
     test_kvcache(isas, n_isas);
+    test_int8_kv(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);

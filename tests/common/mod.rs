@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use simd_attn::{
-    AttentionParams, AttentionShape, BiasRef, BiasStrides, Element, Reference, Strides, TensorMut, TensorRef, Window,
+    AttentionParams, AttentionShape, BiasRef, BiasStrides, Element, FloatElement, Reference, Strides, TensorMut, TensorRef, Window,
 };
 
 /// How Q/K/V/out sit in memory.
@@ -265,7 +265,7 @@ impl Case {
     /// Rounds every input to the values the narrowest of a call's storage types holds
     /// exactly: f16 when one of them is f16, bf16 when one is bf16 (f32 keeps them as drawn),
     /// so the reference sees exactly what the kernels read.
-    pub fn round_for<TQ: Element, TKV: Element, TO: Element>(&mut self) {
+    pub fn round_for<TQ: FloatElement, TKV: Element, TO: FloatElement>(&mut self) {
         let types = [TQ::DTYPE, TKV::DTYPE, TO::DTYPE];
         if types.contains(&simd_attn::DType::F16) {
             self.round_to::<half::f16>();
@@ -312,7 +312,7 @@ pub struct Outcome {
 pub const SENTINEL: f32 = 776.0;
 
 /// Run `attention` with storage types `TQ`/`TKV`/`TO` on a case (already rounded to them).
-pub fn run_typed<TQ: Element, TKV: Element, TO: Element>(
+pub fn run_typed<TQ: FloatElement, TKV: Element, TO: FloatElement>(
     case: &Case,
     call: impl FnOnce(
         &AttentionShape,
@@ -358,7 +358,7 @@ pub const WEIGHT_EPS_BF16: f64 = 1.0 / 256.0;
 /// The weight rounding a call on `isa` with these storage types gets: the bf16 dot-product
 /// kernel's for bf16 Q and K/V on the AVX512_BF16 path (it runs every such prefill), none
 /// otherwise.
-pub fn weight_eps<TQ: Element, TKV: Element>(isa: simd_attn::Isa) -> f64 {
+pub fn weight_eps<TQ: FloatElement, TKV: Element>(isa: simd_attn::Isa) -> f64 {
     let bf16 = TQ::DTYPE == simd_attn::DType::Bf16 && TKV::DTYPE == simd_attn::DType::Bf16;
     if isa == simd_attn::Isa::Avx512Bf16 && bf16 { WEIGHT_EPS_BF16 } else { 0.0 }
 }

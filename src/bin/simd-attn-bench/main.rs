@@ -13,12 +13,12 @@ mod unfused;
 use report::{Machine, Row};
 
 use half::{bf16, f16};
-use simd_attn::{attention_flops, attention_inspect, attention_with_kvcache, KvCacheMut, NewKv, Rope, AttentionParams, AttentionShape, Element, Inspect, Isa, PageStrides, PageTable, PagedKv, Reference, Request, RunConfig, Score, Strides, TensorMut, TensorRef};
+use simd_attn::{attention_flops, attention_inspect, attention_with_kvcache, KvCacheMut, NewKv, Rope, AttentionParams, AttentionShape, Dequant, DType, Element, FloatElement, Inspect, Isa, PageStrides, PageTable, PagedKv, Reference, Request, RunConfig, Score, Strides, TensorMut, TensorRef};
 use std::io::IsTerminal;
 use std::time::Instant;
 
 const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,causal]]... [--isa auto|all|LIST]
-                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv] [--case SUBSTRING] [--reps N]
+                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv|i8kv] [--case SUBSTRING] [--reps N]
                 [--min-time SECONDS] [--no-check] [--no-baselines]
                 [--json PATH] [--csv PATH] [--plot PATH.svg]
 simd-attn-bench compare OLD.json|csv NEW.json|csv
@@ -32,7 +32,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             prefill of 4 sequences next to 4 separate calls; the decode step with its token
             appended and RoPE applied in the call, `-append`, next to the plain step),
             seqlen (causal prefill S 128..8192), bf16 (the bf16 targets' prefill and decode next
-            to f32 and f16), all; --shape adds custom shapes (and with no
+            to f32 and f16), quant (decode at Skv 8192 and 65536 and the causal prefill with an
+            int8 cache, i8kv, next to the f16 cache), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (default: calls name no path, so the library chooses as it
             would for an engine: SIMD_ATTN_ISA, else the best, with bf16 prefill on the bf16 dot
@@ -41,7 +42,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
   --threads comma list of thread counts to run each path with (default 1); %peak is then of
             threads x the single-core peak
   --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V),
-            bf16, bf16kv (the same in bfloat16);
+            bf16, bf16kv (the same in bfloat16), i8kv (f32 Q and out, int8 K and V with an f32
+            factor per token and KV head, counted in the row's bytes);
             default: each case's own (decode cases use f16 K/V where the targets say so)
   --case    only the shapes named SUBSTRING, or else whose name contains it
   --no-baselines  skip the portable and unfused baselines (their columns print NaN)
@@ -59,6 +61,8 @@ enum Dtype {
     F16Kv,
     Bf16,
     Bf16Kv,
+    /// f32 Q and out, int8 K and V with an f32 factor per (token, KV head).
+    I8Kv,
 }
 
 impl Dtype {
@@ -69,10 +73,19 @@ impl Dtype {
             Dtype::F16Kv => "f16kv",
             Dtype::Bf16 => "bf16",
             Dtype::Bf16Kv => "bf16kv",
+            Dtype::I8Kv => "i8kv",
         }
     }
     fn kv_bytes(self) -> usize {
-        if self == Dtype::F32 { 4 } else { 2 }
+        match self {
+            Dtype::F32 => 4,
+            Dtype::I8Kv => 1,
+            _ => 2,
+        }
+    }
+    /// Bytes of dequantization factors per (token, KV head), K's and V's together.
+    fn factor_bytes(self) -> usize {
+        if self == Dtype::I8Kv { 8 } else { 0 }
     }
 }
 
@@ -268,8 +281,22 @@ fn cases(set: &str) -> Vec<Case> {
         }
         v
     };
+    // Quantized caches at the issue's target shapes, next to the f16 cache in the same run.
+    let quant = || {
+        let mut v = Vec::new();
+        for skv in [8192, 65536] {
+            for dtype in [Dtype::F16Kv, Dtype::I8Kv] {
+                v.push(with_dtype(case("decode", 1, 32, 8, 1, skv, 128, true), dtype));
+            }
+        }
+        for dtype in [Dtype::F16Kv, Dtype::I8Kv] {
+            v.push(with_dtype(case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true), dtype));
+        }
+        v
+    };
     match set {
         "bf16" => bf16(),
+        "quant" => quant(),
         // The whole kernel at the shapes whose phases `phase_table` times.
         "phases" => vec![case("prefill", 1, 8, 8, 1024, 1024, 128, false), case("prefill-d64", 1, 8, 8, 1024, 1024, 64, false)],
         "scores" => scores(),
@@ -280,7 +307,7 @@ fn cases(set: &str) -> Vec<Case> {
         "seqlen" => seqlen(),
         "decode" => decode(),
         "none" => Vec::new(),
-        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).chain(scores()).chain(paged()).chain(bf16()).collect(),
+        "all" => standard().into_iter().chain(prefill()).chain(headdim()).chain(seqlen()).chain(decode()).chain(scores()).chain(paged()).chain(bf16()).chain(quant()).collect(),
         other => fail(&format!("unknown --set {other}")),
     }
 }
@@ -402,6 +429,7 @@ fn main() {
                     "f16kv" => Dtype::F16Kv,
                     "bf16" => Dtype::Bf16,
                     "bf16kv" => Dtype::Bf16Kv,
+                    "i8kv" => Dtype::I8Kv,
                     other => fail(&format!("unknown --dtype {other}")),
                 })
             }
@@ -484,6 +512,7 @@ fn main() {
             Dtype::F16Kv => bench_case::<f32, f16, f32>(&c, &ctx),
             Dtype::Bf16 => bench_case::<bf16, bf16, bf16>(&c, &ctx),
             Dtype::Bf16Kv => bench_case::<f32, bf16, f32>(&c, &ctx),
+            Dtype::I8Kv => bench_case::<f32, i8, f32>(&c, &ctx),
         };
         if progress {
             eprint!("\r\x1b[K");
@@ -542,12 +571,22 @@ fn convert<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
-fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Vec<Row> {
+fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &Ctx) -> Vec<Row> {
+    let quantized = TKV::DTYPE.is_quantized();
+    if quantized && (c.varlen.is_some() || c.append || c.paged.is_some()) {
+        eprintln!("{}: skipped with {} (the bench runs quantized caches as strided tensors only)", c.name, c.dtype.name());
+        return Vec::new();
+    }
     if let Some((lens, separate)) = c.varlen {
         return bench_varlen::<TQ, TKV, TO>(c, lens, separate, ctx);
     }
     if c.append {
-        return bench_append::<TQ, TKV, TO>(c, ctx);
+        return match TKV::DTYPE {
+            DType::F32 => bench_append::<TQ, f32, TO>(c, ctx),
+            DType::F16 => bench_append::<TQ, f16, TO>(c, ctx),
+            DType::Bf16 => bench_append::<TQ, bf16, TO>(c, ctx),
+            _ => unreachable!("quantized caches are skipped above"),
+        };
     }
     let s = c.shape;
     let [qs, mut ks, mut vs, os] = s.bhsd_strides();
@@ -557,11 +596,27 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
     let [nq, nk, nv, no] = s.bhsd_lens();
     let (q32, k32, v32) = (random(nq, 1), random(nk, 2), random(nv, 3));
     let q: Vec<TQ> = convert(&q32);
-    let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * (s.head_dim + s.v_head_dim) * c.dtype.kv_bytes()) as f64;
+    let tokens = s.batch * s.kv_heads * s.seq_kv;
+    let kv_bytes = (tokens * ((s.head_dim + s.v_head_dim) * c.dtype.kv_bytes() + c.dtype.factor_bytes())) as f64;
     // Decode is bound by reading K/V: rotate over enough copies that none is still cached.
     let decode = s.seq_q <= 16;
     let copies = if decode { ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize } else { 1 };
-    let kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (convert(&k32), convert(&v32))).collect();
+    // A quantized cache: symmetric codes with one factor per (token, KV head), `[B, Hkv, S]`.
+    let fst = Strides::new(s.kv_heads * s.seq_kv, s.seq_kv, 1);
+    let (kf, vf) = if quantized { (token_factors(&s, &k32, ks, s.head_dim, fst), token_factors(&s, &v32, vs, s.v_head_dim, fst)) } else { (Vec::new(), Vec::new()) };
+    let encode = |x32: &[f32], st: Strides, width: usize, f: &[f32]| -> Vec<TKV> {
+        if !quantized {
+            return convert(x32);
+        }
+        let mut codes = vec![TKV::default(); x32.len()];
+        for_each_row(&s, st, fst, width, |o, fo| {
+            for t in o..o + width {
+                codes[t] = TKV::from_f32(x32[t] / f[fo]);
+            }
+        });
+        codes
+    };
+    let kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (encode(&k32, ks, s.head_dim, &kf), encode(&v32, vs, s.v_head_dim, &vf))).collect();
     let pools: Vec<Pool<TKV>> = match c.paged {
         Some(ps) => kvs.iter().enumerate().map(|(n, (k, v))| Pool::new(&s, (k, ks), (v, vs), ps, c.token_major, n as u64)).collect(),
         None => Vec::new(),
@@ -574,7 +629,10 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
         BenchScore::General => Score::General { w: &w, q_dim: s.head_dim },
         BenchScore::Additive => Score::Additive { v: &att_v, projection: None },
     };
-    let params = AttentionParams::new().causal(c.causal).score(score);
+    let mut params = AttentionParams::new().causal(c.causal).score(score);
+    if quantized {
+        params = params.kv_scales(Dequant::Token(&kf, fst), Dequant::Token(&vf, fst));
+    }
     let flops = attention_flops(&s, &params);
     let mut out = vec![TO::from_f32(0.0); no];
     let (mut alignment, mut coverage) = if c.inspect {
@@ -605,11 +663,15 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
     };
     let (t_portable, _, _) = if ctx.baselines { run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0) } else { (f64::NAN, 0.0, 0.0) };
     // The unfused baseline computes in f32 on the same values.
-    let (qr, kr, vr): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-        q.iter().map(|x| x.to_f32()).collect(),
-        kvs[0].0.iter().map(|x| x.to_f32()).collect(),
-        kvs[0].1.iter().map(|x| x.to_f32()).collect(),
-    );
+    let decode_values = |x: &[TKV], st: Strides, width: usize, f: &[f32]| -> Vec<f32> {
+        let mut y: Vec<f32> = x.iter().map(|x| x.to_f32()).collect();
+        if quantized {
+            for_each_row(&s, st, fst, width, |o, fo| y[o..o + width].iter_mut().for_each(|e| *e *= f[fo]));
+        }
+        y
+    };
+    let (qr, kr, vr): (Vec<f32>, Vec<f32>, Vec<f32>) =
+        (q.iter().map(|x| x.to_f32()).collect(), decode_values(&kvs[0].0, ks, s.head_dim, &kf), decode_values(&kvs[0].1, vs, s.v_head_dim, &vf));
     let mut base_out = vec![0.0f32; no];
     let mut scores = Vec::new();
     // The unfused baseline is the scaled-dot score: no ratio for the others.
@@ -637,6 +699,30 @@ fn bench_case<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Ve
         }
     }
     rows
+}
+
+/// Calls `row(offset, factor_offset)` for every (batch, KV head, key) row of a K or V tensor at
+/// strides `st` (`width` elements) whose factor lies at strides `fst`.
+fn for_each_row(s: &AttentionShape, st: Strides, fst: Strides, width: usize, mut row: impl FnMut(usize, usize)) {
+    let _ = width;
+    for b in 0..s.batch {
+        for hk in 0..s.kv_heads {
+            for j in 0..s.seq_kv {
+                let at = |t: Strides| b * t.batch + hk * t.head + j * t.seq;
+                row(at(st), at(fst));
+            }
+        }
+    }
+}
+
+/// Symmetric int8 factors per (token, KV head): each row's largest magnitude over 127.
+fn token_factors(s: &AttentionShape, x: &[f32], st: Strides, width: usize, fst: Strides) -> Vec<f32> {
+    let mut f = vec![0.0f32; s.batch * s.kv_heads * s.seq_kv];
+    for_each_row(s, st, fst, width, |o, fo| {
+        let m = x[o..o + width].iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        f[fo] = if m > 0.0 { m / 127.0 } else { 1.0 };
+    });
+    f
 }
 
 /// One result row: a timed (median, best, spread) path and thread count of case `c`, with the
@@ -679,7 +765,7 @@ fn row_of(c: &Case, isa: Isa, threads: usize, (t, best, spread): (f64, f64, f64)
 /// run either as one call with `cu_seqlens_q` / `cu_seqlens_k` or (`separate`) as one
 /// contiguous call per sequence on the same buffers, the way an engine without varlen runs
 /// them. Both rows count the same flops.
-fn bench_varlen<TQ: Element, TKV: Element, TO: Element>(c: &Case, lens: &[usize], separate: bool, ctx: &Ctx) -> Vec<Row> {
+fn bench_varlen<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, lens: &[usize], separate: bool, ctx: &Ctx) -> Vec<Row> {
     let s = c.shape;
     let mut cu = vec![0i32];
     for &l in lens {
@@ -745,7 +831,7 @@ fn bench_varlen<TQ: Element, TKV: Element, TO: Element>(c: &Case, lens: &[usize]
 /// A decode step that appends its token (K rotated, V copied) to a cache of `seq_kv - 1`
 /// tokens and attends with Q rotated (`attention_with_kvcache`), rotating over as many cache
 /// copies as the plain decode row. Compare with that row (`decode`, same shape).
-fn bench_append<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> Vec<Row> {
+fn bench_append<TQ: FloatElement, TKV: FloatElement, TO: FloatElement>(c: &Case, ctx: &Ctx) -> Vec<Row> {
     let s = c.shape;
     let [qs, mut ks, _, os] = s.bhsd_strides();
     if c.token_major {
@@ -786,7 +872,7 @@ fn bench_append<TQ: Element, TKV: Element, TO: Element>(c: &Case, ctx: &Ctx) -> 
 
 /// Max |out - reference| over up to 48 rows spread across the problem (the f64 reference is
 /// too slow to run on every row of the large shapes).
-fn max_error<TQ: Element, TKV: Element, TO: Element>(s: &AttentionShape, r: &Reference<'_, TQ, TKV>, out: &[TO]) -> f64 {
+fn max_error<TQ: FloatElement, TKV: Element, TO: FloatElement>(s: &AttentionShape, r: &Reference<'_, TQ, TKV>, out: &[TO]) -> f64 {
     let rows = s.batch * s.q_heads * s.seq_q;
     let samples = rows.min(48);
     let mut err = 0.0f64;
