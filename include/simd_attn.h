@@ -80,6 +80,12 @@ extern "C" {
 #define SIMD_ATTN_BF16 2 /* bfloat16: the top 16 bits of a float (uint16_t bits, __bf16) */
 #define SIMD_ATTN_I8 3   /* int8_t codes, k and v only: value = factor * code, the factors
                             from k_scale_kind / v_scale_kind (all 1 with SIMD_ATTN_SCALE_NONE) */
+#define SIMD_ATTN_F8E4M3 4 /* OCP fp8 E4M3 codes (uint8_t; torch.float8_e4m3fn), k and v only:
+                              value = factor * decode(code); bias 7, subnormals, no infinity,
+                              0x7f / 0xff are NaN, largest 448 */
+#define SIMD_ATTN_F8E5M2 5 /* OCP fp8 E5M2 codes (uint8_t; torch.float8_e5m2): the top byte of
+                              an IEEE binary16, infinities and NaNs included; k and v only,
+                              value = factor * decode(code) */
 
 /* ---- dequantization factors of K and V (simd_attn_desc.k_scale_kind, v_scale_kind) ---- */
 #define SIMD_ATTN_SCALE_NONE 0   /* every factor 1 (the default) */
@@ -109,7 +115,8 @@ extern "C" {
 typedef struct simd_attn_tensor {
     const void *data;     /* first element; may be NULL only when len == 0 */
     size_t len;           /* elements readable from data */
-    int32_t dtype;        /* SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_BF16 (k, v: or SIMD_ATTN_I8) */
+    int32_t dtype;        /* SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_BF16 (k, v: or SIMD_ATTN_I8,
+                             SIMD_ATTN_F8E4M3, SIMD_ATTN_F8E5M2; k and v the same) */
     int32_t reserved;     /* must be 0 (SIMD_ATTN_ERR_RESERVED otherwise) */
     int64_t stride_batch; /* elements between batch entries (>= 0; 0 broadcasts) */
     int64_t stride_head;  /* elements between heads */
@@ -238,7 +245,8 @@ typedef struct simd_attn_desc {
     size_t cache_lens_len;
     /* Quantized K/V (appended; a descriptor up to cache_lens_len reads them as
      * SIMD_ATTN_SCALE_NONE). Key j of KV head hk, sequence b is read as factor * stored value
-     * (int8 codes with k.dtype = SIMD_ATTN_I8; any dtype may carry factors). The factor is
+     * (int8 or fp8 codes with k.dtype = SIMD_ATTN_I8 / F8E4M3 / F8E5M2, the code decoded
+     * exactly; any dtype may carry factors). The factor is
      * k_scale (SIMD_ATTN_SCALE_TENSOR), k_scales[hk] (HEAD, k_scales_len = Hkv), or (TOKEN)
      * k_scales[b * stride_batch + hk * stride_head + j * stride_seq] for tensors (with
      * cu_seqlens_k, token cu_seqlens_k[b] + j at stride_seq, stride_batch unused) and, with a

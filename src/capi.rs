@@ -370,7 +370,12 @@ fn dtype(code: i32, what: &str) -> Result<DType, Fail> {
         1 => Ok(DType::F16),
         2 => Ok(DType::Bf16),
         3 => Ok(DType::I8),
-        _ => fail(Status::UnknownDtype, format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0), SIMD_ATTN_F16 (1), SIMD_ATTN_BF16 (2) or, for k and v, SIMD_ATTN_I8 (3)")),
+        4 => Ok(DType::F8E4M3),
+        5 => Ok(DType::F8E5M2),
+        _ => fail(
+            Status::UnknownDtype,
+            format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0), SIMD_ATTN_F16 (1), SIMD_ATTN_BF16 (2) or, for k and v, SIMD_ATTN_I8 (3), SIMD_ATTN_F8E4M3 (4), SIMD_ATTN_F8E5M2 (5)"),
+        ),
     }
 }
 
@@ -672,24 +677,30 @@ unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Spa
         DType::F32 => AnyRef::F32(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         DType::F16 => AnyRef::F16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         DType::Bf16 => AnyRef::Bf16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
-        DType::I8 => return fail(Status::UnknownDtype, format!("{what}.dtype = SIMD_ATTN_I8: int8 is a storage type of k and v only")),
+        DType::I8 | DType::F8E4M3 | DType::F8E5M2 => return fail(Status::UnknownDtype, format!("{what}.dtype = {}: quantized codes are a storage type of k and v only", t.dtype)),
     })
 }
 
-/// A K or V input: [`tensor`], or int8 codes.
+/// A K or V input: [`tensor`], or quantized codes.
 enum KvTensor<'a> {
     Float(AnyRef<'a>),
     I8(TensorRef<'a, i8>),
+    E4M3(TensorRef<'a, crate::F8E4M3>),
+    E5M2(TensorRef<'a, crate::F8E5M2>),
 }
 
 /// # Safety
 /// As [`tensor`].
 unsafe fn kv_tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<KvTensor<'a>, Fail> {
-    if t.dtype == 3 {
+    if (3..=5).contains(&t.dtype) {
         reserved(t.reserved, what)?;
         let st = strides(t, what)?;
-        // SAFETY: forwarded contract.
-        return Ok(KvTensor::I8(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)));
+        // SAFETY (every arm): forwarded contract.
+        return Ok(match t.dtype {
+            3 => KvTensor::I8(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+            4 => KvTensor::E4M3(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+            _ => KvTensor::E5M2(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+        });
     }
     // SAFETY: forwarded contract.
     Ok(KvTensor::Float(unsafe { tensor(t, what, spans)? }))
@@ -717,7 +728,9 @@ unsafe fn writable<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<S
         DType::F32 => AnyMut::F32(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
         DType::F16 => AnyMut::F16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
         DType::Bf16 => AnyMut::Bf16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
-        DType::I8 => return fail(Status::UnknownDtype, format!("{what}.dtype = SIMD_ATTN_I8: int8 caches are read, not written (no quantizing append yet)")),
+        DType::I8 | DType::F8E4M3 | DType::F8E5M2 => {
+            return fail(Status::UnknownDtype, format!("{what}.dtype = {}: quantized caches are read, not written (no quantizing append yet)", t.dtype))
+        }
     })
 }
 
@@ -817,6 +830,14 @@ fn no_append(d: &SimdAttnDesc) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Quantized K and V codes as tensors, or as a paged pool.
+fn codes<'a, T>(k: TensorRef<'a, T>, v: TensorRef<'a, T>, pages: Option<PageTable<'a>>) -> Kv<'a, T> {
+    match pages {
+        None => Kv::Tensors(k, v),
+        Some(pages) => Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }),
+    }
+}
+
 /// Read K/V: tensors, or a paged pool.
 impl<'a> KvArg<'a> for AnyKv<'a> {
     unsafe fn decode(d: &SimdAttnDesc, pages: Option<PageTable<'a>>, inputs: &mut Vec<Span>, _outputs: &mut Vec<Span>) -> Result<Self, Fail> {
@@ -826,12 +847,9 @@ impl<'a> KvArg<'a> for AnyKv<'a> {
         let v = unsafe { kv_tensor(&d.v, "v", inputs)? };
         let (k, v) = match (k, v) {
             (KvTensor::Float(k), KvTensor::Float(v)) => (k, v),
-            (KvTensor::I8(k), KvTensor::I8(v)) => {
-                return Ok(AnyKv::I8(match pages {
-                    None => Kv::Tensors(k, v),
-                    Some(pages) => Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }),
-                }))
-            }
+            (KvTensor::I8(k), KvTensor::I8(v)) => return Ok(AnyKv::I8(codes(k, v, pages))),
+            (KvTensor::E4M3(k), KvTensor::E4M3(v)) => return Ok(AnyKv::F8E4M3(codes(k, v, pages))),
+            (KvTensor::E5M2(k), KvTensor::E5M2(v)) => return Ok(AnyKv::F8E5M2(codes(k, v, pages))),
             _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
         };
         Ok(match (k, v, pages) {
@@ -1420,7 +1438,7 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
             DType::F32 => merge_into(&shape, &typed_parts, &mut out, lse)?,
             DType::F16 => merge_into(&shape, &typed_f16, &mut out, lse)?,
             DType::Bf16 => merge_into(&shape, &typed_bf16, &mut out, lse)?,
-            DType::I8 => return fail(Status::UnknownDtype, "parts[0].out.dtype: partial results are f32, f16 or bf16"),
+            DType::I8 | DType::F8E4M3 | DType::F8E5M2 => return fail(Status::UnknownDtype, "parts[0].out.dtype: partial results are f32, f16 or bf16"),
         }
         Ok(())
     })

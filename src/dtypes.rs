@@ -8,7 +8,7 @@
 //! which matches the combination once and runs the typed pipeline compiled here, one copy per
 //! supported combination. A new storage type is a new variant and new lines in [`dispatch`].
 
-use crate::element::{DType, Element, FloatElement};
+use crate::element::{DType, Element, F8E4M3, F8E5M2, FloatElement};
 use crate::layout::{PagedKv, Strides, TensorMut, TensorRef};
 use half::{bf16, f16};
 
@@ -28,14 +28,16 @@ pub enum Kv<'a, T> {
 }
 
 /// K and V of any supported element type (they share one), in any layout: `(k, v).into()` for
-/// two tensors, `paged.into()` for a [`PagedKv`] pool. `I8` is a quantized cache, read through
-/// the call's `kv_scales`.
+/// two tensors, `paged.into()` for a [`PagedKv`] pool. `I8`, `F8E4M3` and `F8E5M2` are
+/// quantized caches, dequantized by the call's `kv_scales` (factor 1 without them).
 #[derive(Clone, Copy, Debug)]
 pub enum AnyKv<'a> {
     F32(Kv<'a, f32>),
     F16(Kv<'a, f16>),
     Bf16(Kv<'a, bf16>),
     I8(Kv<'a, i8>),
+    F8E4M3(Kv<'a, F8E4M3>),
+    F8E5M2(Kv<'a, F8E5M2>),
 }
 
 /// An output tensor of any supported element type (`TensorMut::into()` makes one).
@@ -71,7 +73,7 @@ impl<'a> AnyRef<'a> {
             DType::F32 => AnyRef::F32(TensorRef::new(same(t.data).expect("DTYPE is F32"), t.strides)),
             DType::F16 => AnyRef::F16(TensorRef::new(same(t.data).expect("DTYPE is F16"), t.strides)),
             DType::Bf16 => AnyRef::Bf16(TensorRef::new(same(t.data).expect("DTYPE is Bf16"), t.strides)),
-            DType::I8 => unreachable!("int8 is not a FloatElement"),
+            DType::I8 | DType::F8E4M3 | DType::F8E5M2 => unreachable!("quantized codes are not a FloatElement"),
         }
     }
 }
@@ -92,6 +94,8 @@ impl<'a> AnyKv<'a> {
             DType::F16 => AnyKv::F16(retype(kv)),
             DType::Bf16 => AnyKv::Bf16(retype(kv)),
             DType::I8 => AnyKv::I8(retype(kv)),
+            DType::F8E4M3 => AnyKv::F8E4M3(retype(kv)),
+            DType::F8E5M2 => AnyKv::F8E5M2(retype(kv)),
         }
     }
 
@@ -167,6 +171,24 @@ pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>
         (Q::Bf16(q), K::I8(kv), O::F32(o)) => op.run(q, kv, o),
         (Q::Bf16(q), K::I8(kv), O::F16(o)) => op.run(q, kv, o),
         (Q::Bf16(q), K::I8(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F8E4M3(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F8E4M3(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F8E4M3(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F8E4M3(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F8E4M3(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F8E4M3(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F8E4M3(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F8E4M3(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F8E4M3(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F8E5M2(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F8E5M2(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::F8E5M2(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F8E5M2(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F8E5M2(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::F8E5M2(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F8E5M2(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F8E5M2(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::F8E5M2(kv), O::Bf16(o)) => op.run(q, kv, o),
     }
 }
 

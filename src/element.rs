@@ -1,8 +1,8 @@
 //! Storage element types.
 //!
 //! Tensors are stored as `f32`, `half::f16` or `half::bf16`; K and V may also be `i8`
-//! (symmetric int8, dequantized by the call's [`crate::KvScales`]). Every kernel computes and
-//! accumulates in `f32`.
+//! (symmetric int8) or 8-bit floats ([`F8E4M3`], [`F8E5M2`]), dequantized by the call's
+//! [`crate::KvScales`]. Every kernel computes and accumulates in `f32`.
 //! The trait is sealed: each storage type needs matching kernels and reference conversions,
 //! so callers cannot add one the kernels do not know.
 
@@ -17,12 +17,16 @@ pub enum DType {
     /// Symmetric int8 codes, K and V only: the value is `factor * code`, the factor from the
     /// call's [`crate::KvScales`] (1 without them).
     I8 = 3,
+    /// OCP fp8 E4M3 (`torch.float8_e4m3fn`), K and V only: value = `factor * decode(code)`.
+    F8E4M3 = 4,
+    /// OCP fp8 E5M2 (`torch.float8_e5m2`), K and V only: value = `factor * decode(code)`.
+    F8E5M2 = 5,
 }
 
 impl DType {
     /// Whether a tensor of this type holds quantized codes rather than values (K and V only).
     pub const fn is_quantized(self) -> bool {
-        matches!(self, DType::I8)
+        matches!(self, DType::I8 | DType::F8E4M3 | DType::F8E5M2)
     }
 }
 
@@ -32,6 +36,8 @@ mod sealed {
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
     impl Sealed for i8 {}
+    impl Sealed for super::F8E4M3 {}
+    impl Sealed for super::F8E5M2 {}
 }
 
 /// A floating-point storage element (`f32`, `f16`, `bf16`): what Q, outputs and partial
@@ -62,6 +68,16 @@ pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::De
     /// and an exact integer conversion).
     #[inline(always)]
     fn as_i8_slice(_: &[Self]) -> Option<&[i8]> {
+        None
+    }
+    /// The slice itself when the storage type is fp8 E4M3 (widened in registers through f16).
+    #[inline(always)]
+    fn as_e4m3_slice(_: &[Self]) -> Option<&[F8E4M3]> {
+        None
+    }
+    /// The slice itself when the storage type is fp8 E5M2 (the top byte of an f16).
+    #[inline(always)]
+    fn as_e5m2_slice(_: &[Self]) -> Option<&[F8E5M2]> {
         None
     }
 }
@@ -170,3 +186,131 @@ impl Element for i8 {
         Some(s)
     }
 }
+
+/// An OCP 8-bit float, E4M3 "fn" flavour (`torch.float8_e4m3fn`, the fp8 of vLLM's and
+/// SGLang's `fp8` / `fp8_e4m3` KV caches): sign, 4 exponent bits (bias 7), 3 mantissa bits.
+/// Finite everywhere except the two NaN codes `0x7f` and `0xff`; no infinities; largest value
+/// 448, smallest subnormal 2^-9. Decoding is exact in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct F8E4M3(pub u8);
+
+/// An OCP 8-bit float, E5M2 (`torch.float8_e5m2`): sign, 5 exponent bits (bias 15), 2 mantissa
+/// bits: exactly the top byte of an IEEE f16, infinities (`0x7c`, `0xfc`) and NaNs (exponent
+/// 31, mantissa not 0) included; largest finite value 57344, smallest subnormal 2^-16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct F8E5M2(pub u8);
+
+impl F8E4M3 {
+    /// The largest finite value, 448 (code `0x7e`).
+    pub const MAX: f32 = 448.0;
+
+    /// The f16 whose value is this code's value times 2^-8: the sign moves to bit 15 and the
+    /// 7 exponent-and-mantissa bits to bits 13..7. With f16's exponent bias 8 above E4M3's,
+    /// normal and subnormal codes land exactly (`0x7f` lands on a finite value; see `to_f32`).
+    /// The SIMD loads do the same with a sign-extend, a shift and a mask.
+    #[inline(always)]
+    pub const fn f16_bits_scaled(self) -> u16 {
+        (((self.0 as i8 as i16) << 7) as u16) & 0xBFFF
+    }
+
+    /// Exact decoding: NaN for `0x7f` / `0xff`.
+    #[inline(always)]
+    pub fn to_f32(self) -> f32 {
+        if self.0 & 0x7f == 0x7f {
+            return f32::NAN;
+        }
+        half::f16::from_bits(self.f16_bits_scaled()).to_f32() * 256.0
+    }
+
+    /// Round to nearest even; finite values beyond +-448 saturate to +-448 (as vLLM's
+    /// quantizers clamp before converting); NaN and +-inf (the format has no infinity) give NaN.
+    pub fn from_f32(x: f32) -> Self {
+        if !x.is_finite() {
+            return F8E4M3(0x7f);
+        }
+        F8E4M3(round_to_code(x, 0x7e, |c| F8E4M3(c).to_f32()))
+    }
+}
+
+impl F8E5M2 {
+    /// The largest finite value, 57344 (code `0x7b`).
+    pub const MAX: f32 = 57344.0;
+
+    /// Exact decoding: the code is the top byte of an f16.
+    #[inline(always)]
+    pub fn to_f32(self) -> f32 {
+        half::f16::from_bits((self.0 as u16) << 8).to_f32()
+    }
+
+    /// Round to nearest even; finite values beyond +-57344 saturate to +-57344; +-inf stays
+    /// +-inf, NaN gives NaN (`0x7f`).
+    pub fn from_f32(x: f32) -> Self {
+        if x.is_nan() {
+            return F8E5M2(0x7f);
+        }
+        if x.is_infinite() {
+            return F8E5M2(if x > 0.0 { 0x7c } else { 0xfc });
+        }
+        F8E5M2(round_to_code(x, 0x7b, |c| F8E5M2(c).to_f32()))
+    }
+}
+
+/// The code nearest to finite `x` among sign-magnitude codes whose non-negative half
+/// `0..=max_code` decodes to increasing values (`value`); ties go to the even code (even
+/// mantissa), beyond the largest value to the largest.
+fn round_to_code(x: f32, max_code: u8, value: impl Fn(u8) -> f32) -> u8 {
+    let (sign, a) = (if x.is_sign_negative() { 0x80 } else { 0 }, x.abs());
+    // The largest code whose value is <= a (values increase with the code).
+    let (mut lo, mut hi) = (0u8, max_code);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if value(mid) <= a {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let c = if lo == max_code {
+        lo
+    } else {
+        let (below, above) = (a - value(lo), value(lo + 1) - a);
+        if below < above || (below == above && lo % 2 == 0) { lo } else { lo + 1 }
+    };
+    sign | c
+}
+
+macro_rules! fp8_element {
+    ($t:ident, $dtype:ident, $slice:ident) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$dtype;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                $t::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                $t::from_f32(x)
+            }
+            #[inline(always)]
+            fn as_f32_slice(_: &[$t]) -> Option<&[f32]> {
+                None
+            }
+            #[inline(always)]
+            fn as_f16_slice(_: &[$t]) -> Option<&[half::f16]> {
+                None
+            }
+            #[inline(always)]
+            fn as_bf16_slice(_: &[$t]) -> Option<&[half::bf16]> {
+                None
+            }
+            #[inline(always)]
+            fn $slice(s: &[$t]) -> Option<&[$t]> {
+                Some(s)
+            }
+        }
+    };
+}
+fp8_element!(F8E4M3, F8E4M3, as_e4m3_slice);
+fp8_element!(F8E5M2, F8E5M2, as_e5m2_slice);

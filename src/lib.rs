@@ -12,7 +12,7 @@
 //! - The classic score functions ([`Score`]): dot, cosine, general (multiplicative) and
 //!   additive (Bahdanau), fused the same way; [`attention_inspect`] also returns the exact
 //!   alignment matrix and coverage from a second tiled pass.
-//! - Storage: f32, f16 and bf16 for any tensor; K/V caches may also be int8 codes with
+//! - Storage: f32, f16 and bf16 for any tensor; K/V caches may also be int8 or fp8 (E4M3, E5M2) codes with
 //!   dequantization factors per tensor, KV head or token ([`KvScales`]), read in place.
 //! - An f64 reference ([`reference`]) that follows the contract literally; every kernel is
 //!   property-tested against it.
@@ -58,7 +58,7 @@ pub use append::{attention_with_kvcache, KvCacheMut, NewKv};
 pub use rope::Rope;
 pub use exec::Workspace;
 pub use plan::work::{WorkPlan, WorkUnit};
-pub use element::{DType, Element, FloatElement};
+pub use element::{DType, Element, F8E4M3, F8E5M2, FloatElement};
 pub use error::{AttnError, TensorName};
 pub use isa::{isa_override, resolve_isa, set_isa_override, Isa};
 pub use merge::{merge_partials, PartialResult};

@@ -92,6 +92,8 @@ impl<'a, 'o> Request<'a, 'o> {
             AnyKv::F16(kv) => op.run(self, kv),
             AnyKv::Bf16(kv) => op.run(self, kv),
             AnyKv::I8(kv) => op.run(self, kv),
+            AnyKv::F8E4M3(kv) => op.run(self, kv),
+            AnyKv::F8E5M2(kv) => op.run(self, kv),
         }
     }
 }

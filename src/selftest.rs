@@ -104,6 +104,16 @@ pub fn widen_i8(isa: Isa, src: &[i8]) -> Option<(Vec<f32>, Vec<f32>)> {
     on(isa, Widen(src))
 }
 
+/// [`widen_f16`] for fp8 E4M3: `load_e4m3s` and `load_e4m3s_pair`.
+pub fn widen_e4m3(isa: Isa, src: &[crate::F8E4M3]) -> Option<(Vec<f32>, Vec<f32>)> {
+    on(isa, Widen(src))
+}
+
+/// [`widen_f16`] for fp8 E5M2: `load_e5m2s` and `load_e5m2s_pair`.
+pub fn widen_e5m2(isa: Isa, src: &[crate::F8E5M2]) -> Option<(Vec<f32>, Vec<f32>)> {
+    on(isa, Widen(src))
+}
+
 struct Widen<'a, T>(&'a [T]);
 impl<T: crate::simd::Widen> WithSimdExt for Widen<'_, T> {
     type Output = (Vec<f32>, Vec<f32>);

@@ -119,11 +119,12 @@ fn value(rng: &mut Rng, fill: Fill) -> f32 {
     rng.unit()
 }
 
-/// Elements `len` of `dtype` (0 f32, 1 f16, 2 bf16, 3 int8 codes), filled.
+/// Elements `len` of `dtype` (0 f32, 1 f16, 2 bf16, 3 int8 codes, 4 / 5 fp8 E4M3 / E5M2
+/// codes), filled.
 fn tensor_buf(rng: &mut Rng, dtype: i32, len: usize, fill: Fill, misalign: bool) -> Buf {
     let size = match dtype {
         1 | 2 => 2,
-        3 => 1,
+        3..=5 => 1,
         _ => 4,
     };
     let mut b = Buf::new(len * size, misalign);
@@ -133,6 +134,11 @@ fn tensor_buf(rng: &mut Rng, dtype: i32, len: usize, fill: Fill, misalign: bool)
         let x = value(rng, fill);
         if dtype == 3 {
             e[0] = (x * 8.0).round().clamp(-128.0, 127.0) as i8 as u8;
+        } else if dtype == 4 {
+            // Adversarial fills reach the NaN codes (0x7f, 0xff) through NaN and infinity.
+            e[0] = simd_attn::F8E4M3::from_f32(x).0;
+        } else if dtype == 5 {
+            e[0] = simd_attn::F8E5M2::from_f32(x).0;
         } else if dtype == 2 {
             e.copy_from_slice(&bf16::from_f32(x).to_bits().to_ne_bytes());
         } else if size == 2 {
@@ -227,11 +233,12 @@ fn draw_case(rng: &mut Rng) -> Case {
     d.head_dim = if rng.chance(85) { rng.pick(&[1, 2, 3, 4, 7, 8, 15, 16, 32, 33, 48, 64, 64, 96, 128, 128]) } else { dim(rng, 20) };
     d.v_head_dim = if rng.chance(80) { 0 } else if rng.chance(90) { rng.pick(&[1, 8, 16, 32, 64, 128]) } else { dim(rng, 20) };
     let dv = if d.v_head_dim == 0 { d.head_dim } else { d.v_head_dim };
-    let dtype = |rng: &mut Rng| if rng.chance(98) { rng.below(3) as i32 } else { rng.pick(&[3, -1, 7]) };
+    let dtype = |rng: &mut Rng| if rng.chance(98) { rng.below(3) as i32 } else { rng.pick(&[3, 4, 5, -1, 7]) };
     let (qt, mut kt, ot) = (dtype(rng), dtype(rng), dtype(rng));
-    // An int8 cache (3 is a K/V dtype only: for Q and out it stays an unknown value).
-    if rng.chance(8) {
-        kt = 3;
+    // A quantized cache (3 int8, 4 / 5 fp8 are K/V dtypes only: for Q and out they stay an
+    // unknown value).
+    if rng.chance(12) {
+        kt = rng.pick(&[3, 3, 4, 5]);
     }
     let vt = if rng.chance(95) { kt } else { dtype(rng) };
     let fill = if rng.chance(70) { Fill::Moderate } else { Fill::Adversarial };
@@ -337,7 +344,7 @@ fn draw_case(rng: &mut Rng) -> Case {
     }
     // Dequantization factors: any kind (and unknown ones), factors in [0.01, 2] (a V factor
     // sometimes 0), per-token arrays through random strides.
-    if rng.chance(if kt == 3 { 70 } else { 10 }) {
+    if rng.chance(if (3..=5).contains(&kt) { 70 } else { 10 }) {
         let (batch, kv_heads, seq_kv) = (d.batch, d.kv_heads, d.seq_kv);
         let mut factors = |rng: &mut Rng, v: bool| -> (i32, f32, *const f32, usize, [i64; 3]) {
             let kind = rng.pick(&[0, 1, 2, 3, 3, 3, 7]);
@@ -494,6 +501,10 @@ fn last_error() -> String {
 fn floats(b: &Buf, dtype: i32) -> Vec<f32> {
     if dtype == 3 {
         b.data().iter().map(|&c| c as i8 as f32).collect()
+    } else if dtype == 4 {
+        b.data().iter().map(|&c| simd_attn::F8E4M3(c).to_f32()).collect()
+    } else if dtype == 5 {
+        b.data().iter().map(|&c| simd_attn::F8E5M2(c).to_f32()).collect()
     } else if dtype == 2 {
         b.data().chunks_exact(2).map(|c| bf16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32()).collect()
     } else if dtype == 1 {

@@ -1,9 +1,10 @@
-//! Quantized K/V caches: int8 codes with dequantization factors per tensor, per KV head or per
-//! (token, KV head), strided, packed or paged, on every ISA, against the f64 reference.
+//! Quantized K/V caches: int8 and fp8 (E4M3, E5M2) codes with dequantization factors per
+//! tensor, per KV head or per (token, KV head), strided, packed or paged, on every ISA, against
+//! the f64 reference. Each property draws the code type, so the three share its cases.
 //!
-//! The quantizer below is this test's own: symmetric, `code = round(x / f)` clamped to
-//! `-127..=127`, with `f` rounded to 16 significant bits so that every `f * code` (8 bits
-//! times 16) is exact in f32. The case's f32 buffers then hold exactly the dequantized values,
+//! The quantizer below is this test's own: symmetric, `code = round(x / f)` (int8 clamped to
+//! `-127..=127`; fp8 rounded to nearest even and saturated), with `f` rounded to 16 significant
+//! bits so that every `f * value(code)` (at most 8 bits times 16) is exact in f32. The case's f32 buffers then hold exactly the dequantized values,
 //! so the reference on them is the literal dequantization, and the tolerance stays the f32
 //! arithmetic bound: a quantization error never enters the comparison. Adversarial rows get a
 //! factor of 0 (random codes that must not count), a tiny one (2^-60) or a huge one (2^30).
@@ -15,6 +16,84 @@ use half::{bf16, f16};
 use proptest::prelude::*;
 use common::Rng;
 use simd_attn::*;
+
+/// A code type of a quantized cache, as this test quantizes it.
+trait Code: Element {
+    /// The largest finite magnitude a code holds.
+    const MAX: f32;
+    /// A random finite code.
+    fn random(rng: &mut Rng) -> Self;
+    /// `x` (already divided by the factor) as the nearest code.
+    fn quantize(x: f32) -> Self;
+    /// The code's value, exactly.
+    fn value(self) -> f32;
+}
+
+impl Code for i8 {
+    const MAX: f32 = 127.0;
+    fn random(rng: &mut Rng) -> Self {
+        (rng.below(255) as i32 - 127) as i8
+    }
+    fn quantize(x: f32) -> Self {
+        x.round().clamp(-127.0, 127.0) as i8
+    }
+    fn value(self) -> f32 {
+        self as f32
+    }
+}
+
+impl Code for F8E4M3 {
+    const MAX: f32 = F8E4M3::MAX;
+    fn random(rng: &mut Rng) -> Self {
+        // Any code but the two NaNs.
+        let c = rng.below(254) as u8;
+        F8E4M3(if c >= 0x7f { c + 1 } else { c })
+    }
+    fn quantize(x: f32) -> Self {
+        F8E4M3::from_f32(x)
+    }
+    fn value(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Code for F8E5M2 {
+    const MAX: f32 = F8E5M2::MAX;
+    fn random(rng: &mut Rng) -> Self {
+        // Exponent 31 (infinities, NaNs) left out: codes 0..=0x7b and 0x80..=0xfb.
+        let c = rng.below(248) as u8;
+        F8E5M2(if c >= 0x7c { c + 4 } else { c })
+    }
+    fn quantize(x: f32) -> Self {
+        F8E5M2::from_f32(x)
+    }
+    fn value(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Which code type a property case runs.
+#[derive(Clone, Copy, Debug)]
+enum CodeType {
+    I8,
+    E4m3,
+    E5m2,
+}
+
+fn code_type() -> impl Strategy<Value = CodeType> {
+    prop_oneof![Just(CodeType::I8), Just(CodeType::E4m3), Just(CodeType::E5m2)]
+}
+
+/// Runs `$f::<C, ..>($args)` with the case's code type `C`.
+macro_rules! with_code {
+    ($ct:expr, $f:ident $(::<$($t:ty),*>)? ($($arg:expr),* $(,)?)) => {
+        match $ct {
+            CodeType::I8 => $f::<i8 $($(, $t)*)?>($($arg),*),
+            CodeType::E4m3 => $f::<F8E4M3 $($(, $t)*)?>($($arg),*),
+            CodeType::E5m2 => $f::<F8E5M2 $($(, $t)*)?>($($arg),*),
+        }
+    };
+}
 
 /// Which factors a quantized tensor carries.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -40,15 +119,15 @@ fn sig16(x: f32) -> f32 {
 
 /// One quantized tensor of a case: the codes (laid out like the case's f32 buffer) and the
 /// factors.
-struct Quantized {
-    codes: Vec<i8>,
+struct Quantized<C> {
+    codes: Vec<C>,
     /// One per tensor, per KV head, or per (b, hk, j) at `strides`.
     factors: Vec<f32>,
     strides: Strides,
     mode: Mode,
 }
 
-impl Quantized {
+impl<C> Quantized<C> {
     fn dequant(&self) -> Dequant<'_> {
         match self.mode {
             Mode::Tensor => Dequant::Tensor(self.factors[0]),
@@ -62,14 +141,14 @@ impl Quantized {
 /// dequantized values, and the codes and factors are returned; a huge factor is about
 /// `2^huge`. Rows of one tensor that share
 /// memory (a batch stride of 0) get the same codes and factors.
-fn quantize(case: &mut Case, which: usize, mode: Mode, seed: u64, huge: i32) -> Quantized {
+fn quantize<C: Code>(case: &mut Case, which: usize, mode: Mode, seed: u64, huge: i32) -> Quantized<C> {
     let s = case.shape;
     let (bi, off, st) = case.views[which];
     let width = if which == 1 { s.head_dim } else { s.v_head_dim };
     let (b_n, hkv, skv) = (s.batch, s.kv_heads, s.seq_kv);
     let row_at = |b: usize, hk: usize, j: usize| off + b * st.batch + hk * st.head + j * st.seq;
     let amax = |rows: &mut dyn Iterator<Item = usize>, buf: &[f32]| rows.fold(0.0f32, |a, o| buf[o..o + width].iter().fold(a, |a, x| a.max(x.abs())));
-    let fit = |m: f32| if m > 0.0 { sig16(m / 127.0) } else { 1.0 };
+    let fit = |m: f32| if m > 0.0 { sig16(m / C::MAX) } else { 1.0 };
     // Factor strides: batch stride 0 where K/V are shared by every batch entry.
     let bstride = |n: usize| if st.batch == 0 { 0 } else { n };
     let strides = match mode {
@@ -90,7 +169,7 @@ fn quantize(case: &mut Case, which: usize, mode: Mode, seed: u64, huge: i32) -> 
             .collect(),
         Mode::Token { .. } => vec![0.0; if st.batch == 0 { 1 } else { b_n } * hkv * skv],
     };
-    let mut codes = vec![0i8; case.bufs[bi].len()];
+    let mut codes = vec![C::default(); case.bufs[bi].len()];
     for b in 0..b_n {
         for hk in 0..hkv {
             for j in 0..skv {
@@ -114,9 +193,9 @@ fn quantize(case: &mut Case, which: usize, mode: Mode, seed: u64, huge: i32) -> 
                 let adversarial = matches!(mode, Mode::Token { .. }) && (f == 0.0 || f < 1e-10 || f > 1e8);
                 for t in 0..width {
                     let x = case.bufs[bi][o + t];
-                    let c = if adversarial { (rng.below(255) as i32 - 127) as i8 } else { (x / f).round().clamp(-127.0, 127.0) as i8 };
+                    let c = if adversarial { C::random(&mut rng) } else { C::quantize(x / f) };
                     codes[o + t] = c;
-                    case.bufs[bi][o + t] = f * c as f32;
+                    case.bufs[bi][o + t] = f * c.value();
                 }
             }
         }
@@ -125,17 +204,19 @@ fn quantize(case: &mut Case, which: usize, mode: Mode, seed: u64, huge: i32) -> 
 }
 
 /// A case with K and V quantized; `round` runs first (rounding Q and out's values to their
-/// storage). Huge V factors stay small enough (2^8 x 127) for an f16 output when `f16_out`.
-fn quantized_case(spec: &Spec, k_mode: Mode, v_mode: Mode, seed: u64, f16_out: bool, round: impl Fn(&mut Case)) -> (Case, Quantized, Quantized) {
+/// storage). Huge V factors stay small enough (2^15 / MAX, times at most 2, times MAX) for an
+/// f16 output when `f16_out`.
+fn quantized_case<C: Code>(spec: &Spec, k_mode: Mode, v_mode: Mode, seed: u64, f16_out: bool, round: impl Fn(&mut Case)) -> (Case, Quantized<C>, Quantized<C>) {
     let mut case = Case::build(spec);
     round(&mut case);
     let k = quantize(&mut case, 1, k_mode, seed, 30);
-    let v = quantize(&mut case, 2, v_mode, seed.wrapping_add(1), if f16_out { 8 } else { 30 });
+    let v_huge = if f16_out { 15 - C::MAX.log2().ceil() as i32 } else { 30 };
+    let v = quantize(&mut case, 2, v_mode, seed.wrapping_add(1), v_huge);
     (case, k, v)
 }
 
-/// Runs the int8 call of a quantized case with Q and out stored as `TQ` / `TO`.
-fn run_i8<TQ: FloatElement, TO: FloatElement>(config: &RunConfig, case: &Case, k: &Quantized, v: &Quantized) -> Outcome {
+/// Runs the quantized call of a case with Q and out stored as `TQ` / `TO`.
+fn run_codes<C: Code, TQ: FloatElement, TO: FloatElement>(config: &RunConfig, case: &Case, k: &Quantized<C>, v: &Quantized<C>) -> Outcome {
     let q_buf: Vec<TQ> = case.bufs[case.views[0].0].iter().map(|&x| TQ::from_f32(x)).collect();
     let (_, q_off, q_st) = case.views[0];
     let (_, k_off, k_st) = case.views[1];
@@ -158,12 +239,12 @@ fn run_i8<TQ: FloatElement, TO: FloatElement>(config: &RunConfig, case: &Case, k
     Outcome { out: out.iter().map(|x| x.to_f32()).collect(), lse }
 }
 
-fn every_isa<TQ: FloatElement, TO: FloatElement>(spec: &Spec, k_mode: Mode, v_mode: Mode, seed: u64, store_eps: f64) -> Result<(), TestCaseError> {
-    let (case, k, v) = quantized_case(spec, k_mode, v_mode, seed, TO::DTYPE == DType::F16, |c| c.round_for::<TQ, f32, TO>());
+fn every_isa<C: Code, TQ: FloatElement, TO: FloatElement>(spec: &Spec, k_mode: Mode, v_mode: Mode, seed: u64, store_eps: f64) -> Result<(), TestCaseError> {
+    let (case, k, v) = quantized_case::<C>(spec, k_mode, v_mode, seed, TO::DTYPE == DType::F16, |c| c.round_for::<TQ, f32, TO>());
     for isa in Isa::available() {
         let config = RunConfig { isa: Some(isa), threads: Some(1) };
-        let got = run_i8::<TQ, TO>(&config, &case, &k, &v);
-        check(&case, &got, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}] K {k_mode:?} V {v_mode:?}: {e}")))?;
+        let got = run_codes::<C, TQ, TO>(&config, &case, &k, &v);
+        check(&case, &got, store_eps).map_err(|e| TestCaseError::fail(format!("[{isa}] {:?} K {k_mode:?} V {v_mode:?}: {e}", C::DTYPE)))?;
     }
     Ok(())
 }
@@ -172,59 +253,64 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases / 2 + 1, ..ProptestConfig::default() })]
 
     #[test]
-    fn int8_kv_every_isa(spec in spec_strategy(Options::Any), k_mode in mode(), v_mode in mode(), seed in any::<u64>()) {
-        every_isa::<f32, f32>(&spec, k_mode, v_mode, seed, 0.0)?;
+    fn quantized_kv_every_isa(spec in spec_strategy(Options::Any), ct in code_type(), k_mode in mode(), v_mode in mode(), seed in any::<u64>()) {
+        with_code!(ct, every_isa::<f32, f32>(&spec, k_mode, v_mode, seed, 0.0))?;
     }
 
     #[test]
-    fn int8_kv_adversarial(spec in spec_strategy(Options::Adversarial), seed in any::<u64>()) {
+    fn quantized_kv_adversarial(spec in spec_strategy(Options::Adversarial), ct in code_type(), seed in any::<u64>()) {
         let token = Mode::Token { token_major: seed % 2 == 0 };
-        every_isa::<f32, f32>(&spec, token, token, seed, 0.0)?;
+        with_code!(ct, every_isa::<f32, f32>(&spec, token, token, seed, 0.0))?;
     }
 
     #[test]
-    fn int8_kv_16_bit_q_and_out(spec in spec_strategy(Options::One), k_mode in mode(), v_mode in mode(), seed in any::<u64>()) {
-        every_isa::<bf16, f16>(&spec, k_mode, v_mode, seed, 1.0 / 2048.0)?;
-        every_isa::<f16, bf16>(&spec, k_mode, v_mode, seed, 1.0 / 256.0)?;
+    fn quantized_kv_16_bit_q_and_out(spec in spec_strategy(Options::One), ct in code_type(), k_mode in mode(), v_mode in mode(), seed in any::<u64>()) {
+        with_code!(ct, every_isa::<bf16, f16>(&spec, k_mode, v_mode, seed, 1.0 / 2048.0))?;
+        with_code!(ct, every_isa::<f16, bf16>(&spec, k_mode, v_mode, seed, 1.0 / 256.0))?;
     }
 
     /// Decode shapes (one to a few new tokens per sequence, GQA): the few-rows and row-tile
     /// decode kernels, with several threads so the key partitions merge.
     #[test]
-    fn int8_kv_decode(b in 1..=3usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4), Just(8)], sq in 1..=4usize,
+    fn quantized_kv_decode(ct in code_type(), b in 1..=3usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4), Just(8)], sq in 1..=4usize,
                       skv in prop_oneof![1..=40usize, 200..=3000usize], d in prop_oneof![Just(64usize), Just(128), 1..=96usize],
                       k_mode in mode(), v_mode in mode(), seed in any::<u64>(), threads in 1..=3usize) {
         let mut spec = Spec::plain(b, hkv * g, hkv, sq, skv, d);
         spec.causal = seed % 3 == 0;
         spec.seed = seed;
         spec.layout = if seed % 2 == 0 { Layout::Bshd } else { Layout::Bhsd };
-        let (case, k, v) = quantized_case(&spec, k_mode, v_mode, seed, false, |_| {});
-        for isa in Isa::available() {
-            let got = run_i8::<f32, f32>(&RunConfig { isa: Some(isa), threads: Some(threads) }, &case, &k, &v);
-            check(&case, &got, 0.0).map_err(|e| TestCaseError::fail(format!("[{isa}] {threads} threads: {e}")))?;
-        }
+        with_code!(ct, decode(&spec, k_mode, v_mode, seed, threads))?;
     }
 
     /// Packed variable-length keys (`cu_seqlens_k`): per-token factors found through the same
     /// token offsets as K and V.
     #[test]
-    fn int8_kv_packed(lens in proptest::collection::vec(0..=60usize, 1..=3), hkv in 1..=2usize, g in 1..=3usize,
+    fn quantized_kv_packed(ct in code_type(), lens in proptest::collection::vec(0..=60usize, 1..=3), hkv in 1..=2usize, g in 1..=3usize,
                       d in prop_oneof![Just(64usize), 1..=40usize], seed in any::<u64>()) {
-        packed(&lens, hkv, g, d, seed)?;
+        with_code!(ct, packed(&lens, hkv, g, d, seed))?;
     }
 
     /// A paged int8 cache with paged per-token factors, read in place, and the same cache as
     /// strided tensors: each within the bound of the reference.
     #[test]
-    fn int8_kv_paged(b in 1..=3usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4)], sq in 1..=3usize,
+    fn quantized_kv_paged(ct in code_type(), b in 1..=3usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4)], sq in 1..=3usize,
                      skv in 1..=300usize, d in prop_oneof![Just(64usize), Just(128), 1..=40usize],
                      page_size in prop_oneof![Just(1usize), Just(16), 1..=70usize], seed in any::<u64>()) {
-        paged(b, hkv, g, sq, skv, d, page_size, seed)?;
+        with_code!(ct, paged(b, hkv, g, sq, skv, d, page_size, seed))?;
     }
 }
 
+fn decode<C: Code>(spec: &Spec, k_mode: Mode, v_mode: Mode, seed: u64, threads: usize) -> Result<(), TestCaseError> {
+    let (case, k, v) = quantized_case::<C>(spec, k_mode, v_mode, seed, false, |_| {});
+    for isa in Isa::available() {
+        let got = run_codes::<C, f32, f32>(&RunConfig { isa: Some(isa), threads: Some(threads) }, &case, &k, &v);
+        check(&case, &got, 0.0).map_err(|e| TestCaseError::fail(format!("[{isa}] {:?} {threads} threads: {e}", C::DTYPE)))?;
+    }
+    Ok(())
+}
+
 /// Packed keys: `lens[b]` keys per sequence, tokens `[T, Hkv, D]`, factors `[T, Hkv]`.
-fn packed(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) -> Result<(), TestCaseError> {
+fn packed<C: Code>(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) -> Result<(), TestCaseError> {
     let (batch, hq, sq) = (lens.len(), hkv * g, 2usize);
     let skv = lens.iter().copied().max().unwrap_or(0).max(1);
     let tokens: usize = lens.iter().sum();
@@ -236,8 +322,10 @@ fn packed(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) -> Result<(
     let shape = AttentionShape::new(batch, hq, hkv, sq, skv, d);
     let q: Vec<f32> = (0..batch * hq * sq * d).map(|_| rng.uniform()).collect();
     let n = tokens * hkv * d;
-    let (k_codes, v_codes): (Vec<i8>, Vec<i8>) = ((0..n).map(|_| (rng.below(255) as i32 - 127) as i8).collect(), (0..n).map(|_| (rng.below(255) as i32 - 127) as i8).collect());
-    let factor = |rng: &mut Rng| if rng.below(10) == 0 { 0.0 } else { sig16(0.01 * (1.0 + rng.uniform().abs())) };
+    let (k_codes, v_codes): (Vec<C>, Vec<C>) = ((0..n).map(|_| C::random(&mut rng)).collect(), (0..n).map(|_| C::random(&mut rng)).collect());
+    // Values up to about 2.5 whatever the code type.
+    let unit = 1.27 / C::MAX;
+    let factor = |rng: &mut Rng| if rng.below(10) == 0 { 0.0 } else { sig16(unit * (1.0 + rng.uniform().abs())) };
     let (kf, vf): (Vec<f32>, Vec<f32>) = ((0..tokens * hkv).map(|_| factor(&mut rng)).collect(), (0..tokens * hkv).map(|_| factor(&mut rng)).collect());
     let tok = Strides::new(0, d, hkv * d);
     let ftok = Strides::new(0, 1, hkv);
@@ -245,7 +333,7 @@ fn packed(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) -> Result<(
     let params = AttentionParams::new().cu_seqlens_k(&cu).causal(seed % 2 == 0).kv_scales(Dequant::Token(&kf, ftok), Dequant::Token(&vf, ftok));
     let want = Reference::new(&shape, TensorRef::new(&q, qs), TensorRef::new(&k_codes, tok), TensorRef::new(&v_codes, tok), &params).unwrap().compute();
     // The same call on dequantized f32 tensors: the reference's literal factors agree.
-    let deq = |codes: &[i8], f: &[f32]| -> Vec<f32> { codes.iter().enumerate().map(|(i, &c)| f[i / d] * c as f32).collect() };
+    let deq = |codes: &[C], f: &[f32]| -> Vec<f32> { codes.iter().enumerate().map(|(i, &c)| f[i / d] * c.value()).collect() };
     let (kd, vd) = (deq(&k_codes, &kf), deq(&v_codes, &vf));
     let plain = AttentionParams::new().cu_seqlens_k(&cu).causal(seed % 2 == 0);
     let want_f32 = Reference::new(&shape, TensorRef::new(&q, qs), TensorRef::new(&kd, tok), TensorRef::new(&vd, tok), &plain).unwrap().compute();
@@ -256,8 +344,8 @@ fn packed(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) -> Result<(
         let mut out = vec![0.0f32; batch * hq * sq * d];
         attention_with(&RunConfig { isa: Some(isa), threads: Some(1) }, &shape, TensorRef::new(&q, qs), TensorRef::new(&k_codes, tok), TensorRef::new(&v_codes, tok), TensorMut::new(&mut out, os), None, &params).unwrap();
         for (r, (g, w)) in out.chunks(d).zip(want.out.chunks(d)).enumerate() {
-            // |v| <= 127 * 0.02; a wrong factor or token moves a row by about that much.
-            let tol = 1e-4 * 127.0 * 0.02;
+            // |v| <= MAX * 2 unit = 2.54; a wrong factor or token moves a row by about that much.
+            let tol = 1e-4 * 2.54;
             for (&x, &y) in g.iter().zip(w) {
                 prop_assert!((x as f64 - y).abs() <= tol, "[{isa}] row {r}: {x} vs reference {y}");
             }
@@ -267,13 +355,13 @@ fn packed(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) -> Result<(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn paged(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usize, page_size: usize, seed: u64) -> Result<(), TestCaseError> {
+fn paged<C: Code>(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usize, page_size: usize, seed: u64) -> Result<(), TestCaseError> {
     let mut spec = Spec::plain(b, hkv * g, hkv, sq, skv, d);
     spec.seed = seed;
     spec.causal = seed % 2 == 1;
     spec.kv_lens = Some((0..b).map(|i| if i == 0 { skv } else { (seed as usize >> (4 * i)) % (skv + 1) }).collect());
     let tm = Mode::Token { token_major: false };
-    let (case, k, v) = quantized_case(&spec, tm, tm, seed, false, |_| {});
+    let (case, k, v) = quantized_case::<C>(&spec, tm, tm, seed, false, |_| {});
     // Pool: token-major pages [num_pages, page_size, Hkv, D], factors [num_pages, page_size, Hkv],
     // pages in a shuffled order, one spare page filled with garbage.
     let pages_per_seq = skv.div_ceil(page_size);
@@ -285,7 +373,7 @@ fn paged(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usize, page_s
     }
     let ps = PageStrides { page: page_size * hkv * d, head: d, slot: hkv * d };
     let fs = PageStrides { page: page_size * hkv, head: 1, slot: hkv };
-    let (mut kp, mut vp) = (vec![127i8; num_pages * ps.page], vec![-128i8; num_pages * ps.page]);
+    let (mut kp, mut vp) = (vec![C::from_f32(C::MAX); num_pages * ps.page], vec![C::from_f32(-C::MAX); num_pages * ps.page]);
     let (mut kfp, mut vfp) = (vec![f32::NAN; num_pages * fs.page], vec![f32::NAN; num_pages * fs.page]);
     let mut table = vec![-1i32; b * pages_per_seq];
     let lens = case.kv_lens.clone().unwrap();
@@ -312,7 +400,7 @@ fn paged(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usize, page_s
     let pages = PageTable { block_table: &table, pages_per_seq, page_size, num_pages };
     for isa in Isa::available() {
         let config = RunConfig { isa: Some(isa), threads: Some(2) };
-        let strided = run_i8::<f32, f32>(&config, &case, &k, &v);
+        let strided = run_codes::<C, f32, f32>(&config, &case, &k, &v);
         check(&case, &strided, 0.0).map_err(|e| TestCaseError::fail(format!("[{isa}] strided: {e}")))?;
         let q = case.tensor(&case.bufs, 0);
         let mut out = vec![SENTINEL; case.out_len];
@@ -364,4 +452,170 @@ fn bad_factors_are_rejected() {
     assert!(out.iter().all(|&x| x == SENTINEL), "an error left the output untouched");
     call(&mut out, AttentionParams::new().kv_scales(Dequant::Token(&ok, bhs), Dequant::Head(&[0.5, 2.0]))).unwrap();
     assert!(out.iter().all(|&x| x != SENTINEL));
+}
+
+/// An fp8 code's value from the OCP definition, in f64: sign, `e` exponent bits of bias
+/// `bias`, `m` mantissa bits; exponent 0 subnormal. `special` decides the codes the format
+/// reserves (E4M3: only S.1111.111 is NaN; E5M2: exponent all ones is inf or NaN).
+fn fp8_definition(code: u8, e_bits: u32, m_bits: u32, bias: i32, special: impl Fn(u32, u32) -> Option<f64>) -> f64 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let e = (code as u32 >> m_bits) & ((1 << e_bits) - 1);
+    let m = code as u32 & ((1 << m_bits) - 1);
+    if let Some(x) = special(e, m) {
+        return sign * x;
+    }
+    let frac = m as f64 / (1u32 << m_bits) as f64;
+    sign * if e == 0 { frac * 2f64.powi(1 - bias) } else { (1.0 + frac) * 2f64.powi(e as i32 - bias) }
+}
+
+fn e4m3_table() -> Vec<f64> {
+    (0..=255u8).map(|c| fp8_definition(c, 4, 3, 7, |e, m| (e == 15 && m == 7).then_some(f64::NAN))).collect()
+}
+
+fn e5m2_table() -> Vec<f64> {
+    (0..=255u8).map(|c| fp8_definition(c, 5, 2, 15, |e, m| (e == 31).then_some(if m == 0 { f64::INFINITY } else { f64::NAN }))).collect()
+}
+
+fn same_value(got: f32, want: f64) -> bool {
+    (got.is_nan() && want.is_nan()) || (got as f64 == want && got.is_sign_negative() == want.is_sign_negative())
+}
+
+/// Every E4M3 and E5M2 code decoded by the element type and by every ISA's loads (one vector
+/// and two) against the table computed from the format definition; the table's landmarks
+/// (448 and 57344 largest, 2^-9 and 2^-16 smallest subnormals, the NaN and inf codes) checked
+/// by hand.
+#[test]
+fn fp8_codes_decode_as_the_format_defines_on_every_isa() {
+    let (t4, t5) = (e4m3_table(), e5m2_table());
+    assert_eq!((t4[0x7e], t4[0x01], t4[0x08], t4[0xfe]), (448.0, 2f64.powi(-9), 2f64.powi(-6), -448.0));
+    assert!(t4[0x7f].is_nan() && t4[0xff].is_nan() && t4.iter().filter(|x| x.is_nan()).count() == 2);
+    assert_eq!((t5[0x7b], t5[0x01], t5[0x7c], t5[0xfc]), (57344.0, 2f64.powi(-16), f64::INFINITY, f64::NEG_INFINITY));
+    assert!(t5.iter().filter(|x| x.is_nan()).count() == 6);
+    let e4: Vec<F8E4M3> = (0..=255u8).map(F8E4M3).collect();
+    let e5: Vec<F8E5M2> = (0..=255u8).map(F8E5M2).collect();
+    for c in 0..256 {
+        assert!(same_value(e4[c].to_f32(), t4[c]), "E4M3 {c:#04x}: {} vs {}", e4[c].to_f32(), t4[c]);
+        assert!(same_value(Element::to_f32(e4[c]), t4[c]));
+        assert!(same_value(e5[c].to_f32(), t5[c]), "E5M2 {c:#04x}: {} vs {}", e5[c].to_f32(), t5[c]);
+        assert!(same_value(Element::to_f32(e5[c]), t5[c]));
+    }
+    let mut checked = 0;
+    for isa in Isa::available() {
+        if let Some((one, pair)) = simd_attn::selftest::widen_e4m3(isa, &e4) {
+            for c in 0..256 {
+                assert!(same_value(one[c], t4[c]), "[{isa}] load_e4m3s of {c:#04x}: {} vs {}", one[c], t4[c]);
+                assert!(same_value(pair[c], t4[c]), "[{isa}] load_e4m3s_pair of {c:#04x}: {} vs {}", pair[c], t4[c]);
+            }
+            checked += 1;
+        }
+        if let Some((one, pair)) = simd_attn::selftest::widen_e5m2(isa, &e5) {
+            for c in 0..256 {
+                assert!(same_value(one[c], t5[c]), "[{isa}] load_e5m2s of {c:#04x}: {} vs {}", one[c], t5[c]);
+                assert!(same_value(pair[c], t5[c]), "[{isa}] load_e5m2s_pair of {c:#04x}: {} vs {}", pair[c], t5[c]);
+            }
+        }
+    }
+    assert!(checked >= 1, "no ISA ran the fp8 loads");
+}
+
+/// The nearest finite code of `x`'s sign, by exhaustive search over the table; ties to the even
+/// code. This is `from_f32`'s contract for finite `x` (beyond the largest value: the largest).
+fn nearest_code(table: &[f64], x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let mut best: Option<(f64, u8)> = None;
+    for m in 0..0x80u8 {
+        let c = sign | m;
+        let v = table[c as usize];
+        if !v.is_finite() {
+            continue;
+        }
+        let d = (v - x as f64).abs();
+        best = match best {
+            Some((bd, bc)) if bd < d || (bd == d && bc % 2 == 0) => Some((bd, bc)),
+            _ => Some((d, c)),
+        };
+    }
+    best.unwrap().1
+}
+
+proptest! {
+    /// fp8 encoding rounds to nearest even and saturates, on random values across the whole
+    /// range, on the exact midpoints between neighbouring codes, and on the specials.
+    #[test]
+    fn fp8_encoding_rounds_to_nearest_even(bits in any::<u32>(), exp in -20i32..20, c in 0..0x7fu8) {
+        let (t4, t5) = (e4m3_table(), e5m2_table());
+        let x = f32::from_bits((bits & 0x807f_ffff) | (((exp + 127) as u32) << 23));
+        prop_assert_eq!(F8E4M3::from_f32(x).0, nearest_code(&t4, x), "E4M3 of {}", x);
+        prop_assert_eq!(F8E5M2::from_f32(x).0, nearest_code(&t5, x), "E5M2 of {}", x);
+        // Midpoints between code c and c + 1 (exact in f32), both signs.
+        for (table, max) in [(&t4, 0x7eu8), (&t5, 0x7b)] {
+            if c < max {
+                let mid = ((table[c as usize] + table[c as usize + 1]) / 2.0) as f32;
+                let want = if c % 2 == 0 { c } else { c + 1 };
+                let got = if max == 0x7e { F8E4M3::from_f32(mid).0 } else { F8E5M2::from_f32(mid).0 };
+                let got_neg = if max == 0x7e { F8E4M3::from_f32(-mid).0 } else { F8E5M2::from_f32(-mid).0 };
+                prop_assert_eq!(got, want, "midpoint {} of codes {} and {}", mid, c, c + 1);
+                prop_assert_eq!(got_neg, 0x80 | want);
+            }
+        }
+    }
+}
+
+#[test]
+fn fp8_encoding_specials() {
+    assert_eq!(F8E4M3::from_f32(1e9).0, 0x7e);
+    assert_eq!(F8E4M3::from_f32(-1e9).0, 0xfe);
+    assert!(F8E4M3::from_f32(f32::INFINITY).to_f32().is_nan() && F8E4M3::from_f32(f32::NAN).to_f32().is_nan());
+    assert_eq!(F8E4M3::from_f32(-0.0).0, 0x80);
+    assert_eq!(F8E5M2::from_f32(1e9).0, 0x7b);
+    assert_eq!(F8E5M2::from_f32(f32::NEG_INFINITY).0, 0xfc);
+    assert!(F8E5M2::from_f32(f32::NAN).to_f32().is_nan());
+    for c in 0..=255u8 {
+        // Every finite code survives a round trip.
+        if F8E4M3(c).to_f32().is_finite() {
+            assert_eq!(F8E4M3::from_f32(F8E4M3(c).to_f32()).0, c);
+        }
+        if !F8E5M2(c).to_f32().is_nan() {
+            assert_eq!(F8E5M2::from_f32(F8E5M2(c).to_f32()).0, c);
+        }
+    }
+}
+
+/// An fp8 cache with no `kv_scales` (factor 1, as SGLang keeps an unscaled fp8 cache), NaN codes
+/// included in K rows that no query sees: the result is the reference's on the decoded values,
+/// and the invisible NaNs reach nothing.
+#[test]
+fn fp8_kv_without_scales_and_nan_codes_outside_the_window() {
+    let shape = AttentionShape::new(1, 4, 2, 3, 40, 64);
+    let [qs, ks, vs, os] = shape.bhsd_strides();
+    let mut rng = Rng::new(7);
+    let q: Vec<f32> = (0..4 * 3 * 64).map(|_| rng.uniform()).collect();
+    for fmt in 0..2 {
+        let (mut k4, mut v4): (Vec<F8E4M3>, Vec<F8E4M3>) = ((0..2 * 40 * 64).map(|_| F8E4M3::random(&mut rng)).collect(), (0..2 * 40 * 64).map(|_| F8E4M3::random(&mut rng)).collect());
+        let (mut k5, mut v5): (Vec<F8E5M2>, Vec<F8E5M2>) = ((0..2 * 40 * 64).map(|_| F8E5M2::random(&mut rng)).collect(), (0..2 * 40 * 64).map(|_| F8E5M2::random(&mut rng)).collect());
+        // Bottom-right causal with a left window of 8: row i sees keys 29 + i..=37 + i, so keys
+        // 0..5 of KV head 1 (poisoned with NaN and inf codes) are outside every row's reach.
+        for j in 0..5 {
+            for t in 0..64 {
+                let o = 40 * 64 + j * 64 + t;
+                (k4[o], v4[o], k5[o], v5[o]) = (F8E4M3(0x7f), F8E4M3(0xff), F8E5M2(0x7e), F8E5M2(0x7c));
+            }
+        }
+        let params = AttentionParams::new().causal(true).window(Some(8), Some(0));
+        let mut out = vec![SENTINEL; 4 * 3 * 64];
+        for isa in Isa::available() {
+            let config = RunConfig { isa: Some(isa), threads: Some(1) };
+            let want = if fmt == 0 {
+                attention_with(&config, &shape, TensorRef::new(&q, qs), TensorRef::new(&k4, ks), TensorRef::new(&v4, vs), TensorMut::new(&mut out, os), None, &params).unwrap();
+                Reference::new(&shape, TensorRef::new(&q, qs), TensorRef::new(&k4, ks), TensorRef::new(&v4, vs), &params).unwrap().compute()
+            } else {
+                attention_with(&config, &shape, TensorRef::new(&q, qs), TensorRef::new(&k5, ks), TensorRef::new(&v5, vs), TensorMut::new(&mut out, os), None, &params).unwrap();
+                Reference::new(&shape, TensorRef::new(&q, qs), TensorRef::new(&k5, ks), TensorRef::new(&v5, vs), &params).unwrap().compute()
+            };
+            let vmax = want.out.iter().fold(0.0f64, |a, x| a.max(x.abs())).max(1.0);
+            for (i, (&g, &w)) in out.iter().zip(&want.out).enumerate() {
+                assert!(g.is_finite() && (g as f64 - w).abs() <= 1e-4 * vmax, "[{isa}] fmt {fmt} element {i}: {g} vs reference {w}");
+            }
+        }
+    }
 }

@@ -18,7 +18,7 @@ pub(crate) fn carve<'w>(buf: &mut &'w mut [f32], n: usize) -> &'w mut [f32] {
     head
 }
 
-/// `dst[..src.len()] = src` as f32: f16, bf16 and int8 are widened in registers a vector at a time,
+/// `dst[..src.len()] = src` as f32: f16, bf16, int8 and fp8 are widened in registers a vector at a time,
 /// f32 copied.
 #[inline(always)]
 pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, src: &[T], dst: &mut [f32]) {
@@ -28,6 +28,10 @@ pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(s
     } else if let Some(h) = T::as_bf16_slice(src) {
         widen_row(simd, h, dst);
     } else if let Some(h) = T::as_i8_slice(src) {
+        widen_row(simd, h, dst);
+    } else if let Some(h) = T::as_e4m3_slice(src) {
+        widen_row(simd, h, dst);
+    } else if let Some(h) = T::as_e5m2_slice(src) {
         widen_row(simd, h, dst);
     } else {
         for (d, x) in dst.iter_mut().zip(src) {
@@ -213,6 +217,10 @@ pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(si
         simd.load_bf16s(h)
     } else if let Some(h) = T::as_i8_slice(row) {
         simd.load_i8s(h)
+    } else if let Some(h) = T::as_e4m3_slice(row) {
+        simd.load_e4m3s(h)
+    } else if let Some(h) = T::as_e5m2_slice(row) {
+        simd.load_e5m2s(h)
     } else if let Some(f) = T::as_f32_slice(row) {
         S::as_simd_f32s(f).0[0]
     } else {

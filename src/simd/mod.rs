@@ -8,6 +8,7 @@ pub(crate) mod exp;
 pub(crate) mod tanh;
 
 use crate::isa::Isa;
+use crate::element::{F8E4M3, F8E5M2};
 use half::{bf16, f16};
 use pulp::{Simd, WithSimd};
 
@@ -85,6 +86,46 @@ pub(crate) trait SimdExt: Simd {
     fn load_i8s_pair(self, src: &[i8]) -> (Self::f32s, Self::f32s) {
         let lanes = Self::F32_LANES;
         (self.load_i8s(&src[..lanes]), self.load_i8s(&src[lanes..2 * lanes]))
+    }
+
+    /// The first `F32_LANES` values of `src`, decoded from fp8 E4M3 to f32 (exact, NaN for the
+    /// NaN codes). The SIMD ISAs override this: sign-extend to 16 bits, shift the code into an
+    /// f16 (value 2^-8 times the code's), patch the NaN codes, widen the f16, multiply by 2^8.
+    #[inline(always)]
+    fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
+        let mut buf = [0.0f32; 16];
+        let lanes = Self::F32_LANES;
+        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
+            *d = s.to_f32();
+        }
+        Self::as_simd_f32s(&buf[..lanes]).0[0]
+    }
+
+    /// [`SimdExt::load_e4m3s`] for `2 * F32_LANES` values, as two vectors.
+    #[inline(always)]
+    fn load_e4m3s_pair(self, src: &[F8E4M3]) -> (Self::f32s, Self::f32s) {
+        let lanes = Self::F32_LANES;
+        (self.load_e4m3s(&src[..lanes]), self.load_e4m3s(&src[lanes..2 * lanes]))
+    }
+
+    /// The first `F32_LANES` values of `src`, decoded from fp8 E5M2 to f32 (exact: a code is the
+    /// top byte of an f16). The SIMD ISAs override this with a zero-extend, a shift and the f16
+    /// widening.
+    #[inline(always)]
+    fn load_e5m2s(self, src: &[F8E5M2]) -> Self::f32s {
+        let mut buf = [0.0f32; 16];
+        let lanes = Self::F32_LANES;
+        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
+            *d = s.to_f32();
+        }
+        Self::as_simd_f32s(&buf[..lanes]).0[0]
+    }
+
+    /// [`SimdExt::load_e5m2s`] for `2 * F32_LANES` values, as two vectors.
+    #[inline(always)]
+    fn load_e5m2s_pair(self, src: &[F8E5M2]) -> (Self::f32s, Self::f32s) {
+        let lanes = Self::F32_LANES;
+        (self.load_e5m2s(&src[..lanes]), self.load_e5m2s(&src[lanes..2 * lanes]))
     }
 
     /// Lane `i` of the result is the sum of the lanes of `acc[i]` (`acc` holds `F32_LANES`
@@ -169,6 +210,48 @@ impl Widen for i8 {
     }
 }
 
+impl Widen for F8E4M3 {
+    #[inline(always)]
+    fn load<S: SimdExt>(simd: S, src: &[F8E4M3]) -> S::f32s {
+        simd.load_e4m3s(src)
+    }
+    #[inline(always)]
+    fn load_pair<S: SimdExt>(simd: S, src: &[F8E4M3]) -> (S::f32s, S::f32s) {
+        simd.load_e4m3s_pair(src)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Widen for F8E5M2 {
+    #[inline(always)]
+    fn load<S: SimdExt>(simd: S, src: &[F8E5M2]) -> S::f32s {
+        simd.load_e5m2s(src)
+    }
+    #[inline(always)]
+    fn load_pair<S: SimdExt>(simd: S, src: &[F8E5M2]) -> (S::f32s, S::f32s) {
+        simd.load_e5m2s_pair(src)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Sixteen-bit lanes holding E4M3 codes sign-extended and shifted left by 7 (so bit 15 and bit 14
+/// are the sign, bits 13..7 the exponent and mantissa), made into f16 bits worth 2^-8 times the
+/// code: clear bit 14; where the 7 bits are all ones (the NaN codes) set it again, which makes
+/// the exponent all ones over a non-zero mantissa. `bits + 0x80` carries into bit 14 exactly
+/// there. Written once over any 16-bit lane vector type through its and/or/add.
+macro_rules! e4m3_f16_bits {
+    ($w:expr, $and:path, $or:path, $add:path, $splat:path) => {{
+        let bits = $and($w, $splat(0xBFFFu16 as i16));
+        $or(bits, $and($add(bits, $splat(0x80)), $splat(0x4000)))
+    }};
+}
+
 #[cfg(target_arch = "aarch64")]
 impl SimdExt for pulp::aarch64::Neon {
     #[inline(always)]
@@ -236,6 +319,54 @@ impl SimdExt for pulp::aarch64::Neon {
     }
 
     #[inline(always)]
+    fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
+        use core::arch::aarch64::{vandq_s16, vaddq_s16, vdup_n_s32, vdupq_n_s16, vget_low_s16, vmulq_n_f32, vorrq_s16, vreinterpret_s8_s32, vreinterpret_u16_s16, vshll_n_s8};
+        let src = &src[..4];
+        let word = i32::from_ne_bytes([src[0].0, src[1].0, src[2].0, src[3].0]);
+        // SAFETY: NEON is enabled in every Neon context; registers only. `sshll #7` sign-extends
+        // and shifts in one step (the low 4 lanes hold `src`, little-endian).
+        unsafe {
+            let w = vshll_n_s8::<7>(vreinterpret_s8_s32(vdup_n_s32(word)));
+            let bits = e4m3_f16_bits!(w, vandq_s16, vorrq_s16, vaddq_s16, vdupq_n_s16);
+            core::mem::transmute(vmulq_n_f32(neon_f16x4(vreinterpret_u16_s16(vget_low_s16(bits))), 256.0))
+        }
+    }
+
+    #[inline(always)]
+    fn load_e4m3s_pair(self, src: &[F8E4M3]) -> (Self::f32s, Self::f32s) {
+        use core::arch::aarch64::{vandq_s16, vaddq_s16, vdupq_n_s16, vld1_s8, vmulq_n_f32, vorrq_s16, vreinterpretq_u16_s16, vshll_n_s8};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 codes = 8 bytes; NEON is enabled in every Neon context.
+        unsafe {
+            let w = vshll_n_s8::<7>(vld1_s8(src.as_ptr().cast::<i8>()));
+            let bits = e4m3_f16_bits!(w, vandq_s16, vorrq_s16, vaddq_s16, vdupq_n_s16);
+            let (lo, hi) = neon_f16x8(vreinterpretq_u16_s16(bits));
+            (core::mem::transmute(vmulq_n_f32(lo, 256.0)), core::mem::transmute(vmulq_n_f32(hi, 256.0)))
+        }
+    }
+
+    #[inline(always)]
+    fn load_e5m2s(self, src: &[F8E5M2]) -> Self::f32s {
+        use core::arch::aarch64::{vdup_n_u32, vget_low_u16, vreinterpret_u8_u32, vshll_n_u8};
+        let src = &src[..4];
+        let word = u32::from_ne_bytes([src[0].0, src[1].0, src[2].0, src[3].0]);
+        // SAFETY: NEON is enabled in every Neon context; registers only. `ushll #8` puts each
+        // code in the top byte of a 16-bit lane: an f16.
+        unsafe { core::mem::transmute(neon_f16x4(vget_low_u16(vshll_n_u8::<8>(vreinterpret_u8_u32(vdup_n_u32(word)))))) }
+    }
+
+    #[inline(always)]
+    fn load_e5m2s_pair(self, src: &[F8E5M2]) -> (Self::f32s, Self::f32s) {
+        use core::arch::aarch64::{vld1_u8, vshll_n_u8};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 codes = 8 bytes; NEON is enabled in every Neon context.
+        unsafe {
+            let (lo, hi) = neon_f16x8(vshll_n_u8::<8>(vld1_u8(src.as_ptr().cast::<u8>())));
+            (core::mem::transmute(lo), core::mem::transmute(hi))
+        }
+    }
+
+    #[inline(always)]
     fn load_i8s_pair(self, src: &[i8]) -> (Self::f32s, Self::f32s) {
         use core::arch::aarch64::{vcvtq_f32_s32, vget_low_s16, vld1_s8, vmovl_high_s16, vmovl_s16, vmovl_s8};
         let src = &src[..8];
@@ -268,6 +399,33 @@ impl SimdExt for pulp::aarch64::Neon {
     }
 }
 
+/// Four f16 lanes widened to f32 (`fcvtl`: the f16 vector types are unstable, so assembly).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn neon_f16x4(bits: core::arch::aarch64::uint16x4_t) -> core::arch::aarch64::float32x4_t {
+    let out;
+    // SAFETY: `fcvtl` widens 4 half-precision lanes, registers only; NEON is part of AArch64.
+    unsafe { core::arch::asm!("fcvtl {out:v}.4s, {bits:v}.4h", out = lateout(vreg) out, bits = in(vreg) bits, options(pure, nomem, nostack, preserves_flags)) };
+    out
+}
+
+/// Eight f16 lanes widened to two vectors of f32 (`fcvtl`, `fcvtl2`).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn neon_f16x8(bits: core::arch::aarch64::uint16x8_t) -> (core::arch::aarch64::float32x4_t, core::arch::aarch64::float32x4_t) {
+    let (lo, hi);
+    // SAFETY: as in `neon_f16x4`.
+    unsafe {
+        core::arch::asm!(
+            "fcvtl {lo:v}.4s, {bits:v}.4h",
+            "fcvtl2 {hi:v}.4s, {bits:v}.8h",
+            lo = out(vreg) lo, hi = lateout(vreg) hi, bits = in(vreg) bits,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    (lo, hi)
+}
+
 #[cfg(target_arch = "x86_64")]
 impl SimdExt for pulp::x86::V4 {
     #[inline(always)]
@@ -293,6 +451,27 @@ impl SimdExt for pulp::x86::V4 {
         let src = &src[..16];
         // SAFETY: `src` holds 16 int8 = 16 bytes; AVX-512F is enabled in every V4 context.
         unsafe { pulp::cast(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src.as_ptr().cast::<__m128i>())))) }
+    }
+
+    #[inline(always)]
+    fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_add_epi16, _mm256_and_si256, _mm256_cvtepi8_epi16, _mm256_or_si256, _mm256_set1_epi16, _mm256_slli_epi16, _mm512_cvtph_ps, _mm512_mul_ps, _mm512_set1_ps, _mm_loadu_si128};
+        let src = &src[..16];
+        // SAFETY: `src` holds 16 codes = 16 bytes; AVX-512F (and so AVX2 and F16C) is enabled
+        // in every V4 context; the rest is registers only.
+        unsafe {
+            let w = _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(_mm_loadu_si128(src.as_ptr().cast::<__m128i>())));
+            let bits = e4m3_f16_bits!(w, _mm256_and_si256, _mm256_or_si256, _mm256_add_epi16, _mm256_set1_epi16);
+            pulp::cast(_mm512_mul_ps(_mm512_cvtph_ps(bits), _mm512_set1_ps(256.0)))
+        }
+    }
+
+    #[inline(always)]
+    fn load_e5m2s(self, src: &[F8E5M2]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_cvtepu8_epi16, _mm256_slli_epi16, _mm512_cvtph_ps, _mm_loadu_si128};
+        let src = &src[..16];
+        // SAFETY: `src` holds 16 codes = 16 bytes; AVX-512F is enabled in every V4 context.
+        unsafe { pulp::cast(_mm512_cvtph_ps(_mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(_mm_loadu_si128(src.as_ptr().cast::<__m128i>()))))) }
     }
 
     #[inline(always)]
@@ -363,6 +542,27 @@ impl SimdExt for pulp::x86::V3 {
         // SAFETY: `src` holds 8 int8 = 8 bytes (a 64-bit load); AVX2 is enabled in every V3
         // context.
         unsafe { pulp::cast(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(src.as_ptr().cast::<__m128i>())))) }
+    }
+
+    #[inline(always)]
+    fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_mul_ps, _mm256_set1_ps, _mm_add_epi16, _mm_and_si128, _mm_cvtepi8_epi16, _mm_loadl_epi64, _mm_or_si128, _mm_set1_epi16, _mm_slli_epi16};
+        let src = &src[..8];
+        // SAFETY: `src` holds 8 codes = 8 bytes (a 64-bit load); AVX2 is enabled in every V3
+        // context, and F16C under `run_avx2` (see `load_f16s`).
+        unsafe {
+            let w = _mm_slli_epi16::<7>(_mm_cvtepi8_epi16(_mm_loadl_epi64(src.as_ptr().cast::<__m128i>())));
+            let bits = e4m3_f16_bits!(w, _mm_and_si128, _mm_or_si128, _mm_add_epi16, _mm_set1_epi16);
+            pulp::cast(_mm256_mul_ps(_mm256_cvtph_ps(bits), _mm256_set1_ps(256.0)))
+        }
+    }
+
+    #[inline(always)]
+    fn load_e5m2s(self, src: &[F8E5M2]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm_cvtepu8_epi16, _mm_loadl_epi64, _mm_slli_epi16};
+        let src = &src[..8];
+        // SAFETY: as in `load_e4m3s`.
+        unsafe { pulp::cast(_mm256_cvtph_ps(_mm_slli_epi16::<8>(_mm_cvtepu8_epi16(_mm_loadl_epi64(src.as_ptr().cast::<__m128i>()))))) }
     }
 
     #[inline(always)]

@@ -1275,6 +1275,94 @@ static void test_int8_kv(const int32_t *isas, size_t n_isas) {
     free(q), free(kd), free(vd), free(kc), free(vc), free(kf), free(out), free(want), free(ref);
 }
 
+/* An fp8 code's value from the OCP definition: e_bits exponent bits of bias `bias`, m_bits
+ * mantissa bits, exponent 0 subnormal (finite codes only). */
+static float fp8_value(uint8_t c, int e_bits, int m_bits, int bias) {
+    int e = (c >> m_bits) & ((1 << e_bits) - 1), m = c & ((1 << m_bits) - 1);
+    float frac = (float)m / (float)(1 << m_bits);
+    float v = e == 0 ? ldexpf(frac, 1 - bias) : ldexpf(1.0f + frac, e - bias);
+    return (c & 0x80) ? -v : v;
+}
+
+/* fp8 K/V caches as vLLM keeps them: E4M3 codes with one factor per tensor (k_scale, v_scale),
+ * and E5M2 codes with no factors; each the same answer as the f32 cache holding the decoded
+ * values on every path, the reference too. Then mixed and misplaced fp8 dtypes. */
+static void test_fp8_kv(const int32_t *isas, size_t n_isas) {
+    const size_t b = 1, hq = 8, hkv = 2, sq = 3, skv = 257, d = 64;
+    size_t nkv = b * hkv * skv * d, nq = b * hq * sq * d;
+    float *q = malloc(nq * 4), *kd = malloc(nkv * 4), *vd = malloc(nkv * 4);
+    uint8_t *kc = malloc(nkv), *vc = malloc(nkv);
+    float *out = calloc(nq + 1, 4), *want = calloc(nq + 1, 4), *ref = calloc(nq + 1, 4);
+    for (size_t i = 0; i < nq; i++) q[i] = uniform();
+    for (int fmt = 0; fmt < 2; fmt++) {
+        /* E4M3: magnitudes 0..0x7e (0x7f is NaN); E5M2: 0..0x7b (exponent 31 is inf/NaN). */
+        unsigned mags = fmt == 0 ? 0x7f : 0x7c;
+        float kscale = fmt == 0 ? 0.0078125f : 1.0f, vscale = fmt == 0 ? 0.375f : 1.0f;
+        for (size_t i = 0; i < nkv; i++) {
+            unsigned rk = (unsigned)((uniform() + 1.0f) * 8388608.0f), rv = (unsigned)((uniform() + 1.0f) * 8388608.0f);
+            kc[i] = (uint8_t)((rk % mags) | ((rk >> 12) & 1) << 7);
+            vc[i] = (uint8_t)((rv % mags) | ((rv >> 12) & 1) << 7);
+            kd[i] = kscale * (fmt == 0 ? fp8_value(kc[i], 4, 3, 7) : fp8_value(kc[i], 5, 2, 15));
+            vd[i] = vscale * (fmt == 0 ? fp8_value(vc[i], 4, 3, 7) : fp8_value(vc[i], 5, 2, 15));
+        }
+        int32_t dt = fmt == 0 ? SIMD_ATTN_F8E4M3 : SIMD_ATTN_F8E5M2;
+        simd_attn_desc base;
+        simd_attn_desc_init(&base);
+        base.batch = b, base.q_heads = hq, base.kv_heads = hkv, base.seq_q = sq, base.seq_kv = skv;
+        base.head_dim = d, base.v_head_dim = d, base.causal = 1;
+        base.q = tensor(q, hq, sq, d, b, SIMD_ATTN_F32);
+        base.out = output(want, hq, sq, d, b, SIMD_ATTN_F32);
+        simd_attn_desc f = base;
+        f.k = tensor(kd, hkv, skv, d, b, SIMD_ATTN_F32);
+        f.v = tensor(vd, hkv, skv, d, b, SIMD_ATTN_F32);
+        EXPECT_STATUS(simd_attn_forward(&f, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+        double vmax = 1.0;
+        for (size_t e = 0; e < nq; e++) vmax = fabs(want[e]) > vmax ? fabs(want[e]) : vmax;
+        simd_attn_desc a = base;
+        a.k = tensor(kc, hkv, skv, d, b, dt);
+        a.v = tensor(vc, hkv, skv, d, b, dt);
+        if (fmt == 0) {
+            a.k_scale_kind = SIMD_ATTN_SCALE_TENSOR, a.k_scale = kscale;
+            a.v_scale_kind = SIMD_ATTN_SCALE_TENSOR, a.v_scale = vscale;
+        }
+        for (size_t i = 0; i < n_isas; i++) {
+            a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+            EXPECT_STATUS(simd_attn_forward(&a, 2, isas[i], NULL), SIMD_ATTN_OK);
+            double worst = 0;
+            for (size_t e = 0; e < nq; e++) {
+                double err = fabs((double)out[e] - want[e]);
+                if (!(err <= worst)) worst = err;
+            }
+            CHECK(worst <= 1e-5 * vmax, "fp8 %s kv (isa %d): max error %g against the f32 cache", fmt == 0 ? "e4m3" : "e5m2", isas[i], worst);
+        }
+        a.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
+        EXPECT_STATUS(simd_attn_reference(&a), SIMD_ATTN_OK);
+        double worst = 0;
+        for (size_t e = 0; e < nq; e++) {
+            double err = fabs((double)ref[e] - want[e]);
+            if (!(err <= worst)) worst = err;
+        }
+        CHECK(worst <= 1e-5 * vmax, "fp8 kv reference: max error %g", worst);
+        /* Errors: E4M3 K with E5M2 V, fp8 Q, an fp8 output; nothing written. */
+        memset(out, 0, nq * 4);
+        simd_attn_desc bad = a;
+        bad.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+        bad.v = tensor(vc, hkv, skv, d, b, fmt == 0 ? SIMD_ATTN_F8E5M2 : SIMD_ATTN_F8E4M3);
+        EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+        bad = a;
+        bad.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+        bad.q = tensor(kc, hq, sq, d, 1, dt);
+        EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNKNOWN_DTYPE);
+        bad = a;
+        bad.out = output(kc, hq, sq, d, 1, dt);
+        EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNKNOWN_DTYPE);
+        int untouched = 1;
+        for (size_t i = 0; i < nq; i++) untouched &= out[i] == 0.0f;
+        CHECK(untouched, "a rejected fp8 call wrote its output");
+    }
+    free(q), free(kd), free(vd), free(kc), free(vc), free(out), free(want), free(ref);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -1311,6 +1399,7 @@ int main(void) {
     test_varlen(isas, n_isas);
     test_kvcache(isas, n_isas);
     test_int8_kv(isas, n_isas);
+    test_fp8_kv(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);

@@ -18,7 +18,7 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,causal]]... [--isa auto|all|LIST]
-                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv|i8kv] [--case SUBSTRING] [--reps N]
+                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv|i8kv|e4m3kv|e5m2kv] [--case SUBSTRING] [--reps N]
                 [--min-time SECONDS] [--no-check] [--no-baselines]
                 [--json PATH] [--csv PATH] [--plot PATH.svg]
 simd-attn-bench compare OLD.json|csv NEW.json|csv
@@ -33,7 +33,7 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             appended and RoPE applied in the call, `-append`, next to the plain step),
             seqlen (causal prefill S 128..8192), bf16 (the bf16 targets' prefill and decode next
             to f32 and f16), quant (decode at Skv 8192 and 65536 and the causal prefill with an
-            int8 cache, i8kv, next to the f16 cache), all; --shape adds custom shapes (and with no
+            int8 cache, i8kv, and fp8 caches, e4m3kv and e5m2kv, next to the f16 cache), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (default: calls name no path, so the library chooses as it
             would for an engine: SIMD_ATTN_ISA, else the best, with bf16 prefill on the bf16 dot
@@ -43,7 +43,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             threads x the single-core peak
   --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V),
             bf16, bf16kv (the same in bfloat16), i8kv (f32 Q and out, int8 K and V with an f32
-            factor per token and KV head, counted in the row's bytes);
+            factor per token and KV head, counted in the row's bytes), e4m3kv, e5m2kv (f32 Q and
+            out, fp8 K and V with one f32 factor per tensor, as vLLM keeps them);
             default: each case's own (decode cases use f16 K/V where the targets say so)
   --case    only the shapes named SUBSTRING, or else whose name contains it
   --no-baselines  skip the portable and unfused baselines (their columns print NaN)
@@ -63,6 +64,9 @@ enum Dtype {
     Bf16Kv,
     /// f32 Q and out, int8 K and V with an f32 factor per (token, KV head).
     I8Kv,
+    /// f32 Q and out, fp8 E4M3 / E5M2 K and V with one f32 factor per tensor (vLLM's fp8 cache).
+    E4m3Kv,
+    E5m2Kv,
 }
 
 impl Dtype {
@@ -74,12 +78,14 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
             Dtype::Bf16Kv => "bf16kv",
             Dtype::I8Kv => "i8kv",
+            Dtype::E4m3Kv => "e4m3kv",
+            Dtype::E5m2Kv => "e5m2kv",
         }
     }
     fn kv_bytes(self) -> usize {
         match self {
             Dtype::F32 => 4,
-            Dtype::I8Kv => 1,
+            Dtype::I8Kv | Dtype::E4m3Kv | Dtype::E5m2Kv => 1,
             _ => 2,
         }
     }
@@ -285,11 +291,11 @@ fn cases(set: &str) -> Vec<Case> {
     let quant = || {
         let mut v = Vec::new();
         for skv in [8192, 65536] {
-            for dtype in [Dtype::F16Kv, Dtype::I8Kv] {
+            for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv, Dtype::E5m2Kv] {
                 v.push(with_dtype(case("decode", 1, 32, 8, 1, skv, 128, true), dtype));
             }
         }
-        for dtype in [Dtype::F16Kv, Dtype::I8Kv] {
+        for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv] {
             v.push(with_dtype(case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true), dtype));
         }
         v
@@ -430,6 +436,8 @@ fn main() {
                     "bf16" => Dtype::Bf16,
                     "bf16kv" => Dtype::Bf16Kv,
                     "i8kv" => Dtype::I8Kv,
+                    "e4m3kv" => Dtype::E4m3Kv,
+                    "e5m2kv" => Dtype::E5m2Kv,
                     other => fail(&format!("unknown --dtype {other}")),
                 })
             }
@@ -513,6 +521,8 @@ fn main() {
             Dtype::Bf16 => bench_case::<bf16, bf16, bf16>(&c, &ctx),
             Dtype::Bf16Kv => bench_case::<f32, bf16, f32>(&c, &ctx),
             Dtype::I8Kv => bench_case::<f32, i8, f32>(&c, &ctx),
+            Dtype::E4m3Kv => bench_case::<f32, simd_attn::F8E4M3, f32>(&c, &ctx),
+            Dtype::E5m2Kv => bench_case::<f32, simd_attn::F8E5M2, f32>(&c, &ctx),
         };
         if progress {
             eprint!("\r\x1b[K");
@@ -601,9 +611,19 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
     // Decode is bound by reading K/V: rotate over enough copies that none is still cached.
     let decode = s.seq_q <= 16;
     let copies = if decode { ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize } else { 1 };
-    // A quantized cache: symmetric codes with one factor per (token, KV head), `[B, Hkv, S]`.
+    // A quantized cache: int8 codes with one factor per (token, KV head), `[B, Hkv, S]`; fp8
+    // codes with one factor per tensor (stored as a factor per token, all equal, for `encode`).
     let fst = Strides::new(s.kv_heads * s.seq_kv, s.seq_kv, 1);
-    let (kf, vf) = if quantized { (token_factors(&s, &k32, ks, s.head_dim, fst), token_factors(&s, &v32, vs, s.v_head_dim, fst)) } else { (Vec::new(), Vec::new()) };
+    let per_tensor = |x: &[f32], max: f32| {
+        let m = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        vec![if m > 0.0 { m / max } else { 1.0 }; s.batch * s.kv_heads * s.seq_kv]
+    };
+    let (kf, vf) = match TKV::DTYPE {
+        DType::I8 => (token_factors(&s, &k32, ks, s.head_dim, fst), token_factors(&s, &v32, vs, s.v_head_dim, fst)),
+        DType::F8E4M3 => (per_tensor(&k32, simd_attn::F8E4M3::MAX), per_tensor(&v32, simd_attn::F8E4M3::MAX)),
+        DType::F8E5M2 => (per_tensor(&k32, simd_attn::F8E5M2::MAX), per_tensor(&v32, simd_attn::F8E5M2::MAX)),
+        _ => (Vec::new(), Vec::new()),
+    };
     let encode = |x32: &[f32], st: Strides, width: usize, f: &[f32]| -> Vec<TKV> {
         if !quantized {
             return convert(x32);
@@ -630,8 +650,10 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
         BenchScore::Additive => Score::Additive { v: &att_v, projection: None },
     };
     let mut params = AttentionParams::new().causal(c.causal).score(score);
-    if quantized {
+    if TKV::DTYPE == DType::I8 {
         params = params.kv_scales(Dequant::Token(&kf, fst), Dequant::Token(&vf, fst));
+    } else if quantized {
+        params = params.kv_scales(Dequant::Tensor(kf[0]), Dequant::Tensor(vf[0]));
     }
     let flops = attention_flops(&s, &params);
     let mut out = vec![TO::from_f32(0.0); no];
