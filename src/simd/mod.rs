@@ -32,12 +32,7 @@ pub(crate) trait SimdExt: Simd {
     /// The first `F32_LANES` values of `src` (which holds at least that many), widened to f32.
     #[inline(always)]
     fn load_f16s(self, src: &[f16]) -> Self::f32s {
-        let mut buf = [0.0f32; 16];
-        let lanes = Self::F32_LANES;
-        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
-            *d = s.to_f32();
-        }
-        Self::as_simd_f32s(&buf[..lanes]).0[0]
+        widen_lanes::<Self, f16>(src)
     }
 
     /// The first `2 * F32_LANES` values of `src` (which holds at least that many), widened to
@@ -45,47 +40,34 @@ pub(crate) trait SimdExt: Simd {
     /// 8 f16 per 128-bit load, 4 f32 per register) widen both halves of one load.
     #[inline(always)]
     fn load_f16s_pair(self, src: &[f16]) -> (Self::f32s, Self::f32s) {
-        let lanes = Self::F32_LANES;
-        (self.load_f16s(&src[..lanes]), self.load_f16s(&src[lanes..2 * lanes]))
+        load_halves(self, src)
     }
 
     /// The first `F32_LANES` values of `src`, widened from bf16 to f32 (exact: a bf16 is the
     /// top 16 bits of an f32). The SIMD ISAs override this with a zero-extend and a shift.
     #[inline(always)]
     fn load_bf16s(self, src: &[bf16]) -> Self::f32s {
-        let mut buf = [0.0f32; 16];
-        let lanes = Self::F32_LANES;
-        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
-            *d = f32::from_bits((s.to_bits() as u32) << 16);
-        }
-        Self::as_simd_f32s(&buf[..lanes]).0[0]
+        widen_lanes::<Self, bf16>(src)
     }
 
     /// [`SimdExt::load_bf16s`] for `2 * F32_LANES` values, as two vectors (NEON widens both
     /// halves of one 128-bit load).
     #[inline(always)]
     fn load_bf16s_pair(self, src: &[bf16]) -> (Self::f32s, Self::f32s) {
-        let lanes = Self::F32_LANES;
-        (self.load_bf16s(&src[..lanes]), self.load_bf16s(&src[lanes..2 * lanes]))
+        load_halves(self, src)
     }
 
     /// The first `F32_LANES` values of `src`, widened from int8 to f32 (exact). The SIMD ISAs
     /// override this with a sign-extend and an integer conversion.
     #[inline(always)]
     fn load_i8s(self, src: &[i8]) -> Self::f32s {
-        let mut buf = [0.0f32; 16];
-        let lanes = Self::F32_LANES;
-        for (d, &s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
-            *d = s as f32;
-        }
-        Self::as_simd_f32s(&buf[..lanes]).0[0]
+        widen_lanes::<Self, i8>(src)
     }
 
     /// [`SimdExt::load_i8s`] for `2 * F32_LANES` values, as two vectors.
     #[inline(always)]
     fn load_i8s_pair(self, src: &[i8]) -> (Self::f32s, Self::f32s) {
-        let lanes = Self::F32_LANES;
-        (self.load_i8s(&src[..lanes]), self.load_i8s(&src[lanes..2 * lanes]))
+        load_halves(self, src)
     }
 
     /// The first `F32_LANES` values of `src`, decoded from fp8 E4M3 to f32 (exact, NaN for the
@@ -93,19 +75,13 @@ pub(crate) trait SimdExt: Simd {
     /// f16 (value 2^-8 times the code's), patch the NaN codes, widen the f16, multiply by 2^8.
     #[inline(always)]
     fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
-        let mut buf = [0.0f32; 16];
-        let lanes = Self::F32_LANES;
-        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
-            *d = s.to_f32();
-        }
-        Self::as_simd_f32s(&buf[..lanes]).0[0]
+        widen_lanes::<Self, F8E4M3>(src)
     }
 
     /// [`SimdExt::load_e4m3s`] for `2 * F32_LANES` values, as two vectors.
     #[inline(always)]
     fn load_e4m3s_pair(self, src: &[F8E4M3]) -> (Self::f32s, Self::f32s) {
-        let lanes = Self::F32_LANES;
-        (self.load_e4m3s(&src[..lanes]), self.load_e4m3s(&src[lanes..2 * lanes]))
+        load_halves(self, src)
     }
 
     /// The first `F32_LANES` values of `src`, decoded from fp8 E5M2 to f32 (exact: a code is the
@@ -113,19 +89,13 @@ pub(crate) trait SimdExt: Simd {
     /// widening.
     #[inline(always)]
     fn load_e5m2s(self, src: &[F8E5M2]) -> Self::f32s {
-        let mut buf = [0.0f32; 16];
-        let lanes = Self::F32_LANES;
-        for (d, s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
-            *d = s.to_f32();
-        }
-        Self::as_simd_f32s(&buf[..lanes]).0[0]
+        widen_lanes::<Self, F8E5M2>(src)
     }
 
     /// [`SimdExt::load_e5m2s`] for `2 * F32_LANES` values, as two vectors.
     #[inline(always)]
     fn load_e5m2s_pair(self, src: &[F8E5M2]) -> (Self::f32s, Self::f32s) {
-        let lanes = Self::F32_LANES;
-        (self.load_e5m2s(&src[..lanes]), self.load_e5m2s(&src[lanes..2 * lanes]))
+        load_halves(self, src)
     }
 
     /// Lane `i` of the result is the sum of the lanes of `acc[i]` (`acc` holds `F32_LANES`
@@ -152,7 +122,27 @@ pub(crate) trait SimdExt: Simd {
 
 impl SimdExt for pulp::Scalar {}
 
-/// The narrow storage types the ISA layer widens (f16, bf16, int8): one vector's worth, two
+/// The first `F32_LANES` values of `src` widened one lane at a time: the default body of every
+/// `SimdExt::load_*s`, for the ISAs without a widening instruction (the scalar body).
+#[inline(always)]
+fn widen_lanes<S: SimdExt, T: Widen>(src: &[T]) -> S::f32s {
+    let mut buf = [0.0f32; 16];
+    let lanes = S::F32_LANES;
+    for (d, &s) in buf[..lanes].iter_mut().zip(&src[..lanes]) {
+        *d = s.widen();
+    }
+    S::as_simd_f32s(&buf[..lanes]).0[0]
+}
+
+/// The first `2 * F32_LANES` values of `src` as two single-vector loads: the default body of
+/// every `SimdExt::load_*s_pair` (ISAs whose one load fills two vectors override it).
+#[inline(always)]
+fn load_halves<S: SimdExt, T: Widen>(simd: S, src: &[T]) -> (S::f32s, S::f32s) {
+    let lanes = S::F32_LANES;
+    (T::load(simd, &src[..lanes]), T::load(simd, &src[lanes..2 * lanes]))
+}
+
+/// The narrow storage types the ISA layer widens (f16, bf16, int8, fp8): one vector's worth, two
 /// vectors' worth, and one element, so the row conversion and its tests are written once.
 pub(crate) trait Widen: Copy {
     fn load<S: SimdExt>(simd: S, src: &[Self]) -> S::f32s;
@@ -190,11 +180,6 @@ impl Widen for bf16 {
     }
 }
 
-/// NEON (Advanced SIMD) is part of every AArch64 CPU, ARMv8.0 on: pulp's plain `Neon` token,
-/// not `NeonFcma`, whose FCMA (complex multiply, ARMv8.3) the kernels never use and which
-/// Graviton2, Ampere Altra, Cortex-A72 and other ARMv8.0-8.2 cores lack. f16 widening and the
-/// prefetch hint are single instructions with no stable intrinsic (the f16 vector types are
-/// unstable), so they are written as inline assembly.
 impl Widen for i8 {
     #[inline(always)]
     fn load<S: SimdExt>(simd: S, src: &[i8]) -> S::f32s {
@@ -252,6 +237,11 @@ macro_rules! e4m3_f16_bits {
     }};
 }
 
+/// NEON (Advanced SIMD) is part of every AArch64 CPU, ARMv8.0 on: pulp's plain `Neon` token,
+/// not `NeonFcma`, whose FCMA (complex multiply, ARMv8.3) the kernels never use and which
+/// Graviton2, Ampere Altra, Cortex-A72 and other ARMv8.0-8.2 cores lack. f16 widening and the
+/// prefetch hint are single instructions with no stable intrinsic (the f16 vector types are
+/// unstable), so they are written as inline assembly.
 #[cfg(target_arch = "aarch64")]
 impl SimdExt for pulp::aarch64::Neon {
     #[inline(always)]
