@@ -86,6 +86,11 @@ extern "C" {
 #define SIMD_ATTN_F8E5M2 5 /* OCP fp8 E5M2 codes (uint8_t; torch.float8_e5m2): the top byte of
                               an IEEE binary16, infinities and NaNs included; k and v only,
                               value = factor * decode(code) */
+#define SIMD_ATTN_Q8_0 6   /* ggml q8_0 blocks (block_q8_0, 34 bytes: a binary16 scale d, then
+                              32 int8_t codes), k and v only: value i of a row = factor *
+                              d * qs[i % 32] of the row's block i / 32; head_dim and v_head_dim
+                              multiples of 32; len and strides count blocks (ggml's nb / 34);
+                              data 2-byte aligned */
 
 /* ---- dequantization factors of K and V (simd_attn_desc.k_scale_kind, v_scale_kind) ---- */
 #define SIMD_ATTN_SCALE_NONE 0   /* every factor 1 (the default) */
@@ -116,7 +121,7 @@ typedef struct simd_attn_tensor {
     const void *data;     /* first element; may be NULL only when len == 0 */
     size_t len;           /* elements readable from data */
     int32_t dtype;        /* SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_BF16 (k, v: or SIMD_ATTN_I8,
-                             SIMD_ATTN_F8E4M3, SIMD_ATTN_F8E5M2; k and v the same) */
+                             SIMD_ATTN_F8E4M3, SIMD_ATTN_F8E5M2, SIMD_ATTN_Q8_0; k and v the same) */
     int32_t reserved;     /* must be 0 (SIMD_ATTN_ERR_RESERVED otherwise) */
     int64_t stride_batch; /* elements between batch entries (>= 0; 0 broadcasts) */
     int64_t stride_head;  /* elements between heads */

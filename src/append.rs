@@ -165,7 +165,7 @@ impl<'c, 'n> AnyCache<'c, 'n> {
                 let (c, n) = Self::cast::<T, bf16>(cache, new);
                 AnyCache::Bf16(c, n)
             }
-            DType::I8 | DType::F8E4M3 | DType::F8E5M2 => unreachable!("quantized codes are not a FloatElement"),
+            DType::I8 | DType::F8E4M3 | DType::F8E5M2 | DType::Q8_0 => unreachable!("quantized codes are not a FloatElement"),
         }
     }
 }

@@ -372,9 +372,10 @@ fn dtype(code: i32, what: &str) -> Result<DType, Fail> {
         3 => Ok(DType::I8),
         4 => Ok(DType::F8E4M3),
         5 => Ok(DType::F8E5M2),
+        6 => Ok(DType::Q8_0),
         _ => fail(
             Status::UnknownDtype,
-            format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0), SIMD_ATTN_F16 (1), SIMD_ATTN_BF16 (2) or, for k and v, SIMD_ATTN_I8 (3), SIMD_ATTN_F8E4M3 (4), SIMD_ATTN_F8E5M2 (5)"),
+            format!("{what}.dtype = {code}: expected SIMD_ATTN_F32 (0), SIMD_ATTN_F16 (1), SIMD_ATTN_BF16 (2) or, for k and v, SIMD_ATTN_I8 (3), SIMD_ATTN_F8E4M3 (4), SIMD_ATTN_F8E5M2 (5), SIMD_ATTN_Q8_0 (6)"),
         ),
     }
 }
@@ -677,7 +678,7 @@ unsafe fn tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Spa
         DType::F32 => AnyRef::F32(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         DType::F16 => AnyRef::F16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         DType::Bf16 => AnyRef::Bf16(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
-        DType::I8 | DType::F8E4M3 | DType::F8E5M2 => return fail(Status::UnknownDtype, format!("{what}.dtype = {}: quantized codes are a storage type of k and v only", t.dtype)),
+        DType::I8 | DType::F8E4M3 | DType::F8E5M2 | DType::Q8_0 => return fail(Status::UnknownDtype, format!("{what}.dtype = {}: quantized codes are a storage type of k and v only", t.dtype)),
     })
 }
 
@@ -687,19 +688,21 @@ enum KvTensor<'a> {
     I8(TensorRef<'a, i8>),
     E4M3(TensorRef<'a, crate::F8E4M3>),
     E5M2(TensorRef<'a, crate::F8E5M2>),
+    Q8_0(TensorRef<'a, crate::BlockQ8_0>),
 }
 
 /// # Safety
 /// As [`tensor`].
 unsafe fn kv_tensor<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<Span>) -> Result<KvTensor<'a>, Fail> {
-    if (3..=5).contains(&t.dtype) {
+    if (3..=6).contains(&t.dtype) {
         reserved(t.reserved, what)?;
         let st = strides(t, what)?;
         // SAFETY (every arm): forwarded contract.
         return Ok(match t.dtype {
             3 => KvTensor::I8(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
             4 => KvTensor::E4M3(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
-            _ => KvTensor::E5M2(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+            5 => KvTensor::E5M2(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
+            _ => KvTensor::Q8_0(TensorRef::new(unsafe { checked(t.data, t.len, what, spans)? }, st)),
         });
     }
     // SAFETY: forwarded contract.
@@ -728,7 +731,7 @@ unsafe fn writable<'a>(t: &SimdAttnTensor, what: &'static str, spans: &mut Vec<S
         DType::F32 => AnyMut::F32(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
         DType::F16 => AnyMut::F16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
         DType::Bf16 => AnyMut::Bf16(TensorMut::new(unsafe { checked_mut(data, t.len, what, spans)? }, st)),
-        DType::I8 | DType::F8E4M3 | DType::F8E5M2 => {
+        DType::I8 | DType::F8E4M3 | DType::F8E5M2 | DType::Q8_0 => {
             return fail(Status::UnknownDtype, format!("{what}.dtype = {}: quantized caches are read, not written (no quantizing append yet)", t.dtype))
         }
     })
@@ -850,6 +853,7 @@ impl<'a> KvArg<'a> for AnyKv<'a> {
             (KvTensor::I8(k), KvTensor::I8(v)) => return Ok(AnyKv::I8(codes(k, v, pages))),
             (KvTensor::E4M3(k), KvTensor::E4M3(v)) => return Ok(AnyKv::F8E4M3(codes(k, v, pages))),
             (KvTensor::E5M2(k), KvTensor::E5M2(v)) => return Ok(AnyKv::F8E5M2(codes(k, v, pages))),
+            (KvTensor::Q8_0(k), KvTensor::Q8_0(v)) => return Ok(AnyKv::Q8_0(codes(k, v, pages))),
             _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
         };
         Ok(match (k, v, pages) {
@@ -1438,7 +1442,7 @@ pub unsafe extern "C" fn simd_attn_merge_partials(
             DType::F32 => merge_into(&shape, &typed_parts, &mut out, lse)?,
             DType::F16 => merge_into(&shape, &typed_f16, &mut out, lse)?,
             DType::Bf16 => merge_into(&shape, &typed_bf16, &mut out, lse)?,
-            DType::I8 | DType::F8E4M3 | DType::F8E5M2 => return fail(Status::UnknownDtype, "parts[0].out.dtype: partial results are f32, f16 or bf16"),
+            DType::I8 | DType::F8E4M3 | DType::F8E5M2 | DType::Q8_0 => return fail(Status::UnknownDtype, "parts[0].out.dtype: partial results are f32, f16 or bf16"),
         }
         Ok(())
     })

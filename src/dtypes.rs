@@ -8,7 +8,7 @@
 //! which matches the combination once and runs the typed pipeline compiled here, one copy per
 //! supported combination. A new storage type is a new variant and new lines in [`dispatch`].
 
-use crate::element::{DType, Element, F8E4M3, F8E5M2, FloatElement};
+use crate::element::{BlockQ8_0, DType, Element, F8E4M3, F8E5M2, FloatElement};
 use crate::layout::{PagedKv, Strides, TensorMut, TensorRef};
 use half::{bf16, f16};
 
@@ -28,8 +28,9 @@ pub enum Kv<'a, T> {
 }
 
 /// K and V of any supported element type (they share one), in any layout: `(k, v).into()` for
-/// two tensors, `paged.into()` for a [`PagedKv`] pool. `I8`, `F8E4M3` and `F8E5M2` are
-/// quantized caches, dequantized by the call's `kv_scales` (factor 1 without them).
+/// two tensors, `paged.into()` for a [`PagedKv`] pool. `I8`, `F8E4M3`, `F8E5M2` and `Q8_0` are
+/// quantized caches, dequantized by the call's `kv_scales` (factor 1 without them; `Q8_0`
+/// blocks carry their own scales besides).
 #[derive(Clone, Copy, Debug)]
 pub enum AnyKv<'a> {
     F32(Kv<'a, f32>),
@@ -38,6 +39,7 @@ pub enum AnyKv<'a> {
     I8(Kv<'a, i8>),
     F8E4M3(Kv<'a, F8E4M3>),
     F8E5M2(Kv<'a, F8E5M2>),
+    Q8_0(Kv<'a, BlockQ8_0>),
 }
 
 /// An output tensor of any supported element type (`TensorMut::into()` makes one).
@@ -73,7 +75,7 @@ impl<'a> AnyRef<'a> {
             DType::F32 => AnyRef::F32(TensorRef::new(same(t.data).expect("DTYPE is F32"), t.strides)),
             DType::F16 => AnyRef::F16(TensorRef::new(same(t.data).expect("DTYPE is F16"), t.strides)),
             DType::Bf16 => AnyRef::Bf16(TensorRef::new(same(t.data).expect("DTYPE is Bf16"), t.strides)),
-            DType::I8 | DType::F8E4M3 | DType::F8E5M2 => unreachable!("quantized codes are not a FloatElement"),
+            DType::I8 | DType::F8E4M3 | DType::F8E5M2 | DType::Q8_0 => unreachable!("quantized codes are not a FloatElement"),
         }
     }
 }
@@ -96,6 +98,7 @@ impl<'a> AnyKv<'a> {
             DType::I8 => AnyKv::I8(retype(kv)),
             DType::F8E4M3 => AnyKv::F8E4M3(retype(kv)),
             DType::F8E5M2 => AnyKv::F8E5M2(retype(kv)),
+            DType::Q8_0 => AnyKv::Q8_0(retype(kv)),
         }
     }
 
@@ -189,6 +192,15 @@ pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>
         (Q::Bf16(q), K::F8E5M2(kv), O::F32(o)) => op.run(q, kv, o),
         (Q::Bf16(q), K::F8E5M2(kv), O::F16(o)) => op.run(q, kv, o),
         (Q::Bf16(q), K::F8E5M2(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::Q8_0(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::Q8_0(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F32(q), K::Q8_0(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::Q8_0(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::Q8_0(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::F16(q), K::Q8_0(kv), O::Bf16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::Q8_0(kv), O::F32(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::Q8_0(kv), O::F16(o)) => op.run(q, kv, o),
+        (Q::Bf16(q), K::Q8_0(kv), O::Bf16(o)) => op.run(q, kv, o),
     }
 }
 

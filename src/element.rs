@@ -21,12 +21,15 @@ pub enum DType {
     F8E4M3 = 4,
     /// OCP fp8 E5M2 (`torch.float8_e5m2`), K and V only: value = `factor * decode(code)`.
     F8E5M2 = 5,
+    /// ggml's `q8_0` blocks ([`BlockQ8_0`]), K and V only: value `i` of a row is
+    /// `factor * f32(block.d) * block.qs[i % 32]` of the row's block `i / 32`.
+    Q8_0 = 6,
 }
 
 impl DType {
     /// Whether a tensor of this type holds quantized codes rather than values (K and V only).
     pub const fn is_quantized(self) -> bool {
-        matches!(self, DType::I8 | DType::F8E4M3 | DType::F8E5M2)
+        matches!(self, DType::I8 | DType::F8E4M3 | DType::F8E5M2 | DType::Q8_0)
     }
 }
 
@@ -38,6 +41,7 @@ mod sealed {
     impl Sealed for i8 {}
     impl Sealed for super::F8E4M3 {}
     impl Sealed for super::F8E5M2 {}
+    impl Sealed for super::BlockQ8_0 {}
 }
 
 /// A floating-point storage element (`f32`, `f16`, `bf16`): what Q, outputs and partial
@@ -79,6 +83,20 @@ pub trait Element: sealed::Sealed + Copy + Default + Send + Sync + core::fmt::De
     #[inline(always)]
     fn as_e5m2_slice(_: &[Self]) -> Option<&[F8E5M2]> {
         None
+    }
+    /// Values per storage unit: 1, or a block format's block length ([`BlockQ8_0`]: 32). A row
+    /// of `d` values (a multiple of it) is `d / BLOCK` units; strides count units.
+    const BLOCK: usize = 1;
+    /// The slice itself when the storage type is ggml `q8_0` blocks.
+    #[inline(always)]
+    fn as_q8_0_slice(_: &[Self]) -> Option<&[BlockQ8_0]> {
+        None
+    }
+    /// Value `i` of the row that starts at `row[0]`, exactly: the one scalar read of K and V
+    /// that block formats answer too (`to_f32` of one unit is one value only when `BLOCK` is 1).
+    #[inline(always)]
+    fn value(row: &[Self], i: usize) -> f32 {
+        row[i].to_f32()
     }
 }
 
@@ -314,3 +332,78 @@ macro_rules! fp8_element {
 }
 fp8_element!(F8E4M3, F8E4M3, as_e4m3_slice);
 fp8_element!(F8E5M2, F8E5M2, as_e5m2_slice);
+
+/// One block of ggml's `q8_0` format (`block_q8_0`, 34 bytes): an f16 scale `d`, then 32 int8
+/// codes. Value `i` of the block is `f32(d) * qs[i]`, exact in f32 (11 by 8 significant bits).
+/// A row of `D` values (`D` a multiple of 32) is `D / 32` consecutive blocks, so a ggml K or V
+/// tensor is read in place; strides count blocks (ggml's byte strides `nb` divided by 34).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: half::f16,
+    pub qs: [i8; 32],
+}
+
+const _: () = assert!(size_of::<BlockQ8_0>() == 34 && align_of::<BlockQ8_0>() == 2);
+
+impl BlockQ8_0 {
+    /// Values per block.
+    pub const LEN: usize = 32;
+
+    /// The block ggml's reference quantizer (`quantize_row_q8_0_ref`) makes of 32 values:
+    /// `d = amax / 127` rounded to f16, codes `round(x / d)` (halves away from zero, as C's
+    /// `roundf`), all zero when `amax` is 0.
+    pub fn quantize(x: &[f32; 32]) -> Self {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i8; 32];
+        for (q, &v) in qs.iter_mut().zip(x) {
+            *q = (v * id).round() as i8;
+        }
+        BlockQ8_0 { d: half::f16::from_f32(d), qs }
+    }
+
+    /// Value `i` (`i < 32`), exactly.
+    #[inline(always)]
+    pub fn value(&self, i: usize) -> f32 {
+        self.d.to_f32() * self.qs[i] as f32
+    }
+}
+
+impl Element for BlockQ8_0 {
+    const DTYPE: DType = DType::Q8_0;
+    const BLOCK: usize = BlockQ8_0::LEN;
+    /// A block holds 32 values, not one: every reader of K and V goes through
+    /// [`Element::value`] or the block-aware loads, so this is never called on a row; it
+    /// answers the block's first value.
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self.value(0)
+    }
+    /// The block of 32 copies of `x`.
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        BlockQ8_0::quantize(&[x; 32])
+    }
+    #[inline(always)]
+    fn as_f32_slice(_: &[BlockQ8_0]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn as_f16_slice(_: &[BlockQ8_0]) -> Option<&[half::f16]> {
+        None
+    }
+    #[inline(always)]
+    fn as_bf16_slice(_: &[BlockQ8_0]) -> Option<&[half::bf16]> {
+        None
+    }
+    #[inline(always)]
+    fn as_q8_0_slice(s: &[BlockQ8_0]) -> Option<&[BlockQ8_0]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn value(row: &[BlockQ8_0], i: usize) -> f32 {
+        row[i / BlockQ8_0::LEN].value(i % BlockQ8_0::LEN)
+    }
+}

@@ -7,6 +7,7 @@
 //! answers both for every layout, so the kernels read pages in place and a new layout is a new
 //! [`KvIndex`] variant, not a new kernel.
 
+use crate::element::Element;
 use crate::error::{AttnError, TensorName};
 use crate::layout::{PageStrides, PageTable, Strides};
 use crate::validate::reach;
@@ -140,11 +141,15 @@ impl<'a, T> KvSource<'a, T> {
         }
     }
 
-    /// Row `j`'s `width` elements.
+    /// Row `j`'s storage for `width` values (`width / T::BLOCK` units; read values with
+    /// [`Element::value`]).
     #[inline(always)]
-    pub fn row(&self, b: usize, hk: usize, j: usize, width: usize) -> &'a [T] {
+    pub fn row(&self, b: usize, hk: usize, j: usize, width: usize) -> &'a [T]
+    where
+        T: Element,
+    {
         let o = self.offset(b, hk, j);
-        &self.data[o..o + width]
+        &self.data[o..o + width / T::BLOCK]
     }
 
     /// The address of row `j` for a prefetch hint, or `None` when row `j` may have no page

@@ -58,7 +58,7 @@ pub use append::{attention_with_kvcache, KvCacheMut, NewKv};
 pub use rope::Rope;
 pub use exec::Workspace;
 pub use plan::work::{WorkPlan, WorkUnit};
-pub use element::{DType, Element, F8E4M3, F8E5M2, FloatElement};
+pub use element::{BlockQ8_0, DType, Element, F8E4M3, F8E5M2, FloatElement};
 pub use error::{AttnError, TensorName};
 pub use isa::{isa_override, resolve_isa, set_isa_override, Isa};
 pub use merge::{merge_partials, PartialResult};

@@ -50,7 +50,7 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
         if TKV::DTYPE.is_quantized() || params.kv_scales.is_some() {
             if !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
                 // Cosine's key norms and additive's key projection read K before any factor.
-                return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8 K/V or kv_scales)" });
+                return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8, fp8 or q8_0 K/V, or kv_scales)" });
             }
         }
         let lens = |b: usize| params.kv_len(b, s.seq_kv);
@@ -66,15 +66,17 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
             None => (Factors::One, Factors::One),
             Some(sc) => (quant::validate(TensorName::KScale, sc.k, s, &layout)?, quant::validate(TensorName::VScale, sc.v, s, &layout)?),
         };
+        // K/V rows in the caller's storage units (a block format's blocks), as its strides count.
+        let units = crate::validate::kv_units::<TKV>(s)?;
         let (k, v) = match kv {
             Kv::Tensors(k, v) => match params.cu_seqlens_k {
                 // Validated above: `cu_seqlens_k` has `batch + 1` non-decreasing entries.
                 Some(cu) => (
-                    validate_packed(TensorName::K, k.data, k.strides, cu, s.kv_heads, s.head_dim)?,
-                    validate_packed(TensorName::V, v.data, v.strides, cu, s.kv_heads, s.v_head_dim)?,
+                    validate_packed(TensorName::K, k.data, k.strides, cu, s.kv_heads, units.head_dim)?,
+                    validate_packed(TensorName::V, v.data, v.strides, cu, s.kv_heads, units.v_head_dim)?,
                 ),
                 None => {
-                    validate_kv_tensors(s, (k.data.len(), k.strides), (v.data.len(), v.strides))?;
+                    validate_kv_tensors(&units, (k.data.len(), k.strides), (v.data.len(), v.strides))?;
                     (KvSource::strided(k.data, k.strides), KvSource::strided(v.data, v.strides))
                 }
             },
@@ -84,8 +86,8 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
             Kv::Paged(pk) => {
                 // Validated above: `kv_lens` has `batch` entries, each at most `seq_kv`.
                 let lens = || (0..s.batch).map(|b| params.kv_len(b, s.seq_kv));
-                let k = validate_paged(TensorName::K, pk.k, pk.k_strides, &pk.pages, s.batch, s.kv_heads, s.head_dim, lens())?;
-                let v = validate_paged(TensorName::V, pk.v, pk.v_strides, &pk.pages, s.batch, s.kv_heads, s.v_head_dim, lens())?;
+                let k = validate_paged(TensorName::K, pk.k, pk.k_strides, &pk.pages, s.batch, s.kv_heads, units.head_dim, lens())?;
+                let v = validate_paged(TensorName::V, pk.v, pk.v_strides, &pk.pages, s.batch, s.kv_heads, units.v_head_dim, lens())?;
                 (k, v)
             }
         };

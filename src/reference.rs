@@ -71,22 +71,23 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
         params: &AttentionParams<'a>,
     ) -> Result<Self, AttnError> {
         let scale = validate_inputs(shape, (q.data.len(), q.strides), params)? as f64;
+        let units = crate::validate::kv_units::<TKV>(shape)?;
         match params.cu_seqlens_k {
             Some(cu) => {
-                validate_packed(TensorName::K, k.data, k.strides, cu, shape.kv_heads, shape.head_dim)?;
-                validate_packed(TensorName::V, v.data, v.strides, cu, shape.kv_heads, shape.v_head_dim)?;
+                validate_packed(TensorName::K, k.data, k.strides, cu, shape.kv_heads, units.head_dim)?;
+                validate_packed(TensorName::V, v.data, v.strides, cu, shape.kv_heads, units.v_head_dim)?;
             }
-            None => validate_kv_tensors(shape, (k.data.len(), k.strides), (v.data.len(), v.strides))?,
+            None => validate_kv_tensors(&units, (k.data.len(), k.strides), (v.data.len(), v.strides))?,
         }
         if let Some(sc) = params.kv_scales {
             if !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
-                return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8 K/V or kv_scales)" });
+                return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8, fp8 or q8_0 K/V, or kv_scales)" });
             }
             let layout = crate::quant::KvLayout::Tensors(params.cu_seqlens_k);
             crate::quant::validate(TensorName::KScale, sc.k, shape, &layout)?;
             crate::quant::validate(TensorName::VScale, sc.v, shape, &layout)?;
         } else if TKV::DTYPE.is_quantized() && !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
-            return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8 K/V or kv_scales)" });
+            return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8, fp8 or q8_0 K/V, or kv_scales)" });
         }
         Ok(Self { shape: *shape, q, k, v, params: *params, scale })
     }
@@ -200,7 +201,9 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             visible += 1;
             let ko = self.kv_offset(&self.k.strides, b, hk, j);
             let f = self.factor(false, b, hk, j);
-            k.iter_mut().zip(&self.k.data[ko..ko + s.head_dim]).for_each(|(y, x)| *y = f * x.to_f64());
+            // Dequantized literally: value `t` of the row (a block format's `d * q`), times its factor.
+            let row = &self.k.data[ko..ko + s.head_dim / TKV::BLOCK];
+            k.iter_mut().enumerate().for_each(|(t, y)| *y = f * TKV::value(row, t) as f64);
             let mut x = self.score(&q, &k);
             if let Some(c) = p.softcap {
                 let c = c as f64;
@@ -256,8 +259,9 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
                 continue;
             }
             let vo = self.kv_offset(&self.v.strides, b, hk, j);
-            for (o, vv) in out.iter_mut().zip(&self.v.data[vo..vo + s.v_head_dim]) {
-                *o += w * (f * vv.to_f64());
+            let row = &self.v.data[vo..vo + s.v_head_dim / TKV::BLOCK];
+            for (t, o) in out.iter_mut().enumerate() {
+                *o += w * (f * TKV::value(row, t) as f64);
             }
         }
         out.iter_mut().for_each(|o| *o /= denom);
@@ -345,7 +349,8 @@ pub fn reference_attention<TQ: Element, TKV: Element>(
 /// copied from slot `j % page_size` of page `block_table[b * pages_per_seq + j / page_size]`;
 /// the rows past each sequence's length are zero (no row can see them). This is what the
 /// reference means by a paged call: its result is the reference of the gathered tensors.
-/// The pool is validated as a call validates it.
+/// The pool is validated as a call validates it. Rows count storage units: for [`crate::BlockQ8_0`]
+/// `D / 32` blocks (strides of the shape with its head dims divided by 32).
 pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_lens: Option<&[usize]>) -> Result<(Vec<T>, Vec<T>), AttnError> {
     let s = shape;
     if let Some(l) = kv_lens {
@@ -354,6 +359,7 @@ pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_
         }
     }
     let len = |b: usize| kv_lens.map_or(s.seq_kv, |l| l[b]);
+    let units = crate::validate::kv_units::<T>(s)?;
     let gather = |tensor, data: &[T], strides, dim: usize| -> Result<Vec<T>, AttnError> {
         let src = validate_paged(tensor, data, strides, &kv.pages, s.batch, s.kv_heads, dim, (0..s.batch).map(len))?;
         let n = [s.batch, s.kv_heads, s.seq_kv, dim].iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::SizeOverflow { tensor })?;
@@ -362,11 +368,11 @@ pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_
             for hk in 0..s.kv_heads {
                 for j in 0..len(b).min(s.seq_kv) {
                     let to = ((b * s.kv_heads + hk) * s.seq_kv + j) * dim;
-                    out[to..to + dim].copy_from_slice(src.row(b, hk, j, dim));
+                    out[to..to + dim].copy_from_slice(src.row(b, hk, j, dim * T::BLOCK));
                 }
             }
         }
         Ok(out)
     };
-    Ok((gather(TensorName::K, kv.k, kv.k_strides, s.head_dim)?, gather(TensorName::V, kv.v, kv.v_strides, s.v_head_dim)?))
+    Ok((gather(TensorName::K, kv.k, kv.k_strides, units.head_dim)?, gather(TensorName::V, kv.v, kv.v_strides, units.v_head_dim)?))
 }

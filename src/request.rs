@@ -94,6 +94,7 @@ impl<'a, 'o> Request<'a, 'o> {
             AnyKv::I8(kv) => op.run(self, kv),
             AnyKv::F8E4M3(kv) => op.run(self, kv),
             AnyKv::F8E5M2(kv) => op.run(self, kv),
+            AnyKv::Q8_0(kv) => op.run(self, kv),
         }
     }
 }

@@ -114,6 +114,24 @@ pub fn widen_e5m2(isa: Isa, src: &[crate::F8E5M2]) -> Option<(Vec<f32>, Vec<f32>
     on(isa, Widen(src))
 }
 
+/// Every value of a row of q8_0 blocks as the ISA's `load_q8_0s` gives it, a vector at a time
+/// (through the kernels' `load_lanes`, as they read K and V in place).
+pub fn widen_q8_0(isa: Isa, src: &[crate::BlockQ8_0]) -> Option<Vec<f32>> {
+    struct Blocks<'a>(&'a [crate::BlockQ8_0]);
+    impl WithSimdExt for Blocks<'_> {
+        type Output = Vec<f32>;
+        #[inline(always)]
+        fn with_simd<S: SimdExt>(self, simd: S) -> Vec<f32> {
+            let mut out = vec![0.0f32; self.0.len() * crate::BlockQ8_0::LEN];
+            for (t, dst) in S::as_mut_simd_f32s(&mut out).0.iter_mut().enumerate() {
+                *dst = crate::kernel::load_lanes(simd, self.0, t);
+            }
+            out
+        }
+    }
+    on(isa, Blocks(src))
+}
+
 struct Widen<'a, T>(&'a [T]);
 impl<T: crate::simd::Widen> WithSimdExt for Widen<'_, T> {
     type Output = (Vec<f32>, Vec<f32>);

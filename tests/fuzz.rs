@@ -120,11 +120,12 @@ fn value(rng: &mut Rng, fill: Fill) -> f32 {
 }
 
 /// Elements `len` of `dtype` (0 f32, 1 f16, 2 bf16, 3 int8 codes, 4 / 5 fp8 E4M3 / E5M2
-/// codes), filled.
+/// codes, 6 ggml q8_0 blocks of 34 bytes), filled.
 fn tensor_buf(rng: &mut Rng, dtype: i32, len: usize, fill: Fill, misalign: bool) -> Buf {
     let size = match dtype {
         1 | 2 => 2,
         3..=5 => 1,
+        6 => 34,
         _ => 4,
     };
     let mut b = Buf::new(len * size, misalign);
@@ -132,7 +133,14 @@ fn tensor_buf(rng: &mut Rng, dtype: i32, len: usize, fill: Fill, misalign: bool)
     let data = &mut b.all_mut()[s..s + len * size];
     for e in data.chunks_exact_mut(size) {
         let x = value(rng, fill);
-        if dtype == 3 {
+        if dtype == 6 {
+            // A block: the scale from the fill (adversarial ones reach inf, NaN, subnormals),
+            // then 32 random codes.
+            e[..2].copy_from_slice(&f16::from_f32(x * 0.05).to_bits().to_ne_bytes());
+            for c in &mut e[2..] {
+                *c = rng.below(256) as u8;
+            }
+        } else if dtype == 3 {
             e[0] = (x * 8.0).round().clamp(-128.0, 127.0) as i8 as u8;
         } else if dtype == 4 {
             // Adversarial fills reach the NaN codes (0x7f, 0xff) through NaN and infinity.
@@ -233,12 +241,13 @@ fn draw_case(rng: &mut Rng) -> Case {
     d.head_dim = if rng.chance(85) { rng.pick(&[1, 2, 3, 4, 7, 8, 15, 16, 32, 33, 48, 64, 64, 96, 128, 128]) } else { dim(rng, 20) };
     d.v_head_dim = if rng.chance(80) { 0 } else if rng.chance(90) { rng.pick(&[1, 8, 16, 32, 64, 128]) } else { dim(rng, 20) };
     let dv = if d.v_head_dim == 0 { d.head_dim } else { d.v_head_dim };
-    let dtype = |rng: &mut Rng| if rng.chance(98) { rng.below(3) as i32 } else { rng.pick(&[3, 4, 5, -1, 7]) };
+    let dtype = |rng: &mut Rng| if rng.chance(98) { rng.below(3) as i32 } else { rng.pick(&[3, 4, 5, 6, -1, 7]) };
     let (qt, mut kt, ot) = (dtype(rng), dtype(rng), dtype(rng));
-    // A quantized cache (3 int8, 4 / 5 fp8 are K/V dtypes only: for Q and out they stay an
-    // unknown value).
+    // A quantized cache (3 int8, 4 / 5 fp8, 6 q8_0 are K/V dtypes only: for Q and out they
+    // stay an unknown value). q8_0 rows are whole blocks: its head dims must be multiples of 32
+    // (others are drawn too, to be rejected).
     if rng.chance(12) {
-        kt = rng.pick(&[3, 3, 4, 5]);
+        kt = rng.pick(&[3, 3, 4, 5, 6, 6]);
     }
     let vt = if rng.chance(95) { kt } else { dtype(rng) };
     let fill = if rng.chance(70) { Fill::Moderate } else { Fill::Adversarial };
@@ -262,8 +271,10 @@ fn draw_case(rng: &mut Rng) -> Case {
         (t, b, r)
     };
     let (q, qb, qr) = tensor(rng, (d.batch, d.q_heads, d.seq_q), q_cols, qt, true);
-    let (k, kb, kr) = tensor(rng, (d.batch, d.kv_heads, d.seq_kv), d.head_dim, kt, true);
-    let (v, vb, vr) = tensor(rng, (d.batch, d.kv_heads, d.seq_kv), dv, vt, true);
+    // A q8_0 row of whole blocks is `dim / 32` elements of 34 bytes; strides count blocks.
+    let units = |dt: i32, dim: usize| if dt == 6 && dim % 32 == 0 { dim / 32 } else { dim };
+    let (k, kb, kr) = tensor(rng, (d.batch, d.kv_heads, d.seq_kv), units(kt, d.head_dim), kt, true);
+    let (v, vb, vr) = tensor(rng, (d.batch, d.kv_heads, d.seq_kv), units(vt, dv), vt, true);
     (d.q, d.k, d.v) = (q, k, v);
     inputs.extend([qb, kb, vb]);
     // Outputs: no broadcast (they would overlap), filled with a sentinel pattern.
@@ -499,7 +510,12 @@ fn last_error() -> String {
 
 /// Reads output `i` of `bufs` as f32 values (f16 and bf16 widened).
 fn floats(b: &Buf, dtype: i32) -> Vec<f32> {
-    if dtype == 3 {
+    if dtype == 6 {
+        b.data().chunks_exact(34).flat_map(|c| {
+            let d = f16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32();
+            c[2..].iter().map(move |&q| d * q as i8 as f32)
+        }).collect()
+    } else if dtype == 3 {
         b.data().iter().map(|&c| c as i8 as f32).collect()
     } else if dtype == 4 {
         b.data().iter().map(|&c| simd_attn::F8E4M3(c).to_f32()).collect()

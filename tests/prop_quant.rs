@@ -619,3 +619,243 @@ fn fp8_kv_without_scales_and_nan_codes_outside_the_window() {
         }
     }
 }
+
+// ---- ggml q8_0 blocks ----
+
+/// ggml's reference quantizer (`quantize_row_q8_0_ref`), written here from its definition and
+/// independent of the library's: per 32 values, `d = amax / 127` (stored as f16), codes
+/// `roundf(x / d)`. Where `amax / 127` passes f16's largest finite value the scale is that
+/// value and the codes saturate at +-127 (ggml would store an infinite scale). `adversarial`
+/// blocks (1 in 8, chosen by `rng`) get a zero scale over random codes, or a tiny (subnormal
+/// f16) or huge scale over random codes instead. Returns the blocks and, laid out like `x`,
+/// their exact values.
+fn ggml_q8_0(x: &[f32], rng: &mut Rng, adversarial: bool) -> (Vec<BlockQ8_0>, Vec<f32>) {
+    let mut blocks = Vec::with_capacity(x.len() / 32);
+    for chunk in x.chunks_exact(32) {
+        let mut qs = [0i8; 32];
+        let d = match adversarial.then(|| rng.below(24)) {
+            Some(k @ 0..=2) => {
+                for q in qs.iter_mut() {
+                    *q = (rng.below(255) as i32 - 127) as i8;
+                }
+                [f16::ZERO, f16::from_bits(1 + rng.below(1000) as u16), f16::from_f32(4096.0 * (1.0 + rng.uniform().abs()))][k]
+            }
+            _ => {
+                let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let (stored, id) = if d > 65504.0 { (f16::MAX, 1.0 / 65504.0) } else { (f16::from_f32(d), if d != 0.0 { 1.0 / d } else { 0.0 }) };
+                for (q, &v) in qs.iter_mut().zip(chunk) {
+                    *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                }
+                stored
+            }
+        };
+        blocks.push(BlockQ8_0 { d, qs });
+    }
+    let values = blocks.iter().flat_map(|b| b.qs.iter().map(move |&q| b.d.to_f32() * q as f32)).collect();
+    (blocks, values)
+}
+
+/// A case with K and V as q8_0 blocks (`[B, H, S, D]` or `[B, S, H, D]`, rows block-aligned):
+/// the case's f32 K and V become the blocks' exact values, and the block tensors' strides are
+/// the value strides over 32.
+fn q8_0_case(spec: &Spec, adversarial: bool) -> (Case, [(Vec<BlockQ8_0>, Strides); 2]) {
+    let mut case = Case::build(spec);
+    let mut rng = Rng::new(spec.seed ^ 0x5108);
+    let mut tensor = |which: usize, case: &mut Case| {
+        let (bi, off, st) = case.views[which];
+        assert_eq!(off, 0);
+        let (blocks, values) = ggml_q8_0(&case.bufs[bi], &mut rng, adversarial);
+        case.bufs[bi] = values;
+        (blocks, Strides::new(st.batch / 32, st.head / 32, st.seq / 32))
+    };
+    let k = tensor(1, &mut case);
+    let v = tensor(2, &mut case);
+    (case, [k, v])
+}
+
+/// The spec with block-sized head dims (one to eight blocks) and a layout q8_0 rows fit.
+fn q8_0_spec(mut spec: Spec, d_blocks: usize, dv_blocks: usize) -> Spec {
+    spec.head_dim = 32 * d_blocks;
+    spec.v_head_dim = 32 * dv_blocks;
+    spec.layout = if spec.seed % 2 == 0 { Layout::Bhsd } else { Layout::Bshd };
+    spec
+}
+
+fn run_q8_0(config: &RunConfig, case: &Case, kv: &[(Vec<BlockQ8_0>, Strides); 2]) -> Outcome {
+    let mut out = vec![SENTINEL; case.out_len];
+    let mut lse = vec![SENTINEL; case.shape.batch * case.shape.q_heads * case.shape.seq_q];
+    attention_with(
+        config,
+        &case.shape,
+        case.tensor(&case.bufs, 0),
+        TensorRef::new(&kv[0].0, kv[0].1),
+        TensorRef::new(&kv[1].0, kv[1].1),
+        TensorMut::new(&mut out, case.out_strides),
+        case.spec.lse.then_some(&mut lse[..]),
+        &case.params(),
+    )
+    .expect("generated problems are valid");
+    Outcome { out, lse }
+}
+
+fn q8_0_every_isa(spec: &Spec, adversarial: bool, threads: usize) -> Result<(), TestCaseError> {
+    let (case, kv) = q8_0_case(spec, adversarial);
+    // The reference on the blocks dequantizes literally: it agrees with the reference on their
+    // values as f32 tensors.
+    let on_blocks = Reference::new(&case.shape, case.tensor(&case.bufs, 0), TensorRef::new(&kv[0].0, kv[0].1), TensorRef::new(&kv[1].0, kv[1].1), &case.params()).unwrap().compute();
+    let on_values = case.reference().compute();
+    for (a, b) in on_blocks.out.iter().zip(&on_values.out) {
+        prop_assert!(a == b || (a - b).abs() <= 1e-12 * (1.0 + b.abs()), "reference on blocks {a} vs on their values {b}");
+    }
+    for isa in Isa::available() {
+        let got = run_q8_0(&RunConfig { isa: Some(isa), threads: Some(threads) }, &case, &kv);
+        check(&case, &got, 0.0).map_err(|e| TestCaseError::fail(format!("[{isa}] q8_0, {threads} threads: {e}")))?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases / 2 + 1, ..ProptestConfig::default() })]
+
+    /// Every option (masks, windows, softcap, bias, ALiBi, sinks, kv_lens) over q8_0 K and V.
+    #[test]
+    fn q8_0_kv_every_isa(spec in spec_strategy(Options::Any), d in 1..=5usize, dv in 1..=5usize, threads in 1..=2usize) {
+        q8_0_every_isa(&q8_0_spec(spec, d, dv), false, threads)?;
+    }
+
+    /// Adversarial values and masks, and adversarial blocks (zero, subnormal and huge scales).
+    #[test]
+    fn q8_0_kv_adversarial(spec in spec_strategy(Options::Adversarial), d in prop_oneof![Just(2usize), Just(4), 1..=8usize]) {
+        q8_0_every_isa(&q8_0_spec(spec, d, d), true, 1)?;
+    }
+
+    /// Decode shapes: the few-rows and row-tile decode kernels reading q8_0 rows in place, with
+    /// several threads so the key partitions merge.
+    #[test]
+    fn q8_0_kv_decode(b in 1..=2usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4), Just(8)], sq in 1..=4usize,
+                      skv in prop_oneof![1..=40usize, 200..=3000usize], d in prop_oneof![Just(2usize), Just(4), 1..=5usize],
+                      seed in any::<u64>(), threads in 1..=3usize) {
+        let mut spec = Spec::plain(b, hkv * g, hkv, sq, skv, 32);
+        spec.causal = seed % 3 == 0;
+        spec.seed = seed;
+        q8_0_every_isa(&q8_0_spec(spec, d, d), seed % 5 == 0, threads)?;
+    }
+
+    /// A paged q8_0 pool (token-major pages in shuffled order, a garbage spare page), read in
+    /// place, against the reference of the case.
+    #[test]
+    fn q8_0_kv_paged(b in 1..=3usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4)], sq in 1..=3usize,
+                     skv in 1..=300usize, d in 1..=4usize, page_size in prop_oneof![Just(1usize), Just(16), 1..=70usize], seed in any::<u64>()) {
+        let mut spec = Spec::plain(b, hkv * g, hkv, sq, skv, 32);
+        spec.seed = seed;
+        spec.causal = seed % 2 == 1;
+        spec.kv_lens = Some((0..b).map(|i| if i == 0 { skv } else { (seed as usize >> (4 * i)) % (skv + 1) }).collect());
+        let spec = q8_0_spec(spec, d, d);
+        let (case, kv) = q8_0_case(&spec, false);
+        let nb = d; // blocks per row
+        let pages_per_seq = skv.div_ceil(page_size);
+        let num_pages = b * pages_per_seq + 1;
+        let mut order: Vec<usize> = (0..num_pages).collect();
+        let mut rng = Rng::new(seed);
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let ps = PageStrides { page: page_size * hkv * nb, head: nb, slot: hkv * nb };
+        let garbage = BlockQ8_0 { d: f16::NAN, qs: [127; 32] };
+        let (mut kp, mut vp) = (vec![garbage; num_pages * ps.page], vec![garbage; num_pages * ps.page]);
+        let mut table = vec![-1i32; b * pages_per_seq];
+        let lens = case.kv_lens.clone().unwrap();
+        for bi in 0..b {
+            for p in 0..lens[bi].div_ceil(page_size) {
+                table[bi * pages_per_seq + p] = order[bi * pages_per_seq + p] as i32;
+            }
+            for j in 0..lens[bi] {
+                let page = table[bi * pages_per_seq + j / page_size] as usize;
+                for hk in 0..hkv {
+                    let at = page * ps.page + hk * ps.head + (j % page_size) * ps.slot;
+                    for (pool, (blocks, st)) in [(&mut kp, &kv[0]), (&mut vp, &kv[1])] {
+                        let o = bi * st.batch + hk * st.head + j * st.seq;
+                        pool[at..at + nb].copy_from_slice(&blocks[o..o + nb]);
+                    }
+                }
+            }
+        }
+        let pages = PageTable { block_table: &table, pages_per_seq, page_size, num_pages };
+        for isa in Isa::available() {
+            let config = RunConfig { isa: Some(isa), threads: Some(2) };
+            let mut out = vec![SENTINEL; case.out_len];
+            let mut lse = vec![SENTINEL; b * hkv * g * sq];
+            let request = Request::new(case.shape, case.tensor(&case.bufs, 0), PagedKv { k: &kp, v: &vp, k_strides: ps, v_strides: ps, pages }, TensorMut::new(&mut out, case.out_strides), case.params()).lse(&mut lse);
+            run(&config, request).unwrap();
+            check(&case, &Outcome { out, lse }, 0.0).map_err(|e| TestCaseError::fail(format!("[{isa}] paged q8_0: {e}")))?;
+        }
+    }
+}
+
+/// A q8_0 tensor as ggml writes it, bytes in memory (a little-endian f16 scale, then 32 codes,
+/// 34 bytes a block), is read in place: the library's block type is that layout, and every
+/// ISA's block loads decode it exactly; the library's quantizer makes ggml's blocks.
+#[test]
+fn q8_0_ggml_bytes_are_read_in_place_on_every_isa() {
+    assert_eq!((size_of::<BlockQ8_0>(), align_of::<BlockQ8_0>()), (34, 2));
+    let mut rng = Rng::new(80);
+    let n = 16;
+    // Every code in every position over the blocks, scales from subnormal to f16's largest.
+    let scales: Vec<f16> = (0..n).map(|i| [f16::from_bits(1), f16::from_f32(0.0123), f16::ONE, f16::MAX, f16::from_f32(-3.5), f16::ZERO][i % 6]).collect();
+    let codes: Vec<[i8; 32]> = (0..n).map(|b| core::array::from_fn(|i| ((b * 32 + i) * 37 % 256) as u8 as i8)).collect();
+    let mut bytes = Vec::new();
+    for (d, qs) in scales.iter().zip(&codes) {
+        bytes.extend_from_slice(&d.to_bits().to_le_bytes());
+        bytes.extend(qs.iter().map(|&q| q as u8));
+    }
+    // A 2-byte aligned buffer holding those bytes, seen as blocks (ggml buffers are aligned).
+    let mut backing = vec![0u16; bytes.len() / 2];
+    for (w, pair) in backing.iter_mut().zip(bytes.chunks_exact(2)) {
+        *w = u16::from_ne_bytes([pair[0], pair[1]]);
+    }
+    // SAFETY: BlockQ8_0 is repr(C) of an f16 and 32 i8 (34 bytes, align 2, every bit pattern
+    // valid); the buffer holds `n` blocks' bytes at 2-byte alignment.
+    let blocks: &[BlockQ8_0] = unsafe { core::slice::from_raw_parts(backing.as_ptr().cast::<BlockQ8_0>(), n) };
+    let want: Vec<f32> = (0..n * 32).map(|i| scales[i / 32].to_f32() * codes[i / 32][i % 32] as f32).collect();
+    for (i, &w) in want.iter().enumerate() {
+        assert_eq!(Element::value(blocks, i).to_bits(), w.to_bits(), "value {i}");
+    }
+    let mut checked = 0;
+    for isa in Isa::available() {
+        let Some(got) = simd_attn::selftest::widen_q8_0(isa, blocks) else { continue };
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "[{isa}] load_q8_0s value {i}: {g} vs {w}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 1, "no ISA ran the q8_0 loads");
+    for _ in 0..50 {
+        let x: [f32; 32] = core::array::from_fn(|_| rng.uniform() * 10f32.powi(rng.below(7) as i32 - 3));
+        let (ours, _) = ggml_q8_0(&x, &mut rng, false);
+        assert_eq!(BlockQ8_0::quantize(&x), ours[0], "library quantizer vs ggml's definition on {x:?}");
+    }
+}
+
+/// q8_0 calls that do not fit are rejected before anything is written: head dims that are not
+/// whole blocks, a tensor short of a block, other scores than the dot family.
+#[test]
+fn q8_0_bad_calls_are_rejected() {
+    let shape = AttentionShape::new(1, 2, 2, 1, 4, 64);
+    let [qs, _, _, os] = shape.bhsd_strides();
+    let bs = Strides::new(2 * 4 * 2, 4 * 2, 2);
+    let q = vec![0.5f32; 2 * 64];
+    let blocks = vec![BlockQ8_0 { d: f16::ONE, qs: [1; 32] }; 16];
+    let mut out = vec![SENTINEL; 2 * 64];
+    let call = |shape: &AttentionShape, kv: &[BlockQ8_0], params: AttentionParams<'_>, out: &mut [f32]| {
+        attention(shape, TensorRef::new(&q, qs), TensorRef::new(kv, bs), TensorRef::new(kv, bs), TensorMut::new(out, os), None, &params).map(|_| ())
+    };
+    let odd = AttentionShape::new(1, 2, 2, 1, 4, 48);
+    assert!(matches!(call(&odd, &blocks, AttentionParams::new(), &mut out), Err(AttnError::Unsupported { .. })));
+    assert!(matches!(call(&shape, &blocks[..15], AttentionParams::new(), &mut out), Err(AttnError::BufferTooSmall { tensor: TensorName::K, needed: 16, len: 15 })));
+    assert!(matches!(call(&shape, &blocks, AttentionParams::new().score(Score::Cosine { temperature: 1.0 }), &mut out), Err(AttnError::UnsupportedScore { .. })));
+    assert!(out.iter().all(|&x| x == SENTINEL), "an error left the output untouched");
+    call(&shape, &blocks, AttentionParams::new(), &mut out).unwrap();
+    // Every value is 1: the output is the mean of V's rows, 1.
+    assert!(out.iter().all(|&x| x == 1.0), "{out:?}");
+}

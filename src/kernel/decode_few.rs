@@ -154,13 +154,13 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     let mut state = Interleaved::<S, R>::load(&sc.max[slot * R..(slot + 1) * R], &sc.sum[slot * R..(slot + 1) * R]);
     let terms = any_terms(p);
     let (kd, vd) = (p.k.data, p.v.data);
-    let k_bytes = d * size_of::<TKV>();
+    let k_bytes = d / TKV::BLOCK * size_of::<TKV>();
     let q = S::as_simd_f32s(&sc.qt[slot * R * d..(slot + 1) * R * d]).0;
     let ahead = HintRows::new(p, hint, k1, next);
     // Rows per 4 KiB page, less one, as a mask: a power of two no larger than a page's worth of
     // the wider-spaced tensor's rows (a paged cache's slots within a page), so sampling rows at
     // multiples of it misses no page.
-    let (k_span, v_span) = (p.k.run(j0).1.max(d) * size_of::<TKV>(), p.v.run(j0).1.max(p.shape.v_head_dim) * size_of::<TKV>());
+    let (k_span, v_span) = (p.k.run(j0).1.max(d / TKV::BLOCK) * size_of::<TKV>(), p.v.run(j0).1.max(p.shape.v_head_dim / TKV::BLOCK) * size_of::<TKV>());
     let page_rows = (4096 / k_span.max(v_span)).max(1);
     let page_rows = (1usize << page_rows.ilog2()) - 1;
     let mut alpha = [0.0f32; 16];
@@ -204,7 +204,7 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
         }
         let mut k_rows: [&[TKV]; 16] = [&[]; 16];
         for (c, row) in k_rows[..group].iter_mut().enumerate() {
-            *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d];
+            *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d / TKV::BLOCK];
         }
         *out = qk_dot_group::<S, TKV, R>(simd, dl, q, &k_rows);
     }

@@ -201,13 +201,17 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
             acc[r][x] = if rescale { simd.mul_f32s(cur, a) } else { cur };
         }
     }
+    // The segment's storage units `u0..u1` of each row (values for all but a block format,
+    // whose segment starts at the block holding value `x0 * lanes`, vector `t0` of that block).
+    let (u0, u1) = (x0 * lanes / T::BLOCK, ((x0 + NV) * lanes).div_ceil(T::BLOCK));
+    let t0 = (x0 * lanes - u0 * T::BLOCK) / lanes;
     if n > 0 {
         let p = &p[..(n - 1) * ld_p + R];
         for c in 0..n {
-            let row = &v[v_at[c] + x0 * lanes..][..NV * lanes];
+            let row = &v[v_at[c] + u0..][..u1 - u0];
             if let Some(hints) = hints {
                 // A hint, never dereferenced (null: nothing to hint).
-                let ahead = hints[c].wrapping_add(x0 * lanes).cast::<u8>();
+                let ahead = hints[c].wrapping_add(u0).cast::<u8>();
                 if !hints[c].is_null() {
                     for line in (0..core::mem::size_of_val(row)).step_by(64) {
                         simd.prefetch_l2(ahead.wrapping_add(line));
@@ -219,7 +223,7 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
                 pb[r] = simd.splat_f32s(p[c * ld_p + r]);
             }
             for x in 0..NV {
-                let vx = super::load_lanes(simd, row, x);
+                let vx = super::load_lanes(simd, row, t0 + x);
                 for r in 0..R {
                     acc[r][x] = simd.mul_add_e_f32s(pb[r], vx, acc[r][x]);
                 }

@@ -18,12 +18,17 @@ pub(crate) fn carve<'w>(buf: &mut &'w mut [f32], n: usize) -> &'w mut [f32] {
     head
 }
 
-/// `dst[..src.len()] = src` as f32: f16, bf16, int8 and fp8 are widened in registers a vector at a time,
-/// f32 copied.
+/// `dst[..values] = src` as f32: f16, bf16, int8, fp8 and q8_0 blocks are widened in registers a
+/// vector at a time, f32 copied.
 #[inline(always)]
 pub(crate) fn convert_row<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, src: &[T], dst: &mut [f32]) {
-    let dst = &mut dst[..src.len()];
-    if let Some(h) = T::as_f16_slice(src) {
+    let dst = &mut dst[..src.len() * T::BLOCK];
+    if let Some(blocks) = T::as_q8_0_slice(src) {
+        // Whole vectors: a block's 32 values are whole vectors on every ISA.
+        for (t, d) in S::as_mut_simd_f32s(dst).0.iter_mut().enumerate() {
+            *d = simd.load_q8_0s(blocks, t * S::F32_LANES);
+        }
+    } else if let Some(h) = T::as_f16_slice(src) {
         widen_row(simd, h, dst);
     } else if let Some(h) = T::as_bf16_slice(src) {
         widen_row(simd, h, dst);
@@ -82,7 +87,7 @@ pub(crate) fn pack_rows<S: crate::simd::SimdExt, T: crate::element::Element>(
         t.row_offsets(b, hk, j0 + c0, &mut at[..m]);
         for (c, &o) in (c0..c0 + m).zip(&at[..m]) {
             let row = &mut dst[c * pitch..(c + 1) * pitch];
-            convert_row(simd, &t.data[o..o + width], row);
+            convert_row(simd, &t.data[o..o + width / T::BLOCK], row);
             row[width..].fill(0.0);
         }
     }
@@ -210,6 +215,9 @@ pub(crate) fn strided_row_terms<TKV>(
 #[inline(always)]
 pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, row: &[T], t: usize) -> S::f32s {
     let lanes = S::F32_LANES;
+    if let Some(blocks) = T::as_q8_0_slice(row) {
+        return simd.load_q8_0s(blocks, t * lanes);
+    }
     let row = &row[t * lanes..(t + 1) * lanes];
     if let Some(h) = T::as_f16_slice(row) {
         simd.load_f16s(h)
@@ -236,10 +244,10 @@ pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(si
 /// L2. Rows from `len` on (past the sequence's keys) are skipped.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T>(simd: S, t: &crate::kv::KvSource<'_, T>, len: usize, b: usize, hk: usize, j: usize, width: usize) {
+pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, t: &crate::kv::KvSource<'_, T>, len: usize, b: usize, hk: usize, j: usize, width: usize) {
     if let Some(row) = t.hint(b, hk, j, len) {
         let base = row.cast::<u8>();
-        for line in (0..width * size_of::<T>()).step_by(64) {
+        for line in (0..width / T::BLOCK * size_of::<T>()).step_by(64) {
             simd.prefetch_l2(base.wrapping_add(line));
         }
     }

@@ -118,8 +118,9 @@ fn block<TKV: Element, const ADDITIVE: bool>(
         for c0 in (0..n).step_by(16).filter(|_| dot) {
             for c in c0..(c0 + 16).min(n) {
                 let fc = if k_scaled { f[c] } else { 1.0 };
-                for (t, x) in p.k.row(b, hk, j0 + c, d).iter().enumerate() {
-                    sc.kt[t * pitch + c] = fc * x.to_f32();
+                let row = p.k.row(b, hk, j0 + c, d);
+                for t in 0..d {
+                    sc.kt[t * pitch + c] = fc * TKV::value(row, t);
                 }
             }
         }
@@ -133,8 +134,9 @@ fn block<TKV: Element, const ADDITIVE: bool>(
                 row.fill(0.0);
                 continue;
             }
-            for (dst, x) in row.iter_mut().zip(p.v.row(b, hk, j0 + c, dv)) {
-                *dst = fc * x.to_f32();
+            let src = p.v.row(b, hk, j0 + c, dv);
+            for (t, dst) in row.iter_mut().enumerate() {
+                *dst = fc * TKV::value(src, t);
             }
         }
         let all_visible = keys.all_visible(j0, j1);

@@ -8,7 +8,7 @@ pub(crate) mod exp;
 pub(crate) mod tanh;
 
 use crate::isa::Isa;
-use crate::element::{F8E4M3, F8E5M2};
+use crate::element::{BlockQ8_0, F8E4M3, F8E5M2};
 use half::{bf16, f16};
 use pulp::{Simd, WithSimd};
 
@@ -96,6 +96,18 @@ pub(crate) trait SimdExt: Simd {
     #[inline(always)]
     fn load_e5m2s_pair(self, src: &[F8E5M2]) -> (Self::f32s, Self::f32s) {
         load_halves(self, src)
+    }
+
+    /// Values `start..start + F32_LANES` of a row of ggml `q8_0` blocks (`start` a multiple of
+    /// `F32_LANES`, which divides 32, so one block holds them all): the block's codes widened
+    /// like int8 times its f16 scale widened like f16, both in registers, so every ISA's
+    /// overrides of those two loads serve here. Exact: an 8-bit code times an 11-bit scale.
+    #[inline(always)]
+    fn load_q8_0s(self, row: &[BlockQ8_0], start: usize) -> Self::f32s {
+        let block = &row[start / BlockQ8_0::LEN];
+        let codes = self.load_i8s(&block.qs[start % BlockQ8_0::LEN..]);
+        let scale = self.load_f16s(&[block.d; 16]);
+        self.mul_f32s(scale, codes)
     }
 
     /// Lane `i` of the result is the sum of the lanes of `acc[i]` (`acc` holds `F32_LANES`

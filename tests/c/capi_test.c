@@ -1184,6 +1184,33 @@ static void test_kvcache(const int32_t *isas, size_t n_isas) {
     free(k0), free(v0), free(kn), free(vn), free(q), free(k), free(v), free(out), free(ref);
 }
 
+/* The largest |got - want| over n floats (NaN counts as infinitely far). */
+static double max_error(const float *got, const float *want, size_t n) {
+    double worst = 0;
+    for (size_t e = 0; e < n; e++) {
+        double err = fabs((double)got[e] - want[e]);
+        if (!(err <= worst)) worst = err;
+    }
+    return worst;
+}
+
+/* The descriptor a quantized-cache test starts from: causal f32 Q [b, hq, sq, d] and output
+ * `want`, which it fills with the answer of the f32 cache `kd` / `vd` ([b, hkv, skv, d]) holding
+ * the dequantized values; the test then sets its own k and v. */
+static simd_attn_desc quantized_cache_desc(size_t b, size_t hq, size_t hkv, size_t sq, size_t skv, size_t d, const float *q, const float *kd, const float *vd, float *want) {
+    simd_attn_desc base;
+    simd_attn_desc_init(&base);
+    base.batch = b, base.q_heads = hq, base.kv_heads = hkv, base.seq_q = sq, base.seq_kv = skv;
+    base.head_dim = d, base.v_head_dim = d, base.causal = 1;
+    base.q = tensor(q, hq, sq, d, b, SIMD_ATTN_F32);
+    base.out = output(want, hq, sq, d, b, SIMD_ATTN_F32);
+    simd_attn_desc f = base;
+    f.k = tensor(kd, hkv, skv, d, b, SIMD_ATTN_F32);
+    f.v = tensor(vd, hkv, skv, d, b, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_forward(&f, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    return base;
+}
+
 /* An int8 K/V cache with one factor per (token, KV head) for K and one per KV head for V: the
  * same answer as the f32 cache holding factor * code, on every path; and the reference agrees.
  * Then the descriptor errors the new fields can have. */
@@ -1203,16 +1230,7 @@ static void test_int8_kv(const int32_t *isas, size_t n_isas) {
         kd[i] = kf[tok] * (float)kc[i];
         vd[i] = vf[hk] * (float)vc[i];
     }
-    simd_attn_desc base;
-    simd_attn_desc_init(&base);
-    base.batch = b, base.q_heads = hq, base.kv_heads = hkv, base.seq_q = sq, base.seq_kv = skv;
-    base.head_dim = d, base.v_head_dim = d, base.causal = 1;
-    base.q = tensor(q, hq, sq, d, b, SIMD_ATTN_F32);
-    base.out = output(want, hq, sq, d, b, SIMD_ATTN_F32);
-    simd_attn_desc f = base;
-    f.k = tensor(kd, hkv, skv, d, b, SIMD_ATTN_F32);
-    f.v = tensor(vd, hkv, skv, d, b, SIMD_ATTN_F32);
-    EXPECT_STATUS(simd_attn_forward(&f, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    simd_attn_desc base = quantized_cache_desc(b, hq, hkv, sq, skv, d, q, kd, vd, want);
     simd_attn_desc a = base;
     a.k = tensor(kc, hkv, skv, d, b, SIMD_ATTN_I8);
     a.v = tensor(vc, hkv, skv, d, b, SIMD_ATTN_I8);
@@ -1225,21 +1243,13 @@ static void test_int8_kv(const int32_t *isas, size_t n_isas) {
         for (size_t threads = 1; threads <= 2; threads++) {
             a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
             EXPECT_STATUS(simd_attn_forward(&a, threads, isas[i], NULL), SIMD_ATTN_OK);
-            double worst = 0;
-            for (size_t e = 0; e < nq; e++) {
-                double err = fabs((double)out[e] - want[e]);
-                if (!(err <= worst)) worst = err;
-            }
+            double worst = max_error(out, want, nq);
             CHECK(worst <= 1e-5, "int8 kv (isa %d, %zu threads): max error %g against the f32 cache", isas[i], threads, worst);
         }
     }
     a.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
     EXPECT_STATUS(simd_attn_reference(&a), SIMD_ATTN_OK);
-    double worst = 0;
-    for (size_t e = 0; e < nq; e++) {
-        double err = fabs((double)ref[e] - want[e]);
-        if (!(err <= worst)) worst = err;
-    }
+    double worst = max_error(ref, want, nq);
     CHECK(worst <= 1e-5, "int8 kv reference: max error %g", worst);
 
     /* Errors: int8 Q, mixed K/V dtypes, an unknown kind, a field the kind does not read, a
@@ -1306,16 +1316,7 @@ static void test_fp8_kv(const int32_t *isas, size_t n_isas) {
             vd[i] = vscale * (fmt == 0 ? fp8_value(vc[i], 4, 3, 7) : fp8_value(vc[i], 5, 2, 15));
         }
         int32_t dt = fmt == 0 ? SIMD_ATTN_F8E4M3 : SIMD_ATTN_F8E5M2;
-        simd_attn_desc base;
-        simd_attn_desc_init(&base);
-        base.batch = b, base.q_heads = hq, base.kv_heads = hkv, base.seq_q = sq, base.seq_kv = skv;
-        base.head_dim = d, base.v_head_dim = d, base.causal = 1;
-        base.q = tensor(q, hq, sq, d, b, SIMD_ATTN_F32);
-        base.out = output(want, hq, sq, d, b, SIMD_ATTN_F32);
-        simd_attn_desc f = base;
-        f.k = tensor(kd, hkv, skv, d, b, SIMD_ATTN_F32);
-        f.v = tensor(vd, hkv, skv, d, b, SIMD_ATTN_F32);
-        EXPECT_STATUS(simd_attn_forward(&f, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+        simd_attn_desc base = quantized_cache_desc(b, hq, hkv, sq, skv, d, q, kd, vd, want);
         double vmax = 1.0;
         for (size_t e = 0; e < nq; e++) vmax = fabs(want[e]) > vmax ? fabs(want[e]) : vmax;
         simd_attn_desc a = base;
@@ -1328,20 +1329,12 @@ static void test_fp8_kv(const int32_t *isas, size_t n_isas) {
         for (size_t i = 0; i < n_isas; i++) {
             a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
             EXPECT_STATUS(simd_attn_forward(&a, 2, isas[i], NULL), SIMD_ATTN_OK);
-            double worst = 0;
-            for (size_t e = 0; e < nq; e++) {
-                double err = fabs((double)out[e] - want[e]);
-                if (!(err <= worst)) worst = err;
-            }
+            double worst = max_error(out, want, nq);
             CHECK(worst <= 1e-5 * vmax, "fp8 %s kv (isa %d): max error %g against the f32 cache", fmt == 0 ? "e4m3" : "e5m2", isas[i], worst);
         }
         a.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
         EXPECT_STATUS(simd_attn_reference(&a), SIMD_ATTN_OK);
-        double worst = 0;
-        for (size_t e = 0; e < nq; e++) {
-            double err = fabs((double)ref[e] - want[e]);
-            if (!(err <= worst)) worst = err;
-        }
+        double worst = max_error(ref, want, nq);
         CHECK(worst <= 1e-5 * vmax, "fp8 kv reference: max error %g", worst);
         /* Errors: E4M3 K with E5M2 V, fp8 Q, an fp8 output; nothing written. */
         memset(out, 0, nq * 4);
@@ -1361,6 +1354,81 @@ static void test_fp8_kv(const int32_t *isas, size_t n_isas) {
         CHECK(untouched, "a rejected fp8 call wrote its output");
     }
     free(q), free(kd), free(vd), free(kc), free(vc), free(out), free(want), free(ref);
+}
+
+/* ggml's block_q8_0: a binary16 scale, then 32 int8 codes (34 bytes, 2-byte aligned). */
+typedef struct {
+    uint16_t d;
+    int8_t qs[32];
+} ggml_block_q8_0;
+typedef char ggml_block_q8_0_is_34_bytes[sizeof(ggml_block_q8_0) == 34 ? 1 : -1];
+
+/* A ggml q8_0 K/V cache read in place: blocks quantized here as ggml's reference quantizer
+ * does (d = amax / 127 as binary16, codes roundf(x / d)), the same answer as the f32 cache
+ * holding d * q on every path, the reference too; strides count blocks. Then the errors:
+ * head_dim not whole blocks, a misaligned pointer, mixed K/V dtypes, q8_0 Q. */
+static void test_q8_0_kv(const int32_t *isas, size_t n_isas) {
+    const size_t b = 2, hq = 8, hkv = 2, sq = 3, skv = 300, d = 96, nb = d / 32;
+    size_t nkv = b * hkv * skv * d, nq = b * hq * sq * d, nblk = nkv / 32;
+    float *q = malloc(nq * 4), *kd = malloc(nkv * 4), *vd = malloc(nkv * 4);
+    ggml_block_q8_0 *kb = malloc(nblk * sizeof *kb), *vb = malloc(nblk * sizeof *vb);
+    float *out = calloc(nq + 1, 4), *want = calloc(nq + 1, 4), *ref = calloc(nq + 1, 4);
+    for (size_t i = 0; i < nq; i++) q[i] = uniform();
+    for (int t = 0; t < 2; t++) {
+        ggml_block_q8_0 *blk = t == 0 ? kb : vb;
+        float *deq = t == 0 ? kd : vd;
+        for (size_t n = 0; n < nblk; n++) {
+            float x[32], amax = 0.0f, mag = (n % 7 == 0) ? 1e-3f : (n % 5 == 0 ? 300.0f : 2.0f);
+            for (int i = 0; i < 32; i++) {
+                x[i] = mag * uniform();
+                if (fabsf(x[i]) > amax) amax = fabsf(x[i]);
+            }
+            float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+            blk[n].d = f32_to_f16(dd);
+            for (int i = 0; i < 32; i++) {
+                blk[n].qs[i] = (int8_t)roundf(x[i] * id);
+                deq[n * 32 + i] = f16_to_f32(blk[n].d) * (float)blk[n].qs[i];
+            }
+        }
+    }
+    simd_attn_desc base = quantized_cache_desc(b, hq, hkv, sq, skv, d, q, kd, vd, want);
+    double vmax = 1.0;
+    for (size_t e = 0; e < nkv; e++) vmax = fabs(vd[e]) > vmax ? fabs(vd[e]) : vmax;
+    simd_attn_desc a = base;
+    a.k = tensor(kb, hkv, skv, nb, b, SIMD_ATTN_Q8_0);
+    a.v = tensor(vb, hkv, skv, nb, b, SIMD_ATTN_Q8_0);
+    for (size_t i = 0; i < n_isas; i++) {
+        for (size_t threads = 1; threads <= 2; threads++) {
+            a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+            EXPECT_STATUS(simd_attn_forward(&a, threads, isas[i], NULL), SIMD_ATTN_OK);
+            double worst = max_error(out, want, nq);
+            CHECK(worst <= 1e-5 * vmax, "q8_0 kv (isa %d, %zu threads): max error %g against the f32 cache", isas[i], threads, worst);
+        }
+    }
+    a.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_reference(&a), SIMD_ATTN_OK);
+    CHECK(max_error(ref, want, nq) <= 1e-5 * vmax, "q8_0 kv reference: max error %g", max_error(ref, want, nq));
+    memset(out, 0, nq * 4);
+    a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+    simd_attn_desc bad = a;
+    bad.head_dim = 80, bad.v_head_dim = 80;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED);
+    bad = a;
+    bad.k.data = (const char *)kb + 1, bad.k.len = nblk - 1;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_MISALIGNED);
+    bad = a;
+    bad.k.len = nblk - 1;
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    bad = a;
+    bad.v = tensor(vd, hkv, skv, d, b, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+    bad = a;
+    bad.q = tensor(kb, hq, sq, nb, 1, SIMD_ATTN_Q8_0);
+    EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNKNOWN_DTYPE);
+    int untouched = 1;
+    for (size_t i = 0; i < nq; i++) untouched &= out[i] == 0.0f;
+    CHECK(untouched, "a rejected q8_0 call wrote its output");
+    free(q), free(kd), free(vd), free(kb), free(vb), free(out), free(want), free(ref);
 }
 
 int main(void) {
@@ -1400,6 +1468,7 @@ int main(void) {
     test_kvcache(isas, n_isas);
     test_int8_kv(isas, n_isas);
     test_fp8_kv(isas, n_isas);
+    test_q8_0_kv(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);

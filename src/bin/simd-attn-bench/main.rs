@@ -18,7 +18,7 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,causal]]... [--isa auto|all|LIST]
-                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv|i8kv|e4m3kv|e5m2kv] [--case SUBSTRING] [--reps N]
+                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv|i8kv|e4m3kv|e5m2kv|q8_0kv] [--case SUBSTRING] [--reps N]
                 [--min-time SECONDS] [--no-check] [--no-baselines]
                 [--json PATH] [--csv PATH] [--plot PATH.svg]
 simd-attn-bench compare OLD.json|csv NEW.json|csv
@@ -33,7 +33,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             appended and RoPE applied in the call, `-append`, next to the plain step),
             seqlen (causal prefill S 128..8192), bf16 (the bf16 targets' prefill and decode next
             to f32 and f16), quant (decode at Skv 8192 and 65536 and the causal prefill with an
-            int8 cache, i8kv, and fp8 caches, e4m3kv and e5m2kv, next to the f16 cache), all; --shape adds custom shapes (and with no
+            int8 cache, i8kv, fp8 caches, e4m3kv and e5m2kv, and a ggml q8_0 cache, q8_0kv, next
+            to the f16 cache), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (default: calls name no path, so the library chooses as it
             would for an engine: SIMD_ATTN_ISA, else the best, with bf16 prefill on the bf16 dot
@@ -44,7 +45,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
   --dtype   storage of every case: f32, f16 (Q, K, V, out), f16kv (f32 Q and out, f16 K and V),
             bf16, bf16kv (the same in bfloat16), i8kv (f32 Q and out, int8 K and V with an f32
             factor per token and KV head, counted in the row's bytes), e4m3kv, e5m2kv (f32 Q and
-            out, fp8 K and V with one f32 factor per tensor, as vLLM keeps them);
+            out, fp8 K and V with one f32 factor per tensor, as vLLM keeps them), q8_0kv (f32 Q
+            and out, ggml q8_0 K and V: 34 bytes per 32 values, scales included);
             default: each case's own (decode cases use f16 K/V where the targets say so)
   --case    only the shapes named SUBSTRING, or else whose name contains it
   --no-baselines  skip the portable and unfused baselines (their columns print NaN)
@@ -67,6 +69,8 @@ enum Dtype {
     /// f32 Q and out, fp8 E4M3 / E5M2 K and V with one f32 factor per tensor (vLLM's fp8 cache).
     E4m3Kv,
     E5m2Kv,
+    /// f32 Q and out, ggml q8_0 K and V (blocks of 32 int8 codes and an f16 scale).
+    Q80Kv,
 }
 
 impl Dtype {
@@ -80,13 +84,16 @@ impl Dtype {
             Dtype::I8Kv => "i8kv",
             Dtype::E4m3Kv => "e4m3kv",
             Dtype::E5m2Kv => "e5m2kv",
+            Dtype::Q80Kv => "q8_0kv",
         }
     }
-    fn kv_bytes(self) -> usize {
+    /// Bytes of a K or V row of `width` values (q8_0: 34 bytes per 32 values).
+    fn row_bytes(self, width: usize) -> usize {
         match self {
-            Dtype::F32 => 4,
-            Dtype::I8Kv | Dtype::E4m3Kv | Dtype::E5m2Kv => 1,
-            _ => 2,
+            Dtype::F32 => 4 * width,
+            Dtype::I8Kv | Dtype::E4m3Kv | Dtype::E5m2Kv => width,
+            Dtype::Q80Kv => width / 32 * 34,
+            _ => 2 * width,
         }
     }
     /// Bytes of dequantization factors per (token, KV head), K's and V's together.
@@ -291,11 +298,11 @@ fn cases(set: &str) -> Vec<Case> {
     let quant = || {
         let mut v = Vec::new();
         for skv in [8192, 65536] {
-            for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv, Dtype::E5m2Kv] {
+            for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv, Dtype::E5m2Kv, Dtype::Q80Kv] {
                 v.push(with_dtype(case("decode", 1, 32, 8, 1, skv, 128, true), dtype));
             }
         }
-        for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv] {
+        for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv, Dtype::Q80Kv] {
             v.push(with_dtype(case("prefill-gqa", 1, 8, 2, 2048, 2048, 128, true), dtype));
         }
         v
@@ -438,6 +445,7 @@ fn main() {
                     "i8kv" => Dtype::I8Kv,
                     "e4m3kv" => Dtype::E4m3Kv,
                     "e5m2kv" => Dtype::E5m2Kv,
+                    "q8_0kv" => Dtype::Q80Kv,
                     other => fail(&format!("unknown --dtype {other}")),
                 })
             }
@@ -523,6 +531,7 @@ fn main() {
             Dtype::I8Kv => bench_case::<f32, i8, f32>(&c, &ctx),
             Dtype::E4m3Kv => bench_case::<f32, simd_attn::F8E4M3, f32>(&c, &ctx),
             Dtype::E5m2Kv => bench_case::<f32, simd_attn::F8E5M2, f32>(&c, &ctx),
+            Dtype::Q80Kv => bench_case::<f32, simd_attn::BlockQ8_0, f32>(&c, &ctx),
         };
         if progress {
             eprint!("\r\x1b[K");
@@ -607,7 +616,7 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
     let (q32, k32, v32) = (random(nq, 1), random(nk, 2), random(nv, 3));
     let q: Vec<TQ> = convert(&q32);
     let tokens = s.batch * s.kv_heads * s.seq_kv;
-    let kv_bytes = (tokens * ((s.head_dim + s.v_head_dim) * c.dtype.kv_bytes() + c.dtype.factor_bytes())) as f64;
+    let kv_bytes = (tokens * (c.dtype.row_bytes(s.head_dim) + c.dtype.row_bytes(s.v_head_dim) + c.dtype.factor_bytes())) as f64;
     // Decode is bound by reading K/V: rotate over enough copies that none is still cached.
     let decode = s.seq_q <= 16;
     let copies = if decode { ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize } else { 1 };
@@ -624,7 +633,21 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
         DType::F8E5M2 => (per_tensor(&k32, simd_attn::F8E5M2::MAX), per_tensor(&v32, simd_attn::F8E5M2::MAX)),
         _ => (Vec::new(), Vec::new()),
     };
+    // A block format (q8_0) lays a row of D values out as D / 32 blocks in the same order, so
+    // the same row order at strides counted in blocks; its scales are in the blocks.
+    let block = TKV::BLOCK;
+    let (kst, vst) = if block > 1 {
+        let u = AttentionShape { head_dim: s.head_dim / block, v_head_dim: s.v_head_dim / block, ..s };
+        let [_, k, v, _] = u.bhsd_strides();
+        if c.token_major { (Strides::bshd(u.kv_heads, u.seq_kv, u.head_dim), Strides::bshd(u.kv_heads, u.seq_kv, u.v_head_dim)) } else { (k, v) }
+    } else {
+        (ks, vs)
+    };
     let encode = |x32: &[f32], st: Strides, width: usize, f: &[f32]| -> Vec<TKV> {
+        if block > 1 {
+            let blocks: Vec<simd_attn::BlockQ8_0> = x32.chunks_exact(32).map(|c| simd_attn::BlockQ8_0::quantize(c.try_into().expect("32 values"))).collect();
+            return *(Box::new(blocks) as Box<dyn std::any::Any>).downcast::<Vec<TKV>>().expect("the only block format is q8_0");
+        }
         if !quantized {
             return convert(x32);
         }
@@ -638,7 +661,7 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
     };
     let kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (encode(&k32, ks, s.head_dim, &kf), encode(&v32, vs, s.v_head_dim, &vf))).collect();
     let pools: Vec<Pool<TKV>> = match c.paged {
-        Some(ps) => kvs.iter().enumerate().map(|(n, (k, v))| Pool::new(&s, (k, ks), (v, vs), ps, c.token_major, n as u64)).collect(),
+        Some(ps) => kvs.iter().enumerate().map(|(n, (k, v))| Pool::new(&s, (k, kst), (v, vst), ps, c.token_major, n as u64)).collect(),
         None => Vec::new(),
     };
     let (w, att_v) = (random(s.head_dim * s.head_dim, 4), random(s.head_dim, 5));
@@ -652,7 +675,7 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
     let mut params = AttentionParams::new().causal(c.causal).score(score);
     if TKV::DTYPE == DType::I8 {
         params = params.kv_scales(Dequant::Token(&kf, fst), Dequant::Token(&vf, fst));
-    } else if quantized {
+    } else if quantized && block == 1 {
         params = params.kv_scales(Dequant::Tensor(kf[0]), Dequant::Tensor(vf[0]));
     }
     let flops = attention_flops(&s, &params);
@@ -677,7 +700,7 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
             };
             let info = match pools.get(copy) {
                 Some(pool) => simd_attn::run(&config, Request::new(s, TensorRef::new(&q, qs), pool.kv(), TensorMut::new(out, os), params)),
-                None => attention_inspect(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, ks), TensorRef::new(v, vs), TensorMut::new(out, os), None, &params, inspect),
+                None => attention_inspect(&config, &s, TensorRef::new(&q, qs), TensorRef::new(k, kst), TensorRef::new(v, vst), TensorMut::new(out, os), None, &params, inspect),
             }
             .expect("valid problem");
             ran.set(Some(info.isa));
@@ -686,8 +709,8 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
     let (t_portable, _, _) = if ctx.baselines { run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0) } else { (f64::NAN, 0.0, 0.0) };
     // The unfused baseline computes in f32 on the same values.
     let decode_values = |x: &[TKV], st: Strides, width: usize, f: &[f32]| -> Vec<f32> {
-        let mut y: Vec<f32> = x.iter().map(|x| x.to_f32()).collect();
-        if quantized {
+        let mut y: Vec<f32> = (0..x.len() * block).map(|i| TKV::value(x, i)).collect();
+        if quantized && block == 1 {
             for_each_row(&s, st, fst, width, |o, fo| y[o..o + width].iter_mut().for_each(|e| *e *= f[fo]));
         }
         y
@@ -703,7 +726,7 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
         (f64::NAN, 0.0, 0.0)
     };
     let reference = ctx.check.then(|| {
-        Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&kvs[0].0, ks), TensorRef::new(&kvs[0].1, vs), &params).unwrap()
+        Reference::new(&s, TensorRef::new(&q, qs), TensorRef::new(&kvs[0].0, kst), TensorRef::new(&kvs[0].1, vst), &params).unwrap()
     });
     let mut rows = Vec::new();
     for &isa in &ctx.isas {
@@ -800,7 +823,7 @@ fn bench_varlen<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, lens
     let v: Vec<TKV> = convert(&random(total * s.kv_heads * s.head_dim, 3));
     let params = AttentionParams::new().causal(c.causal).cu_seqlens_q(&cu).cu_seqlens_k(&cu);
     let flops = attention_flops(&s, &params);
-    let kv_bytes = (2 * total * s.kv_heads * s.head_dim * c.dtype.kv_bytes()) as f64;
+    let kv_bytes = (2 * total * s.kv_heads * c.dtype.row_bytes(s.head_dim)) as f64;
     let mut out = vec![TO::from_f32(0.0); total * s.q_heads * s.head_dim];
     let run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
         let config = ctx.config(isa, threads);
@@ -861,7 +884,7 @@ fn bench_append<TQ: FloatElement, TKV: FloatElement, TO: FloatElement>(c: &Case,
     }
     let [nq, nk, _, no] = s.bhsd_lens();
     let q: Vec<TQ> = convert(&random(nq, 1));
-    let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * 2 * s.head_dim * c.dtype.kv_bytes()) as f64;
+    let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * 2 * c.dtype.row_bytes(s.head_dim)) as f64;
     let copies = ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize;
     let mut kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (convert(&random(nk, 2)), convert(&random(nk, 3)))).collect();
     let ns = Strides::bshd(s.kv_heads, 1, s.head_dim);
