@@ -1378,7 +1378,9 @@ static void test_q8_0_kv(const int32_t *isas, size_t n_isas) {
         ggml_block_q8_0 *blk = t == 0 ? kb : vb;
         float *deq = t == 0 ? kd : vd;
         for (size_t n = 0; n < nblk; n++) {
-            float x[32], amax = 0.0f, mag = (n % 7 == 0) ? 1e-3f : (n % 5 == 0 ? 300.0f : 2.0f);
+            /* Small, moderate and (V only: large K values would make logits whose f32
+             * rounding alone moves the output past this test's tolerance) large blocks. */
+            float x[32], amax = 0.0f, mag = (n % 7 == 0) ? 1e-3f : (n % 5 == 0 && t == 1 ? 300.0f : 2.0f);
             for (int i = 0; i < 32; i++) {
                 x[i] = mag * uniform();
                 if (fabsf(x[i]) > amax) amax = fabsf(x[i]);
