@@ -13,7 +13,8 @@
 //!   additive (Bahdanau), fused the same way; [`attention_inspect`] also returns the exact
 //!   alignment matrix and coverage from a second tiled pass.
 //! - Storage: f32, f16 and bf16 for any tensor; K/V caches may also be int8 or fp8 (E4M3, E5M2) codes with
-//!   dequantization factors per tensor, KV head or token ([`KvScales`]), read in place.
+//!   dequantization factors per tensor, KV head or token ([`KvScales`]), or ggml q8_0 blocks
+//!   ([`BlockQ8_0`]), read in place.
 //! - An f64 reference ([`reference`]) that follows the contract literally; every kernel is
 //!   property-tested against it.
 //!
