@@ -273,6 +273,13 @@ typedef struct simd_attn_desc {
     int64_t v_scale_stride_batch;
     int64_t v_scale_stride_head;
     int64_t v_scale_stride_seq;
+    /* Per-token factors stored as IEEE binary16 (appended; a descriptor up to
+     * v_scale_stride_seq reads them as NULL). With SIMD_ATTN_SCALE_TOKEN, exactly one of
+     * k_scales (float) and k_scales_f16 is set; k_scales_len and the strides count its
+     * elements either way, and each binary16 factor widens exactly. Other kinds: NULL. The
+     * v_ field likewise for V. */
+    const uint16_t *k_scales_f16;
+    const uint16_t *v_scales_f16;
 } simd_attn_desc;
 
 /* One partial result for simd_attn_merge_partials: rows normalised over its keys, and their
@@ -444,7 +451,9 @@ size_t simd_attn_abi_layout(size_t *out, size_t cap);
             offsetof(simd_attn_desc, v_scales_len),\
             offsetof(simd_attn_desc, v_scale_stride_batch),\
             offsetof(simd_attn_desc, v_scale_stride_head),\
-            offsetof(simd_attn_desc, v_scale_stride_seq)\
+            offsetof(simd_attn_desc, v_scale_stride_seq),\
+            offsetof(simd_attn_desc, k_scales_f16),\
+            offsetof(simd_attn_desc, v_scales_f16)\
     }
 
 #ifdef __cplusplus

@@ -210,6 +210,11 @@ fn start<'a, 'c: 'a, TKV: Element>(config: &RunConfig, call: &mut Request<'c, '_
     if is_empty(&call.shape) {
         return empty_call(config, p, call).map(Start::Done);
     }
+    // The outputs first: a projection for `Score::General` allocates and computes a row per
+    // output row, and broadcast inputs (zero strides) let `seq_q` reach anything the integers
+    // allow, which only the output's length bounds.
+    validate_outputs(&call.shape, call.out.extent(), call.lse.as_deref(), call.params.cu_seqlens_q)?;
+    validate_inspect(&call.shape, &call.inspect, &call.params)?;
     Ok(match general_as_dot(&p)? {
         Some(q) => Start::Projected(q),
         None => Start::Run(p),

@@ -153,6 +153,9 @@ pub struct SimdAttnDesc {
     pub v_scale_stride_batch: i64,
     pub v_scale_stride_head: i64,
     pub v_scale_stride_seq: i64,
+    // Appended for f16 per-token factors (older descriptors read these as NULL: f32 factors).
+    pub k_scales_f16: *const half::f16,
+    pub v_scales_f16: *const half::f16,
 }
 
 /// The descriptor's size before the score and inspection fields were appended: callers
@@ -161,14 +164,15 @@ const DESC_V1_SIZE: usize = offset_of!(SimdAttnDesc, score);
 
 /// Every size a descriptor has had, oldest first: before the score fields, before the paged
 /// K/V fields, before the packed-sequence fields, before the RoPE and append fields, before
-/// the quantized-K/V fields, and now. A caller's `struct_size` must be one of them (or larger,
-/// with the unknown tail zero).
-const DESC_SIZES: [usize; 6] = [
+/// the quantized-K/V fields, before the f16 factor arrays, and now. A caller's `struct_size`
+/// must be one of them (or larger, with the unknown tail zero).
+const DESC_SIZES: [usize; 7] = [
     DESC_V1_SIZE,
     offset_of!(SimdAttnDesc, block_table),
     offset_of!(SimdAttnDesc, cu_seqlens_q),
     offset_of!(SimdAttnDesc, rope_cos),
     offset_of!(SimdAttnDesc, k_scale_kind),
+    offset_of!(SimdAttnDesc, k_scales_f16),
     size_of::<SimdAttnDesc>(),
 ];
 
@@ -575,6 +579,8 @@ fn default_desc() -> SimdAttnDesc {
             v_scale_stride_batch: 0,
             v_scale_stride_head: 0,
             v_scale_stride_seq: 0,
+            k_scales_f16: core::ptr::null(),
+            v_scales_f16: core::ptr::null(),
         }
 }
 
@@ -748,19 +754,23 @@ unsafe fn required<'a, T>(p: *const T, len: usize, what: &'static str, inputs: &
     Ok(s)
 }
 
-/// A pool's page strides from a descriptor tensor's (batch, head, seq) = (page, head, slot).
 /// The dequantization factors of K (`value` false) or V from the descriptor's scale fields:
-/// `None` for SIMD_ATTN_SCALE_NONE (every other field must then be 0).
+/// `None` for SIMD_ATTN_SCALE_NONE (every other field must then be 0). Per-token factors come
+/// from `k_scales` (f32) or `k_scales_f16`, exactly one of them.
 ///
 /// # Safety
 /// The scale array follows the header's contract.
 unsafe fn dequant<'a>(d: &SimdAttnDesc, value: bool, inputs: &mut Vec<Span>) -> Result<Option<crate::Dequant<'a>>, Fail> {
-    let (kind, one, data, len, st, what) = if value {
-        (d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len, [d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq], "v_scales")
+    let (kind, one, data, data_f16, len, st, what) = if value {
+        (d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_f16, d.v_scales_len, [d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq], "v_scales")
     } else {
-        (d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len, [d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq], "k_scales")
+        (d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_f16, d.k_scales_len, [d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq], "k_scales")
     };
     let unused = |ok: bool| if ok { Ok(()) } else { fail(Status::InvalidValue, format!("{what}: fields set that the scale kind {kind} does not read")) };
+    // Only per-token factors may be stored as f16.
+    if kind != 3 {
+        unused(data_f16.is_null())?;
+    }
     Ok(match kind {
         0 => {
             unused(one == 0.0 && data.is_null() && len == 0 && st == [0; 3])?;
@@ -777,15 +787,28 @@ unsafe fn dequant<'a>(d: &SimdAttnDesc, value: bool, inputs: &mut Vec<Span>) -> 
         }
         3 => {
             unused(one == 0.0)?;
-            // SAFETY: forwarded contract.
-            let f = unsafe { required(data, len, what, inputs)? };
             let s = Strides::new(stride(st[0], &format!("{what} stride_batch"))?, stride(st[1], &format!("{what} stride_head"))?, stride(st[2], &format!("{what} stride_seq"))?);
-            Some(if d.block_table.is_null() { crate::Dequant::Token(f, s) } else { crate::Dequant::PagedToken(f, page_strides(s)) })
+            let paged = !d.block_table.is_null();
+            match (data.is_null(), data_f16.is_null()) {
+                (false, false) => return fail(Status::InvalidValue, format!("{what}: both the f32 array and the f16 one ({what}_f16) are set; give one")),
+                (_, true) => {
+                    // SAFETY: forwarded contract.
+                    let f = unsafe { required(data, len, what, inputs)? };
+                    Some(if paged { crate::Dequant::PagedToken(f, page_strides(s)) } else { crate::Dequant::Token(f, s) })
+                }
+                (true, false) => {
+                    let what_f16 = if value { "v_scales_f16" } else { "k_scales_f16" };
+                    // SAFETY: forwarded contract.
+                    let f = unsafe { required(data_f16, len, what_f16, inputs)? };
+                    Some(if paged { crate::Dequant::PagedTokenF16(f, page_strides(s)) } else { crate::Dequant::TokenF16(f, s) })
+                }
+            }
         }
         k => return fail(Status::InvalidValue, format!("{}_scale_kind = {k}: expected SIMD_ATTN_SCALE_NONE (0) .. SIMD_ATTN_SCALE_TOKEN (3)", if value { "v" } else { "k" })),
     })
 }
 
+/// A pool's page strides from a descriptor tensor's (batch, head, seq) = (page, head, slot).
 fn page_strides(t: Strides) -> PageStrides {
     PageStrides::new(t.batch, t.head, t.seq)
 }
@@ -1078,6 +1101,7 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
         // A paged pool is gathered into tensors: the reference's definition of a paged call.
         let gathered;
         let (mut k_factors, mut v_factors) = (Vec::new(), Vec::new());
+        let (mut k_factors_f16, mut v_factors_f16) = (Vec::new(), Vec::new());
         let (k, v) = match kv {
             Kv::Tensors(k, v) => (k, v),
             Kv::Paged(pk) => {
@@ -1085,11 +1109,15 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
                 // Per-token factors of a paged cache are gathered the same way, as rows of one
                 // element (`[B, Hkv, Skv]`).
                 if let Some(sc) = self.params.kv_scales {
-                    let one = AttentionShape { head_dim: 1, v_head_dim: 1, ..*self.shape };
-                    for (d, dst) in [(sc.k, &mut k_factors), (sc.v, &mut v_factors)] {
-                        if let crate::Dequant::PagedToken(f, st) = d {
-                            let pool = PagedKv { k: f, v: f, k_strides: st, v_strides: st, pages: pk.pages };
-                            *dst = crate::reference::gather_paged(&one, &pool, self.params.kv_lens)?.0;
+                    fn gather<T: Element>(shape: &AttentionShape, f: &[T], st: PageStrides, pages: PageTable<'_>, lens: Option<&[usize]>) -> Result<Vec<T>, crate::AttnError> {
+                        let one = AttentionShape { head_dim: 1, v_head_dim: 1, ..*shape };
+                        Ok(crate::reference::gather_paged(&one, &PagedKv { k: f, v: f, k_strides: st, v_strides: st, pages }, lens)?.0)
+                    }
+                    for (d, dst, dst_f16) in [(sc.k, &mut k_factors, &mut k_factors_f16), (sc.v, &mut v_factors, &mut v_factors_f16)] {
+                        match d {
+                            crate::Dequant::PagedToken(f, st) => *dst = gather(self.shape, f, st, pk.pages, self.params.kv_lens)?,
+                            crate::Dequant::PagedTokenF16(f, st) => *dst_f16 = gather(self.shape, f, st, pk.pages, self.params.kv_lens)?,
+                            _ => {}
                         }
                     }
                 }
@@ -1100,9 +1128,14 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
         let mut params: AttentionParams<'_> = *self.params;
         if let Some(sc) = params.kv_scales {
             let [_, fs, _, _] = AttentionShape { head_dim: 1, v_head_dim: 1, ..*self.shape }.bhsd_strides();
-            let k = if let crate::Dequant::PagedToken(..) = sc.k { crate::Dequant::Token(&k_factors, fs) } else { sc.k };
-            let v = if let crate::Dequant::PagedToken(..) = sc.v { crate::Dequant::Token(&v_factors, fs) } else { sc.v };
-            params.kv_scales = Some(crate::KvScales { k, v });
+            fn strided<'x>(d: crate::Dequant<'x>, f: &'x [f32], f16s: &'x [half::f16], fs: Strides) -> crate::Dequant<'x> {
+                match d {
+                    crate::Dequant::PagedToken(..) => crate::Dequant::Token(f, fs),
+                    crate::Dequant::PagedTokenF16(..) => crate::Dequant::TokenF16(f16s, fs),
+                    d => d,
+                }
+            }
+            params.kv_scales = Some(crate::KvScales { k: strided(sc.k, &k_factors, &k_factors_f16, fs), v: strided(sc.v, &v_factors, &v_factors_f16, fs) });
         }
         let params = &params;
         let cu_q = params.cu_seqlens_q;
@@ -1637,6 +1670,8 @@ pub unsafe extern "C" fn simd_attn_abi_layout(out: *mut usize, cap: usize) -> us
         offset_of!(SimdAttnDesc, v_scale_stride_batch),
         offset_of!(SimdAttnDesc, v_scale_stride_head),
         offset_of!(SimdAttnDesc, v_scale_stride_seq),
+        offset_of!(SimdAttnDesc, k_scales_f16),
+        offset_of!(SimdAttnDesc, v_scales_f16),
     ];
     if !out.is_null() {
         for (n, &x) in layout.iter().enumerate().take(cap) {

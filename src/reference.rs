@@ -100,7 +100,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             crate::Dequant::Tensor(f) => f as f64,
             crate::Dequant::Head(h) => h[hk] as f64,
             crate::Dequant::Token(data, st) => data[self.kv_offset(&st, b, hk, j)] as f64,
-            crate::Dequant::PagedToken(..) => unreachable!("validated: the reference takes tensors"),
+            crate::Dequant::TokenF16(data, st) => data[self.kv_offset(&st, b, hk, j)].to_f64(),
+            crate::Dequant::PagedToken(..) | crate::Dequant::PagedTokenF16(..) => unreachable!("validated: the reference takes tensors"),
         }
     }
 

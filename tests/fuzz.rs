@@ -357,11 +357,14 @@ fn draw_case(rng: &mut Rng) -> Case {
     // sometimes 0), per-token arrays through random strides.
     if rng.chance(if (3..=5).contains(&kt) { 70 } else { 10 }) {
         let (batch, kv_heads, seq_kv) = (d.batch, d.kv_heads, d.seq_kv);
-        let mut factors = |rng: &mut Rng, v: bool| -> (i32, f32, *const f32, usize, [i64; 3]) {
+        // Per-token factors are f32 or (one time in three) binary16; now and then both arrays
+        // are set, which must be refused.
+        type Factors = (i32, f32, *const f32, usize, [i64; 3], *const f16);
+        let mut factors = |rng: &mut Rng, v: bool| -> Factors {
             let kind = rng.pick(&[0, 1, 2, 3, 3, 3, 7]);
             let f = |rng: &mut Rng| if v && rng.chance(10) { 0.0 } else { 0.01 + 2.0 * rng.unit().abs().min(1.0) };
             match kind {
-                1 => (kind, f(rng), core::ptr::null(), 0, [0; 3]),
+                1 => (kind, f(rng), core::ptr::null(), 0, [0; 3], core::ptr::null()),
                 2 | 3 => {
                     let (st, len) = if kind == 2 {
                         ([0; 3], per_row_len(rng, Some(kv_heads)))
@@ -372,16 +375,27 @@ fn draw_case(rng: &mut Rng) -> Case {
                     let b = f32_buf(rng, len, &f);
                     let p = b.data().as_ptr().cast::<f32>();
                     inputs.push(b);
-                    (kind, 0.0, p, len, st)
+                    if kind == 3 && rng.chance(3) {
+                        let mut h = Buf::new(len * 2, false);
+                        let s = h.start;
+                        for e in h.all_mut()[s..s + len * 2].chunks_exact_mut(2) {
+                            e.copy_from_slice(&f16::from_f32(f(rng)).to_bits().to_ne_bytes());
+                        }
+                        let ph = h.data().as_ptr().cast::<f16>();
+                        inputs.push(h);
+                        let both = rng.chance(8);
+                        return (kind, 0.0, if both { p } else { core::ptr::null() }, len, st, ph);
+                    }
+                    (kind, 0.0, p, len, st, core::ptr::null())
                 }
-                _ => (kind, 0.0, core::ptr::null(), 0, [0; 3]),
+                _ => (kind, 0.0, core::ptr::null(), 0, [0; 3], core::ptr::null()),
             }
         };
         let k = factors(rng, false);
         let v = factors(rng, true);
-        (d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len) = (k.0, k.1, k.2, k.3);
+        (d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len, d.k_scales_f16) = (k.0, k.1, k.2, k.3, k.5);
         (d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq) = (k.4[0], k.4[1], k.4[2]);
-        (d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len) = (v.0, v.1, v.2, v.3);
+        (d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len, d.v_scales_f16) = (v.0, v.1, v.2, v.3, v.5);
         (d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq) = (v.4[0], v.4[1], v.4[2]);
     }
     // The score's weights.
@@ -680,18 +694,20 @@ fn rust_attention_in(c: &Case, isa: i32, forward: &[Vec<u8>]) {
         params = params.sinks(s);
     }
     // The dequantization factors as the descriptor gives them (forward accepted them).
-    let dequant = |kind: i32, one: f32, p: *const f32, n: usize, st: [i64; 3]| -> Option<Dequant<'_>> {
+    let dequant = |kind: i32, one: f32, p: *const f32, n: usize, st: [i64; 3], p16: *const f16| -> Option<Dequant<'_>> {
         let st = Strides::new(st[0] as usize, st[1] as usize, st[2] as usize);
         match kind {
             1 => Some(Dequant::Tensor(one)),
             2 => Some(Dequant::Head(slice(p, n).unwrap_or(&[]))),
             // (The fuzzer's calls are never paged.)
+            // SAFETY: forward read the same `n` elements.
+            3 if !p16.is_null() => Some(Dequant::TokenF16(unsafe { core::slice::from_raw_parts(p16, n) }, st)),
             3 => Some(Dequant::Token(slice(p, n).unwrap_or(&[]), st)),
             _ => None,
         }
     };
-    let k_f = dequant(d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len, [d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq]);
-    let v_f = dequant(d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len, [d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq]);
+    let k_f = dequant(d.k_scale_kind, d.k_scale, d.k_scales, d.k_scales_len, [d.k_scale_stride_batch, d.k_scale_stride_head, d.k_scale_stride_seq], d.k_scales_f16);
+    let v_f = dequant(d.v_scale_kind, d.v_scale, d.v_scales, d.v_scales_len, [d.v_scale_stride_batch, d.v_scale_stride_head, d.v_scale_stride_seq], d.v_scales_f16);
     if k_f.is_some() || v_f.is_some() {
         params = params.kv_scales(k_f.unwrap_or(Dequant::Tensor(1.0)), v_f.unwrap_or(Dequant::Tensor(1.0)));
     }

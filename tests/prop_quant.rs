@@ -4,10 +4,12 @@
 //!
 //! The quantizer below is this test's own: symmetric, `code = round(x / f)` (int8 clamped to
 //! `-127..=127`; fp8 rounded to nearest even and saturated), with `f` rounded to 16 significant
-//! bits so that every `f * value(code)` (at most 8 bits times 16) is exact in f32. The case's f32 buffers then hold exactly the dequantized values,
-//! so the reference on them is the literal dequantization, and the tolerance stays the f32
-//! arithmetic bound: a quantization error never enters the comparison. Adversarial rows get a
-//! factor of 0 (random codes that must not count), a tiny one (2^-60) or a huge one (2^30).
+//! bits so that every `f * value(code)` (at most 8 bits times 16) is exact in f32; per-token
+//! factors stored as f16 are f16 values (11 bits). The case's f32 buffers then hold exactly the
+//! dequantized values, so the reference on them is the literal dequantization, and the
+//! tolerance stays the f32 arithmetic bound: a quantization error never enters the comparison.
+//! Adversarial rows get a factor of 0 (random codes that must not count), a tiny one (2^-60;
+//! f16: a subnormal) or a huge one (2^30; f16: near its largest).
 
 mod common;
 
@@ -100,15 +102,16 @@ macro_rules! with_code {
 enum Mode {
     Tensor,
     Head,
-    /// Per (token, KV head), `[B, Hkv, S]` (`token_major`: `[B, S, Hkv]`).
-    Token { token_major: bool },
+    /// Per (token, KV head), `[B, Hkv, S]` (`token_major`: `[B, S, Hkv]`), stored as f32 or
+    /// (`f16`) as f16.
+    Token { token_major: bool, f16: bool },
 }
 
 fn mode() -> impl Strategy<Value = Mode> {
     prop_oneof![
         1 => Just(Mode::Tensor),
         1 => Just(Mode::Head),
-        3 => any::<bool>().prop_map(|token_major| Mode::Token { token_major }),
+        3 => any::<(bool, bool)>().prop_map(|(token_major, f16)| Mode::Token { token_major, f16 }),
     ]
 }
 
@@ -117,12 +120,19 @@ fn sig16(x: f32) -> f32 {
     f32::from_bits(x.to_bits() & !0xff)
 }
 
+/// `x` as the nearest f16 value that is neither 0 nor infinite (clamped to f16's range).
+fn f16_fit(x: f32) -> f32 {
+    f16::from_f32(x).to_f32().clamp(f16::from_bits(1).to_f32(), f16::MAX.to_f32())
+}
+
 /// One quantized tensor of a case: the codes (laid out like the case's f32 buffer) and the
 /// factors.
 struct Quantized<C> {
     codes: Vec<C>,
     /// One per tensor, per KV head, or per (b, hk, j) at `strides`.
     factors: Vec<f32>,
+    /// The same factors as f16 (each exactly), for `Mode::Token { f16: true, .. }`.
+    factors_f16: Vec<f16>,
     strides: Strides,
     mode: Mode,
 }
@@ -132,7 +142,8 @@ impl<C> Quantized<C> {
         match self.mode {
             Mode::Tensor => Dequant::Tensor(self.factors[0]),
             Mode::Head => Dequant::Head(&self.factors),
-            Mode::Token { .. } => Dequant::Token(&self.factors, self.strides),
+            Mode::Token { f16: false, .. } => Dequant::Token(&self.factors, self.strides),
+            Mode::Token { f16: true, .. } => Dequant::TokenF16(&self.factors_f16, self.strides),
         }
     }
 }
@@ -148,12 +159,14 @@ fn quantize<C: Code>(case: &mut Case, which: usize, mode: Mode, seed: u64, huge:
     let (b_n, hkv, skv) = (s.batch, s.kv_heads, s.seq_kv);
     let row_at = |b: usize, hk: usize, j: usize| off + b * st.batch + hk * st.head + j * st.seq;
     let amax = |rows: &mut dyn Iterator<Item = usize>, buf: &[f32]| rows.fold(0.0f32, |a, o| buf[o..o + width].iter().fold(a, |a, x| a.max(x.abs())));
-    let fit = |m: f32| if m > 0.0 { sig16(m / C::MAX) } else { 1.0 };
+    // f16 factors have 11 significant bits: products with a code stay exact as well.
+    let token_f16 = matches!(mode, Mode::Token { f16: true, .. });
+    let fit = |m: f32| if m > 0.0 && token_f16 { f16_fit(m / C::MAX) } else if m > 0.0 { sig16(m / C::MAX) } else { 1.0 };
     // Factor strides: batch stride 0 where K/V are shared by every batch entry.
     let bstride = |n: usize| if st.batch == 0 { 0 } else { n };
     let strides = match mode {
-        Mode::Token { token_major: false } => Strides::new(bstride(hkv * skv), skv, 1),
-        Mode::Token { token_major: true } => Strides::new(bstride(hkv * skv), 1, hkv),
+        Mode::Token { token_major: false, .. } => Strides::new(bstride(hkv * skv), skv, 1),
+        Mode::Token { token_major: true, .. } => Strides::new(bstride(hkv * skv), 1, hkv),
         _ => Strides::default(),
     };
     let mut factors = match mode {
@@ -176,21 +189,24 @@ fn quantize<C: Code>(case: &mut Case, which: usize, mode: Mode, seed: u64, huge:
                 let o = row_at(b, hk, j);
                 // Adversarial rows, chosen by address so shared rows choose alike.
                 let mut rng = Rng::new(seed ^ (o as u64).wrapping_mul(0x9E37_79B9) ^ which as u64);
-                let f = match mode {
-                    Mode::Tensor => factors[0],
-                    Mode::Head => factors[hk],
+                let (f, adversarial) = match mode {
+                    Mode::Tensor => (factors[0], false),
+                    Mode::Head => (factors[hk], false),
                     Mode::Token { .. } => {
-                        let f = match rng.below(20) {
-                            0 => 0.0,
-                            1 => sig16(2f32.powi(-60) * (1.0 + rng.uniform().abs())),
-                            2 => sig16(2f32.powi(huge) * (1.0 + rng.uniform().abs())),
-                            _ => fit(amax(&mut core::iter::once(o), &case.bufs[bi])),
+                        // f16 factors: a subnormal tiny one, a huge one near f16's largest.
+                        let (f, odd) = match rng.below(20) {
+                            0 => (0.0, true),
+                            1 if token_f16 => (f16_fit(2f32.powi(-20) * (1.0 + rng.uniform().abs())), true),
+                            1 => (sig16(2f32.powi(-60) * (1.0 + rng.uniform().abs())), true),
+                            2 if token_f16 => (f16_fit(2f32.powi(huge.min(15)) * (1.0 + 0.99 * rng.uniform().abs())), true),
+                            2 => (sig16(2f32.powi(huge) * (1.0 + rng.uniform().abs())), true),
+                            _ => (fit(amax(&mut core::iter::once(o), &case.bufs[bi])), false),
                         };
                         factors[b * strides.batch + hk * strides.head + j * strides.seq] = f;
-                        f
+                        // Rows with an odd factor get random codes.
+                        (f, odd && (token_f16 || f == 0.0 || f < 1e-10 || f > 1e8))
                     }
                 };
-                let adversarial = matches!(mode, Mode::Token { .. }) && (f == 0.0 || f < 1e-10 || f > 1e8);
                 for t in 0..width {
                     let x = case.bufs[bi][o + t];
                     let c = if adversarial { C::random(&mut rng) } else { C::quantize(x / f) };
@@ -200,7 +216,9 @@ fn quantize<C: Code>(case: &mut Case, which: usize, mode: Mode, seed: u64, huge:
             }
         }
     }
-    Quantized { codes, factors, strides, mode }
+    let factors_f16: Vec<f16> = if token_f16 { factors.iter().map(|&f| f16::from_f32(f)).collect() } else { Vec::new() };
+    assert!(factors_f16.iter().zip(&factors).all(|(h, &f)| h.to_f32() == f), "f16 factors are exact");
+    Quantized { codes, factors, factors_f16, strides, mode }
 }
 
 /// A case with K and V quantized; `round` runs first (rounding Q and out's values to their
@@ -259,7 +277,7 @@ proptest! {
 
     #[test]
     fn quantized_kv_adversarial(spec in spec_strategy(Options::Adversarial), ct in code_type(), seed in any::<u64>()) {
-        let token = Mode::Token { token_major: seed % 2 == 0 };
+        let token = Mode::Token { token_major: seed % 2 == 0, f16: seed % 3 == 0 };
         with_code!(ct, every_isa::<f32, f32>(&spec, token, token, seed, 0.0))?;
     }
 
@@ -325,12 +343,15 @@ fn packed<C: Code>(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) ->
     let (k_codes, v_codes): (Vec<C>, Vec<C>) = ((0..n).map(|_| C::random(&mut rng)).collect(), (0..n).map(|_| C::random(&mut rng)).collect());
     // Values up to about 2.5 whatever the code type.
     let unit = 1.27 / C::MAX;
-    let factor = |rng: &mut Rng| if rng.below(10) == 0 { 0.0 } else { sig16(unit * (1.0 + rng.uniform().abs())) };
+    // f16-exact factors, given as f16 or as f32 by the seed.
+    let factor = |rng: &mut Rng| if rng.below(10) == 0 { 0.0 } else { f16_fit(unit * (1.0 + rng.uniform().abs())) };
     let (kf, vf): (Vec<f32>, Vec<f32>) = ((0..tokens * hkv).map(|_| factor(&mut rng)).collect(), (0..tokens * hkv).map(|_| factor(&mut rng)).collect());
     let tok = Strides::new(0, d, hkv * d);
     let ftok = Strides::new(0, 1, hkv);
     let [qs, _, _, os] = shape.bhsd_strides();
-    let params = AttentionParams::new().cu_seqlens_k(&cu).causal(seed % 2 == 0).kv_scales(Dequant::Token(&kf, ftok), Dequant::Token(&vf, ftok));
+    let (kh, vh): (Vec<f16>, Vec<f16>) = (kf.iter().map(|&f| f16::from_f32(f)).collect(), vf.iter().map(|&f| f16::from_f32(f)).collect());
+    let scales = if seed % 4 == 1 { (Dequant::TokenF16(&kh, ftok), Dequant::TokenF16(&vh, ftok)) } else { (Dequant::Token(&kf, ftok), Dequant::Token(&vf, ftok)) };
+    let params = AttentionParams::new().cu_seqlens_k(&cu).causal(seed % 2 == 0).kv_scales(scales.0, scales.1);
     let want = Reference::new(&shape, TensorRef::new(&q, qs), TensorRef::new(&k_codes, tok), TensorRef::new(&v_codes, tok), &params).unwrap().compute();
     // The same call on dequantized f32 tensors: the reference's literal factors agree.
     let deq = |codes: &[C], f: &[f32]| -> Vec<f32> { codes.iter().enumerate().map(|(i, &c)| f[i / d] * c.value()).collect() };
@@ -360,7 +381,8 @@ fn paged<C: Code>(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usiz
     spec.seed = seed;
     spec.causal = seed % 2 == 1;
     spec.kv_lens = Some((0..b).map(|i| if i == 0 { skv } else { (seed as usize >> (4 * i)) % (skv + 1) }).collect());
-    let tm = Mode::Token { token_major: false };
+    let f16_factors = seed % 3 == 0;
+    let tm = Mode::Token { token_major: false, f16: f16_factors };
     let (case, k, v) = quantized_case::<C>(&spec, tm, tm, seed, false, |_| {});
     // Pool: token-major pages [num_pages, page_size, Hkv, D], factors [num_pages, page_size, Hkv],
     // pages in a shuffled order, one spare page filled with garbage.
@@ -405,7 +427,9 @@ fn paged<C: Code>(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usiz
         let q = case.tensor(&case.bufs, 0);
         let mut out = vec![SENTINEL; case.out_len];
         let mut lse = vec![SENTINEL; b * hkv * g * sq];
-        let params = case.params().kv_scales(Dequant::PagedToken(&kfp, fs), Dequant::PagedToken(&vfp, fs));
+        let (kh, vh): (Vec<f16>, Vec<f16>) = (kfp.iter().map(|&f| f16::from_f32(f)).collect(), vfp.iter().map(|&f| f16::from_f32(f)).collect());
+        let scales = if f16_factors { (Dequant::PagedTokenF16(&kh, fs), Dequant::PagedTokenF16(&vh, fs)) } else { (Dequant::PagedToken(&kfp, fs), Dequant::PagedToken(&vfp, fs)) };
+        let params = case.params().kv_scales(scales.0, scales.1);
         let request = Request::new(case.shape, q, PagedKv { k: &kp, v: &vp, k_strides: ps, v_strides: ps, pages }, TensorMut::new(&mut out, case.out_strides), params).lse(&mut lse);
         run(&config, request).unwrap();
         // Token-major pages put a token's heads side by side, which the decode plan runs in
@@ -445,13 +469,25 @@ fn bad_factors_are_rejected() {
     let bhs = Strides::new(8, 4, 1);
     assert!(matches!(call(&mut out, AttentionParams::new().kv_scales(Dequant::Head(&heads), Dequant::Tensor(1.0))), Err(AttnError::WrongLength { .. })));
     assert!(matches!(call(&mut out, AttentionParams::new().kv_scales(Dequant::Tensor(1.0), Dequant::Token(&short, bhs))), Err(AttnError::BufferTooSmall { tensor: TensorName::VScale, .. })));
+    let short_f16 = [f16::ONE; 7];
+    assert!(matches!(call(&mut out, AttentionParams::new().kv_scales(Dequant::TokenF16(&short_f16, bhs), Dequant::Tensor(1.0))), Err(AttnError::BufferTooSmall { tensor: TensorName::KScale, .. })));
     let pst = PageStrides { page: 4, head: 1, slot: 2 };
     assert!(matches!(call(&mut out, AttentionParams::new().kv_scales(Dequant::PagedToken(&ok, pst), Dequant::Tensor(1.0))), Err(AttnError::Unsupported { .. })));
+    let ok_f16 = [f16::ONE; 8];
+    assert!(matches!(call(&mut out, AttentionParams::new().kv_scales(Dequant::Tensor(1.0), Dequant::PagedTokenF16(&ok_f16, pst))), Err(AttnError::Unsupported { .. })));
     assert!(matches!(call(&mut out, AttentionParams::new().kv_scales(Dequant::Token(&ok, bhs), Dequant::Token(&ok, bhs)).score(Score::Cosine { temperature: 1.0 })), Err(AttnError::UnsupportedScore { .. })));
     assert!(matches!(call(&mut out, AttentionParams::new().score(Score::Cosine { temperature: 1.0 })), Err(AttnError::UnsupportedScore { .. })));
     assert!(out.iter().all(|&x| x == SENTINEL), "an error left the output untouched");
     call(&mut out, AttentionParams::new().kv_scales(Dequant::Token(&ok, bhs), Dequant::Head(&[0.5, 2.0]))).unwrap();
     assert!(out.iter().all(|&x| x != SENTINEL));
+    // f16 factors read as the same f32 factors: the same output, bit for bit.
+    let varied = [0.5f32, 1.25, 3.0, 0.125, 2.0, 0.75, 1.5, 6.103515625e-5];
+    let varied_f16 = varied.map(f16::from_f32);
+    let (mut out_f32, mut out_f16) = (vec![SENTINEL; 16], vec![SENTINEL; 16]);
+    call(&mut out_f32, AttentionParams::new().kv_scales(Dequant::Token(&varied, bhs), Dequant::Token(&varied, bhs))).unwrap();
+    call(&mut out_f16, AttentionParams::new().kv_scales(Dequant::TokenF16(&varied_f16, bhs), Dequant::TokenF16(&varied_f16, bhs))).unwrap();
+    assert!(varied_f16.iter().zip(&varied).all(|(h, &f)| h.to_f32() == f));
+    assert_eq!(out_f32, out_f16);
 }
 
 /// An fp8 code's value from the OCP definition, in f64: sign, `e` exponent bits of bias

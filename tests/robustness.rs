@@ -229,6 +229,26 @@ fn allocation_failure_is_an_error_not_an_abort() {
     assert!(out.iter().all(|&x| x == 0.0));
 }
 
+/// Found by the fuzzer: a general-score call with Q broadcast over 2^31 rows and a short
+/// output projected every Q row (gigabytes, minutes) before the output's length was checked.
+/// The output is checked first now, on every entry.
+#[test]
+fn a_short_output_is_rejected_before_a_general_score_projects_q() {
+    let shape = AttentionShape::new(1, 1, 1, i32::MAX as usize, 4, 2);
+    let zero = Strides::new(0, 0, 0);
+    let (q, kv, w) = ([0.5f32; 8], [0.25f32; 8], [0.1f32; 16]);
+    let params = AttentionParams::new().score(Score::General { w: &w, q_dim: 8 });
+    let mut out = vec![7.0f32; 36];
+    for isa in every_isa() {
+        let r = attention_with(&config(isa, 1), &shape, TensorRef::new(&q, zero), TensorRef::new(&kv, Strides::new(8, 8, 2)), TensorRef::new(&kv, Strides::new(8, 8, 2)), TensorMut::new(&mut out, Strides::new(0, 0, 2)), None, &params);
+        assert!(matches!(r, Err(AttnError::BufferTooSmall { tensor: TensorName::Out, .. })), "[{isa}] {r:?}");
+        let mut ws = Workspace::new();
+        let r = attention_in(&mut ws, &config(isa, 1), &shape, TensorRef::new(&q, zero), TensorRef::new(&kv, Strides::new(8, 8, 2)), TensorRef::new(&kv, Strides::new(8, 8, 2)), TensorMut::new(&mut out, Strides::new(0, 0, 2)), None, &params);
+        assert!(matches!(r, Err(AttnError::BufferTooSmall { tensor: TensorName::Out, .. })), "[{isa}] workspace: {r:?}");
+    }
+    assert!(out.iter().all(|&x| x == 7.0));
+}
+
 #[test]
 fn run_info_names_the_head_dim_specialisation_that_ran() {
     for isa in every_isa() {

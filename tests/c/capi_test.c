@@ -1252,6 +1252,52 @@ static void test_int8_kv(const int32_t *isas, size_t n_isas) {
     double worst = max_error(ref, want, nq);
     CHECK(worst <= 1e-5, "int8 kv reference: max error %g", worst);
 
+    /* The same K factors stored as binary16 (k_scales_f16; each is exact in f16): the same
+     * answer, bit for bit, on every path and in the reference. */
+    uint16_t *kh = malloc(b * hkv * skv * 2);
+    for (size_t t = 0; t < b * hkv * skv; t++) {
+        kh[t] = f32_to_f16(kf[t]);
+        CHECK(f16_to_f32(kh[t]) == kf[t], "f16 factor %zu is exact", t);
+    }
+    simd_attn_desc h = a;
+    h.k_scales = NULL, h.k_scales_f16 = kh;
+    for (size_t i = 0; i < n_isas; i++) {
+        a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+        EXPECT_STATUS(simd_attn_forward(&a, 1, isas[i], NULL), SIMD_ATTN_OK);
+        h.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
+        EXPECT_STATUS(simd_attn_forward(&h, 1, isas[i], NULL), SIMD_ATTN_OK);
+        CHECK(memcmp(out, ref, nq * 4) == 0, "int8 kv with f16 factors (isa %d) differs from f32 factors", isas[i]);
+    }
+    h.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
+    EXPECT_STATUS(simd_attn_reference(&h), SIMD_ATTN_OK);
+    worst = max_error(ref, want, nq);
+    CHECK(worst <= 1e-5, "int8 kv reference with f16 factors: max error %g", worst);
+    /* Both arrays set, an f16 array for a kind that reads none, a short one, a misaligned one. */
+    memset(out, 0, nq * 4);
+    simd_attn_desc hb = h;
+    hb.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+    hb.k_scales = kf;
+    EXPECT_STATUS(simd_attn_forward(&hb, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_VALUE);
+    hb = h, hb.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+    hb.v_scales_f16 = kh;
+    EXPECT_STATUS(simd_attn_forward(&hb, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_INVALID_VALUE);
+    hb = h, hb.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+    hb.k_scales_len = 10;
+    EXPECT_STATUS(simd_attn_forward(&hb, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_BUFFER_TOO_SMALL);
+    hb = h, hb.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+    hb.k_scales_f16 = (const uint16_t *)((const char *)kh + 1), hb.k_scales_len -= 1;
+    EXPECT_STATUS(simd_attn_forward(&hb, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_MISALIGNED);
+    int untouched_f16 = 1;
+    for (size_t i = 0; i < nq; i++) untouched_f16 &= out[i] == 0.0f;
+    CHECK(untouched_f16, "a rejected call with f16 factors wrote its output");
+    /* A descriptor from the header before the f16 arrays reads them as NULL. */
+    simd_attn_desc pre = a;
+    pre.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+    pre.struct_size = (uint32_t)offsetof(simd_attn_desc, k_scales_f16);
+    pre.k_scales_f16 = kh; /* past struct_size: never read */
+    EXPECT_STATUS(simd_attn_forward(&pre, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_OK);
+    free(kh);
+
     /* Errors: int8 Q, mixed K/V dtypes, an unknown kind, a field the kind does not read, a
      * short factor array. The output stays untouched. */
     simd_attn_desc e = a;
