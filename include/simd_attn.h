@@ -44,7 +44,8 @@ extern "C" {
 #define SIMD_ATTN_ERR_DESC_SIZE 3           /* struct_size too small, or unknown fields set */
 #define SIMD_ATTN_ERR_ABI_VERSION 4         /* abi_version is not SIMD_ATTN_ABI_VERSION */
 #define SIMD_ATTN_ERR_UNKNOWN_DTYPE 5       /* a dtype field is not SIMD_ATTN_F32 / F16 / BF16 */
-#define SIMD_ATTN_ERR_UNSUPPORTED_DTYPES 6  /* k and v (or merge parts) differ in dtype */
+#define SIMD_ATTN_ERR_UNSUPPORTED_DTYPES 6  /* k and v differ in dtype (other than q8_0 with f16),
+                                               or merge parts do */
 #define SIMD_ATTN_ERR_NEGATIVE_STRIDE 7     /* a stride is negative */
 #define SIMD_ATTN_ERR_ZERO_DIM 8            /* head_dim, heads or nth is 0 */
 #define SIMD_ATTN_ERR_HEADS_NOT_DIVISIBLE 9 /* q_heads % kv_heads != 0 */
@@ -121,7 +122,8 @@ typedef struct simd_attn_tensor {
     const void *data;     /* first element; may be NULL only when len == 0 */
     size_t len;           /* elements readable from data */
     int32_t dtype;        /* SIMD_ATTN_F32, SIMD_ATTN_F16, SIMD_ATTN_BF16 (k, v: or SIMD_ATTN_I8,
-                             SIMD_ATTN_F8E4M3, SIMD_ATTN_F8E5M2, SIMD_ATTN_Q8_0; k and v the same) */
+                             SIMD_ATTN_F8E4M3, SIMD_ATTN_F8E5M2, SIMD_ATTN_Q8_0; k and v the same,
+                             or the mixed pairs q8_0 k + f16 v and f16 k + q8_0 v) */
     int32_t reserved;     /* must be 0 (SIMD_ATTN_ERR_RESERVED otherwise) */
     int64_t stride_batch; /* elements between batch entries (>= 0; 0 broadcasts) */
     int64_t stride_head;  /* elements between heads */
@@ -155,7 +157,8 @@ typedef struct simd_attn_desc {
     size_t v_head_dim;    /* Dv of V and out; 0 means head_dim */
     simd_attn_tensor q;   /* [B, Hq, Sq, D] */
     simd_attn_tensor k;   /* [B, Hkv, Skv, D] */
-    simd_attn_tensor v;   /* [B, Hkv, Skv, Dv], same dtype as k */
+    simd_attn_tensor v;   /* [B, Hkv, Skv, Dv], same dtype as k, or f16 with q8_0 k (and q8_0
+                             with f16 k): llama.cpp's -ctk / -ctv pairs */
     simd_attn_output out; /* [B, Hq, Sq, Dv] */
     float *lse;           /* optional [B, Hq, Sq] contiguous natural-log sum-exp; NULL: none */
     size_t lse_len;

@@ -2,8 +2,8 @@
 //! store.
 
 use crate::request::{KvOp, Request};
-use crate::dtypes::{AnyKv, AnyMut, AnyRef, Kv};
-use crate::element::{Element, FloatElement};
+use crate::dtypes::{AnyKv, AnyMut, AnyRef, KvOf};
+use crate::element::{Element, FloatElement, KvPair};
 use crate::error::{AttnError, TensorName};
 use crate::exec::{alignment_plan, merge_all, merge_group, merge_row_len, plan_for, run_units, with_thread_partials, with_thread_scratch, AlignPass, Job, Partials, Units, Workspace};
 use crate::isa::{resolve_isa, resolve_isa_choice, Isa};
@@ -71,6 +71,10 @@ const MIN_FLOPS_PER_THREAD: f64 = 4e6;
 /// [`AttentionParams`]. `lse`, when given, receives the natural-log sum of exponentials of each
 /// row as a contiguous `[batch, q_heads, seq_q]` array.
 ///
+/// K and V share one storage type, or are one of the mixed pairs of
+/// [`crate::element::MIXED_KV_PAIRS`] (q8_0 K with f16 V, f16 K with q8_0 V): `(TK, TV)` is then
+/// a [`KvPair`], and any other pair does not compile.
+///
 /// Every argument is validated first; on error nothing is written.
 ///
 /// ```
@@ -94,15 +98,18 @@ const MIN_FLOPS_PER_THREAD: f64 = 4e6;
 /// # Ok::<(), simd_attn::AttnError>(())
 /// ```
 #[inline]
-pub fn attention<TQ: FloatElement, TKV: Element, TO: FloatElement>(
+pub fn attention<TQ: FloatElement, TK: Element, TV: Element, TO: FloatElement>(
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
+    k: TensorRef<'_, TK>,
+    v: TensorRef<'_, TV>,
     out: TensorMut<'_, TO>,
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
-) -> Result<RunInfo, AttnError> {
+) -> Result<RunInfo, AttnError>
+where
+    (TK, TV): KvPair,
+{
     attention_with(&RunConfig::default(), shape, q, k, v, out, lse, params)
 }
 
@@ -111,16 +118,19 @@ pub fn attention<TQ: FloatElement, TKV: Element, TO: FloatElement>(
 /// scores other than dot allocate their per-call projections and norms, see [`Score`]).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attention_with<TQ: FloatElement, TKV: Element, TO: FloatElement>(
+pub fn attention_with<TQ: FloatElement, TK: Element, TV: Element, TO: FloatElement>(
     config: &RunConfig,
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
+    k: TensorRef<'_, TK>,
+    v: TensorRef<'_, TV>,
     out: TensorMut<'_, TO>,
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
-) -> Result<RunInfo, AttnError> {
+) -> Result<RunInfo, AttnError>
+where
+    (TK, TV): KvPair,
+{
     attention_inspect(config, shape, q, k, v, out, lse, params, Inspect::default())
 }
 
@@ -144,17 +154,20 @@ pub struct Inspect<'o> {
 /// [`attention_with`].
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attention_inspect<TQ: FloatElement, TKV: Element, TO: FloatElement>(
+pub fn attention_inspect<TQ: FloatElement, TK: Element, TV: Element, TO: FloatElement>(
     config: &RunConfig,
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
+    k: TensorRef<'_, TK>,
+    v: TensorRef<'_, TV>,
     out: TensorMut<'_, TO>,
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
     inspect: Inspect<'_>,
-) -> Result<RunInfo, AttnError> {
+) -> Result<RunInfo, AttnError>
+where
+    (TK, TV): KvPair,
+{
     let call = Request { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect };
     run_call(config, call)
 }
@@ -175,18 +188,18 @@ pub(crate) fn run_call(config: &RunConfig, call: Request<'_, '_>) -> Result<RunI
     }
     impl<'a, 'o> KvOp<'a, 'o> for Op<'_> {
         type Output = Result<RunInfo, AttnError>;
-        fn run<TKV: Element>(self, call: Request<'a, 'o>, kv: Kv<'a, TKV>) -> Self::Output {
-            run_typed(self.config, call, kv)
+        fn run<P: KvPair>(self, call: Request<'a, 'o>, kv: KvOf<'a, P>) -> Self::Output {
+            run_typed::<P>(self.config, call, kv)
         }
     }
     call.with_kv(Op { config })
 }
 
 /// [`run_call`] with K and V at their storage type.
-fn run_typed<TKV: Element>(config: &RunConfig, mut call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
-    match start(config, &mut call, kv)? {
+fn run_typed<TKV: KvPair>(config: &RunConfig, mut call: Request<'_, '_>, kv: KvOf<'_, TKV>) -> Result<RunInfo, AttnError> {
+    match start::<TKV>(config, &mut call, kv)? {
         Start::Done(info) => Ok(info),
-        Start::Projected(q) => run_typed(config, call.with_dot_q(&q), kv),
+        Start::Projected(q) => run_typed::<TKV>(config, call.with_dot_q(&q), kv),
         Start::Run(p) => scored_call(config, p, call),
     }
 }
@@ -194,7 +207,7 @@ fn run_typed<TKV: Element>(config: &RunConfig, mut call: Request<'_, '_>, kv: Kv
 /// Where a call goes once its inputs are validated. (One value per call: the size of the
 /// `Run` variant costs nothing worth boxing.)
 #[allow(clippy::large_enum_variant)]
-enum Start<'a, TKV> {
+enum Start<'a, TKV: KvPair> {
     /// An empty call, finished.
     Done(RunInfo),
     /// `Score::General`: run the dot score on this projected Q instead.
@@ -205,7 +218,7 @@ enum Start<'a, TKV> {
 
 /// The common start of every fused entry: validate the inputs, finish an empty call, project
 /// Q for `Score::General`.
-fn start<'a, 'c: 'a, TKV: Element>(config: &RunConfig, call: &mut Request<'c, '_>, kv: Kv<'a, TKV>) -> Result<Start<'a, TKV>, AttnError> {
+fn start<'a, 'c: 'a, TKV: KvPair>(config: &RunConfig, call: &mut Request<'c, '_>, kv: KvOf<'a, TKV>) -> Result<Start<'a, TKV>, AttnError> {
     let p = Problem::new(&call.shape, call.q, kv, &call.params)?;
     if is_empty(&call.shape) {
         return empty_call(config, p, call).map(Start::Done);
@@ -230,12 +243,12 @@ fn is_empty(shape: &AttentionShape) -> bool {
 /// like any other call's, then nothing runs and nothing is allocated (the other dims may be
 /// anything that validates, up to the integer limits). The coverage output, `[B, Hq, Skv]`, is
 /// all zeros: no row attended to anything.
-fn empty_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: &mut Request<'_, '_>) -> Result<RunInfo, AttnError> {
+fn empty_call<TKV: KvPair>(config: &RunConfig, p: Problem<'_, TKV>, call: &mut Request<'_, '_>) -> Result<RunInfo, AttnError> {
     let shape = &p.shape;
     validate_outputs(shape, call.out.extent(), call.lse.as_deref(), call.params.cu_seqlens_q)?;
     validate_inspect(shape, &call.inspect, &call.params)?;
     let isa = resolve_isa(config.isa)?;
-    let (plan, tiles, _, _) = plan_for(isa, TKV::DTYPE, shape, shape.seq_kv, false, false)?;
+    let (plan, tiles, _, _) = plan_for(isa, TKV::FAMILY, shape, shape.seq_kv, false, false)?;
     if let Some(c) = call.inspect.coverage.as_deref_mut() {
         // The length was validated, so the product fits.
         c[..shape.batch * shape.q_heads * shape.seq_kv].fill(0.0);
@@ -261,14 +274,14 @@ pub(crate) fn specialisation(isa: Isa, kv_dtype: crate::element::DType, shape: &
 
 /// `Score::General` runs as the dot score on `q' = W^T q`: the projected Q of a validated call
 /// (`[B, Hq, Sq, head_dim]`, contiguous); `None` for every other score.
-fn general_as_dot<TKV>(p: &Problem<'_, TKV>) -> Result<Option<Vec<f32>>, AttnError> {
+fn general_as_dot<TKV: KvPair>(p: &Problem<'_, TKV>) -> Result<Option<Vec<f32>>, AttnError> {
     let Score::General { w, q_dim } = p.params.score else { return Ok(None) };
     Ok(Some(project_general(&p.shape, &p.q, w, q_dim)?))
 }
 
 /// [`run_call`] for every score but `General` (which arrives here projected); `p` is the
 /// call's validated inputs.
-fn scored_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
+fn scored_call<TKV: KvPair>(config: &RunConfig, p: Problem<'_, TKV>, call: Request<'_, '_>) -> Result<RunInfo, AttnError> {
     let Request { shape, out, lse, inspect, .. } = call;
     validate_outputs(&shape, out.extent(), lse.as_deref(), p.params.cu_seqlens_q)?;
     validate_inspect(&shape, &inspect, &p.params)?;
@@ -282,7 +295,7 @@ fn scored_call<TKV: Element>(config: &RunConfig, p: Problem<'_, TKV>, call: Requ
     // Everything the second pass needs is allocated before the first writes a row: the LSE
     // of every row (the first pass writes it here) and the second pass's scratch.
     let mut row_lse = crate::exec::try_zeroed(shape.batch * shape.q_heads * shape.seq_q)?;
-    let (isa, plan, tiles, scratch_len) = alignment_plan(resolve_isa(config.isa)?, TKV::DTYPE, &shape);
+    let (isa, plan, tiles, scratch_len) = alignment_plan(resolve_isa(config.isa)?, TKV::FAMILY, &shape);
     // The alignment is exactly the weights the output used: automatic choice keeps the f32
     // P of the widened kernel here (the bf16 dot kernel rounds P to bf16).
     let info = fused_pass(config, prepare(config, p, out, Some(&mut row_lse), false)?, scratch_len, &mut workers)?;
@@ -335,10 +348,10 @@ pub(crate) fn validate_inspect(shape: &AttentionShape, inspect: &Inspect<'_>, pa
 /// The fused pass of a prepared call on the crate's pool (or the calling thread). The workers'
 /// scratch holds at least `reserve` floats (what a second pass will need) and is left in
 /// `workers`; all of it is allocated before the first row is written.
-fn fused_pass<TKV: Element>(config: &RunConfig, prepared: Prepared<'_, '_, TKV>, reserve: usize, workers: &mut WorkerBuffers) -> Result<RunInfo, AttnError> {
+fn fused_pass<TKV: KvPair>(config: &RunConfig, prepared: Prepared<'_, '_, TKV>, reserve: usize, workers: &mut WorkerBuffers) -> Result<RunInfo, AttnError> {
     let Prepared { p, out, plan, tiles, isa, scratch_len, partials_len } = &prepared;
     let shape = &p.shape;
-    let (specialised, additive) = specialisation(*isa, TKV::DTYPE, shape, &p.score);
+    let (specialised, additive) = specialisation(*isa, TKV::FAMILY, shape, &p.score);
     let scratch_len = (*scratch_len).max(reserve);
     let mut threads = config.threads.unwrap_or_else(default_threads).min(plan.units()).max(1);
     if threads > 1 {
@@ -380,17 +393,20 @@ fn fused_pass<TKV: Element>(config: &RunConfig, prepared: Prepared<'_, '_, TKV>,
 /// per-call projections and norms).
 #[allow(clippy::too_many_arguments)]
 #[inline]
-pub fn attention_in<TQ: FloatElement, TKV: Element, TO: FloatElement>(
+pub fn attention_in<TQ: FloatElement, TK: Element, TV: Element, TO: FloatElement>(
     workspace: &mut Workspace,
     config: &RunConfig,
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
+    k: TensorRef<'_, TK>,
+    v: TensorRef<'_, TV>,
     out: TensorMut<'_, TO>,
     lse: Option<&mut [f32]>,
     params: &AttentionParams<'_>,
-) -> Result<RunInfo, AttnError> {
+) -> Result<RunInfo, AttnError>
+where
+    (TK, TV): KvPair,
+{
     let call = Request { shape: *shape, q: AnyRef::of(q), kv: AnyKv::of(k, v), out: AnyMut::of(out), lse, params: *params, inspect: Inspect::default() };
     run_in_workspace(workspace, config, call)
 }
@@ -404,18 +420,18 @@ fn run_in_workspace(workspace: &mut Workspace, config: &RunConfig, call: Request
     }
     impl<'a, 'o> KvOp<'a, 'o> for Op<'_, '_> {
         type Output = Result<RunInfo, AttnError>;
-        fn run<TKV: Element>(self, call: Request<'a, 'o>, kv: Kv<'a, TKV>) -> Self::Output {
-            in_workspace_typed(self.workspace, self.config, call, kv)
+        fn run<P: KvPair>(self, call: Request<'a, 'o>, kv: KvOf<'a, P>) -> Self::Output {
+            in_workspace_typed::<P>(self.workspace, self.config, call, kv)
         }
     }
     call.with_kv(Op { workspace, config })
 }
 
 /// [`run_in_workspace`] with K and V at their storage type.
-fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfig, mut call: Request<'_, '_>, kv: Kv<'_, TKV>) -> Result<RunInfo, AttnError> {
-    let p = match start(config, &mut call, kv)? {
+fn in_workspace_typed<TKV: KvPair>(workspace: &mut Workspace, config: &RunConfig, mut call: Request<'_, '_>, kv: KvOf<'_, TKV>) -> Result<RunInfo, AttnError> {
+    let p = match start::<TKV>(config, &mut call, kv)? {
         Start::Done(info) => return Ok(info),
-        Start::Projected(q) => return in_workspace_typed(workspace, config, call.with_dot_q(&q), kv),
+        Start::Projected(q) => return in_workspace_typed::<TKV>(workspace, config, call.with_dot_q(&q), kv),
         Start::Run(p) => p,
     };
     let buffers = ScoreBuffers::prepare(&p.shape, &p.q, &p.k, &p.params)?;
@@ -427,12 +443,12 @@ fn in_workspace_typed<TKV: Element>(workspace: &mut Workspace, config: &RunConfi
     run_units(job, Units::Share { ith: 0, nth: 1 }, scratch).map_err(|_| AttnError::IsaUnavailable { isa: *isa })?;
     // The merge's row buffer: the start of the scratch, free again now.
     merge_all(&job, scratch);
-    let (specialised, additive) = specialisation(*isa, TKV::DTYPE, &p.shape, &p.score);
+    let (specialised, additive) = specialisation(*isa, TKV::FAMILY, &p.shape, &p.score);
     Ok(RunInfo { isa: *isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: *tiles, threads: 1, plan: *plan })
 }
 
 /// A validated call, planned.
-struct Prepared<'a, 'o, TKV> {
+struct Prepared<'a, 'o, TKV: KvPair> {
     p: Problem<'a, TKV>,
     out: OutRows<'o>,
     plan: WorkPlan,
@@ -445,7 +461,7 @@ struct Prepared<'a, 'o, TKV> {
 
 /// Validates the outputs of a call whose inputs `p` are validated and scored, and plans it.
 /// `bf16_dot_ok`: automatic choice may send the call to the bf16 dot-product kernel.
-fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, out: AnyMut<'o>, lse: Option<&'o mut [f32]>, bf16_dot_ok: bool) -> Result<Prepared<'a, 'o, TKV>, AttnError> {
+fn prepare<'a: 'o, 'o, TKV: KvPair>(config: &RunConfig, p: Problem<'a, TKV>, out: AnyMut<'o>, lse: Option<&'o mut [f32]>, bf16_dot_ok: bool) -> Result<Prepared<'a, 'o, TKV>, AttnError> {
     let shape = &p.shape;
     validate_outputs(shape, out.extent(), lse.as_deref(), p.params.cu_seqlens_q)?;
     let (isa, automatic) = resolve_isa_choice(config.isa)?;
@@ -458,7 +474,7 @@ fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, ou
         shape.seq_kv
     };
     let side_by_side = p.k.heads_side_by_side() || p.v.heads_side_by_side();
-    let (mut plan, mut tiles, mut scratch_len, mut partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode, side_by_side)?;
+    let (mut plan, mut tiles, mut scratch_len, mut partials_len) = plan_for(isa, TKV::FAMILY, shape, keys, decode, side_by_side)?;
     // Automatic choice sends what the bf16 dot kernel takes (bf16 prefill) to it where the CPU
     // runs `vdpbf16ps` at its FMA rate; RunInfo then says avx512bf16 exactly when it ran.
     let mut isa = isa;
@@ -466,7 +482,7 @@ fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, ou
         && bf16_dot_takes(&p) && Isa::prefers_bf16_dot()
     {
         isa = Isa::Avx512Bf16;
-        (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::DTYPE, shape, keys, decode, side_by_side)?;
+        (plan, tiles, scratch_len, partials_len) = plan_for(isa, TKV::FAMILY, shape, keys, decode, side_by_side)?;
     }
     // The merge reuses the start of the same scratch for its row once the units are done.
     let scratch_len = scratch_len.max(merge_row_len(&plan, shape));
@@ -474,7 +490,7 @@ fn prepare<'a: 'o, 'o, TKV: Element>(config: &RunConfig, p: Problem<'a, TKV>, ou
 }
 
 /// Whether the bf16 dot-product kernel would take the call (x86-64 only).
-fn bf16_dot_takes<TKV: Element>(p: &Problem<'_, TKV>) -> bool {
+fn bf16_dot_takes<TKV: KvPair>(p: &Problem<'_, TKV>) -> bool {
     #[cfg(target_arch = "x86_64")]
     return crate::kernel::bf16dot::takes(p);
     #[cfg(not(target_arch = "x86_64"))]
@@ -606,7 +622,7 @@ pub(crate) trait PlanShares: Send + Sync {
     fn merge(&self, ith: usize, workspace: &mut [f32]) -> Result<(), AttnError>;
 }
 
-impl<TKV: Element> PlanShares for TypedPlan<'_, '_, TKV> {
+impl<TKV: KvPair> PlanShares for TypedPlan<'_, '_, TKV> {
     fn workspace_len(&self) -> usize {
         TypedPlan::workspace_len(self)
     }
@@ -633,15 +649,15 @@ pub(crate) fn plan_call<'a: 'o, 'o>(config: &RunConfig, call: Request<'a, 'o>, n
     }
     impl<'a: 'o, 'o> KvOp<'a, 'o> for Op<'_> {
         type Output = Result<Box<dyn PlanShares + 'o>, AttnError>;
-        fn run<TKV: Element>(self, call: Request<'a, 'o>, kv: Kv<'a, TKV>) -> Self::Output {
-            Ok(Box::new(TypedPlan::new(self.config, call, kv, self.nth)?))
+        fn run<P: KvPair>(self, call: Request<'a, 'o>, kv: KvOf<'a, P>) -> Self::Output {
+            Ok(Box::new(TypedPlan::<P>::new(self.config, call, kv, self.nth)?))
         }
     }
     call.with_kv(Op { config, nth })
 }
 
 /// [`HostPlan`] for one K/V storage type.
-struct TypedPlan<'a, 'o, TKV> {
+struct TypedPlan<'a, 'o, TKV: KvPair> {
     prepared: Prepared<'a, 'o, TKV>,
     nth: usize,
     claimed: Vec<AtomicBool>,
@@ -654,18 +670,18 @@ struct TypedPlan<'a, 'o, TKV> {
 
 // SAFETY: the raw partials buffer is owned; concurrent access follows `Partials`' rules
 // (disjoint slots in `run`, reads in `merge` only after every share finished).
-unsafe impl<TKV: Sync> Sync for TypedPlan<'_, '_, TKV> {}
-unsafe impl<TKV: Sync> Send for TypedPlan<'_, '_, TKV> {}
+unsafe impl<TKV: KvPair> Sync for TypedPlan<'_, '_, TKV> {}
+unsafe impl<TKV: KvPair> Send for TypedPlan<'_, '_, TKV> {}
 
-impl<TKV> Drop for TypedPlan<'_, '_, TKV> {
+impl<TKV: KvPair> Drop for TypedPlan<'_, '_, TKV> {
     fn drop(&mut self) {
         // SAFETY: created by Box::into_raw in `new`, freed once.
         drop(unsafe { Box::from_raw(self.partials) });
     }
 }
 
-impl<'a: 'o, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
-    fn new(config: &RunConfig, call: Request<'a, 'o>, kv: Kv<'a, TKV>, nth: usize) -> Result<Self, AttnError> {
+impl<'a: 'o, 'o, TKV: KvPair> TypedPlan<'a, 'o, TKV> {
+    fn new(config: &RunConfig, call: Request<'a, 'o>, kv: KvOf<'a, TKV>, nth: usize) -> Result<Self, AttnError> {
         if nth == 0 {
             return Err(AttnError::ZeroDim { dim: "nth" });
         }
@@ -720,7 +736,7 @@ impl<'a: 'o, 'o, TKV: Element> TypedPlan<'a, 'o, TKV> {
         let result = run_units(self.job(), Units::Share { ith, nth: self.nth }, &mut workspace[..pr.scratch_len]);
         self.finished.fetch_add(1, Ordering::Release);
         result.map_err(|_| AttnError::IsaUnavailable { isa: pr.isa })?;
-        let (specialised, additive) = specialisation(pr.isa, TKV::DTYPE, &pr.p.shape, &pr.p.score);
+        let (specialised, additive) = specialisation(pr.isa, TKV::FAMILY, &pr.p.shape, &pr.p.score);
         Ok(RunInfo { isa: pr.isa, specialised_head_dim: specialised, specialised_additive_dim: additive, tiles: pr.tiles, threads: self.nth, plan: pr.plan })
     }
 

@@ -223,7 +223,7 @@ fn kvcache_typed<T: Element>(
     // land in too), options, outputs.
     {
         let kv = view(&cache);
-        Problem::new(s, q, kv, &params)?;
+        Problem::<(T, T)>::new(s, q, kv, &params)?;
         validate_outputs(s, out.extent(), lse.as_deref(), params.cu_seqlens_q)?;
         validate_inspect(s, &Default::default(), &params)?;
         // The new keys' rotation reads the tables at their positions (Q's rows were checked).

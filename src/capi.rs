@@ -13,14 +13,14 @@
 //! The header is written by hand; `simd_attn_abi_layout` reports the library's struct sizes
 //! and field offsets so the C test can prove the header agrees with the library.
 
-use crate::element::DType;
+use crate::element::{DType, KvPair};
 use crate::error::AttnError;
 use crate::isa::Isa;
 use crate::layout::{AttentionShape, BiasRef, BiasStrides, PageStrides, PageTable, PagedKv, Strides, TensorMut, TensorRef};
 use crate::merge::PartialResult;
 use crate::params::{AdditiveProjection, AttentionParams, Score, Window};
 use crate::api::PlanShares;
-use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, Kv, TypedOp};
+use crate::dtypes::{dispatch, AnyKv, AnyMut, AnyRef, Kv, KvOf, TypedOp};
 use crate::append::{kvcache_call, AnyCache};
 use crate::rope::Rope;
 use crate::{Element, Inspect, KvCacheMut, NewKv, RunConfig, RunInfo};
@@ -857,12 +857,15 @@ fn no_append(d: &SimdAttnDesc) -> Result<(), Fail> {
 }
 
 /// Quantized K and V codes as tensors, or as a paged pool.
-fn codes<'a, T>(k: TensorRef<'a, T>, v: TensorRef<'a, T>, pages: Option<PageTable<'a>>) -> Kv<'a, T> {
+fn codes<'a, K, V>(k: TensorRef<'a, K>, v: TensorRef<'a, V>, pages: Option<PageTable<'a>>) -> Kv<'a, K, V> {
     match pages {
         None => Kv::Tensors(k, v),
         Some(pages) => Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }),
     }
 }
+
+/// Why a K/V pair of types is refused.
+const MIXED_MESSAGE: &str = "k and v must have the same dtype, or be q8_0 K with f16 V, or f16 K with q8_0 V";
 
 /// Read K/V: tensors, or a paged pool.
 impl<'a> KvArg<'a> for AnyKv<'a> {
@@ -877,7 +880,10 @@ impl<'a> KvArg<'a> for AnyKv<'a> {
             (KvTensor::E4M3(k), KvTensor::E4M3(v)) => return Ok(AnyKv::F8E4M3(codes(k, v, pages))),
             (KvTensor::E5M2(k), KvTensor::E5M2(v)) => return Ok(AnyKv::F8E5M2(codes(k, v, pages))),
             (KvTensor::Q8_0(k), KvTensor::Q8_0(v)) => return Ok(AnyKv::Q8_0(codes(k, v, pages))),
-            _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
+            // The mixed pairs (`MIXED_KV_PAIRS`).
+            (KvTensor::Q8_0(k), KvTensor::Float(AnyRef::F16(v))) => return Ok(AnyKv::Q8_0F16(codes(k, v, pages))),
+            (KvTensor::Float(AnyRef::F16(k)), KvTensor::Q8_0(v)) => return Ok(AnyKv::F16Q8_0(codes(k, v, pages))),
+            _ => return fail(Status::UnsupportedDtypes, MIXED_MESSAGE),
         };
         Ok(match (k, v, pages) {
             (AnyRef::F32(k), AnyRef::F32(v), None) => AnyKv::F32(Kv::Tensors(k, v)),
@@ -892,7 +898,7 @@ impl<'a> KvArg<'a> for AnyKv<'a> {
             (AnyRef::Bf16(k), AnyRef::Bf16(v), Some(pages)) => {
                 AnyKv::Bf16(Kv::Paged(PagedKv { k: k.data, v: v.data, k_strides: page_strides(k.strides), v_strides: page_strides(v.strides), pages }))
             }
-            _ => return fail(Status::UnsupportedDtypes, "k and v must have the same dtype"),
+            _ => return fail(Status::UnsupportedDtypes, MIXED_MESSAGE),
         })
     }
 }
@@ -1097,7 +1103,7 @@ struct ReferenceOp<'c, 'p> {
 
 impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
     type Output = Result<(), Fail>;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, kv: Kv<'a, TKV>, out: TensorMut<'o, TO>) -> Result<(), Fail> {
+    fn run<TQ: Element, P: KvPair, TO: Element>(self, q: TensorRef<'a, TQ>, kv: KvOf<'a, P>, out: TensorMut<'o, TO>) -> Result<(), Fail> {
         // A paged pool is gathered into tensors: the reference's definition of a paged call.
         let gathered;
         let (mut k_factors, mut v_factors) = (Vec::new(), Vec::new());
@@ -1121,7 +1127,8 @@ impl<'a, 'o> TypedOp<'a, 'o> for ReferenceOp<'_, '_> {
                         }
                     }
                 }
-                let [_, ks, vs, _] = self.shape.bhsd_strides();
+                // Rows of storage units: a q8_0 side's head dims count 32-value blocks.
+                let [_, ks, vs, _] = crate::validate::kv_units::<P::K, P::V>(self.shape)?.bhsd_strides();
                 (TensorRef::new(&gathered.0[..], ks), TensorRef::new(&gathered.1[..], vs))
             }
         };

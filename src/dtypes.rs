@@ -8,7 +8,7 @@
 //! which matches the combination once and runs the typed pipeline compiled here, one copy per
 //! supported combination. A new storage type is a new variant and new lines in [`dispatch`].
 
-use crate::element::{BlockQ8_0, DType, Element, F8E4M3, F8E5M2, FloatElement};
+use crate::element::{BlockQ8_0, DType, Element, F8E4M3, F8E5M2, FloatElement, KvPair};
 use crate::layout::{PagedKv, Strides, TensorMut, TensorRef};
 use half::{bf16, f16};
 
@@ -20,17 +20,22 @@ pub enum AnyRef<'a> {
     Bf16(TensorRef<'a, bf16>),
 }
 
-/// K and V as the caller keeps them: two strided tensors or one paged pool.
+/// K and V as the caller keeps them: two strided tensors or one paged pool. They share one
+/// storage type (`Kv<'_, T>`), or are one of the mixed [`KvPair`]s (`Kv<'_, BlockQ8_0, f16>`).
 #[derive(Clone, Copy, Debug)]
-pub enum Kv<'a, T> {
-    Tensors(TensorRef<'a, T>, TensorRef<'a, T>),
-    Paged(PagedKv<'a, T>),
+pub enum Kv<'a, K, V = K> {
+    Tensors(TensorRef<'a, K>, TensorRef<'a, V>),
+    Paged(PagedKv<'a, K, V>),
 }
 
-/// K and V of any supported element type (they share one), in any layout: `(k, v).into()` for
-/// two tensors, `paged.into()` for a [`PagedKv`] pool. `I8`, `F8E4M3`, `F8E5M2` and `Q8_0` are
-/// quantized caches, dequantized by the call's `kv_scales` (factor 1 without them; `Q8_0`
-/// blocks carry their own scales besides).
+/// The [`Kv`] of a storage pair.
+pub(crate) type KvOf<'a, P> = Kv<'a, <P as KvPair>::K, <P as KvPair>::V>;
+
+/// K and V of any supported storage pair, in any layout: `(k, v).into()` for two tensors,
+/// `paged.into()` for a [`PagedKv`] pool. `I8`, `F8E4M3`, `F8E5M2` and `Q8_0` are quantized
+/// caches, dequantized by the call's `kv_scales` (factor 1 without them; `Q8_0` blocks carry
+/// their own scales besides). The last variants are K and V of different types
+/// ([`crate::element::MIXED_KV_PAIRS`]): named K type, then V type.
 #[derive(Clone, Copy, Debug)]
 pub enum AnyKv<'a> {
     F32(Kv<'a, f32>),
@@ -40,6 +45,10 @@ pub enum AnyKv<'a> {
     F8E4M3(Kv<'a, F8E4M3>),
     F8E5M2(Kv<'a, F8E5M2>),
     Q8_0(Kv<'a, BlockQ8_0>),
+    /// ggml q8_0 K, f16 V (llama.cpp `-ctk q8_0 -ctv f16`).
+    Q8_0F16(Kv<'a, BlockQ8_0, f16>),
+    /// f16 K, ggml q8_0 V (llama.cpp `-ctk f16 -ctv q8_0`).
+    F16Q8_0(Kv<'a, f16, BlockQ8_0>),
 }
 
 /// An output tensor of any supported element type (`TensorMut::into()` makes one).
@@ -81,35 +90,66 @@ impl<'a> AnyRef<'a> {
 }
 
 impl<'a> AnyKv<'a> {
-    /// The layout-independent part: `kv` at its own storage type.
+    /// The layout-independent part: `kv` at its own storage pair.
     #[inline(always)]
-    pub(crate) fn typed<T: Element>(kv: Kv<'a, T>) -> Self {
-        fn retype<'v, T: Element, U: Element>(kv: Kv<'v, T>) -> Kv<'v, U> {
-            let r = |s: &'v [T]| -> &'v [U] { same::<T, U>(s).expect("same DTYPE, same type") };
+    pub(crate) fn typed<K: Element, V: Element>(kv: Kv<'a, K, V>) -> Self
+    where
+        (K, V): KvPair,
+    {
+        fn retype<'v, K: Element, V: Element, K2: Element, V2: Element>(kv: Kv<'v, K, V>) -> Kv<'v, K2, V2> {
+            let rk = |s: &'v [K]| -> &'v [K2] { same::<K, K2>(s).expect("same DTYPE, same type") };
+            let rv = |s: &'v [V]| -> &'v [V2] { same::<V, V2>(s).expect("same DTYPE, same type") };
             match kv {
-                Kv::Tensors(k, v) => Kv::Tensors(TensorRef::new(r(k.data), k.strides), TensorRef::new(r(v.data), v.strides)),
-                Kv::Paged(p) => Kv::Paged(PagedKv { k: r(p.k), v: r(p.v), k_strides: p.k_strides, v_strides: p.v_strides, pages: p.pages }),
+                Kv::Tensors(k, v) => Kv::Tensors(TensorRef::new(rk(k.data), k.strides), TensorRef::new(rv(v.data), v.strides)),
+                Kv::Paged(p) => Kv::Paged(PagedKv { k: rk(p.k), v: rv(p.v), k_strides: p.k_strides, v_strides: p.v_strides, pages: p.pages }),
             }
         }
-        match T::DTYPE {
-            DType::F32 => AnyKv::F32(retype(kv)),
-            DType::F16 => AnyKv::F16(retype(kv)),
-            DType::Bf16 => AnyKv::Bf16(retype(kv)),
-            DType::I8 => AnyKv::I8(retype(kv)),
-            DType::F8E4M3 => AnyKv::F8E4M3(retype(kv)),
-            DType::F8E5M2 => AnyKv::F8E5M2(retype(kv)),
-            DType::Q8_0 => AnyKv::Q8_0(retype(kv)),
+        match (K::DTYPE, V::DTYPE) {
+            (DType::F32, DType::F32) => AnyKv::F32(retype(kv)),
+            (DType::F16, DType::F16) => AnyKv::F16(retype(kv)),
+            (DType::Bf16, DType::Bf16) => AnyKv::Bf16(retype(kv)),
+            (DType::I8, DType::I8) => AnyKv::I8(retype(kv)),
+            (DType::F8E4M3, DType::F8E4M3) => AnyKv::F8E4M3(retype(kv)),
+            (DType::F8E5M2, DType::F8E5M2) => AnyKv::F8E5M2(retype(kv)),
+            (DType::Q8_0, DType::Q8_0) => AnyKv::Q8_0(retype(kv)),
+            (DType::Q8_0, DType::F16) => AnyKv::Q8_0F16(retype(kv)),
+            (DType::F16, DType::Q8_0) => AnyKv::F16Q8_0(retype(kv)),
+            _ => unreachable!("every KvPair has a variant"),
         }
     }
 
     #[inline(always)]
-    pub(crate) fn of<T: Element>(k: TensorRef<'a, T>, v: TensorRef<'a, T>) -> Self {
+    pub(crate) fn of<K: Element, V: Element>(k: TensorRef<'a, K>, v: TensorRef<'a, V>) -> Self
+    where
+        (K, V): KvPair,
+    {
         Self::typed(Kv::Tensors(k, v))
     }
 
     #[inline(always)]
-    pub(crate) fn paged<T: Element>(kv: PagedKv<'a, T>) -> Self {
+    pub(crate) fn paged<K: Element, V: Element>(kv: PagedKv<'a, K, V>) -> Self
+    where
+        (K, V): KvPair,
+    {
         Self::typed(Kv::Paged(kv))
+    }
+
+    /// The storage types of K and V.
+    pub fn dtypes(&self) -> (DType, DType) {
+        fn of<K: Element, V: Element>(_: &Kv<'_, K, V>) -> (DType, DType) {
+            (K::DTYPE, V::DTYPE)
+        }
+        match self {
+            AnyKv::F32(kv) => of(kv),
+            AnyKv::F16(kv) => of(kv),
+            AnyKv::Bf16(kv) => of(kv),
+            AnyKv::I8(kv) => of(kv),
+            AnyKv::F8E4M3(kv) => of(kv),
+            AnyKv::F8E5M2(kv) => of(kv),
+            AnyKv::Q8_0(kv) => of(kv),
+            AnyKv::Q8_0F16(kv) => of(kv),
+            AnyKv::F16Q8_0(kv) => of(kv),
+        }
     }
 }
 
@@ -131,76 +171,37 @@ impl<'o> AnyMut<'o> {
 /// Something to do with a call's typed tensors: implemented by each entry's body.
 pub(crate) trait TypedOp<'a, 'o> {
     type Output;
-    fn run<TQ: Element, TKV: Element, TO: Element>(self, q: TensorRef<'a, TQ>, kv: Kv<'a, TKV>, out: TensorMut<'o, TO>) -> Self::Output;
+    fn run<TQ: Element, P: KvPair, TO: Element>(self, q: TensorRef<'a, TQ>, kv: KvOf<'a, P>, out: TensorMut<'o, TO>) -> Self::Output;
 }
 
-/// Runs `op` with the call's element types: the one place the combinations are listed.
+/// Runs `op` with the call's element types: the one place the combinations are listed (every
+/// K/V pair with every Q and output type).
 pub(crate) fn dispatch<'a, 'o, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: AnyKv<'a>, out: AnyMut<'o>, op: Op) -> Op::Output {
-    use {AnyKv as K, AnyMut as O, AnyRef as Q};
-    match (q, kv, out) {
-        (Q::F32(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F32(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F16(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::Bf16(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::Bf16(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::Bf16(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F32(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F16(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::Bf16(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::Bf16(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::Bf16(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F32(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F32(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F32(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F16(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F16(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F16(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::Bf16(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::Bf16(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::Bf16(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::I8(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::I8(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::I8(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::I8(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::I8(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::I8(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::I8(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::I8(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::I8(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F8E4M3(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F8E4M3(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F8E4M3(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F8E4M3(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F8E4M3(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F8E4M3(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F8E4M3(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F8E4M3(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F8E4M3(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F8E5M2(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F8E5M2(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::F8E5M2(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F8E5M2(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F8E5M2(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::F8E5M2(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F8E5M2(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F8E5M2(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::F8E5M2(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::Q8_0(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::Q8_0(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F32(q), K::Q8_0(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::Q8_0(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::Q8_0(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::F16(q), K::Q8_0(kv), O::Bf16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::Q8_0(kv), O::F32(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::Q8_0(kv), O::F16(o)) => op.run(q, kv, o),
-        (Q::Bf16(q), K::Q8_0(kv), O::Bf16(o)) => op.run(q, kv, o),
+    #[inline(always)]
+    fn with_q_out<'a, 'o, P: KvPair, Op: TypedOp<'a, 'o>>(q: AnyRef<'a>, kv: KvOf<'a, P>, out: AnyMut<'o>, op: Op) -> Op::Output {
+        use {AnyMut as O, AnyRef as Q};
+        match (q, out) {
+            (Q::F32(q), O::F32(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::F32(q), O::F16(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::F32(q), O::Bf16(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::F16(q), O::F32(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::F16(q), O::F16(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::F16(q), O::Bf16(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::Bf16(q), O::F32(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::Bf16(q), O::F16(o)) => op.run::<_, P, _>(q, kv, o),
+            (Q::Bf16(q), O::Bf16(o)) => op.run::<_, P, _>(q, kv, o),
+        }
+    }
+    match kv {
+        AnyKv::F32(kv) => with_q_out::<(f32, f32), Op>(q, kv, out, op),
+        AnyKv::F16(kv) => with_q_out::<(f16, f16), Op>(q, kv, out, op),
+        AnyKv::Bf16(kv) => with_q_out::<(bf16, bf16), Op>(q, kv, out, op),
+        AnyKv::I8(kv) => with_q_out::<(i8, i8), Op>(q, kv, out, op),
+        AnyKv::F8E4M3(kv) => with_q_out::<(F8E4M3, F8E4M3), Op>(q, kv, out, op),
+        AnyKv::F8E5M2(kv) => with_q_out::<(F8E5M2, F8E5M2), Op>(q, kv, out, op),
+        AnyKv::Q8_0(kv) => with_q_out::<(BlockQ8_0, BlockQ8_0), Op>(q, kv, out, op),
+        AnyKv::Q8_0F16(kv) => with_q_out::<(BlockQ8_0, f16), Op>(q, kv, out, op),
+        AnyKv::F16Q8_0(kv) => with_q_out::<(f16, BlockQ8_0), Op>(q, kv, out, op),
     }
 }
 
@@ -294,16 +295,22 @@ impl<'a, T: FloatElement> From<TensorRef<'a, T>> for AnyRef<'a> {
     }
 }
 
-impl<'a, T: Element> From<(TensorRef<'a, T>, TensorRef<'a, T>)> for AnyKv<'a> {
+impl<'a, K: Element, V: Element> From<(TensorRef<'a, K>, TensorRef<'a, V>)> for AnyKv<'a>
+where
+    (K, V): KvPair,
+{
     #[inline(always)]
-    fn from((k, v): (TensorRef<'a, T>, TensorRef<'a, T>)) -> Self {
+    fn from((k, v): (TensorRef<'a, K>, TensorRef<'a, V>)) -> Self {
         AnyKv::of(k, v)
     }
 }
 
-impl<'a, T: Element> From<PagedKv<'a, T>> for AnyKv<'a> {
+impl<'a, K: Element, V: Element> From<PagedKv<'a, K, V>> for AnyKv<'a>
+where
+    (K, V): KvPair,
+{
     #[inline(always)]
-    fn from(kv: PagedKv<'a, T>) -> Self {
+    fn from(kv: PagedKv<'a, K, V>) -> Self {
         AnyKv::paged(kv)
     }
 }

@@ -42,7 +42,46 @@ mod sealed {
     impl Sealed for super::F8E4M3 {}
     impl Sealed for super::F8E5M2 {}
     impl Sealed for super::BlockQ8_0 {}
+    pub trait SealedPair {}
+    impl<T: super::Element> SealedPair for (T, T) {}
+    impl SealedPair for (super::BlockQ8_0, half::f16) {}
+    impl SealedPair for (half::f16, super::BlockQ8_0) {}
 }
+
+/// The storage types of a K/V cache, `(K, V)`: `(T, T)` for every [`Element`], and the mixed
+/// pairs listed in [`MIXED_KV_PAIRS`] (engines often quantize K and V differently: llama.cpp's
+/// `-ctk q8_0 -ctv f16`, or the reverse). Each pair is a full set of compiled kernels, so the
+/// trait is sealed and the list is short: a new pair is one line here and one in `dtypes`.
+pub trait KvPair: sealed::SealedPair + Copy + Send + Sync + 'static {
+    type K: Element;
+    type V: Element;
+    /// The storage type whose kernel family (tiles, specialised head dims) plans the pair: the
+    /// shared type, or f32's (the generic family) for a mixed pair.
+    const FAMILY: DType;
+}
+
+impl<T: Element> KvPair for (T, T) {
+    type K = T;
+    type V = T;
+    const FAMILY: DType = T::DTYPE;
+}
+
+impl KvPair for (BlockQ8_0, half::f16) {
+    type K = BlockQ8_0;
+    type V = half::f16;
+    const FAMILY: DType = DType::F32;
+}
+
+impl KvPair for (half::f16, BlockQ8_0) {
+    type K = half::f16;
+    type V = BlockQ8_0;
+    const FAMILY: DType = DType::F32;
+}
+
+/// The `(K, V)` storage pairs of different types that every entry accepts (Rust, C ABI, paged
+/// or not): the [`KvPair`] impls besides `(T, T)`. Any other pair does not compile in Rust and
+/// is refused with `SIMD_ATTN_ERR_UNSUPPORTED_DTYPES` by the C ABI.
+pub const MIXED_KV_PAIRS: &[(DType, DType)] = &[(DType::Q8_0, DType::F16), (DType::F16, DType::Q8_0)];
 
 /// A floating-point storage element (`f32`, `f16`, `bf16`): what Q, outputs and partial
 /// results are stored as. K and V may also be quantized codes (any [`Element`]).

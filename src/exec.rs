@@ -1,7 +1,7 @@
 //! Execution: running the units of a work plan on a kernel, on one thread, on the crate's pool,
 //! or as one share of a host-driven run.
 
-use crate::element::{DType, Element};
+use crate::element::{DType, KvPair};
 use crate::error::AttnError;
 use crate::isa::Isa;
 use crate::kernel::{decode, flash, portable};
@@ -49,7 +49,7 @@ impl UnitIter<'_> {
 }
 
 /// Everything a worker needs besides its scratch and its units.
-pub(crate) struct Job<'j, 'a, 'o, TKV> {
+pub(crate) struct Job<'j, 'a, 'o, TKV: KvPair> {
     pub p: &'j Problem<'a, TKV>,
     pub out: &'j OutRows<'o>,
     pub plan: WorkPlan,
@@ -149,12 +149,12 @@ impl<'j> Partials<'j> {
     }
 }
 
-impl<TKV> Clone for Job<'_, '_, '_, TKV> {
+impl<TKV: KvPair> Clone for Job<'_, '_, '_, TKV> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<TKV> Copy for Job<'_, '_, '_, TKV> {}
+impl<TKV: KvPair> Copy for Job<'_, '_, '_, TKV> {}
 
 /// The plan, block sizes, per-worker scratch length and decode-partials length (f32 elements)
 /// of a path for a problem. Decode shapes get the decode plan on the SIMD paths; the portable
@@ -224,7 +224,7 @@ pub(crate) fn try_zeroed(len: usize) -> Result<Vec<f32>, AttnError> {
 /// Runs `units` of `job` with `scratch` (at least the length `tiles_and_scratch` gave).
 /// Returns the specialised head dim that ran, or `None` for the generic path; `Err` if the
 /// job's ISA cannot run here.
-pub(crate) fn run_units<TKV: Element>(
+pub(crate) fn run_units<TKV: KvPair>(
     job: Job<'_, '_, '_, TKV>,
     units: Units<'_>,
     scratch: &mut [f32],
@@ -240,10 +240,10 @@ pub(crate) fn run_units<TKV: Element>(
     }
     let (d, dv) = (job.p.shape.head_dim, job.p.shape.v_head_dim);
     // The AVX512_BF16 path has kernels for bf16 K/V only; other storage runs AVX-512's.
-    let isa = if job.isa == Isa::Avx512Bf16 && Family::find(job.isa, TKV::DTYPE).is_none() { Isa::Avx512 } else { job.isa };
+    let isa = if job.isa == Isa::Avx512Bf16 && Family::find(job.isa, TKV::FAMILY).is_none() { Isa::Avx512 } else { job.isa };
     // A storage type without a family of its own runs the f32 family's kernel body, which
     // converts through `Element` (correct for every storage type, if not the fastest).
-    let dtype = if Family::find(isa, TKV::DTYPE).is_some() { TKV::DTYPE } else { DType::F32 };
+    let dtype = if Family::find(isa, TKV::FAMILY).is_some() { TKV::FAMILY } else { DType::F32 };
     macro_rules! run_isa {
         (Scalar, $op:expr) => { run_scalar($op) };
         (Avx2, $op:expr) => { run_avx2($op) };
@@ -285,7 +285,7 @@ pub(crate) fn run_units<TKV: Element>(
     Err(())
 }
 
-fn run_portable<TKV: Element>(job: Job<'_, '_, '_, TKV>, mut iter: UnitIter<'_>, scratch: &mut [f32]) {
+fn run_portable<TKV: KvPair>(job: Job<'_, '_, '_, TKV>, mut iter: UnitIter<'_>, scratch: &mut [f32]) {
     let s = &job.p.shape;
     let mut sc = portable::Scratch::new(scratch, &job.tiles, s.head_dim, s.v_head_dim);
     while let Some(u) = iter.next() {
@@ -300,13 +300,13 @@ fn run_portable<TKV: Element>(job: Job<'_, '_, '_, TKV>, mut iter: UnitIter<'_>,
 }
 
 /// A job bound to one specialisation: head dim `D` (0 = generic) and register tile `MR x NRV`.
-struct Specialised<'j, 'a, 'o, 'n, 's, TKV, const D: usize, const MR: usize, const NRV: usize> {
+struct Specialised<'j, 'a, 'o, 'n, 's, TKV: KvPair, const D: usize, const MR: usize, const NRV: usize> {
     job: Job<'j, 'a, 'o, TKV>,
     iter: UnitIter<'n>,
     scratch: &'s mut [f32],
 }
 
-impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdExt
+impl<TKV: KvPair, const D: usize, const MR: usize, const NRV: usize> WithSimdExt
     for Specialised<'_, '_, '_, '_, '_, TKV, D, MR, NRV>
 {
     type Output = Option<usize>;
@@ -389,7 +389,7 @@ impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> WithSimdEx
 
 /// The AVX512_BF16 path: prefill units of calls the dot-product kernel takes run it; every
 /// other unit (decode, the alignment pass, inputs it does not take) runs the AVX-512 kernels.
-impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> crate::simd::WithBf16Dot
+impl<TKV: KvPair, const D: usize, const MR: usize, const NRV: usize> crate::simd::WithBf16Dot
     for Specialised<'_, '_, '_, '_, '_, TKV, D, MR, NRV>
 {
     type Output = Option<usize>;
@@ -426,7 +426,7 @@ impl<TKV: Element, const D: usize, const MR: usize, const NRV: usize> crate::sim
 
 /// A decode unit's rows: normalised into the output when its partition is the only one, else
 /// left in its partial slot for the merge.
-fn finish_decode_unit<TKV>(job: &Job<'_, '_, '_, TKV>, w: &WorkUnit, acc: &mut [f32], max: &[f32], sum: &[f32], pitch: usize) {
+fn finish_decode_unit<TKV: KvPair>(job: &Job<'_, '_, '_, TKV>, w: &WorkUnit, acc: &mut [f32], max: &[f32], sum: &[f32], pitch: usize) {
     let s = &job.p.shape;
     let per_head = w.q_end - w.q_start;
     let rows = (w.head_end - w.head_start) * per_head;
@@ -457,7 +457,7 @@ fn finish_decode_unit<TKV>(job: &Job<'_, '_, '_, TKV>, w: &WorkUnit, acc: &mut [
 ///
 /// # Safety
 /// Every unit of the plan has finished (the caller's barrier), and only this call merges `g`.
-pub(crate) unsafe fn merge_group<TKV>(job: &Job<'_, '_, '_, TKV>, g: usize, row: &mut [f32]) {
+pub(crate) unsafe fn merge_group<TKV: KvPair>(job: &Job<'_, '_, '_, TKV>, g: usize, row: &mut [f32]) {
     let PlanKind::Decode { heads_per_sub, subs, parts, .. } = job.plan.kind else { return };
     if parts == 1 {
         return;
@@ -601,7 +601,7 @@ impl Drop for WorkerScratch {
 /// busy with another call. Its only allocation, the list of per-worker slots
 /// (one entry per worker), comes before any unit runs: no failure can follow a written row.
 #[cfg(feature = "rayon")]
-pub(crate) fn run_pool<TKV: Element>(
+pub(crate) fn run_pool<TKV: KvPair>(
     job: Job<'_, '_, '_, TKV>,
     scratch: &mut WorkerScratch,
 ) -> Result<Option<usize>, AttnError> {
@@ -638,7 +638,7 @@ pub(crate) fn run_pool<TKV: Element>(
 
 /// Merges every group on the calling thread (after all units ran); `row` is scratch of at
 /// least `v_head_dim` floats whenever the plan has a merge ([`merge_row_len`]).
-pub(crate) fn merge_all<TKV>(job: &Job<'_, '_, '_, TKV>, row: &mut [f32]) {
+pub(crate) fn merge_all<TKV: KvPair>(job: &Job<'_, '_, '_, TKV>, row: &mut [f32]) {
     if job.plan.parts() <= 1 {
         return;
     }

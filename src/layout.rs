@@ -208,11 +208,12 @@ pub struct PageTable<'a> {
 
 /// K and V kept in a paged pool, read in place. The keys of sequence `b` are its first
 /// `kv_lens[b]` slots ([`crate::AttentionParams::kv_lens`]; without it every sequence has
-/// `seq_kv` keys), which must fit in `pages_per_seq * page_size`.
+/// `seq_kv` keys), which must fit in `pages_per_seq * page_size`. K and V share one storage
+/// type, or are one of the [`crate::element::MIXED_KV_PAIRS`] (`PagedKv<'_, BlockQ8_0, f16>`).
 #[derive(Clone, Copy, Debug)]
-pub struct PagedKv<'a, T> {
+pub struct PagedKv<'a, T, V = T> {
     pub k: &'a [T],
-    pub v: &'a [T],
+    pub v: &'a [V],
     pub k_strides: PageStrides,
     pub v_strides: PageStrides,
     pub pages: PageTable<'a>,

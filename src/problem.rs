@@ -1,7 +1,7 @@
 //! A validated call: what every kernel reads.
 
-use crate::dtypes::{AnyRef, Kv};
-use crate::element::Element;
+use crate::dtypes::{AnyRef, Kv, KvOf};
+use crate::element::{Element, KvPair};
 use crate::error::{AttnError, TensorName};
 use crate::kv::{validate_packed, validate_paged, KvSource};
 use crate::layout::AttentionShape;
@@ -16,13 +16,13 @@ use crate::validate::{validate_inputs, validate_kv_tensors};
 /// The inputs of one call after validation: every index reachable from the shape and strides is
 /// inside the slices, and every option has been checked against the contract.
 #[derive(Clone, Copy)]
-pub(crate) struct Problem<'a, TKV> {
+pub(crate) struct Problem<'a, TKV: KvPair> {
     pub shape: AttentionShape,
     /// Q in its own storage type: kernels read it through [`Problem::q_row`] as they pack
     /// it, so they are compiled per K/V type only.
     pub q: AnyRef<'a>,
-    pub k: KvSource<'a, TKV>,
-    pub v: KvSource<'a, TKV>,
+    pub k: KvSource<'a, TKV::K>,
+    pub v: KvSource<'a, TKV::V>,
     pub params: AttentionParams<'a>,
     pub scale: f32,
     pub masker: RowMasker,
@@ -43,11 +43,11 @@ pub(crate) struct Problem<'a, TKV> {
     pub v_factors: Factors<'a>,
 }
 
-impl<'a, TKV: Element> Problem<'a, TKV> {
-    pub fn new(shape: &AttentionShape, q: AnyRef<'a>, kv: Kv<'a, TKV>, params: &AttentionParams<'a>) -> Result<Self, AttnError> {
+impl<'a, TKV: KvPair> Problem<'a, TKV> {
+    pub fn new(shape: &AttentionShape, q: AnyRef<'a>, kv: KvOf<'a, TKV>, params: &AttentionParams<'a>) -> Result<Self, AttnError> {
         let s = shape;
         let scale = validate_inputs(s, (q.len(), q.strides()), params)?;
-        if TKV::DTYPE.is_quantized() || params.kv_scales.is_some() {
+        if TKV::K::DTYPE.is_quantized() || TKV::V::DTYPE.is_quantized() || params.kv_scales.is_some() {
             if !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
                 // Cosine's key norms and additive's key projection read K before any factor.
                 return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8, fp8 or q8_0 K/V, or kv_scales)" });
@@ -67,7 +67,7 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
             Some(sc) => (quant::validate(TensorName::KScale, sc.k, s, &layout)?, quant::validate(TensorName::VScale, sc.v, s, &layout)?),
         };
         // K/V rows in the caller's storage units (a block format's blocks), as its strides count.
-        let units = crate::validate::kv_units::<TKV>(s)?;
+        let units = crate::validate::kv_units::<TKV::K, TKV::V>(s)?;
         let (k, v) = match kv {
             Kv::Tensors(k, v) => match params.cu_seqlens_k {
                 // Validated above: `cu_seqlens_k` has `batch + 1` non-decreasing entries.
@@ -95,7 +95,7 @@ impl<'a, TKV: Element> Problem<'a, TKV> {
     }
 }
 
-impl<'a, TKV> Problem<'a, TKV> {
+impl<'a, TKV: KvPair> Problem<'a, TKV> {
     /// The same problem with its score function's prepared data (borrowed for `'b`).
     pub fn with_score<'b>(self, score: ScoreData<'b>) -> Problem<'b, TKV>
     where
@@ -139,7 +139,7 @@ impl<'a, TKV> Problem<'a, TKV> {
     }
 }
 
-impl<TKV> Problem<'_, TKV> {
+impl<TKV: KvPair> Problem<'_, TKV> {
     #[inline]
     pub fn kv_len(&self, b: usize) -> usize {
         match self.kv_lens.from {

@@ -13,11 +13,11 @@ use crate::params::{AttentionParams, Score, COSINE_EPS};
 use crate::validate::{validate_inputs, validate_kv_tensors};
 
 /// A validated problem that computes reference rows on demand.
-pub struct Reference<'a, TQ, TKV> {
+pub struct Reference<'a, TQ, TK, TV = TK> {
     shape: AttentionShape,
     q: TensorRef<'a, TQ>,
-    k: TensorRef<'a, TKV>,
-    v: TensorRef<'a, TKV>,
+    k: TensorRef<'a, TK>,
+    v: TensorRef<'a, TV>,
     params: AttentionParams<'a>,
     scale: f64,
 }
@@ -62,16 +62,16 @@ impl ReferenceOutput {
     }
 }
 
-impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
+impl<'a, TQ: Element, TK: Element, TV: Element> Reference<'a, TQ, TK, TV> {
     pub fn new(
         shape: &AttentionShape,
         q: TensorRef<'a, TQ>,
-        k: TensorRef<'a, TKV>,
-        v: TensorRef<'a, TKV>,
+        k: TensorRef<'a, TK>,
+        v: TensorRef<'a, TV>,
         params: &AttentionParams<'a>,
     ) -> Result<Self, AttnError> {
         let scale = validate_inputs(shape, (q.data.len(), q.strides), params)? as f64;
-        let units = crate::validate::kv_units::<TKV>(shape)?;
+        let units = crate::validate::kv_units::<TK, TV>(shape)?;
         match params.cu_seqlens_k {
             Some(cu) => {
                 validate_packed(TensorName::K, k.data, k.strides, cu, shape.kv_heads, units.head_dim)?;
@@ -86,7 +86,7 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             let layout = crate::quant::KvLayout::Tensors(params.cu_seqlens_k);
             crate::quant::validate(TensorName::KScale, sc.k, shape, &layout)?;
             crate::quant::validate(TensorName::VScale, sc.v, shape, &layout)?;
-        } else if TKV::DTYPE.is_quantized() && !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
+        } else if (TK::DTYPE.is_quantized() || TV::DTYPE.is_quantized()) && !matches!(params.score, Score::ScaledDot | Score::Dot | Score::General { .. }) {
             return Err(AttnError::UnsupportedScore { score: params.score.name(), operation: "a quantized K/V cache (int8, fp8 or q8_0 K/V, or kv_scales)" });
         }
         Ok(Self { shape: *shape, q, k, v, params: *params, scale })
@@ -203,8 +203,8 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
             let ko = self.kv_offset(&self.k.strides, b, hk, j);
             let f = self.factor(false, b, hk, j);
             // Dequantized literally: value `t` of the row (a block format's `d * q`), times its factor.
-            let row = &self.k.data[ko..ko + s.head_dim / TKV::BLOCK];
-            k.iter_mut().enumerate().for_each(|(t, y)| *y = f * TKV::value(row, t) as f64);
+            let row = &self.k.data[ko..ko + s.head_dim / TK::BLOCK];
+            k.iter_mut().enumerate().for_each(|(t, y)| *y = f * TK::value(row, t) as f64);
             let mut x = self.score(&q, &k);
             if let Some(c) = p.softcap {
                 let c = c as f64;
@@ -260,9 +260,9 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
                 continue;
             }
             let vo = self.kv_offset(&self.v.strides, b, hk, j);
-            let row = &self.v.data[vo..vo + s.v_head_dim / TKV::BLOCK];
+            let row = &self.v.data[vo..vo + s.v_head_dim / TV::BLOCK];
             for (t, o) in out.iter_mut().enumerate() {
-                *o += w * (f * TKV::value(row, t) as f64);
+                *o += w * (f * TV::value(row, t) as f64);
             }
         }
         out.iter_mut().for_each(|o| *o /= denom);
@@ -335,11 +335,11 @@ impl<'a, TQ: Element, TKV: Element> Reference<'a, TQ, TKV> {
 }
 
 /// Validate and compute every row of the reference.
-pub fn reference_attention<TQ: Element, TKV: Element>(
+pub fn reference_attention<TQ: Element, TK: Element, TV: Element>(
     shape: &AttentionShape,
     q: TensorRef<'_, TQ>,
-    k: TensorRef<'_, TKV>,
-    v: TensorRef<'_, TKV>,
+    k: TensorRef<'_, TK>,
+    v: TensorRef<'_, TV>,
     params: &AttentionParams<'_>,
 ) -> Result<ReferenceOutput, AttnError> {
     Reference::new(shape, q, k, v, params)?.try_compute()
@@ -352,7 +352,7 @@ pub fn reference_attention<TQ: Element, TKV: Element>(
 /// reference means by a paged call: its result is the reference of the gathered tensors.
 /// The pool is validated as a call validates it. Rows count storage units: for [`crate::BlockQ8_0`]
 /// `D / 32` blocks (strides of the shape with its head dims divided by 32).
-pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_lens: Option<&[usize]>) -> Result<(Vec<T>, Vec<T>), AttnError> {
+pub fn gather_paged<TK: Element, TV: Element>(shape: &AttentionShape, kv: &PagedKv<'_, TK, TV>, kv_lens: Option<&[usize]>) -> Result<(Vec<TK>, Vec<TV>), AttnError> {
     let s = shape;
     if let Some(l) = kv_lens {
         if l.len() != s.batch {
@@ -360,9 +360,11 @@ pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_
         }
     }
     let len = |b: usize| kv_lens.map_or(s.seq_kv, |l| l[b]);
-    let units = crate::validate::kv_units::<T>(s)?;
-    let gather = |tensor, data: &[T], strides, dim: usize| -> Result<Vec<T>, AttnError> {
-        let src = validate_paged(tensor, data, strides, &kv.pages, s.batch, s.kv_heads, dim, (0..s.batch).map(len))?;
+    let units = crate::validate::kv_units::<TK, TV>(s)?;
+    // K and V alike, each at its own storage type.
+    #[allow(clippy::too_many_arguments)]
+    fn gather<T: Element>(s: &AttentionShape, pages: &crate::layout::PageTable<'_>, len: &dyn Fn(usize) -> usize, tensor: TensorName, data: &[T], strides: crate::layout::PageStrides, dim: usize) -> Result<Vec<T>, AttnError> {
+        let src = validate_paged(tensor, data, strides, pages, s.batch, s.kv_heads, dim, (0..s.batch).map(len))?;
         let n = [s.batch, s.kv_heads, s.seq_kv, dim].iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or(AttnError::SizeOverflow { tensor })?;
         let mut out = try_vec((0..n).map(|_| T::default()))?;
         for b in 0..s.batch {
@@ -374,6 +376,6 @@ pub fn gather_paged<T: Element>(shape: &AttentionShape, kv: &PagedKv<'_, T>, kv_
             }
         }
         Ok(out)
-    };
-    Ok((gather(TensorName::K, kv.k, kv.k_strides, units.head_dim)?, gather(TensorName::V, kv.v, kv.v_strides, units.v_head_dim)?))
+    }
+    Ok((gather(s, &kv.pages, &len, TensorName::K, kv.k, kv.k_strides, units.head_dim)?, gather(s, &kv.pages, &len, TensorName::V, kv.v, kv.v_strides, units.v_head_dim)?))
 }

@@ -7,8 +7,9 @@
 //! the output rounded as it is stored, each once per row, so neither multiplies the kernels.
 
 use crate::api::Inspect;
-use crate::dtypes::{AnyKv, AnyMut, AnyRef, Kv};
-use crate::element::Element;
+use crate::dtypes::{AnyKv, AnyMut, AnyRef, KvOf};
+use crate::element::{BlockQ8_0, KvPair, F8E4M3, F8E5M2};
+use half::{bf16, f16};
 use crate::layout::{AttentionShape, TensorRef};
 use crate::params::{AttentionParams, Score};
 
@@ -54,7 +55,7 @@ pub struct Request<'a, 'o> {
 /// The part of an entry's body that needs K and V at their storage type.
 pub(crate) trait KvOp<'a, 'o> {
     type Output;
-    fn run<TKV: Element>(self, call: Request<'a, 'o>, kv: Kv<'a, TKV>) -> Self::Output;
+    fn run<P: KvPair>(self, call: Request<'a, 'o>, kv: KvOf<'a, P>) -> Self::Output;
 }
 
 impl<'a, 'o> Request<'a, 'o> {
@@ -88,13 +89,15 @@ impl<'a, 'o> Request<'a, 'o> {
     /// are listed for the kernels.
     pub(crate) fn with_kv<Op: KvOp<'a, 'o>>(self, op: Op) -> Op::Output {
         match self.kv {
-            AnyKv::F32(kv) => op.run(self, kv),
-            AnyKv::F16(kv) => op.run(self, kv),
-            AnyKv::Bf16(kv) => op.run(self, kv),
-            AnyKv::I8(kv) => op.run(self, kv),
-            AnyKv::F8E4M3(kv) => op.run(self, kv),
-            AnyKv::F8E5M2(kv) => op.run(self, kv),
-            AnyKv::Q8_0(kv) => op.run(self, kv),
+            AnyKv::F32(kv) => op.run::<(f32, f32)>(self, kv),
+            AnyKv::F16(kv) => op.run::<(f16, f16)>(self, kv),
+            AnyKv::Bf16(kv) => op.run::<(bf16, bf16)>(self, kv),
+            AnyKv::I8(kv) => op.run::<(i8, i8)>(self, kv),
+            AnyKv::F8E4M3(kv) => op.run::<(F8E4M3, F8E4M3)>(self, kv),
+            AnyKv::F8E5M2(kv) => op.run::<(F8E5M2, F8E5M2)>(self, kv),
+            AnyKv::Q8_0(kv) => op.run::<(BlockQ8_0, BlockQ8_0)>(self, kv),
+            AnyKv::Q8_0F16(kv) => op.run::<(BlockQ8_0, f16)>(self, kv),
+            AnyKv::F16Q8_0(kv) => op.run::<(f16, BlockQ8_0)>(self, kv),
         }
     }
 }

@@ -213,15 +213,18 @@ pub(crate) fn validate_inputs(shape: &AttentionShape, q: (usize, Strides), param
     Ok(scale)
 }
 
-/// The shape with its K and V row widths counted in storage units of `TKV` (values for every
-/// type but a block format: [`crate::BlockQ8_0`] rows are `head_dim / 32` blocks), the unit the
-/// caller's strides and slice lengths count; a width that is not whole blocks is an error.
-pub(crate) fn kv_units<TKV: crate::element::Element>(shape: &AttentionShape) -> Result<AttentionShape, AttnError> {
-    let b = TKV::BLOCK;
-    if !shape.head_dim.is_multiple_of(b) || !shape.v_head_dim.is_multiple_of(b) {
-        return Err(AttnError::Unsupported { what: "a q8_0 K/V cache with head_dim or v_head_dim not a multiple of 32 (its rows are whole 32-value blocks)" });
+/// The shape with its K and V row widths counted in storage units of `TK` and `TV` (values for
+/// every type but a block format: [`crate::BlockQ8_0`] rows are `head_dim / 32` blocks), the unit
+/// the caller's strides and slice lengths count; a width that is not whole blocks is an error.
+pub(crate) fn kv_units<TK: crate::element::Element, TV: crate::element::Element>(shape: &AttentionShape) -> Result<AttentionShape, AttnError> {
+    let (bk, bv) = (TK::BLOCK, TV::BLOCK);
+    if !shape.head_dim.is_multiple_of(bk) {
+        return Err(AttnError::Unsupported { what: "a q8_0 K cache with head_dim not a multiple of 32 (its rows are whole 32-value blocks)" });
     }
-    Ok(AttentionShape { head_dim: shape.head_dim / b, v_head_dim: shape.v_head_dim / b, ..*shape })
+    if !shape.v_head_dim.is_multiple_of(bv) {
+        return Err(AttnError::Unsupported { what: "a q8_0 V cache with v_head_dim not a multiple of 32 (its rows are whole 32-value blocks)" });
+    }
+    Ok(AttentionShape { head_dim: shape.head_dim / bk, v_head_dim: shape.v_head_dim / bv, ..*shape })
 }
 
 /// K and V as strided tensors (slice length and strides each) hold every row the shape reaches.

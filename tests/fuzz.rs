@@ -249,7 +249,14 @@ fn draw_case(rng: &mut Rng) -> Case {
     if rng.chance(12) {
         kt = rng.pick(&[3, 3, 4, 5, 6, 6]);
     }
-    let vt = if rng.chance(95) { kt } else { dtype(rng) };
+    // V as K, but now and then the mixed pairs (q8_0 K with f16 V, f16 K with q8_0 V) and
+    // any other pair, to be refused.
+    let vt = match kt {
+        6 if rng.chance(30) => 1,
+        1 if rng.chance(3) => 6,
+        _ if rng.chance(95) => kt,
+        _ => dtype(rng),
+    };
     let fill = if rng.chance(70) { Fill::Moderate } else { Fill::Adversarial };
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();

@@ -375,12 +375,29 @@ fn packed<C: Code>(lens: &[usize], hkv: usize, g: usize, d: usize, seed: u64) ->
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn paged<C: Code>(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usize, page_size: usize, seed: u64) -> Result<(), TestCaseError> {
+/// The spec every paged property starts from: batch 0 at full length, the others at lengths
+/// drawn from the seed (0 included), causal for odd seeds.
+fn paged_spec(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usize, seed: u64) -> Spec {
     let mut spec = Spec::plain(b, hkv * g, hkv, sq, skv, d);
     spec.seed = seed;
     spec.causal = seed % 2 == 1;
     spec.kv_lens = Some((0..b).map(|i| if i == 0 { skv } else { (seed as usize >> (4 * i)) % (skv + 1) }).collect());
+    spec
+}
+
+/// Page ids `0..n` in a seeded shuffled order (Fisher-Yates), so a table is never the identity.
+fn shuffled_pages(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = Rng::new(seed);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    order
+}
+
+#[allow(clippy::too_many_arguments)]
+fn paged<C: Code>(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usize, page_size: usize, seed: u64) -> Result<(), TestCaseError> {
+    let spec = paged_spec(b, hkv, g, sq, skv, d, seed);
     let f16_factors = seed % 3 == 0;
     let tm = Mode::Token { token_major: false, f16: f16_factors };
     let (case, k, v) = quantized_case::<C>(&spec, tm, tm, seed, false, |_| {});
@@ -388,11 +405,7 @@ fn paged<C: Code>(b: usize, hkv: usize, g: usize, sq: usize, skv: usize, d: usiz
     // pages in a shuffled order, one spare page filled with garbage.
     let pages_per_seq = skv.div_ceil(page_size);
     let num_pages = b * pages_per_seq + 1;
-    let mut order: Vec<usize> = (0..num_pages).collect();
-    let mut rng = Rng::new(seed);
-    for i in (1..order.len()).rev() {
-        order.swap(i, rng.below(i + 1));
-    }
+    let order = shuffled_pages(num_pages, seed);
     let ps = PageStrides { page: page_size * hkv * d, head: d, slot: hkv * d };
     let fs = PageStrides { page: page_size * hkv, head: 1, slot: hkv };
     let (mut kp, mut vp) = (vec![C::from_f32(C::MAX); num_pages * ps.page], vec![C::from_f32(-C::MAX); num_pages * ps.page]);
@@ -783,20 +796,13 @@ proptest! {
     #[test]
     fn q8_0_kv_paged(b in 1..=3usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4)], sq in 1..=3usize,
                      skv in 1..=300usize, d in 1..=4usize, page_size in prop_oneof![Just(1usize), Just(16), 1..=70usize], seed in any::<u64>()) {
-        let mut spec = Spec::plain(b, hkv * g, hkv, sq, skv, 32);
-        spec.seed = seed;
-        spec.causal = seed % 2 == 1;
-        spec.kv_lens = Some((0..b).map(|i| if i == 0 { skv } else { (seed as usize >> (4 * i)) % (skv + 1) }).collect());
+        let spec = paged_spec(b, hkv, g, sq, skv, 32, seed);
         let spec = q8_0_spec(spec, d, d);
         let (case, kv) = q8_0_case(&spec, false);
         let nb = d; // blocks per row
         let pages_per_seq = skv.div_ceil(page_size);
         let num_pages = b * pages_per_seq + 1;
-        let mut order: Vec<usize> = (0..num_pages).collect();
-        let mut rng = Rng::new(seed);
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
-        }
+        let order = shuffled_pages(num_pages, seed);
         let ps = PageStrides { page: page_size * hkv * nb, head: nb, slot: hkv * nb };
         let garbage = BlockQ8_0 { d: f16::NAN, qs: [127; 32] };
         let (mut kp, mut vp) = (vec![garbage; num_pages * ps.page], vec![garbage; num_pages * ps.page]);
@@ -894,4 +900,231 @@ fn q8_0_bad_calls_are_rejected() {
     call(&shape, &blocks, AttentionParams::new(), &mut out).unwrap();
     // Every value is 1: the output is the mean of V's rows, 1.
     assert!(out.iter().all(|&x| x == 1.0), "{out:?}");
+}
+
+// ---- K and V of different storage types: q8_0 with f16, both ways ----
+
+/// One side of a mixed cache: its storage, strides and offset of row 0.
+struct Side<T> {
+    data: Vec<T>,
+    strides: Strides,
+    off: usize,
+}
+
+impl<T> Side<T> {
+    fn tensor(&self) -> TensorRef<'_, T> {
+        TensorRef::new(&self.data[self.off..], self.strides)
+    }
+}
+
+/// A case whose K (`q8_k`) or V is ggml q8_0 blocks and the other f16: the case's f32 buffers
+/// become exactly the stored values (blocks' values; f16-rounded values), so the reference on
+/// the case is the literal dequantization. With `factors` both sides also carry a per-tensor
+/// factor (powers of two, so `factor * value` stays exact) which the case's values include.
+fn mixed_case(spec: &Spec, q8_k: bool, adversarial: bool, factors: Option<(f32, f32)>) -> (Case, Side<BlockQ8_0>, Side<f16>) {
+    let mut case = Case::build(spec);
+    case.round_to::<f16>();
+    let mut rng = Rng::new(spec.seed ^ 0x3a7f);
+    let (qw, hw) = if q8_k { (1, 2) } else { (2, 1) };
+    let (bi, off, st) = case.views[qw];
+    assert_eq!(off, 0);
+    let (blocks, values) = ggml_q8_0(&case.bufs[bi], &mut rng, adversarial);
+    case.bufs[bi] = values;
+    let q8 = Side { data: blocks, strides: Strides::new(st.batch / 32, st.head / 32, st.seq / 32), off: 0 };
+    let (bh, hoff, hst) = case.views[hw];
+    let half = Side { data: case.bufs[bh].iter().map(|&x| f16::from_f32(x)).collect(), strides: hst, off: hoff };
+    if let Some((fk, fv)) = factors {
+        let (fq, fh) = if q8_k { (fk, fv) } else { (fv, fk) };
+        case.bufs[bi].iter_mut().for_each(|x| *x *= fq);
+        case.bufs[bh].iter_mut().for_each(|x| *x *= fh);
+    }
+    (case, q8, half)
+}
+
+/// The spec with the q8_0 side's head dim whole blocks (`blocks`) and the f16 side's any
+/// (`other`), in a layout whose q8_0 strides are whole blocks.
+fn mixed_spec(mut spec: Spec, q8_k: bool, blocks: usize, other: usize) -> Spec {
+    (spec.head_dim, spec.v_head_dim) = if q8_k { (32 * blocks, other) } else { (other, 32 * blocks) };
+    spec.layout = if spec.seed % 2 == 0 { Layout::Bhsd } else { Layout::Bshd };
+    spec
+}
+
+fn mixed_params<'a>(case: &'a Case, factors: Option<(f32, f32)>) -> AttentionParams<'a> {
+    match factors {
+        Some((fk, fv)) => case.params().kv_scales(Dequant::Tensor(fk), Dequant::Tensor(fv)),
+        None => case.params(),
+    }
+}
+
+/// Runs a mixed case through `attention`'s request on every ISA, strided.
+fn mixed_every_isa(spec: &Spec, q8_k: bool, adversarial: bool, threads: usize, factors: Option<(f32, f32)>) -> Result<(), TestCaseError> {
+    let (case, q8, half) = mixed_case(spec, q8_k, adversarial, factors);
+    let params = mixed_params(&case, factors);
+    // The reference on the stored types dequantizes literally: it agrees with the reference on
+    // their values as f32 tensors.
+    let on_storage = if q8_k {
+        Reference::new(&case.shape, case.tensor(&case.bufs, 0), q8.tensor(), half.tensor(), &params).unwrap().compute()
+    } else {
+        Reference::new(&case.shape, case.tensor(&case.bufs, 0), half.tensor(), q8.tensor(), &params).unwrap().compute()
+    };
+    let on_values = case.reference().compute();
+    for (a, b) in on_storage.out.iter().zip(&on_values.out) {
+        prop_assert!(a == b || (a - b).abs() <= 1e-12 * (1.0 + b.abs()), "reference on storage {a} vs on its values {b}");
+    }
+    for isa in Isa::available() {
+        let config = RunConfig { isa: Some(isa), threads: Some(threads) };
+        let mut out = vec![SENTINEL; case.out_len];
+        let mut lse = vec![SENTINEL; case.shape.batch * case.shape.q_heads * case.shape.seq_q];
+        let (q, o) = (case.tensor(&case.bufs, 0), TensorMut::new(&mut out, case.out_strides));
+        let request = if q8_k { Request::new(case.shape, q, (q8.tensor(), half.tensor()), o, params) } else { Request::new(case.shape, q, (half.tensor(), q8.tensor()), o, params) };
+        let request = if case.spec.lse { request.lse(&mut lse) } else { request };
+        let info = run(&config, request).expect("generated problems are valid");
+        prop_assert_eq!(info.isa, isa);
+        let which = if q8_k { "q8_0 K, f16 V" } else { "f16 K, q8_0 V" };
+        check(&case, &Outcome { out, lse }, 0.0).map_err(|e| TestCaseError::fail(format!("[{isa}] {which}, {threads} threads, factors {factors:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+fn factors_of(seed: u64) -> Option<(f32, f32)> {
+    (seed % 3 == 0).then_some((0.5, 2.0))
+}
+
+/// The mixed pairs these properties cover are the library's whole list: a new pair needs its
+/// tests here.
+#[test]
+fn mixed_kv_pairs_are_the_tested_ones() {
+    assert_eq!(simd_attn::element::MIXED_KV_PAIRS, &[(DType::Q8_0, DType::F16), (DType::F16, DType::Q8_0)]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: ProptestConfig::default().cases / 2 + 1, ..ProptestConfig::default() })]
+
+    /// Every option over q8_0 K with f16 V and the reverse, both head dims drawn.
+    #[test]
+    fn mixed_kv_every_isa(spec in spec_strategy(Options::Any), q8_k in any::<bool>(), blocks in 1..=5usize, other in 1..=160usize, threads in 1..=2usize) {
+        let factors = factors_of(spec.seed);
+        mixed_every_isa(&mixed_spec(spec, q8_k, blocks, other), q8_k, false, threads, factors)?;
+    }
+
+    /// Adversarial values and masks, and adversarial q8_0 blocks.
+    #[test]
+    fn mixed_kv_adversarial(spec in spec_strategy(Options::Adversarial), q8_k in any::<bool>(), blocks in prop_oneof![Just(2usize), Just(4), 1..=8usize]) {
+        mixed_every_isa(&mixed_spec(spec, q8_k, blocks, 32 * blocks), q8_k, true, 1, None)?;
+    }
+
+    /// Decode shapes (the few-rows and row-tile decode kernels, key partitions merged across
+    /// threads), at the specialised head dims too.
+    #[test]
+    fn mixed_kv_decode(b in 1..=2usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4), Just(8)], sq in 1..=4usize,
+                       skv in prop_oneof![1..=40usize, 200..=3000usize], blocks in prop_oneof![Just(2usize), Just(4), 1..=5usize],
+                       q8_k in any::<bool>(), seed in any::<u64>(), threads in 1..=3usize) {
+        let mut spec = Spec::plain(b, hkv * g, hkv, sq, skv, 32);
+        spec.causal = seed % 3 == 1;
+        spec.seed = seed;
+        mixed_every_isa(&mixed_spec(spec, q8_k, blocks, 32 * blocks), q8_k, seed % 5 == 0, threads, factors_of(seed))?;
+    }
+
+    /// A paged pool of q8_0 K and f16 V pages (or the reverse), token-major pages in shuffled
+    /// order with a garbage spare page, read in place.
+    #[test]
+    fn mixed_kv_paged(b in 1..=3usize, hkv in 1..=2usize, g in prop_oneof![Just(1usize), Just(4)], sq in 1..=3usize,
+                      skv in 1..=300usize, blocks in 1..=4usize, other in 1..=130usize, q8_k in any::<bool>(),
+                      page_size in prop_oneof![Just(1usize), Just(16), 1..=70usize], seed in any::<u64>()) {
+        let spec = paged_spec(b, hkv, g, sq, skv, 32, seed);
+        let spec = mixed_spec(spec, q8_k, blocks, other);
+        let (case, q8, half) = mixed_case(&spec, q8_k, false, None);
+        let pages_per_seq = skv.div_ceil(page_size);
+        let num_pages = b * pages_per_seq + 1;
+        let order = shuffled_pages(num_pages, seed);
+        let lens = case.kv_lens.clone().unwrap();
+        let mut table = vec![-1i32; b * pages_per_seq];
+        for bi in 0..b {
+            for p in 0..lens[bi].div_ceil(page_size) {
+                table[bi * pages_per_seq + p] = order[bi * pages_per_seq + p] as i32;
+            }
+        }
+        // Each side's rows copied into its own pool (`width` storage units a row).
+        let pool = |width: usize| PageStrides { page: page_size * hkv * width, head: width, slot: hkv * width };
+        fn paged<T: Copy>(side: &Side<T>, width: usize, ps: PageStrides, garbage: T, num_pages: usize, table: &[i32], pages_per_seq: usize, page_size: usize, lens: &[usize], hkv: usize) -> Vec<T> {
+            let mut pool = vec![garbage; num_pages * ps.page];
+            for (bi, &len) in lens.iter().enumerate() {
+                for j in 0..len {
+                    let page = table[bi * pages_per_seq + j / page_size] as usize;
+                    for hk in 0..hkv {
+                        let at = page * ps.page + hk * ps.head + (j % page_size) * ps.slot;
+                        let o = side.off + bi * side.strides.batch + hk * side.strides.head + j * side.strides.seq;
+                        pool[at..at + width].copy_from_slice(&side.data[o..o + width]);
+                    }
+                }
+            }
+            pool
+        }
+        let (qd, hd) = if q8_k { (spec.head_dim / 32, spec.v_head_dim) } else { (spec.v_head_dim / 32, spec.head_dim) };
+        let (qps, hps) = (pool(qd), pool(hd));
+        let qpool = paged(&q8, qd, qps, BlockQ8_0 { d: f16::NAN, qs: [127; 32] }, num_pages, &table, pages_per_seq, page_size, &lens, hkv);
+        let hpool = paged(&half, hd, hps, f16::NAN, num_pages, &table, pages_per_seq, page_size, &lens, hkv);
+        let pages = PageTable { block_table: &table, pages_per_seq, page_size, num_pages };
+        for isa in Isa::available() {
+            let config = RunConfig { isa: Some(isa), threads: Some(2) };
+            let mut out = vec![SENTINEL; case.out_len];
+            let mut lse = vec![SENTINEL; b * hkv * g * sq];
+            let (q, o) = (case.tensor(&case.bufs, 0), TensorMut::new(&mut out, case.out_strides));
+            let request = if q8_k {
+                Request::new(case.shape, q, PagedKv { k: &qpool, v: &hpool, k_strides: qps, v_strides: hps, pages }, o, case.params())
+            } else {
+                Request::new(case.shape, q, PagedKv { k: &hpool, v: &qpool, k_strides: hps, v_strides: qps, pages }, o, case.params())
+            };
+            run(&config, request.lse(&mut lse)).unwrap();
+            check(&case, &Outcome { out, lse }, 0.0).map_err(|e| TestCaseError::fail(format!("[{isa}] paged mixed (q8_0 K: {q8_k}): {e}")))?;
+        }
+    }
+}
+
+/// Mixed pairs through every other entry: the workspace and host-plan entries take a request
+/// too, and a q8_0 side whose head dim is not whole blocks is refused naming that side.
+#[test]
+fn mixed_kv_entries_and_errors() {
+    let mut spec = Spec::plain(1, 4, 2, 3, 70, 64);
+    spec.v_head_dim = 40;
+    spec.seed = 11;
+    spec.lse = false;
+    let (case, q8, half) = mixed_case(&spec, true, false, None);
+    let want = {
+        let mut out = vec![SENTINEL; case.out_len];
+        run(&RunConfig::default(), Request::new(case.shape, case.tensor(&case.bufs, 0), (q8.tensor(), half.tensor()), TensorMut::new(&mut out, case.out_strides), case.params())).unwrap();
+        // No lse asked for (the spec says so): `check` sees every one still the sentinel.
+        let lse = vec![SENTINEL; case.shape.batch * case.shape.q_heads * case.shape.seq_q];
+        check(&case, &Outcome { out: out.clone(), lse }, 0.0).unwrap();
+        out
+    };
+    let mut ws = Workspace::new();
+    let mut out = vec![SENTINEL; case.out_len];
+    attention_in(&mut ws, &RunConfig::default(), &case.shape, case.tensor(&case.bufs, 0), q8.tensor(), half.tensor(), TensorMut::new(&mut out, case.out_strides), None, &case.params()).unwrap();
+    assert_eq!(out, want, "workspace entry");
+    let mut out = vec![SENTINEL; case.out_len];
+    let plan = HostPlan::from_request(&RunConfig::default(), Request::new(case.shape, case.tensor(&case.bufs, 0), (q8.tensor(), half.tensor()), TensorMut::new(&mut out, case.out_strides), case.params()), 2).unwrap();
+    let mut workspaces = vec![vec![0.0f32; plan.workspace_len()]; 2];
+    std::thread::scope(|s| {
+        for (ith, w) in workspaces.iter_mut().enumerate() {
+            let plan = &plan;
+            s.spawn(move || plan.run(ith, w).unwrap());
+        }
+    });
+    if plan.needs_merge() {
+        for (ith, w) in workspaces.iter_mut().enumerate() {
+            plan.merge(ith, w).unwrap();
+        }
+    }
+    drop(plan);
+    assert_eq!(out, want, "host plan");
+    // V as q8_0 with a v_head_dim of 40: not whole blocks.
+    let bad_shape = AttentionShape { v_head_dim: 40, head_dim: 40, ..case.shape };
+    let v_blocks = vec![BlockQ8_0::default(); 1 << 12];
+    let k_half = vec![f16::ZERO; 1 << 14];
+    let mut out = vec![SENTINEL; 1 << 12];
+    let [qs, ks, _, os] = bad_shape.bhsd_strides();
+    let err = run(&RunConfig::default(), Request::new(bad_shape, TensorRef::new(&case.bufs[0], qs), (TensorRef::new(&k_half, ks), TensorRef::new(&v_blocks, Strides::new(0, 0, 1))), TensorMut::new(&mut out, os), AttentionParams::new())).unwrap_err();
+    assert!(err.to_string().contains("q8_0 V cache"), "{err}");
+    assert!(out.iter().all(|&x| x == SENTINEL));
 }

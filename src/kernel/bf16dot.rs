@@ -27,7 +27,7 @@ use super::flash::{self, finish_scores, tile_keys, Scratch, TileRows};
 use super::microkernel::all_finite;
 use super::terms::any_terms;
 use crate::dtypes::AnyRef;
-use crate::element::{DType, Element};
+use crate::element::{DType, Element, KvPair};
 use crate::plan::Tiles;
 use crate::problem::Problem;
 use crate::score::ScoreData;
@@ -41,8 +41,8 @@ const L: usize = 16;
 /// Whether a call runs here: bf16 Q and K/V (both read exactly as stored), a dot-product score
 /// on Q as stored (no RoPE, no projection: those produce f32 rows that would need rounding),
 /// and head dims of whole pairs.
-pub(crate) fn takes<TKV: Element>(p: &Problem<'_, TKV>) -> bool {
-    TKV::DTYPE == DType::Bf16
+pub(crate) fn takes<TKV: KvPair>(p: &Problem<'_, TKV>) -> bool {
+    TKV::K::DTYPE == DType::Bf16 && TKV::V::DTYPE == DType::Bf16
         && matches!(p.q, AnyRef::Bf16(_))
         && p.rope.rotary_dim == 0
         && !matches!(p.score, ScoreData::Additive(_))
@@ -94,7 +94,7 @@ fn interleave_halves(_: Bf16Dot) -> __m512i {
 /// [`flash::query_block`]; `p` is a call [`takes`] accepts.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn query_block<TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn query_block<TKV: KvPair, const D: usize, const MR: usize, const NRV: usize>(
     bf: Bf16Dot,
     p: &Problem<'_, TKV>,
     tiles: &Tiles,
@@ -111,7 +111,7 @@ pub(crate) fn query_block<TKV: Element, const D: usize, const MR: usize, const N
 }
 
 #[inline(always)]
-fn dot_pass<TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+fn dot_pass<TKV: KvPair, const D: usize, const MR: usize, const NRV: usize>(
     bf: Bf16Dot,
     p: &Problem<'_, TKV>,
     tiles: &Tiles,
@@ -131,7 +131,7 @@ fn dot_pass<TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
     let kv_len = p.kv_len(b);
     let keys = p.masker.block(kv_len, i0, i1);
     let terms = any_terms(p);
-    let k = TKV::as_bf16_slice(p.k.data).expect("takes() admits bf16 K only");
+    let k = TKV::K::as_bf16_slice(p.k.data).expect("takes() admits bf16 K only");
 
     pack_q_pairs(p, b, h, i0, rows, rows_pad, d, rt, words(sc.qt), sc.qs);
     flash::start_rows(p, h, rows, rows_pad, sc);
@@ -185,7 +185,7 @@ fn dot_pass<TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
 /// Padding rows are zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_q_pairs<TKV>(p: &Problem<'_, TKV>, b: usize, h: usize, i0: usize, rows: usize, rows_pad: usize, d: usize, rt: usize, qt: &mut [u32], qs: &mut [f32]) {
+fn pack_q_pairs<TKV: KvPair>(p: &Problem<'_, TKV>, b: usize, h: usize, i0: usize, rows: usize, rows_pad: usize, d: usize, rt: usize, qt: &mut [u32], qs: &mut [f32]) {
     let d2 = d / 2;
     for r in 0..rows_pad {
         let (tile, lane) = (r / rt, r % rt);
@@ -283,8 +283,8 @@ fn weights_to_pairs<const NRV: usize>(bf: Bf16Dot, s: &mut [f32], n2: usize) {
 /// dims past `dv` and the second key of an odd last pair are zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_v_pairs<TKV: Element>(bf: Bf16Dot, p: &Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, dv: usize, dvv: usize, dst: &mut [u32]) {
-    let v = TKV::as_bf16_slice(p.v.data).expect("takes() admits bf16 V only");
+fn pack_v_pairs<TKV: KvPair>(bf: Bf16Dot, p: &Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, dv: usize, dvv: usize, dst: &mut [u32]) {
+    let v = TKV::V::as_bf16_slice(p.v.data).expect("takes() admits bf16 V only");
     let n2 = n.div_ceil(2);
     let dst = &mut dst[..n2 * dvv * L];
     let idx = interleave_halves(bf);

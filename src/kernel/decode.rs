@@ -13,7 +13,7 @@ use super::{strided_row_terms, v_rows, KRows};
 use super::microkernel::{all_finite, as_f32s, pv_rows, pv_skip_zero, qk_tile, RowsAt};
 use super::softmax::RowState;
 use super::terms::any_terms;
-use crate::element::Element;
+use crate::element::KvPair;
 use crate::plan::work::WorkUnit;
 use crate::problem::Problem;
 use crate::simd::SimdExt;
@@ -73,7 +73,7 @@ impl<'w> Scratch<'w> {
 /// for `t < d` (zeros for a padding row, `None`), and returns the state the row starts from: the
 /// sink joins partition 0 only, so a merge counts it once.
 #[inline(always)]
-pub(super) fn pack_q_row<TKV: Element>(
+pub(super) fn pack_q_row<TKV: KvPair>(
     p: &Problem<'_, TKV>,
     w: &WorkUnit,
     row: Option<(usize, usize)>,
@@ -93,7 +93,7 @@ pub(super) fn pack_q_row<TKV: Element>(
 /// Keys some row of unit `w` may see, within its partition (a row's interval is monotone in
 /// the row, so the first and last rows bound them).
 #[inline(always)]
-pub(super) fn unit_keys<TKV>(p: &Problem<'_, TKV>, w: &WorkUnit) -> (usize, usize) {
+pub(super) fn unit_keys<TKV: KvPair>(p: &Problem<'_, TKV>, w: &WorkUnit) -> (usize, usize) {
     let kv_len = p.kv_len(w.batch);
     let (lo, _) = p.masker.interval(kv_len, w.q_start);
     let (_, hi) = p.masker.interval(kv_len, w.q_end - 1);
@@ -107,7 +107,7 @@ pub(super) fn unit_keys<TKV>(p: &Problem<'_, TKV>, w: &WorkUnit) -> (usize, usiz
 /// are not all finite runs again with P.V skipping zero weights, so NaN or Inf in the V row of
 /// a key the mask hides never reaches them (see [`pv_skip_zero`]).
 #[inline(always)]
-pub(crate) fn decode_unit<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn decode_unit<S: SimdExt, TKV: KvPair, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     w: &WorkUnit,
@@ -153,7 +153,7 @@ pub(crate) fn decode_unit<S: SimdExt, TKV: Element, const D: usize, const MR: us
 /// [`decode_unit`] with row tiles of `RV` vectors, Q.K^T by `qk_tile` and P.V in register tiles
 /// of `MR` rows x `NRV` vectors.
 #[inline(always)]
-fn decode_rows<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize, const RV: usize>(
+fn decode_rows<S: SimdExt, TKV: KvPair, const D: usize, const MR: usize, const NRV: usize, const RV: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     w: &WorkUnit,

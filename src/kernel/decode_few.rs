@@ -14,7 +14,7 @@ use super::decode::{pack_q_row, unit_keys, Scratch, CHUNK};
 use super::microkernel::{all_finite, pv_direct, pv_skip_zero, qk_dot_group, RowsAt};
 use super::strided_row_terms;
 use super::terms::any_terms;
-use crate::element::Element;
+use crate::element::{Element, KvPair};
 use crate::plan::work::WorkUnit;
 use crate::problem::Problem;
 use crate::simd::SimdExt;
@@ -51,7 +51,7 @@ pub(crate) fn takes_lanes(lanes: usize, rows: usize, head_dim: usize, v_head_dim
 /// finite runs again alone with P.V skipping zero weights, so NaN or Inf in the V row of a key
 /// the mask hides never reaches them (see [`pv_skip_zero`]).
 #[inline(always)]
-pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
+pub(crate) fn decode_few<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     w: &WorkUnit,
@@ -82,7 +82,7 @@ pub(crate) fn decode_few<S: SimdExt, TKV: Element, const D: usize, const R: usiz
 /// time, a single head [`CHUNK`] (so their rounding differs; the plan, fixed by the shape,
 /// decides which runs).
 #[inline(always)]
-fn few_pass<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
+fn few_pass<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     w: &WorkUnit,
@@ -111,7 +111,7 @@ fn few_pass<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
 /// Starts unit `w` in slot `slot`: Q rows, pre-scaled, row-major (padding rows zero, starting
 /// empty); the accumulators zero; the rows' starting max and sum.
 #[inline(always)]
-fn few_begin<S: SimdExt, TKV: Element, const D: usize, const R: usize>(p: &Problem<'_, TKV>, w: &WorkUnit, sc: &mut Scratch, slot: usize) {
+fn few_begin<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(p: &Problem<'_, TKV>, w: &WorkUnit, sc: &mut Scratch, slot: usize) {
     let d = if D == 0 { p.shape.head_dim } else { D };
     let per_head = w.q_end - w.q_start;
     let rows = (w.head_end - w.head_start) * per_head;
@@ -128,7 +128,7 @@ fn few_begin<S: SimdExt, TKV: Element, const D: usize, const R: usize>(p: &Probl
 /// unit `w` is head `t` of, `(unit, t)` (`(w, 0)` alone), and `next` the unit after it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
+fn few_chunk<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     w: &WorkUnit,
@@ -154,13 +154,13 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     let mut state = Interleaved::<S, R>::load(&sc.max[slot * R..(slot + 1) * R], &sc.sum[slot * R..(slot + 1) * R]);
     let terms = any_terms(p);
     let (kd, vd) = (p.k.data, p.v.data);
-    let k_bytes = d / TKV::BLOCK * size_of::<TKV>();
+    let k_bytes = d / TKV::K::BLOCK * size_of::<TKV::K>();
     let q = S::as_simd_f32s(&sc.qt[slot * R * d..(slot + 1) * R * d]).0;
     let ahead = HintRows::new(p, hint, k1, next);
     // Rows per 4 KiB page, less one, as a mask: a power of two no larger than a page's worth of
     // the wider-spaced tensor's rows (a paged cache's slots within a page), so sampling rows at
     // multiples of it misses no page.
-    let (k_span, v_span) = (p.k.run(j0).1.max(d / TKV::BLOCK) * size_of::<TKV>(), p.v.run(j0).1.max(p.shape.v_head_dim / TKV::BLOCK) * size_of::<TKV>());
+    let (k_span, v_span) = (p.k.run(j0).1.max(d / TKV::K::BLOCK) * size_of::<TKV::K>(), p.v.run(j0).1.max(p.shape.v_head_dim / TKV::V::BLOCK) * size_of::<TKV::V>());
     let page_rows = (4096 / k_span.max(v_span)).max(1);
     let page_rows = (1usize << page_rows.ilog2()) - 1;
     let mut alpha = [0.0f32; 16];
@@ -169,7 +169,7 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     // cache and one whose pages end inside a chunk; filling it costs a few scalar operations per
     // key against the key's `2 * D` loaded elements.
     let (mut k_at, mut v_at) = ([0usize; CHUNK], [0usize; CHUNK]);
-    let (mut k_ahead, mut v_ahead) = ([core::ptr::null::<TKV>(); CHUNK], [core::ptr::null::<TKV>(); CHUNK]);
+    let (mut k_ahead, mut v_ahead) = ([core::ptr::null::<TKV::K>(); CHUNK], [core::ptr::null::<TKV::V>(); CHUNK]);
 
     let n_pad = n.div_ceil(group) * group;
     let s = &mut sc.s[..n_pad * R];
@@ -202,11 +202,11 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
                 }
             }
         }
-        let mut k_rows: [&[TKV]; 16] = [&[]; 16];
+        let mut k_rows: [&[TKV::K]; 16] = [&[]; 16];
         for (c, row) in k_rows[..group].iter_mut().enumerate() {
-            *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d / TKV::BLOCK];
+            *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d / TKV::K::BLOCK];
         }
-        *out = qk_dot_group::<S, TKV, R>(simd, dl, q, &k_rows);
+        *out = qk_dot_group::<S, TKV::K, R>(simd, dl, q, &k_rows);
     }
     s[n * R..].fill(f32::NEG_INFINITY);
     super::scale_scores(simd, p, b, hk, j0, n, s, R, sc.row);
@@ -226,9 +226,9 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
     // O = O * alpha + P V, V rows read in place.
     let acc = S::as_mut_simd_f32s(&mut sc.acc[slot * R * dv_pad..(slot + 1) * R * dv_pad]).0;
     if skip_zero {
-        pv_skip_zero::<S, TKV>(simd, n, rows, s, R, (vd, RowsAt::Table(&v_at[..n])), acc, (dvv, dvv), &alpha, rescale);
+        pv_skip_zero::<S, TKV::V>(simd, n, rows, s, R, (vd, RowsAt::Table(&v_at[..n])), acc, (dvv, dvv), &alpha, rescale);
     } else {
-        pv_tiles::<S, TKV, R>(simd, n, s, (vd, &v_at[..n]), acc, dvv, &alpha, rescale, &v_ahead[..n]);
+        pv_tiles::<S, TKV::V, R>(simd, n, s, (vd, &v_at[..n]), acc, dvv, &alpha, rescale, &v_ahead[..n]);
     }
     state.store(&mut sc.max[slot * R..(slot + 1) * R], &mut sc.sum[slot * R..(slot + 1) * R]);
 }
@@ -238,16 +238,16 @@ fn few_chunk<S: SimdExt, TKV: Element, const D: usize, const R: usize>(
 /// register tile.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pv_tiles<S: SimdExt, TKV: Element, const R: usize>(
+fn pv_tiles<S: SimdExt, TV: Element, const R: usize>(
     simd: S,
     n: usize,
     s: &[f32],
-    v_rows: (&[TKV], &[usize]),
+    v_rows: (&[TV], &[usize]),
     acc: &mut [S::f32s],
     dvv: usize,
     alpha: &[f32; 16],
     rescale: bool,
-    v_hint: &[*const TKV],
+    v_hint: &[*const TV],
 ) {
     let lanes = S::F32_LANES;
     let v_hint = Some(v_hint);
@@ -261,20 +261,20 @@ fn pv_tiles<S: SimdExt, TKV: Element, const R: usize>(
     while x < dvv {
         x += match R {
             1 | 2 if x + 8 <= dvv => {
-                pv_direct::<S, TKV, R, 8>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                pv_direct::<S, TV, R, 8>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
                 8
             }
             4 if x + 4 <= dvv => {
-                pv_direct::<S, TKV, R, 4>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                pv_direct::<S, TV, R, 4>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
                 4
             }
             // (With 8-lane vectors 8 rows x 2 would take all 16 registers.)
             8 if lanes > 8 && x + 2 <= dvv => {
-                pv_direct::<S, TKV, R, 2>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                pv_direct::<S, TV, R, 2>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
                 2
             }
             _ => {
-                pv_direct::<S, TKV, R, 1>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
+                pv_direct::<S, TV, R, 1>(simd, n, s, R, v_rows, x, acc, dvv, alpha, rescale, v_hint);
                 1
             }
         };
@@ -291,7 +291,7 @@ fn pv_tiles<S: SimdExt, TKV: Element, const R: usize>(
 /// steps the hints sweep the next chunk's tokens, every head of each, in address order (the
 /// heads of a token lie side by side there), which the memory system streams; each head hinting
 /// its own rows would ask for a few hundred bytes in every token's span at a time.
-struct HintRows<'p, 'a, TKV> {
+struct HintRows<'p, 'a, TKV: KvPair> {
     p: &'p Problem<'a, TKV>,
     /// This unit's batch entry, first KV head, KV heads, end key, and the head being run.
     here: (usize, usize, usize, usize, usize),
@@ -299,7 +299,7 @@ struct HintRows<'p, 'a, TKV> {
     next: Option<(usize, usize, usize, usize, usize)>,
 }
 
-impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
+impl<'p, 'a, TKV: KvPair> HintRows<'p, 'a, TKV> {
     /// Hints for head `t` of unit `w` (whose keys end at `k1`), followed by unit `next`.
     #[inline(always)]
     fn new(p: &'p Problem<'a, TKV>, (w, t): (&WorkUnit, usize), k1: usize, next: Option<&WorkUnit>) -> Self {
@@ -319,7 +319,7 @@ impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
     /// heads, see the type docs), null past both units; for one head, a page-table lookup per
     /// page, not per row.
     #[inline(always)]
-    fn fill(&self, j: usize, k: &mut [*const TKV], v: &mut [*const TKV]) {
+    fn fill(&self, j: usize, k: &mut [*const TKV::K], v: &mut [*const TKV::V]) {
         let (b, hk, heads, k1, t) = self.here;
         let n = k.len();
         if heads > 1 {
@@ -363,14 +363,19 @@ impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
             Some((nb, nhk, _, nk0, nk1)) => (nb, nhk, nk0 + j.saturating_sub(k1), (nk1.saturating_sub(nk0 + j.saturating_sub(k1))).min(n - here)),
             None => (0, 0, 0, 0),
         };
-        for (src, (out, data)) in [(&self.p.k, (&mut *k, self.p.k.data)), (&self.p.v, (&mut *v, self.p.v.data))] {
+        // K and V (of their own storage types) the same way.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn hint_rows<T>(src: &crate::kv::KvSource<'_, T>, out: &mut [*const T], at: &mut [usize], (b, hk, j, here): (usize, usize, usize, usize), (nb, nhk, nk0, there): (usize, usize, usize, usize)) {
             src.row_offsets(b, hk, j, &mut at[..here]);
             src.row_offsets(nb, nhk, nk0, &mut at[here..here + there]);
             for (o, &a) in out.iter_mut().zip(&at[..here + there]) {
-                *o = data.as_ptr().wrapping_add(a);
+                *o = src.data.as_ptr().wrapping_add(a);
             }
             out[here + there..].fill(core::ptr::null());
         }
+        hint_rows(&self.p.k, k, &mut at, (b, hk, j, here), (nb, nhk, nk0, there));
+        hint_rows(&self.p.v, v, &mut at, (b, hk, j, here), (nb, nhk, nk0, there));
     }
 
     /// Whether this head's step hints the pages two chunks ahead: every head's when each
@@ -383,7 +388,7 @@ impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
     /// The K and V rows that hint `j` refers to (of the head being run), or `None` past both
     /// units.
     #[inline(always)]
-    fn rows(&self, j: usize) -> Option<(*const TKV, *const TKV)> {
+    fn rows(&self, j: usize) -> Option<(*const TKV::K, *const TKV::V)> {
         let (b, hk, _, k1, t) = self.here;
         if j < k1 {
             return Some(self.at(b, hk + t, j));
@@ -395,7 +400,7 @@ impl<'p, 'a, TKV> HintRows<'p, 'a, TKV> {
 
     /// The addresses of key `j`'s K and V rows of KV head `hk`, sequence `b`.
     #[inline(always)]
-    fn at(&self, b: usize, hk: usize, j: usize) -> (*const TKV, *const TKV) {
+    fn at(&self, b: usize, hk: usize, j: usize) -> (*const TKV::K, *const TKV::V) {
         let (k, v) = (&self.p.k, &self.p.v);
         (k.data.as_ptr().wrapping_add(k.offset(b, hk, j)), v.data.as_ptr().wrapping_add(v.offset(b, hk, j)))
     }

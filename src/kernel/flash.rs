@@ -14,7 +14,7 @@ use super::microkernel::{additive_row, all_finite, as_f32s, pv_rows, pv_skip_zer
 use super::softmax::RowState;
 use super::terms::any_terms;
 use super::{strided_row_terms, v_rows, KRows};
-use crate::element::Element;
+use crate::element::KvPair;
 use crate::plan::Tiles;
 use crate::problem::Problem;
 use crate::score::ScoreData;
@@ -73,7 +73,7 @@ impl<'w> Scratch<'w> {
 /// the V row of a key the mask hides never reaches it (see [`pv_skip_zero`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn query_block<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn query_block<S: SimdExt, TKV: KvPair, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     tiles: &Tiles,
@@ -91,7 +91,7 @@ pub(crate) fn query_block<S: SimdExt, TKV: Element, const D: usize, const MR: us
 
 /// One pass of [`query_block`]; `skip_zero` picks the P.V that skips zero weights.
 #[inline(always)]
-pub(crate) fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn query_block_pass<S: SimdExt, TKV: KvPair, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     tiles: &Tiles,
@@ -156,7 +156,7 @@ pub(crate) fn query_block_pass<S: SimdExt, TKV: Element, const D: usize, const M
 /// Starts the online softmax of a query block: each row's state at its sink (padding rows at
 /// -inf), the accumulators at 0.
 #[inline(always)]
-pub(crate) fn start_rows<TKV>(p: &Problem<'_, TKV>, h: usize, rows: usize, rows_pad: usize, sc: &mut Scratch) {
+pub(crate) fn start_rows<TKV: KvPair>(p: &Problem<'_, TKV>, h: usize, rows: usize, rows_pad: usize, sc: &mut Scratch) {
     for r in 0..rows_pad {
         let st = if r < rows { RowState::start(p.sink(h)) } else { RowState::start(f32::NEG_INFINITY) };
         sc.max[r] = st.max;
@@ -207,7 +207,7 @@ impl<'a> KeySource<'a> {
     /// Keys `j0..j0 + n` of KV head `hk`, batch `b` (`scratch` as for [`KRows::new`]).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub fn new<S: SimdExt, TKV: Element>(
+    pub fn new<S: SimdExt, TKV: KvPair>(
         simd: S,
         p: &'a Problem<'a, TKV>,
         b: usize,
@@ -239,7 +239,7 @@ pub(crate) struct TileRows {
 /// some of its rows need the visibility mask there; `None` when the tile sees none of them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn tile_keys<TKV>(
+pub(crate) fn tile_keys<TKV: KvPair>(
     p: &Problem<'_, TKV>,
     keys: &crate::mask::BlockKeys,
     kv_len: usize,
@@ -268,7 +268,7 @@ pub(crate) fn tile_keys<TKV>(
 /// numbers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn score_tile<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+fn score_tile<S: SimdExt, TKV: KvPair, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     keys: &KeySource<'_>,
@@ -318,7 +318,7 @@ fn score_tile<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const N
 /// `mask`, and -inf for the padding keys up to `n_pad`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn finish_scores<S: SimdExt, TKV: Element>(
+pub(crate) fn finish_scores<S: SimdExt, TKV: KvPair>(
     simd: S,
     p: &Problem<'_, TKV>,
     tile: &TileRows,
@@ -351,7 +351,7 @@ pub(crate) fn finish_scores<S: SimdExt, TKV: Element>(
 /// here first; `coverage` (if any, `seq_kv` long) accumulates each key's sum over these rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn alignment_block<S: SimdExt, TKV: Element, const D: usize, const MR: usize, const NRV: usize>(
+pub(crate) fn alignment_block<S: SimdExt, TKV: KvPair, const D: usize, const MR: usize, const NRV: usize>(
     simd: S,
     p: &Problem<'_, TKV>,
     tiles: &Tiles,
@@ -477,7 +477,7 @@ pub(crate) fn online_softmax<S: SimdExt, const NRV: usize>(
 /// of row `tile * rt + lane`; padding rows are zero.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn pack_qt<TKV>(p: &Problem<'_, TKV>, b: usize, h: usize, i0: usize, rows: usize, rows_pad: usize, d: usize, rt: usize, qt: &mut [f32]) {
+fn pack_qt<TKV: KvPair>(p: &Problem<'_, TKV>, b: usize, h: usize, i0: usize, rows: usize, rows_pad: usize, d: usize, rt: usize, qt: &mut [f32]) {
     for r in 0..rows_pad {
         let (tile, lane) = (r / rt, r % rt);
         let dst = &mut qt[tile * d * rt..(tile + 1) * d * rt];

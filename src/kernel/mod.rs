@@ -11,6 +11,8 @@ pub(crate) mod portable;
 pub(crate) mod softmax;
 pub(crate) mod terms;
 
+use crate::element::{Element, KvPair};
+
 /// Splits the first `n` elements off a workspace buffer.
 pub(crate) fn carve<'w>(buf: &mut &'w mut [f32], n: usize) -> &'w mut [f32] {
     let (head, tail) = core::mem::take(buf).split_at_mut(n);
@@ -113,7 +115,7 @@ impl<'a> KRows<'a> {
     /// packed groups' pitch stays a compile-time constant in `qk_tile`'s addressing.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub fn new<S: crate::simd::SimdExt, TKV: crate::element::Element>(
+    pub fn new<S: crate::simd::SimdExt, TKV: KvPair>(
         simd: S,
         p: &'a crate::problem::Problem<'a, TKV>,
         b: usize,
@@ -128,7 +130,7 @@ impl<'a> KRows<'a> {
         // In place when the block's rows lie one stride apart (always, unless a page ends
         // inside the block).
         let (run, ld) = p.k.run(j0);
-        let in_place = TKV::as_f32_slice(p.k.data).filter(|_| run >= n);
+        let in_place = TKV::K::as_f32_slice(p.k.data).filter(|_| run >= n);
         let full = if in_place.is_some() { n - n % mr } else { 0 };
         pack_rows(simd, &p.k, b, hk, j0 + full, n - full, n_pad - full, d, d, scratch);
         Self {
@@ -158,7 +160,7 @@ impl<'a> KRows<'a> {
 /// `scratch` (pitch `dv_pad`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TKV: crate::element::Element>(
+pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TKV: KvPair>(
     simd: S,
     p: &'a crate::problem::Problem<'a, TKV>,
     b: usize,
@@ -170,7 +172,7 @@ pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TKV: crate::element::Element>(
 ) -> (&'a [S::f32s], usize) {
     let (dv, lanes) = (p.shape.v_head_dim, S::F32_LANES);
     let (run, ld) = p.v.run(j0);
-    match TKV::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && ld.is_multiple_of(lanes) && run >= n) {
+    match TKV::V::as_f32_slice(p.v.data).filter(|_| dv == dv_pad && ld.is_multiple_of(lanes) && run >= n) {
         Some(v) => {
             let o = p.v.offset(b, hk, j0);
             (S::as_simd_f32s(&v[o..o + (n - 1) * ld + dv]).0, ld / lanes)
@@ -186,7 +188,7 @@ pub(crate) fn v_rows<'a, S: crate::simd::SimdExt, TKV: crate::element::Element>(
 /// scores sit strided in a key-major tile: `s[c * rt + lane]` for keys `j0 + c`, `c < buf.len()`.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn strided_row_terms<TKV>(
+pub(crate) fn strided_row_terms<TKV: KvPair>(
     p: &crate::problem::Problem<'_, TKV>,
     terms: bool,
     mask: Option<(usize, usize)>,
@@ -258,7 +260,7 @@ pub(crate) fn prefetch_row<S: crate::simd::SimdExt, T: crate::element::Element>(
 /// into `buf`, at least `n` long). Before the score terms, which add to `scale * q.k`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scale_scores<S: crate::simd::SimdExt, TKV>(simd: S, p: &crate::problem::Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, s: &mut [f32], rt: usize, buf: &mut [f32]) {
+pub(crate) fn scale_scores<S: crate::simd::SimdExt, TKV: KvPair>(simd: S, p: &crate::problem::Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, s: &mut [f32], rt: usize, buf: &mut [f32]) {
     if let Some(scales) = p.key_scales(b, hk, j0, n) {
         scale_keys(simd, s, rt, scales);
     }
@@ -272,7 +274,7 @@ pub(crate) fn scale_scores<S: crate::simd::SimdExt, TKV>(simd: S, p: &crate::pro
 /// the rows' sums and before P.V: `sum_j p_j (f_j code_j) = sum_j (p_j f_j) code_j`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scale_weights<S: crate::simd::SimdExt, TKV>(simd: S, p: &crate::problem::Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, s: &mut [f32], rt: usize, buf: &mut [f32]) {
+pub(crate) fn scale_weights<S: crate::simd::SimdExt, TKV: KvPair>(simd: S, p: &crate::problem::Problem<'_, TKV>, b: usize, hk: usize, j0: usize, n: usize, s: &mut [f32], rt: usize, buf: &mut [f32]) {
     if p.v_factors.fill(b, hk, j0, &mut buf[..n]) {
         scale_keys(simd, s, rt, &buf[..n]);
     }

@@ -7,7 +7,7 @@
 
 use super::softmax::RowState;
 use super::terms::{mask_outside, score_terms};
-use crate::element::Element;
+use crate::element::{Element, KvPair};
 use crate::plan::Tiles;
 use crate::problem::Problem;
 use crate::score::{AdditiveData, ScoreData};
@@ -53,7 +53,7 @@ fn kt_pitch(bc: usize) -> usize {
 
 /// Computes the rows `[i0, i1)` of batch `b`, query head `h` (`i1 - i0 <= tiles.br`) into
 /// `sc.acc` (normalised, `v_head_dim` per row) and `sc.lse`.
-pub(crate) fn query_block<TKV: Element>(
+pub(crate) fn query_block<TKV: KvPair>(
     p: &Problem<'_, TKV>,
     tiles: &Tiles,
     b: usize,
@@ -76,7 +76,7 @@ pub(crate) fn query_block<TKV: Element>(
 /// [`query_block`] for the additive score (`ADDITIVE`, with its data) or the dot scores.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block<TKV: Element, const ADDITIVE: bool>(
+fn block<TKV: KvPair, const ADDITIVE: bool>(
     p: &Problem<'_, TKV>,
     additive: Option<AdditiveData<'_>>,
     tiles: &Tiles,
@@ -120,7 +120,7 @@ fn block<TKV: Element, const ADDITIVE: bool>(
                 let fc = if k_scaled { f[c] } else { 1.0 };
                 let row = p.k.row(b, hk, j0 + c, d);
                 for t in 0..d {
-                    sc.kt[t * pitch + c] = fc * TKV::value(row, t);
+                    sc.kt[t * pitch + c] = fc * TKV::K::value(row, t);
                 }
             }
         }
@@ -136,7 +136,7 @@ fn block<TKV: Element, const ADDITIVE: bool>(
             }
             let src = p.v.row(b, hk, j0 + c, dv);
             for (t, dst) in row.iter_mut().enumerate() {
-                *dst = fc * TKV::value(src, t);
+                *dst = fc * TKV::V::value(src, t);
             }
         }
         let all_visible = keys.all_visible(j0, j1);

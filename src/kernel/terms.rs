@@ -2,12 +2,13 @@
 //! asks for them (and masks only on tiles that straddle a row's visible interval), so plain
 //! attention never pays for them.
 
+use crate::element::KvPair;
 use crate::problem::Problem;
 
 /// Softcap, bias and ALiBi for query row `i` over keys `j0..j0 + s.len()`; `s` already holds
 /// `scale * q.k`.
 #[inline]
-pub(crate) fn score_terms<TKV>(p: &Problem<'_, TKV>, b: usize, h: usize, i: usize, j0: usize, s: &mut [f32]) {
+pub(crate) fn score_terms<TKV: KvPair>(p: &Problem<'_, TKV>, b: usize, h: usize, i: usize, j0: usize, s: &mut [f32]) {
     if let Some(c) = p.params.softcap {
         let inv = 1.0 / c;
         s.iter_mut().for_each(|x| *x = c * (*x * inv).tanh());
@@ -29,7 +30,7 @@ pub(crate) fn score_terms<TKV>(p: &Problem<'_, TKV>, b: usize, h: usize, i: usiz
 
 /// Whether any per-element term is on.
 #[inline]
-pub(crate) fn any_terms<TKV>(p: &Problem<'_, TKV>) -> bool {
+pub(crate) fn any_terms<TKV: KvPair>(p: &Problem<'_, TKV>) -> bool {
     p.params.softcap.is_some() || p.params.bias.is_some() || p.params.alibi_slopes.is_some()
 }
 

@@ -1479,6 +1479,120 @@ static void test_q8_0_kv(const int32_t *isas, size_t n_isas) {
     free(q), free(kd), free(vd), free(kb), free(vb), free(out), free(want), free(ref);
 }
 
+/* A [B, Hkv, Skv, W] tensor of W units of `size` bytes as a pool of token-major pages
+ * [pages, ps, Hkv, W], sequence s's page p stored at pool page pages - 1 - (s * pps + p) (the
+ * pool in reverse order), which `table` ([B, pps]) records. */
+static void *to_pages(const void *src, size_t size, size_t w, size_t b, size_t hkv, size_t skv, size_t ps, int32_t *table) {
+    size_t pps = skv / ps, pages = b * pps, row = w * size;
+    char *pool = malloc(pages * ps * hkv * row);
+    for (size_t s = 0; s < b; s++) {
+        for (size_t p = 0; p < pps; p++) {
+            size_t page = pages - 1 - (s * pps + p);
+            table[s * pps + p] = (int32_t)page;
+            for (size_t slot = 0; slot < ps; slot++)
+                for (size_t h = 0; h < hkv; h++)
+                    memcpy(pool + ((page * ps + slot) * hkv + h) * row, (const char *)src + ((s * hkv + h) * skv + p * ps + slot) * row, row);
+        }
+    }
+    return pool;
+}
+
+/* K and V of different dtypes, llama.cpp's -ctk q8_0 -ctv f16 and the reverse: the q8_0 side
+ * as ggml blocks, the other as binary16, read in place on every path (strided and paged), the
+ * same answer as the f32 cache holding their values; the reference agrees. Pairs outside the
+ * list (q8_0 with bf16, int8 with f16) are refused, output untouched. */
+static void test_mixed_kv(const int32_t *isas, size_t n_isas) {
+    const size_t b = 2, hq = 8, hkv = 2, sq = 1, skv = 260, d = 128, nb = d / 32;
+    size_t nkv = b * hkv * skv * d, nq = b * hq * sq * d, nblk = nkv / 32;
+    float *q = malloc(nq * 4), *kd = malloc(nkv * 4), *vd = malloc(nkv * 4);
+    ggml_block_q8_0 *blocks = malloc(nblk * sizeof *blocks);
+    uint16_t *halfs = malloc(nkv * 2);
+    float *out = calloc(nq + 1, 4), *want = calloc(nq + 1, 4), *ref = calloc(nq + 1, 4);
+    for (size_t i = 0; i < nq; i++) q[i] = uniform();
+    for (int q8_k = 0; q8_k < 2; q8_k++) {
+        /* The q8_0 side: ggml's quantizer; the f16 side: binary16 values. */
+        float *qd = q8_k ? kd : vd, *hd = q8_k ? vd : kd;
+        for (size_t n = 0; n < nblk; n++) {
+            float x[32], amax = 0.0f, mag = n % 7 == 0 ? 1e-3f : 2.0f;
+            for (int i = 0; i < 32; i++) {
+                x[i] = mag * uniform();
+                if (fabsf(x[i]) > amax) amax = fabsf(x[i]);
+            }
+            float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+            blocks[n].d = f32_to_f16(dd);
+            for (int i = 0; i < 32; i++) {
+                blocks[n].qs[i] = (int8_t)roundf(x[i] * id);
+                qd[n * 32 + i] = f16_to_f32(blocks[n].d) * (float)blocks[n].qs[i];
+            }
+        }
+        for (size_t e = 0; e < nkv; e++) {
+            halfs[e] = f32_to_f16(2.0f * uniform());
+            hd[e] = f16_to_f32(halfs[e]);
+        }
+        simd_attn_desc base = quantized_cache_desc(b, hq, hkv, sq, skv, d, q, kd, vd, want);
+        double vmax = 1.0;
+        for (size_t e = 0; e < nkv; e++) vmax = fabs(vd[e]) > vmax ? fabs(vd[e]) : vmax;
+        simd_attn_tensor qt = tensor(blocks, hkv, skv, nb, b, SIMD_ATTN_Q8_0), ht = tensor(halfs, hkv, skv, d, b, SIMD_ATTN_F16);
+        simd_attn_desc a = base;
+        a.k = q8_k ? qt : ht;
+        a.v = q8_k ? ht : qt;
+        for (size_t i = 0; i < n_isas; i++) {
+            for (size_t threads = 1; threads <= 2; threads++) {
+                a.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+                EXPECT_STATUS(simd_attn_forward(&a, threads, isas[i], NULL), SIMD_ATTN_OK);
+                double worst = max_error(out, want, nq);
+                CHECK(worst <= 1e-5 * vmax, "mixed kv (q8_0 K: %d, isa %d, %zu threads): max error %g", q8_k, isas[i], threads, worst);
+            }
+        }
+        a.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
+        EXPECT_STATUS(simd_attn_reference(&a), SIMD_ATTN_OK);
+        CHECK(max_error(ref, want, nq) <= 1e-5 * vmax, "mixed kv reference (q8_0 K: %d): max error %g", q8_k, max_error(ref, want, nq));
+        /* Paged: both sides as token-major pools of 4-token pages in reverse order. */
+        {
+            const size_t ps = 4, pps = skv / ps, npages = b * pps;
+            int32_t *table = malloc(npages * sizeof *table);
+            void *kp = to_pages(a.k.data, a.k.dtype == SIMD_ATTN_Q8_0 ? 34 : 2, a.k.dtype == SIMD_ATTN_Q8_0 ? nb : d, b, hkv, skv, ps, table);
+            void *vp = to_pages(a.v.data, a.v.dtype == SIMD_ATTN_Q8_0 ? 34 : 2, a.v.dtype == SIMD_ATTN_Q8_0 ? nb : d, b, hkv, skv, ps, table);
+            simd_attn_desc pg = a;
+            pg.block_table = table, pg.block_table_len = npages;
+            pg.pages_per_seq = pps, pg.page_size = ps, pg.num_pages = npages;
+            for (int t = 0; t < 2; t++) {
+                simd_attn_tensor *x = t == 0 ? &pg.k : &pg.v;
+                size_t w = x->dtype == SIMD_ATTN_Q8_0 ? nb : d;
+                x->data = t == 0 ? kp : vp;
+                x->len = npages * ps * hkv * w;
+                x->stride_batch = (int64_t)(ps * hkv * w), x->stride_head = (int64_t)w, x->stride_seq = (int64_t)(hkv * w);
+            }
+            for (size_t i = 0; i < n_isas; i++) {
+                pg.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+                EXPECT_STATUS(simd_attn_forward(&pg, 2, isas[i], NULL), SIMD_ATTN_OK);
+                double worst = max_error(out, want, nq);
+                CHECK(worst <= 1e-5 * vmax, "paged mixed kv (q8_0 K: %d, isa %d): max error %g", q8_k, isas[i], worst);
+            }
+            pg.out = output(ref, hq, sq, d, b, SIMD_ATTN_F32);
+            EXPECT_STATUS(simd_attn_reference(&pg), SIMD_ATTN_OK);
+            CHECK(max_error(ref, want, nq) <= 1e-5 * vmax, "paged mixed kv reference: max error %g", max_error(ref, want, nq));
+            free(table), free(kp), free(vp);
+        }
+        /* Pairs outside the list: nothing written. */
+        memset(out, 0, nq * 4);
+        simd_attn_desc bad = a;
+        bad.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+        (q8_k ? &bad.v : &bad.k)->dtype = SIMD_ATTN_BF16;
+        EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+        bad = a;
+        bad.out = output(out, hq, sq, d, b, SIMD_ATTN_F32);
+        simd_attn_tensor *codes = q8_k ? &bad.k : &bad.v;
+        *codes = tensor(blocks, hkv, skv, d, b, SIMD_ATTN_I8); /* int8 codes (in bounds: 34 bytes per 32) */
+        EXPECT_STATUS(simd_attn_forward(&bad, 1, SIMD_ATTN_ISA_AUTO, NULL), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+        EXPECT_STATUS(simd_attn_reference(&bad), SIMD_ATTN_ERR_UNSUPPORTED_DTYPES);
+        int untouched = 1;
+        for (size_t i = 0; i < nq; i++) untouched &= out[i] == 0.0f;
+        CHECK(untouched, "a rejected mixed K/V call wrote its output");
+    }
+    free(q), free(kd), free(vd), free(blocks), free(halfs), free(out), free(want), free(ref);
+}
+
 int main(void) {
     printf("simd-attn %s (ABI %u), best ISA %s\n", simd_attn_version(), simd_attn_abi_version(),
            simd_attn_isa_name(simd_attn_isa_best()));
@@ -1517,6 +1631,7 @@ int main(void) {
     test_int8_kv(isas, n_isas);
     test_fp8_kv(isas, n_isas);
     test_q8_0_kv(isas, n_isas);
+    test_mixed_kv(isas, n_isas);
     test_errors();
 
     printf("%d checks, %d failures\n", checks, failures);

@@ -18,7 +18,7 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 const USAGE: &str = "simd-attn-bench [--set NAME] [--shape B,Hq,Hkv,Sq,Skv,D[,causal]]... [--isa auto|all|LIST]
-                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv|i8kv|e4m3kv|e5m2kv|q8_0kv] [--case SUBSTRING] [--reps N]
+                [--threads LIST] [--dtype f32|f16|f16kv|bf16|bf16kv|i8kv|e4m3kv|e5m2kv|q8_0kv|q8_0k_f16v] [--case SUBSTRING] [--reps N]
                 [--min-time SECONDS] [--no-check] [--no-baselines]
                 [--json PATH] [--csv PATH] [--plot PATH.svg]
 simd-attn-bench compare OLD.json|csv NEW.json|csv
@@ -33,8 +33,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             appended and RoPE applied in the call, `-append`, next to the plain step),
             seqlen (causal prefill S 128..8192), bf16 (the bf16 targets' prefill and decode next
             to f32 and f16), quant (decode at Skv 8192 and 65536 and the causal prefill with an
-            int8 cache, i8kv, fp8 caches, e4m3kv and e5m2kv, and a ggml q8_0 cache, q8_0kv, next
-            to the f16 cache), all; --shape adds custom shapes (and with no
+            int8 cache, i8kv, fp8 caches, e4m3kv and e5m2kv, a ggml q8_0 cache, q8_0kv, and q8_0 K
+            with f16 V, q8_0k_f16v, next to the f16 cache), all; --shape adds custom shapes (and with no
             --set, runs only them)
   --isa     paths to measure: auto (default: calls name no path, so the library chooses as it
             would for an engine: SIMD_ATTN_ISA, else the best, with bf16 prefill on the bf16 dot
@@ -46,7 +46,8 @@ simd-attn-bench plot RESULTS.json|csv OUT.svg      (re-draws the chart of stored
             bf16, bf16kv (the same in bfloat16), i8kv (f32 Q and out, int8 K and V with an f32
             factor per token and KV head, counted in the row's bytes), e4m3kv, e5m2kv (f32 Q and
             out, fp8 K and V with one f32 factor per tensor, as vLLM keeps them), q8_0kv (f32 Q
-            and out, ggml q8_0 K and V: 34 bytes per 32 values, scales included);
+            and out, ggml q8_0 K and V: 34 bytes per 32 values, scales included), q8_0k_f16v
+            (q8_0 K, f16 V, as llama.cpp's -ctk q8_0 -ctv f16);
             default: each case's own (decode cases use f16 K/V where the targets say so)
   --case    only the shapes named SUBSTRING, or else whose name contains it
   --no-baselines  skip the portable and unfused baselines (their columns print NaN)
@@ -71,6 +72,8 @@ enum Dtype {
     E5m2Kv,
     /// f32 Q and out, ggml q8_0 K and V (blocks of 32 int8 codes and an f16 scale).
     Q80Kv,
+    /// f32 Q and out, ggml q8_0 K with f16 V (llama.cpp `-ctk q8_0 -ctv f16`).
+    Q80KF16V,
 }
 
 impl Dtype {
@@ -85,15 +88,7 @@ impl Dtype {
             Dtype::E4m3Kv => "e4m3kv",
             Dtype::E5m2Kv => "e5m2kv",
             Dtype::Q80Kv => "q8_0kv",
-        }
-    }
-    /// Bytes of a K or V row of `width` values (q8_0: 34 bytes per 32 values).
-    fn row_bytes(self, width: usize) -> usize {
-        match self {
-            Dtype::F32 => 4 * width,
-            Dtype::I8Kv | Dtype::E4m3Kv | Dtype::E5m2Kv => width,
-            Dtype::Q80Kv => width / 32 * 34,
-            _ => 2 * width,
+            Dtype::Q80KF16V => "q8_0k_f16v",
         }
     }
     /// Bytes of dequantization factors per (token, KV head), K's and V's together.
@@ -298,7 +293,7 @@ fn cases(set: &str) -> Vec<Case> {
     let quant = || {
         let mut v = Vec::new();
         for skv in [8192, 65536] {
-            for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv, Dtype::E5m2Kv, Dtype::Q80Kv] {
+            for dtype in [Dtype::F16Kv, Dtype::I8Kv, Dtype::E4m3Kv, Dtype::E5m2Kv, Dtype::Q80Kv, Dtype::Q80KF16V] {
                 v.push(with_dtype(case("decode", 1, 32, 8, 1, skv, 128, true), dtype));
             }
         }
@@ -446,6 +441,7 @@ fn main() {
                     "e4m3kv" => Dtype::E4m3Kv,
                     "e5m2kv" => Dtype::E5m2Kv,
                     "q8_0kv" => Dtype::Q80Kv,
+                    "q8_0k_f16v" => Dtype::Q80KF16V,
                     other => fail(&format!("unknown --dtype {other}")),
                 })
             }
@@ -523,15 +519,16 @@ fn main() {
             eprint!("\r[{}/{total}] {} B{} Hq{} Hkv{} Sq{} Skv{} D{} {} ...\x1b[K", n + 1, c.name, s.batch, s.q_heads, s.kv_heads, s.seq_q, s.seq_kv, s.head_dim, c.dtype.name());
         }
         let new = match c.dtype {
-            Dtype::F32 => bench_case::<f32, f32, f32>(&c, &ctx),
-            Dtype::F16 => bench_case::<f16, f16, f16>(&c, &ctx),
-            Dtype::F16Kv => bench_case::<f32, f16, f32>(&c, &ctx),
-            Dtype::Bf16 => bench_case::<bf16, bf16, bf16>(&c, &ctx),
-            Dtype::Bf16Kv => bench_case::<f32, bf16, f32>(&c, &ctx),
-            Dtype::I8Kv => bench_case::<f32, i8, f32>(&c, &ctx),
-            Dtype::E4m3Kv => bench_case::<f32, simd_attn::F8E4M3, f32>(&c, &ctx),
-            Dtype::E5m2Kv => bench_case::<f32, simd_attn::F8E5M2, f32>(&c, &ctx),
-            Dtype::Q80Kv => bench_case::<f32, simd_attn::BlockQ8_0, f32>(&c, &ctx),
+            Dtype::F32 => bench_case::<f32, f32, f32, f32>(&c, &ctx),
+            Dtype::F16 => bench_case::<f16, f16, f16, f16>(&c, &ctx),
+            Dtype::F16Kv => bench_case::<f32, f16, f16, f32>(&c, &ctx),
+            Dtype::Bf16 => bench_case::<bf16, bf16, bf16, bf16>(&c, &ctx),
+            Dtype::Bf16Kv => bench_case::<f32, bf16, bf16, f32>(&c, &ctx),
+            Dtype::I8Kv => bench_case::<f32, i8, i8, f32>(&c, &ctx),
+            Dtype::E4m3Kv => bench_case::<f32, simd_attn::F8E4M3, simd_attn::F8E4M3, f32>(&c, &ctx),
+            Dtype::E5m2Kv => bench_case::<f32, simd_attn::F8E5M2, simd_attn::F8E5M2, f32>(&c, &ctx),
+            Dtype::Q80Kv => bench_case::<f32, simd_attn::BlockQ8_0, simd_attn::BlockQ8_0, f32>(&c, &ctx),
+            Dtype::Q80KF16V => bench_case::<f32, simd_attn::BlockQ8_0, f16, f32>(&c, &ctx),
         };
         if progress {
             eprint!("\r\x1b[K");
@@ -590,17 +587,21 @@ fn convert<T: Element>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
 }
 
-fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &Ctx) -> Vec<Row> {
-    let quantized = TKV::DTYPE.is_quantized();
+fn bench_case<TQ: FloatElement, TK: Element, TV: Element, TO: FloatElement>(c: &Case, ctx: &Ctx) -> Vec<Row>
+where
+    (TK, TV): simd_attn::element::KvPair,
+{
+    let quantized = TK::DTYPE.is_quantized() || TV::DTYPE.is_quantized();
     if quantized && (c.varlen.is_some() || c.append || c.paged.is_some()) {
         eprintln!("{}: skipped with {} (the bench runs quantized caches as strided tensors only)", c.name, c.dtype.name());
         return Vec::new();
     }
+    // (Float caches from here to the strided path, so K and V share their type.)
     if let Some((lens, separate)) = c.varlen {
-        return bench_varlen::<TQ, TKV, TO>(c, lens, separate, ctx);
+        return bench_varlen::<TQ, TK, TO>(c, lens, separate, ctx);
     }
     if c.append {
-        return match TKV::DTYPE {
+        return match TK::DTYPE {
             DType::F32 => bench_append::<TQ, f32, TO>(c, ctx),
             DType::F16 => bench_append::<TQ, f16, TO>(c, ctx),
             DType::Bf16 => bench_append::<TQ, bf16, TO>(c, ctx),
@@ -616,51 +617,56 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
     let (q32, k32, v32) = (random(nq, 1), random(nk, 2), random(nv, 3));
     let q: Vec<TQ> = convert(&q32);
     let tokens = s.batch * s.kv_heads * s.seq_kv;
-    let kv_bytes = (tokens * (c.dtype.row_bytes(s.head_dim) + c.dtype.row_bytes(s.v_head_dim) + c.dtype.factor_bytes())) as f64;
+    // A row's bytes at its storage type (q8_0: 34 bytes per 32 values, its scales included).
+    let row_bytes = |width: usize, block: usize, size: usize| width / block * size;
+    let kv_bytes = (tokens * (row_bytes(s.head_dim, TK::BLOCK, size_of::<TK>()) + row_bytes(s.v_head_dim, TV::BLOCK, size_of::<TV>()) + c.dtype.factor_bytes())) as f64;
     // Decode is bound by reading K/V: rotate over enough copies that none is still cached.
     let decode = s.seq_q <= 16;
     let copies = if decode { ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize } else { 1 };
-    // A quantized cache: int8 codes with one factor per (token, KV head), `[B, Hkv, S]`; fp8
+    // A quantized side: int8 codes with one factor per (token, KV head), `[B, Hkv, S]`; fp8
     // codes with one factor per tensor (stored as a factor per token, all equal, for `encode`).
     let fst = Strides::new(s.kv_heads * s.seq_kv, s.seq_kv, 1);
     let per_tensor = |x: &[f32], max: f32| {
         let m = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         vec![if m > 0.0 { m / max } else { 1.0 }; s.batch * s.kv_heads * s.seq_kv]
     };
-    let (kf, vf) = match TKV::DTYPE {
-        DType::I8 => (token_factors(&s, &k32, ks, s.head_dim, fst), token_factors(&s, &v32, vs, s.v_head_dim, fst)),
-        DType::F8E4M3 => (per_tensor(&k32, simd_attn::F8E4M3::MAX), per_tensor(&v32, simd_attn::F8E4M3::MAX)),
-        DType::F8E5M2 => (per_tensor(&k32, simd_attn::F8E5M2::MAX), per_tensor(&v32, simd_attn::F8E5M2::MAX)),
-        _ => (Vec::new(), Vec::new()),
+    let factors = |dt: DType, x: &[f32], st: Strides, width: usize| match dt {
+        DType::I8 => token_factors(&s, x, st, width, fst),
+        DType::F8E4M3 => per_tensor(x, simd_attn::F8E4M3::MAX),
+        DType::F8E5M2 => per_tensor(x, simd_attn::F8E5M2::MAX),
+        _ => Vec::new(),
     };
+    let (kf, vf) = (factors(TK::DTYPE, &k32, ks, s.head_dim), factors(TV::DTYPE, &v32, vs, s.v_head_dim));
     // A block format (q8_0) lays a row of D values out as D / 32 blocks in the same order, so
     // the same row order at strides counted in blocks; its scales are in the blocks.
-    let block = TKV::BLOCK;
-    let (kst, vst) = if block > 1 {
-        let u = AttentionShape { head_dim: s.head_dim / block, v_head_dim: s.v_head_dim / block, ..s };
-        let [_, k, v, _] = u.bhsd_strides();
-        if c.token_major { (Strides::bshd(u.kv_heads, u.seq_kv, u.head_dim), Strides::bshd(u.kv_heads, u.seq_kv, u.v_head_dim)) } else { (k, v) }
-    } else {
-        (ks, vs)
-    };
-    let encode = |x32: &[f32], st: Strides, width: usize, f: &[f32]| -> Vec<TKV> {
-        if block > 1 {
-            let blocks: Vec<simd_attn::BlockQ8_0> = x32.chunks_exact(32).map(|c| simd_attn::BlockQ8_0::quantize(c.try_into().expect("32 values"))).collect();
-            return *(Box::new(blocks) as Box<dyn std::any::Any>).downcast::<Vec<TKV>>().expect("the only block format is q8_0");
+    let unit_strides = |block: usize, st: Strides, width: usize| {
+        if block == 1 {
+            return st;
         }
-        if !quantized {
+        let u = AttentionShape { head_dim: width / block, ..s };
+        let [_, k, _, _] = u.bhsd_strides();
+        if c.token_major { Strides::bshd(u.kv_heads, u.seq_kv, u.head_dim) } else { k }
+    };
+    let (kst, vst) = (unit_strides(TK::BLOCK, ks, s.head_dim), unit_strides(TV::BLOCK, vs, s.v_head_dim));
+    /// One side's storage: q8_0 blocks, float values, or codes over their factors.
+    fn encode<T: Element>(s: &AttentionShape, x32: &[f32], st: Strides, fst: Strides, width: usize, f: &[f32]) -> Vec<T> {
+        if T::BLOCK > 1 {
+            let blocks: Vec<simd_attn::BlockQ8_0> = x32.chunks_exact(32).map(|c| simd_attn::BlockQ8_0::quantize(c.try_into().expect("32 values"))).collect();
+            return *(Box::new(blocks) as Box<dyn std::any::Any>).downcast::<Vec<T>>().expect("the only block format is q8_0");
+        }
+        if !T::DTYPE.is_quantized() {
             return convert(x32);
         }
-        let mut codes = vec![TKV::default(); x32.len()];
-        for_each_row(&s, st, fst, width, |o, fo| {
+        let mut codes = vec![T::default(); x32.len()];
+        for_each_row(s, st, fst, width, |o, fo| {
             for t in o..o + width {
-                codes[t] = TKV::from_f32(x32[t] / f[fo]);
+                codes[t] = T::from_f32(x32[t] / f[fo]);
             }
         });
         codes
-    };
-    let kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (encode(&k32, ks, s.head_dim, &kf), encode(&v32, vs, s.v_head_dim, &vf))).collect();
-    let pools: Vec<Pool<TKV>> = match c.paged {
+    }
+    let kvs: Vec<(Vec<TK>, Vec<TV>)> = (0..copies).map(|_| (encode(&s, &k32, ks, fst, s.head_dim, &kf), encode(&s, &v32, vs, fst, s.v_head_dim, &vf))).collect();
+    let pools: Vec<Pool<TK, TV>> = match c.paged {
         Some(ps) => kvs.iter().enumerate().map(|(n, (k, v))| Pool::new(&s, (k, kst), (v, vst), ps, c.token_major, n as u64)).collect(),
         None => Vec::new(),
     };
@@ -673,10 +679,17 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
         BenchScore::Additive => Score::Additive { v: &att_v, projection: None },
     };
     let mut params = AttentionParams::new().causal(c.causal).score(score);
-    if TKV::DTYPE == DType::I8 {
-        params = params.kv_scales(Dequant::Token(&kf, fst), Dequant::Token(&vf, fst));
-    } else if quantized && block == 1 {
-        params = params.kv_scales(Dequant::Tensor(kf[0]), Dequant::Tensor(vf[0]));
+    // Each side's factors (1 for a side without any: a float or q8_0 side).
+    let scaled = |dt: DType| matches!(dt, DType::I8 | DType::F8E4M3 | DType::F8E5M2);
+    if scaled(TK::DTYPE) || scaled(TV::DTYPE) {
+        fn side(dt: DType, f: &[f32], fst: Strides) -> Dequant<'_> {
+            match dt {
+                DType::I8 => Dequant::Token(f, fst),
+                DType::F8E4M3 | DType::F8E5M2 => Dequant::Tensor(f[0]),
+                _ => Dequant::Tensor(1.0),
+            }
+        }
+        params = params.kv_scales(side(TK::DTYPE, &kf, fst), side(TV::DTYPE, &vf, fst));
     }
     let flops = attention_flops(&s, &params);
     let mut out = vec![TO::from_f32(0.0); no];
@@ -708,15 +721,15 @@ fn bench_case<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, ctx: &
     };
     let (t_portable, _, _) = if ctx.baselines { run(Isa::Portable, 1, &mut out, 3.min(ctx.reps), 0.0) } else { (f64::NAN, 0.0, 0.0) };
     // The unfused baseline computes in f32 on the same values.
-    let decode_values = |x: &[TKV], st: Strides, width: usize, f: &[f32]| -> Vec<f32> {
-        let mut y: Vec<f32> = (0..x.len() * block).map(|i| TKV::value(x, i)).collect();
-        if quantized && block == 1 {
-            for_each_row(&s, st, fst, width, |o, fo| y[o..o + width].iter_mut().for_each(|e| *e *= f[fo]));
+    fn decode_values<T: Element>(s: &AttentionShape, x: &[T], st: Strides, fst: Strides, width: usize, f: &[f32]) -> Vec<f32> {
+        let mut y: Vec<f32> = (0..x.len() * T::BLOCK).map(|i| T::value(x, i)).collect();
+        if !f.is_empty() {
+            for_each_row(s, st, fst, width, |o, fo| y[o..o + width].iter_mut().for_each(|e| *e *= f[fo]));
         }
         y
-    };
+    }
     let (qr, kr, vr): (Vec<f32>, Vec<f32>, Vec<f32>) =
-        (q.iter().map(|x| x.to_f32()).collect(), decode_values(&kvs[0].0, ks, s.head_dim, &kf), decode_values(&kvs[0].1, vs, s.v_head_dim, &vf));
+        (q.iter().map(|x| x.to_f32()).collect(), decode_values(&s, &kvs[0].0, ks, fst, s.head_dim, &kf), decode_values(&s, &kvs[0].1, vs, fst, s.v_head_dim, &vf));
     let mut base_out = vec![0.0f32; no];
     let mut scores = Vec::new();
     // The unfused baseline is the scaled-dot score: no ratio for the others.
@@ -823,7 +836,7 @@ fn bench_varlen<TQ: FloatElement, TKV: Element, TO: FloatElement>(c: &Case, lens
     let v: Vec<TKV> = convert(&random(total * s.kv_heads * s.head_dim, 3));
     let params = AttentionParams::new().causal(c.causal).cu_seqlens_q(&cu).cu_seqlens_k(&cu);
     let flops = attention_flops(&s, &params);
-    let kv_bytes = (2 * total * s.kv_heads * c.dtype.row_bytes(s.head_dim)) as f64;
+    let kv_bytes = (2 * total * s.kv_heads * s.head_dim * size_of::<TKV>()) as f64;
     let mut out = vec![TO::from_f32(0.0); total * s.q_heads * s.head_dim];
     let run = |isa: Isa, threads: usize, out: &mut Vec<TO>, reps: usize, min_time: f64| {
         let config = ctx.config(isa, threads);
@@ -884,7 +897,7 @@ fn bench_append<TQ: FloatElement, TKV: FloatElement, TO: FloatElement>(c: &Case,
     }
     let [nq, nk, _, no] = s.bhsd_lens();
     let q: Vec<TQ> = convert(&random(nq, 1));
-    let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * 2 * c.dtype.row_bytes(s.head_dim)) as f64;
+    let kv_bytes = (s.batch * s.kv_heads * s.seq_kv * 2 * s.head_dim * size_of::<TKV>()) as f64;
     let copies = ((2 * ctx.llc) as f64 / kv_bytes).ceil().clamp(1.0, 64.0) as usize;
     let mut kvs: Vec<(Vec<TKV>, Vec<TKV>)> = (0..copies).map(|_| (convert(&random(nk, 2)), convert(&random(nk, 3)))).collect();
     let ns = Strides::bshd(s.kv_heads, 1, s.head_dim);
@@ -917,7 +930,7 @@ fn bench_append<TQ: FloatElement, TKV: FloatElement, TO: FloatElement>(c: &Case,
 
 /// Max |out - reference| over up to 48 rows spread across the problem (the f64 reference is
 /// too slow to run on every row of the large shapes).
-fn max_error<TQ: FloatElement, TKV: Element, TO: FloatElement>(s: &AttentionShape, r: &Reference<'_, TQ, TKV>, out: &[TO]) -> f64 {
+fn max_error<TQ: FloatElement, TK: Element, TV: Element, TO: FloatElement>(s: &AttentionShape, r: &Reference<'_, TQ, TK, TV>, out: &[TO]) -> f64 {
     let rows = s.batch * s.q_heads * s.seq_q;
     let samples = rows.min(48);
     let mut err = 0.0f64;
@@ -936,17 +949,17 @@ fn max_error<TQ: FloatElement, TKV: Element, TO: FloatElement>(s: &AttentionShap
 /// A paged copy of a contiguous K/V: head-major pages (`[pages, Hkv, page_size, D]`, as
 /// vLLM's CPU backend keeps them) or token-major ones (`[pages, page_size, Hkv, D]`, as
 /// vLLM's GPU backends and FlashAttention do), in shuffled order.
-struct Pool<T> {
+struct Pool<T, V = T> {
     k: Vec<T>,
-    v: Vec<T>,
+    v: Vec<V>,
     strides: (PageStrides, PageStrides),
     table: Vec<i32>,
     pages_per_seq: usize,
     page_size: usize,
 }
 
-impl<T: Element> Pool<T> {
-    fn new(s: &AttentionShape, k: (&[T], Strides), v: (&[T], Strides), page_size: usize, token_major: bool, seed: u64) -> Self {
+impl<T: Element, V: Element> Pool<T, V> {
+    fn new(s: &AttentionShape, k: (&[T], Strides), v: (&[V], Strides), page_size: usize, token_major: bool, seed: u64) -> Self {
         let pages_per_seq = s.seq_kv.div_ceil(page_size);
         let pages = s.batch * pages_per_seq;
         // A fixed shuffle (xorshift Fisher-Yates): pages scattered as a long-running engine's are.
@@ -959,7 +972,9 @@ impl<T: Element> Pool<T> {
             order.swap(i, (x % (i as u64 + 1)) as usize);
         }
         let table: Vec<i32> = order.iter().map(|&p| p as i32).collect();
-        let scatter = |(src, from_st): (&[T], Strides), d: usize| {
+        // K and V alike, each at its own storage type.
+        #[allow(clippy::too_many_arguments)]
+        fn scatter<T: Element>(s: &AttentionShape, table: &[i32], pages: usize, pages_per_seq: usize, page_size: usize, token_major: bool, (src, from_st): (&[T], Strides), d: usize) -> (Vec<T>, PageStrides) {
             let st = if token_major { PageStrides::token_major(page_size, s.kv_heads, d) } else { PageStrides::head_major(page_size, s.kv_heads, d) };
             let mut pool = vec![T::from_f32(0.0); pages * st.page];
             for b in 0..s.batch {
@@ -973,12 +988,13 @@ impl<T: Element> Pool<T> {
                 }
             }
             (pool, st)
-        };
-        let ((k, ks), (v, vs)) = (scatter(k, s.head_dim), scatter(v, s.v_head_dim));
+        }
+        let at = (&table[..], pages, pages_per_seq, page_size, token_major);
+        let ((k, ks), (v, vs)) = (scatter(s, at.0, at.1, at.2, at.3, at.4, k, s.head_dim), scatter(s, at.0, at.1, at.2, at.3, at.4, v, s.v_head_dim));
         Self { k, v, strides: (ks, vs), table, pages_per_seq, page_size }
     }
 
-    fn kv(&self) -> PagedKv<'_, T> {
+    fn kv(&self) -> PagedKv<'_, T, V> {
         let pages = PageTable { block_table: &self.table, pages_per_seq: self.pages_per_seq, page_size: self.page_size, num_pages: self.table.len() };
         PagedKv { k: &self.k, v: &self.v, k_strides: self.strides.0, v_strides: self.strides.1, pages }
     }
