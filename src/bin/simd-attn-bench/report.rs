@@ -65,10 +65,18 @@ pub fn table_header() -> String {
 }
 
 pub fn table_row(r: &Row) -> String {
+    // Columns a run did not measure (`--no-baselines`, `--no-check`, the score-only Gpd/s) are
+    // NaN in the row and print as a dash.
+    let or_dash = |x: f64, text: String| if x.is_nan() { "-".to_string() } else { text };
     format!(
-        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>5.1} {:>4.0}% {:>6.2}x {:>9.2}x {:>8.2}x {:>8.1e} {:>7.2}",
+        "{:<12} {:>2} {:>3} {:>3} {:>5} {:>5} {:>4} {:>6} {:<5} {:<8} {:>3} {:>9.3} {:>5.0}% {:>8.1} {:>8.1} {:>5.1}% {:>6.1} {:>5.1} {:>4.0}% {:>7} {:>10} {:>9} {:>8} {:>7}",
         r.case, r.batch, r.q_heads, r.kv_heads, r.seq_q, r.seq_kv, r.head_dim, r.causal, r.dtype, r.isa, r.threads, r.ms,
-        r.spread * 100.0, r.gflops, r.gflops_best, r.pct_peak, r.gbs, r.bw_gbs, r.pct_bw, r.x_roofline, r.x_portable, r.x_unfused, r.max_err, r.gpair_dims
+        r.spread * 100.0, r.gflops, r.gflops_best, r.pct_peak, r.gbs, r.bw_gbs, r.pct_bw,
+        or_dash(r.x_roofline, format!("{:.2}x", r.x_roofline)),
+        or_dash(r.x_portable, format!("{:.2}x", r.x_portable)),
+        or_dash(r.x_unfused, format!("{:.2}x", r.x_unfused)),
+        or_dash(r.max_err, format!("{:.1e}", r.max_err)),
+        or_dash(r.gpair_dims, format!("{:.2}", r.gpair_dims)),
     )
 }
 
