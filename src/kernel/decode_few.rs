@@ -12,7 +12,7 @@
 
 use super::decode::{pack_q_row, unit_keys, Scratch, CHUNK};
 use super::microkernel::{all_finite, pv_direct, pv_skip_zero, qk_dot_group, RowsAt};
-use super::strided_row_terms;
+use super::{lanes_unit, strided_row_terms};
 use super::terms::any_terms;
 use crate::element::{Element, KvPair};
 use crate::plan::work::WorkUnit;
@@ -106,6 +106,16 @@ fn few_pass<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
         }
         j0 += n;
     }
+    // The register tiles read V in units of `lanes_unit` (fp8 E4M3: over 2^8); the
+    // accumulators get it back once per pass, not once per loaded V vector. (The zero-skipping
+    // pass reads V exactly.)
+    let v_unit = lanes_unit::<TKV::V>();
+    if v_unit != 1.0 && !skip_zero {
+        let u = simd.splat_f32s(v_unit);
+        let dv_pad = sc.dv_pad;
+        let acc = S::as_mut_simd_f32s(&mut sc.acc[slot * R * dv_pad..(slot + heads) * R * dv_pad]).0;
+        acc.iter_mut().for_each(|x| *x = simd.mul_f32s(*x, u));
+    }
 }
 
 /// Starts unit `w` in slot `slot`: Q rows, pre-scaled, row-major (padding rows zero, starting
@@ -163,6 +173,7 @@ fn few_chunk<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
     let (k_span, v_span) = (p.k.run(j0).1.max(d / TKV::K::BLOCK) * size_of::<TKV::K>(), p.v.run(j0).1.max(p.shape.v_head_dim / TKV::V::BLOCK) * size_of::<TKV::V>());
     let page_rows = (4096 / k_span.max(v_span)).max(1);
     let page_rows = (1usize << page_rows.ilog2()) - 1;
+    let walk_pages = ahead.walks_pages() && crate::simd::hints_page_walks();
     let mut alpha = [0.0f32; 16];
     // Where each key's K and V rows start, and the rows a chunk ahead to hint (null past the
     // unit and the next one). A table rather than a stride, so the same loops read a contiguous
@@ -186,8 +197,9 @@ fn few_chunk<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
         // hardware prefetcher stops at every 4 KiB page, and that hint's page walk brings the
         // page into the TLB before the hints of its rows arrive (on the Xeon this was
         // measured on, 1-4% faster than walking it with a demand read, which stalls
-        // retirement behind a miss to memory). Only addresses are computed: a hint is never
-        // dereferenced, so it needs no bounds.
+        // retirement behind a miss to memory; on AMD Zen 5 the hint itself stalled, so AMD
+        // CPUs skip it: see `simd::hints_page_walks`). Only addresses are computed: a hint is
+        // never dereferenced, so it needs no bounds.
         for (c, kp) in k_ahead[..n].iter().enumerate().skip(c0).take(group) {
             let kp = kp.cast::<u8>();
             if !kp.is_null() {
@@ -195,7 +207,7 @@ fn few_chunk<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
                     simd.prefetch_l2(kp.wrapping_add(line));
                 }
             }
-            if ahead.walks_pages() && (c & page_rows == 0 || c == CHUNK - 1) {
+            if walk_pages && (c & page_rows == 0 || c == CHUNK - 1) {
                 if let Some((kq, vq)) = ahead.rows(j0 + c + 2 * PREFETCH_AHEAD) {
                     simd.prefetch_l2(kq.cast::<u8>());
                     simd.prefetch_l2(vq.cast::<u8>());
@@ -207,6 +219,13 @@ fn few_chunk<S: SimdExt, TKV: KvPair, const D: usize, const R: usize>(
             *row = &kd[k_at[(c0 + c).min(n - 1)]..][..d / TKV::K::BLOCK];
         }
         *out = qk_dot_group::<S, TKV::K, R>(simd, dl, q, &k_rows);
+    }
+    // K was read in units of `lanes_unit` (fp8 E4M3: over 2^8); one multiply per vector of
+    // scores restores them instead of one per loaded K vector.
+    let k_unit = lanes_unit::<TKV::K>();
+    if k_unit != 1.0 {
+        let u = simd.splat_f32s(k_unit);
+        sv.iter_mut().for_each(|x| *x = simd.mul_f32s(*x, u));
     }
     s[n * R..].fill(f32::NEG_INFINITY);
     super::scale_scores(simd, p, b, hk, j0, n, s, R, sc.row);

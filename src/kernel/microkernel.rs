@@ -177,6 +177,8 @@ pub(crate) fn pv_tile<S: SimdExt, const MR: usize, const NV: usize>(
 /// `hints`, the same segment of the row at `hints[c]` (unless null) is hinted into L2.
 /// The rows are read in place and widened in registers (f16), so decode reads V once and never
 /// copies it; each key's slice is taken once, at its exact width, so the loads need no checks.
+/// V is read in units of [`super::lanes_unit`] (`o` accumulates `P . V / lanes_unit::<T>()`):
+/// the caller multiplies the finished accumulators by it once.
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, const NV: usize>(
@@ -222,8 +224,9 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
             for r in 0..R {
                 pb[r] = simd.splat_f32s(p[c * ld_p + r]);
             }
+            let mut scale = simd.splat_f32s(0.0);
             for x in 0..NV {
-                let vx = super::load_lanes(simd, row, t0 + x);
+                let vx = super::load_lanes_walk(simd, row, t0 + x, x == 0, &mut scale);
                 for r in 0..R {
                     acc[r][x] = simd.mul_add_e_f32s(pb[r], vx, acc[r][x]);
                 }
@@ -241,16 +244,19 @@ pub(crate) fn pv_direct<S: SimdExt, T: crate::element::Element, const R: usize, 
 /// `q_r . k_g`. `q` holds the rows' `dl` vectors each, row-major; `k[g]` is key g's row (any
 /// storage, widened in registers). The head dim runs along the lanes and one
 /// `transpose_sum_f32s` reduces all the dot products at once, so with few rows every lane of
-/// every FMA still does useful work.
+/// every FMA still does useful work. K is read in units of [`super::lanes_unit`]: the caller
+/// multiplies the dot products by it.
 #[inline(always)]
 pub(crate) fn qk_dot_group<S: SimdExt, T: crate::element::Element, const R: usize>(simd: S, dl: usize, q: &[S::f32s], k: &[&[T]; 16]) -> S::f32s {
     let lanes = S::F32_LANES;
     let group = lanes / R;
     let q = &q[..R * dl];
     let mut acc = [simd.splat_f32s(0.0); 16];
+    // Each key's current q8_0 block scale (unused by the other storage types).
+    let mut scale = [simd.splat_f32s(0.0); 16];
     for t in 0..dl {
         for g in 0..group {
-            let kv = super::load_lanes(simd, k[g], t);
+            let kv = super::load_lanes_walk(simd, k[g], t, t == 0, &mut scale[g]);
             for r in 0..R {
                 acc[g * R + r] = simd.mul_add_e_f32s(kv, q[r * dl + t], acc[g * R + r]);
             }

@@ -242,6 +242,50 @@ pub(crate) fn load_lanes<S: crate::simd::SimdExt, T: crate::element::Element>(si
     }
 }
 
+/// The factor [`load_lanes_unit`] leaves out of storage type `T`'s values: 2^8 for fp8 E4M3
+/// (whose register widening yields the value over 2^8: see [`SimdExt::load_e4m3s_raw`]), 1 for
+/// every other type. A kernel that loads through [`load_lanes_unit`] multiplies its dot products
+/// or accumulators by it once, instead of every loaded vector; a power of two, so the result's
+/// bits are those of the exact loads (short of f32 underflow, below 2^-118 of the values).
+///
+/// [`SimdExt::load_e4m3s_raw`]: crate::simd::SimdExt::load_e4m3s_raw
+#[inline(always)]
+pub(crate) fn lanes_unit<T: crate::element::Element>() -> f32 {
+    if matches!(T::DTYPE, crate::element::DType::F8E4M3) {
+        256.0
+    } else {
+        1.0
+    }
+}
+
+/// [`load_lanes`] in units of [`lanes_unit`]: the loaded values divided by it.
+#[inline(always)]
+pub(crate) fn load_lanes_unit<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, row: &[T], t: usize) -> S::f32s {
+    let lanes = S::F32_LANES;
+    match T::as_e4m3_slice(row) {
+        Some(codes) => simd.load_e4m3s_raw(&codes[t * lanes..(t + 1) * lanes]),
+        None => load_lanes(simd, row, t),
+    }
+}
+
+/// [`load_lanes_unit`] for a kernel that walks a row's vectors in order: a `q8_0` block's f16
+/// scale is widened at the walk's first vector (`fresh`) and at each block's first, and kept in
+/// `scale` for the block's other vectors (1 to 7 more, by ISA) instead of widened for each.
+/// The same bits as [`load_lanes`] (the codes times the widened scale).
+#[inline(always)]
+pub(crate) fn load_lanes_walk<S: crate::simd::SimdExt, T: crate::element::Element>(simd: S, row: &[T], t: usize, fresh: bool, scale: &mut S::f32s) -> S::f32s {
+    use crate::element::BlockQ8_0;
+    if let Some(blocks) = T::as_q8_0_slice(row) {
+        let at = t * S::F32_LANES;
+        let block = &blocks[at / BlockQ8_0::LEN];
+        if fresh || at % BlockQ8_0::LEN == 0 {
+            *scale = simd.q8_0_scale(block);
+        }
+        return simd.mul_f32s(*scale, simd.load_i8s(&block.qs[at % BlockQ8_0::LEN..]));
+    }
+    load_lanes_unit(simd, row, t)
+}
+
 /// Hints every cache line of row `j` of K or V (KV head `hk`, batch `b`, `width` elements) into
 /// L2. Rows from `len` on (past the sequence's keys) are skipped.
 #[inline(always)]

@@ -71,11 +71,20 @@ pub(crate) trait SimdExt: Simd {
     }
 
     /// The first `F32_LANES` values of `src`, decoded from fp8 E4M3 to f32 (exact, NaN for the
-    /// NaN codes). The SIMD ISAs override this: sign-extend to 16 bits, shift the code into an
-    /// f16 (value 2^-8 times the code's), patch the NaN codes, widen the f16, multiply by 2^8.
+    /// NaN codes): [`SimdExt::load_e4m3s_raw`] times 2^8.
     #[inline(always)]
     fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
-        widen_lanes::<Self, F8E4M3>(src)
+        self.mul_f32s(self.load_e4m3s_raw(src), self.splat_f32s(256.0))
+    }
+
+    /// 2^-8 times the first `F32_LANES` values of `src` decoded from fp8 E4M3 (exact: every
+    /// E4M3 value over 2^8 is an f16, NaN for the NaN codes). The SIMD ISAs override this:
+    /// sign-extend to 16 bits, shift the code into an f16, patch the NaN codes, widen the f16.
+    /// Kernels that can apply the 2^8 to a whole dot product or accumulator instead of to every
+    /// loaded vector call this one (see `kernel::lanes_unit`).
+    #[inline(always)]
+    fn load_e4m3s_raw(self, src: &[F8E4M3]) -> Self::f32s {
+        self.mul_f32s(widen_lanes::<Self, F8E4M3>(src), self.splat_f32s(1.0 / 256.0))
     }
 
     /// [`SimdExt::load_e4m3s`] for `2 * F32_LANES` values, as two vectors.
@@ -106,8 +115,13 @@ pub(crate) trait SimdExt: Simd {
     fn load_q8_0s(self, row: &[BlockQ8_0], start: usize) -> Self::f32s {
         let block = &row[start / BlockQ8_0::LEN];
         let codes = self.load_i8s(&block.qs[start % BlockQ8_0::LEN..]);
-        let scale = self.load_f16s(&[block.d; 16]);
-        self.mul_f32s(scale, codes)
+        self.mul_f32s(self.q8_0_scale(block), codes)
+    }
+
+    /// A `q8_0` block's f16 scale widened to f32 in every lane (the widening of `load_f16s`).
+    #[inline(always)]
+    fn q8_0_scale(self, block: &BlockQ8_0) -> Self::f32s {
+        self.load_f16s(&[block.d; 16])
     }
 
     /// Lane `i` of the result is the sum of the lanes of `acc[i]` (`acc` holds `F32_LANES`
@@ -321,8 +335,8 @@ impl SimdExt for pulp::aarch64::Neon {
     }
 
     #[inline(always)]
-    fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
-        use core::arch::aarch64::{vandq_s16, vaddq_s16, vdup_n_s32, vdupq_n_s16, vget_low_s16, vmulq_n_f32, vorrq_s16, vreinterpret_s8_s32, vreinterpret_u16_s16, vshll_n_s8};
+    fn load_e4m3s_raw(self, src: &[F8E4M3]) -> Self::f32s {
+        use core::arch::aarch64::{vandq_s16, vaddq_s16, vdup_n_s32, vdupq_n_s16, vget_low_s16, vorrq_s16, vreinterpret_s8_s32, vreinterpret_u16_s16, vshll_n_s8};
         let src = &src[..4];
         let word = i32::from_ne_bytes([src[0].0, src[1].0, src[2].0, src[3].0]);
         // SAFETY: NEON is enabled in every Neon context; registers only. `sshll #7` sign-extends
@@ -330,7 +344,7 @@ impl SimdExt for pulp::aarch64::Neon {
         unsafe {
             let w = vshll_n_s8::<7>(vreinterpret_s8_s32(vdup_n_s32(word)));
             let bits = e4m3_f16_bits!(w, vandq_s16, vorrq_s16, vaddq_s16, vdupq_n_s16);
-            core::mem::transmute(vmulq_n_f32(neon_f16x4(vreinterpret_u16_s16(vget_low_s16(bits))), 256.0))
+            core::mem::transmute(neon_f16x4(vreinterpret_u16_s16(vget_low_s16(bits))))
         }
     }
 
@@ -456,15 +470,15 @@ impl SimdExt for pulp::x86::V4 {
     }
 
     #[inline(always)]
-    fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
-        use core::arch::x86_64::{__m128i, _mm256_add_epi16, _mm256_and_si256, _mm256_cvtepi8_epi16, _mm256_or_si256, _mm256_set1_epi16, _mm256_slli_epi16, _mm512_cvtph_ps, _mm512_mul_ps, _mm512_set1_ps, _mm_loadu_si128};
+    fn load_e4m3s_raw(self, src: &[F8E4M3]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_add_epi16, _mm256_and_si256, _mm256_cvtepi8_epi16, _mm256_or_si256, _mm256_set1_epi16, _mm256_slli_epi16, _mm512_cvtph_ps, _mm_loadu_si128};
         let src = &src[..16];
         // SAFETY: `src` holds 16 codes = 16 bytes; AVX-512F (and so AVX2 and F16C) is enabled
         // in every V4 context; the rest is registers only.
         unsafe {
             let w = _mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(_mm_loadu_si128(src.as_ptr().cast::<__m128i>())));
             let bits = e4m3_f16_bits!(w, _mm256_and_si256, _mm256_or_si256, _mm256_add_epi16, _mm256_set1_epi16);
-            pulp::cast(_mm512_mul_ps(_mm512_cvtph_ps(bits), _mm512_set1_ps(256.0)))
+            pulp::cast(_mm512_cvtph_ps(bits))
         }
     }
 
@@ -547,15 +561,15 @@ impl SimdExt for pulp::x86::V3 {
     }
 
     #[inline(always)]
-    fn load_e4m3s(self, src: &[F8E4M3]) -> Self::f32s {
-        use core::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_mul_ps, _mm256_set1_ps, _mm_add_epi16, _mm_and_si128, _mm_cvtepi8_epi16, _mm_loadl_epi64, _mm_or_si128, _mm_set1_epi16, _mm_slli_epi16};
+    fn load_e4m3s_raw(self, src: &[F8E4M3]) -> Self::f32s {
+        use core::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm_add_epi16, _mm_and_si128, _mm_cvtepi8_epi16, _mm_loadl_epi64, _mm_or_si128, _mm_set1_epi16, _mm_slli_epi16};
         let src = &src[..8];
         // SAFETY: `src` holds 8 codes = 8 bytes (a 64-bit load); AVX2 is enabled in every V3
         // context, and F16C under `run_avx2` (see `load_f16s`).
         unsafe {
             let w = _mm_slli_epi16::<7>(_mm_cvtepi8_epi16(_mm_loadl_epi64(src.as_ptr().cast::<__m128i>())));
             let bits = e4m3_f16_bits!(w, _mm_and_si128, _mm_or_si128, _mm_add_epi16, _mm_set1_epi16);
-            pulp::cast(_mm256_mul_ps(_mm256_cvtph_ps(bits), _mm256_set1_ps(256.0)))
+            pulp::cast(_mm256_cvtph_ps(bits))
         }
     }
 
@@ -563,7 +577,7 @@ impl SimdExt for pulp::x86::V3 {
     fn load_e5m2s(self, src: &[F8E5M2]) -> Self::f32s {
         use core::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm_cvtepu8_epi16, _mm_loadl_epi64, _mm_slli_epi16};
         let src = &src[..8];
-        // SAFETY: as in `load_e4m3s`.
+        // SAFETY: as in `load_e4m3s_raw`.
         unsafe { pulp::cast(_mm256_cvtph_ps(_mm_slli_epi16::<8>(_mm_cvtepu8_epi16(_mm_loadl_epi64(src.as_ptr().cast::<__m128i>()))))) }
     }
 
@@ -799,11 +813,24 @@ pub(crate) fn supported(isa: Isa) -> bool {
 }
 
 /// Whether this CPU issues `vdpbf16ps` at least at its f32 FMA rate (see
-/// [`Isa::prefers_bf16_dot`]): measured on Zen 4 (2.0x the FMA flops) and on Intel Sapphire /
-/// Emerald Rapids (0.48x: one port against two for FMAs); Zen 5 is assumed to follow Zen 4 and
-/// Intel's other AVX512_BF16 parts Sapphire Rapids, neither measured. Read once from the CPUID
-/// vendor string.
+/// [`Isa::prefers_bf16_dot`]): measured on Zen 4 (2.0x the FMA flops), Zen 5 (2.06-2.11x) and
+/// on Intel Sapphire / Emerald Rapids (0.48x: one port against two for FMAs). Decided from the
+/// CPUID vendor.
 pub(crate) fn bf16_dot_at_fma_rate() -> bool {
+    cpu_is_amd()
+}
+
+/// Whether decode hints a row of every 4 KiB page two chunks ahead, so the hint's page walk
+/// brings the page into the TLB before its rows are hinted. On the Intel Xeon it was tuned on
+/// that was 1-4% faster than walking the page with a demand read; on AMD Zen 5 a profile put
+/// about a fifth of the decode kernel's samples on those two hints (a software prefetch that
+/// misses the TLB holds up retirement there), so AMD CPUs leave the page walks to the loads.
+pub(crate) fn hints_page_walks() -> bool {
+    !cpu_is_amd()
+}
+
+/// Whether the CPUID vendor string is AMD's, read once.
+fn cpu_is_amd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
